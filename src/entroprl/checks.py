@@ -1,0 +1,38 @@
+"""Input validation at the boundary of the public functions: clear `ValueError`s, never silent NaNs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_same_shape(**tensors: Tensor) -> None:
+    """Raise if the named tensors do not all have the same shape."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name}{list(shape)}" for name, shape in shapes.items())
+        raise ValueError(f"shape mismatch: {listed} must all have the same shape")
+
+
+def check_finite(name: str, tensor: Tensor, mask: Tensor | None = None) -> None:
+    """Raise if `tensor` holds NaN or inf (only where `mask` is set, when given)."""
+    bad = ~torch.isfinite(tensor)
+    if mask is not None:
+        bad = bad & mask.bool()
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name} contains NaN or inf (first at index {where})")
+
+
+def check_nonempty(mask: Tensor, what: str = "response_mask") -> int:
+    """Return the number of selected entries; raise if there are none."""
+    n = int(mask.sum().item())
+    if n == 0:
+        raise ValueError(f"{what} selects no token: nothing to compute over")
+    return n
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    """Raise if `value` is not one of `choices`, listing them."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(choices)}")
