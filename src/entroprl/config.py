@@ -1,0 +1,285 @@
+"""The typed run configuration: one object, loaded from YAML, overridden by `key=value` arguments.
+
+Every field is validated where it enters; an unknown or ill-typed key is rejected with its dotted
+name, so a typo never silently runs the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face checkpoint directory; None builds the demo's warm-started tiny model."""
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    task: str = "countdown"
+    """`countdown` (built in, generated) or `math` / `gsm8k` / `jsonl` (read from `train_file`)."""
+    train_file: str | None = None
+    test_file: str | None = None
+    prompt_key: str = "question"
+    answer_key: str = "answer"
+    train_size: int = 2000
+    test_size: int = 200
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    prompts_per_step: int = 16
+    n: int = 8
+    """Responses per prompt: the group size G."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    generation_batch_size: int = 256
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: str = "grpo"
+    policy_loss: str = "ppo"
+    loss_agg_mode: str = "token-mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-3
+    kl_cov_coef: float = 1.0
+    cov_scope: str = "minibatch"
+    """`minibatch`: covariance selection over the whole optimizer mini-batch on all ranks (SPEC 3
+    Choice); `micro`: per micro-batch per rank, the reference behaviour."""
+    cov_logp: str = "exact"
+    """`exact`: select with current log-probs from a no-grad forward over the mini-batch first;
+    `old`: select with the rollout-time log-probs (no extra forward; exact on the first
+    mini-batch of a step only)."""
+    entropy_coef: float = 0.0
+    entropy_target: float | None = None
+    """Set to switch the entropy bonus to the adaptive controller aiming at this entropy."""
+    entropy_coef_delta: float = 1e-4
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1e-2
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    high_entropy_rho: float | None = None
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_tries: int = 4
+    overlong_buffer: int = 0
+    overlong_factor: float = 1.0
+    ppl_shaping_alpha: float = 0.0
+    position_shaping_alpha: float = 0.0
+    position_shaping_start: int | None = None
+    """First step of position shaping; None detects the plateau stage from the run's entropy."""
+    position_shaping_end: int | None = None
+    low_prob_alpha: float = 0.0
+    lopti_eta: float | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    grad_clip: float = 1.0
+    epochs: int = 1
+    """Passes over each rollout batch (PPO epochs)."""
+    mini_batch_size: int = 128
+    """Responses per optimizer step (per rank); the rollout batch is split into mini-batches."""
+    micro_batch_size: int = 32
+    """Responses per forward/backward; gradients accumulate over a mini-batch."""
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    seed: int = 0
+    out_dir: str = "runs/default"
+    device: str = "auto"
+    eval_every: int = 10
+    eval_samples: int = 4
+    """Samples per held-out problem: pass@1 is their mean accuracy, pass@k uses all of them."""
+    eval_temperature: float = 1.0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    rollout_samples: int = 8
+    """Rollouts per step saved with per-token log-prob, entropy, advantage and covariance."""
+    max_nonfinite_updates: int = 5
+    measure_entropy_change: bool = True
+    """After each update, recompute the entropy on the same rollouts (one no-grad forward)."""
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        """Check value ranges and names; raise ConfigError naming the key at fault."""
+        from entroprl import advantages, losses
+
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: {why}")
+
+        a, r, o, t = self.algorithm, self.rollout, self.optim, self.trainer
+        need(a.policy_loss in losses.POLICY_LOSSES, "algorithm.policy_loss",
+             f"unknown loss {a.policy_loss!r}; known: {sorted(losses.POLICY_LOSSES)}")
+        need(a.advantage in advantages.ADVANTAGE_ESTIMATORS, "algorithm.advantage",
+             f"unknown estimator {a.advantage!r}; known: {sorted(advantages.ADVANTAGE_ESTIMATORS)}")
+        need(a.loss_agg_mode in losses.LOSS_AGG_MODES, "algorithm.loss_agg_mode",
+             f"unknown mode {a.loss_agg_mode!r}; known: {sorted(losses.LOSS_AGG_MODES)}")
+        need(a.cov_scope in ("minibatch", "micro"), "algorithm.cov_scope", "minibatch or micro")
+        need(a.cov_logp in ("exact", "old"), "algorithm.cov_logp", "exact or old")
+        need(a.kl_estimator in ("k1", "k2", "k3", "low_var_kl"), "algorithm.kl_estimator",
+             "k1, k2, k3 or low_var_kl")
+        need(a.clip_ratio_c > 1, "algorithm.clip_ratio_c", "must be > 1")
+        need(a.clip_low >= 0 and a.clip_high >= 0, "algorithm.clip_low/high", "must be >= 0")
+        need(a.clip_cov_lb < a.clip_cov_ub, "algorithm.clip_cov_lb", "must be < clip_cov_ub")
+        need(a.high_entropy_rho is None or 0 < a.high_entropy_rho <= 1,
+             "algorithm.high_entropy_rho", "must be in (0, 1]")
+        need(a.lopti_eta is None or 0 < a.lopti_eta < 1, "algorithm.lopti_eta", "in (0, 1)")
+        need(0 <= a.low_prob_alpha <= 1, "algorithm.low_prob_alpha", "must be in [0, 1]")
+        need(r.backend in ("hf", "vllm"), "rollout.backend", "hf or vllm")
+        need(r.n >= 1, "rollout.n", "must be >= 1")
+        need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+        need(r.temperature > 0, "rollout.temperature", "must be > 0")
+        need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        need(o.lr > 0, "optim.lr", "must be > 0")
+        need(o.schedule in ("constant", "cosine", "linear"), "optim.schedule",
+             "constant, cosine or linear")
+        need(o.epochs >= 1, "optim.epochs", "must be >= 1")
+        need(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
+        need(o.mini_batch_size >= o.micro_batch_size, "optim.mini_batch_size",
+             "must be >= optim.micro_batch_size")
+        need(o.mini_batch_size % o.micro_batch_size == 0, "optim.mini_batch_size",
+             "must be a multiple of optim.micro_batch_size")
+        need(t.steps >= 1, "trainer.steps", "must be >= 1")
+        need(t.eval_samples >= 1, "trainer.eval_samples", "must be >= 1")
+        need(self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+             "float32, bfloat16 or float16")
+        return self
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field annotation, converting ints to floats where a float is due."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and type(value) is annotation:
+        return value
+    raise ConfigError(
+        f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}"
+    )
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown key; known keys here: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
+            _apply(current, value, f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(dotted, value, hints[key]))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ['optim.lr=1e-5', 'algorithm.policy_loss=kl_cov'] into a nested dict (YAML scalars)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-5")
+        value = _fix_yaml_floats(yaml.safe_load(raw)) if raw else None
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _fix_yaml_floats(values: Any) -> Any:
+    """YAML 1.1 reads `1e-5` as a string (it wants `1.0e-5`); accept the form people type."""
+    if isinstance(values, dict):
+        return {k: _fix_yaml_floats(v) for k, v in values.items()}
+    if isinstance(values, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", values):
+        return float(values)
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then the `key=value` overrides; validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _apply(config, _fix_yaml_floats(values))
+    if overrides:
+        _apply(config, parse_overrides(overrides))
+    return config.validate()
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    config = Config()
+    _apply(config, _fix_yaml_floats(values))
+    return config.validate()

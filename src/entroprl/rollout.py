@@ -1,0 +1,134 @@
+"""Rollout: G sampled responses per prompt, with a KV cache, as one padded batch.
+
+Prompts are left-padded and responses right-padded, so every response starts at the same column
+and the response mask is a simple (B, R) block: 1 up to and including the first EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: Tensor
+    """(B, P + R): left-padded prompt followed by the right-padded response."""
+    attention_mask: Tensor
+    response_mask: Tensor
+    """(B, R) float: 1 for response tokens up to and including the first EOS."""
+    group_ids: Tensor
+    """(B,) int64: responses to the same prompt share an id (the prompt's index in the call)."""
+    texts: list[str]
+    """Decoded responses, special tokens removed."""
+
+    @property
+    def response_ids(self) -> Tensor:
+        return self.input_ids[:, -self.response_mask.shape[1] :]
+
+    @property
+    def response_lengths(self) -> Tensor:
+        return self.response_mask.sum(-1)
+
+    def select(self, rows: Tensor) -> RolloutBatch:
+        rows_list = rows.tolist()
+        return RolloutBatch(
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            self.response_mask[rows],
+            self.group_ids[rows],
+            [self.texts[i] for i in rows_list],
+        )
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as `generate` uses them: training must match sampling."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_mask_from_ids(response_ids: Tensor, eos_token_id: int) -> Tensor:
+    """1 up to and including the first EOS of each row, 0 after it."""
+    is_eos = (response_ids == eos_token_id).long()
+    eos_before = is_eos.cumsum(-1) - is_eos
+    return (eos_before == 0).float()
+
+
+class GenerationBackend(Protocol):
+    """Anything that can sample responses for the trainer (Hugging Face here, vLLM on GPUs)."""
+
+    def generate(
+        self, prompts: list[str], *, n: int, temperature: float, top_p: float, max_new_tokens: int
+    ) -> RolloutBatch: ...
+
+    def sync_weights(self, model: PreTrainedModel) -> None: ...
+
+
+class HFBackend:
+    """Sampling with `model.generate` (KV cache on), in chunks of `batch_size` sequences.
+
+    `temperature=0` decodes greedily.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256
+    ):
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs a pad token and an EOS token for batched rollout")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def sync_weights(self, model: PreTrainedModel) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], *, n: int, temperature: float, top_p: float, max_new_tokens: int
+    ) -> RolloutBatch:
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        device = next(self.model.parameters()).device
+        sampling = (
+            # top_k=0: sample from the policy itself, not transformers' default top-50
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            if temperature > 0
+            else {"do_sample": False}
+        )
+        config = GenerationConfig(
+            **sampling,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        repeated = [p for p in prompts for _ in range(n)]
+        enc = tok(repeated, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        was_training = self.model.training
+        self.model.eval()
+        chunks = []
+        for start in range(0, len(repeated), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            out = self.model.generate(
+                input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
+                generation_config=config,
+            )
+            chunks.append(out[:, prompt_ids.shape[1] :])
+        self.model.train(was_training)
+        width = max(c.shape[1] for c in chunks)
+        response = torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id)
+             for c in chunks]
+        )
+        response_mask = response_mask_from_ids(response, tok.eos_token_id)
+        response = torch.where(response_mask.bool(), response, tok.pad_token_id)
+        texts = tok.batch_decode(response, skip_special_tokens=True)
+        group_ids = torch.arange(len(prompts), device=device).repeat_interleave(n)
+        return RolloutBatch(
+            input_ids=torch.cat([prompt_ids, response], dim=1),
+            attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+            response_mask=response_mask,
+            group_ids=group_ids,
+            texts=texts,
+        )
