@@ -48,14 +48,15 @@ def evaluate(
     backend,
     prompts: list[str],
     answers: list[Any],
-    reward_fn: Callable[[str, Any], float],
+    score: Callable[[list[str], list[Any]], list[float]],
     *,
     samples: int,
     temperature: float,
     max_new_tokens: int,
     top_p: float = 1.0,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Sample `samples` responses per prompt (temperature 0 is greedy) and score them.
+    """Sample `samples` responses per prompt (temperature 0 is greedy) and score them with
+    `score(completions, answers)` (for example `Task.score`).
 
     Returns the summaries (`mean@n`, which is pass@1, and `pass@n`) and the (problems, samples)
     0/1 matrix.
@@ -63,6 +64,6 @@ def evaluate(
     batch = backend.generate(
         prompts, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
     )
-    rewards = [reward_fn(text, answers[g]) for text, g in zip(batch.texts, batch.group_ids.tolist(), strict=True)]
+    rewards = score(batch.texts, [answers[g] for g in batch.group_ids.tolist()])
     correct = (np.asarray(rewards) >= 1.0).reshape(len(prompts), samples)
     return score_samples(correct, ks=[samples] if samples > 1 else []), correct

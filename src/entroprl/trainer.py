@@ -346,17 +346,6 @@ class Trainer:
                                       max_new_tokens=r.max_new_tokens)
         return batch, [examples[g].answer for g in batch.group_ids.tolist()]
 
-    def score(self, texts: list[str], answers: list[Any]) -> Tensor:
-        rewards = []
-        for i, (text, answer) in enumerate(zip(texts, answers, strict=True)):
-            try:
-                rewards.append(float(self.task.reward_fn(text, answer)))
-            except Exception as e:
-                raise TrainingError(
-                    f"the reward function of task {self.task.name!r} raised on rollout {i} "
-                    f"(completion {text[:60]!r}): {type(e).__name__}: {e}") from e
-        return torch.tensor(rewards, device=self.device)
-
     def position_shaping_active(self, step: int) -> bool:
         a = self.config.algorithm
         if a.position_shaping_alpha <= 0:
@@ -389,7 +378,7 @@ class Trainer:
         batch, answers = self.rollout(step)
         t_gen = time.perf_counter()
         # reward
-        correct = self.score(batch.texts, answers)
+        correct = torch.tensor(self.task.score(batch.texts, answers), device=self.device)
         rewards = correct.clone()
         if a.overlong_buffer > 0:
             rewards = rewards + adv_lib.overlong_penalty(
@@ -427,7 +416,7 @@ class Trainer:
         update_batch = UpdateBatch(batch.input_ids, batch.attention_mask, loss_mask,
                                    old_log_prob, advantages, ref)
         # update
-        for group in self.param_groups():
+        for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step - 1)
         coef = self.entropy_coef.alpha if self.entropy_coef else a.entropy_coef
         generator = torch.Generator().manual_seed(c.trainer.seed * 15_485_863 + step)
@@ -468,9 +457,6 @@ class Trainer:
             self.run.write_rollouts(step, self.rollout_records(batch, rewards, old_log_prob,
                                                               entropy, advantages))
         return metrics
-
-    def param_groups(self):
-        return self.optimizer.param_groups
 
     # -- measurement -----------------------------------------------------------------------------
 
@@ -531,7 +517,7 @@ class Trainer:
         c = self.config
         test = self.task.test
         summary, _ = evaluate(
-            self.backend, [e.prompt for e in test], [e.answer for e in test], self.task.reward_fn,
+            self.backend, [e.prompt for e in test], [e.answer for e in test], self.task.score,
             samples=c.trainer.eval_samples, temperature=c.trainer.eval_temperature,
             max_new_tokens=c.rollout.max_new_tokens, top_p=c.rollout.top_p,
         )
@@ -556,15 +542,15 @@ class Trainer:
             for step in bar:
                 metrics = self.train_step(step)
                 self.step = step
+                if self.run is not None and c.trainer.eval_every > 0 and (
+                        step % c.trainer.eval_every == 0 or step == c.trainer.steps):
+                    metrics |= self.evaluate()
+                if log is not None:
+                    log.log(step, metrics)
                 if self.nonfinite_in_a_row >= c.trainer.max_nonfinite_updates:
                     raise TrainingError(
                         f"{self.nonfinite_in_a_row} steps in a row had a NaN or infinite loss or "
                         f"gradient (step {step}); stopping. Lower optim.lr or check the rewards.")
-                if c.trainer.eval_every > 0 and (step % c.trainer.eval_every == 0
-                                                 or step == c.trainer.steps):
-                    metrics |= self.evaluate()
-                if log is not None:
-                    log.log(step, metrics)
                 bar.set_postfix(entropy=f"{metrics.get('actor/entropy_seq_mean', float('nan')):.3f}",
                                 acc=f"{metrics['train/acc']:.2f}")
                 if step % c.trainer.save_every == 0 or step == c.trainer.steps:

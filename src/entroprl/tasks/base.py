@@ -15,6 +15,10 @@ class Example:
     """What the reward function compares the completion with."""
 
 
+class RewardError(RuntimeError):
+    """A task's reward function raised; the message names the task, the rollout and the error."""
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -22,3 +26,16 @@ class Task:
     test: list[Example]
     reward_fn: Callable[[str, Any], float]
     """`reward_fn(completion, answer) -> float`; 1.0 means correct."""
+
+    def score(self, completions: list[str], answers: list[Any]) -> list[float]:
+        """Rewards of `completions`; a reward function that raises becomes a `RewardError`."""
+        rewards = []
+        for i, (text, answer) in enumerate(zip(completions, answers, strict=True)):
+            try:
+                rewards.append(float(self.reward_fn(text, answer)))
+            except Exception as e:
+                raise RewardError(
+                    f"the reward function of task {self.name!r} raised on completion {i} "
+                    f"({text[:60]!r}): {type(e).__name__}: {e}"
+                ) from e
+        return rewards

@@ -1,0 +1,99 @@
+"""The `entroprl` command: train, eval, demo.
+
+    entroprl train CONFIG.yaml [key=value ...] [--resume]
+    entroprl eval --model DIR [--task countdown] [key=value ...]
+    entroprl demo [--out DIR]
+
+Under `torchrun`, `train` runs DistributedDataParallel (NCCL on GPUs, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from entroprl.config import ConfigError, load_config
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from entroprl.trainer import Trainer
+
+    _init_distributed()
+    config = load_config(args.config, args.overrides)
+    out = Trainer(config).train(resume=args.resume)
+    print(f"run directory: {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from entroprl.trainer import Trainer
+
+    overrides = [f"model.path={args.model}", f"data.task={args.task}", *args.overrides]
+    config = load_config(args.config, overrides)
+    trainer = Trainer(config)
+    results = trainer.evaluate()
+    for key, value in results.items():
+        print(f"{key:50s} {value:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from entroprl.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="entroprl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="RL-train a policy from a YAML config")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-6")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model on a task's held-out set")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--task", default="countdown")
+    p.add_argument("--config", default=None, help="optional YAML config for the other settings")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="watch GRPO collapse entropy and Clip-Cov/KL-Cov hold it")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--steps", type=int, default=None, help="RL steps per method")
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as e:
+        sys.exit(f"entroprl: configuration error: {e}")
+    except FileNotFoundError as e:
+        sys.exit(f"entroprl: {e}")
+    except RuntimeError as e:
+        from entroprl.tasks.base import RewardError
+        from entroprl.trainer import TrainingError
+
+        if isinstance(e, TrainingError | RewardError):
+            sys.exit(f"entroprl: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    main()

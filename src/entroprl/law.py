@@ -1,0 +1,308 @@
+"""The entropy-performance law, its forecast, and the training stages of an entropy curve (SPEC 9).
+
+Inputs are per-step series given as array-likes: position i is the i-th logged step, and every
+index returned (``steps_rest``, ``plateau_start``) is a position in those arrays. The work is numpy
+float64: these functions analyse a training log, they are not part of the training graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+_MAX_EXP = math.log(np.finfo(np.float64).max)
+
+
+def _series(name: str, values) -> np.ndarray:
+    """`values` as a 1-D float64 array; NaN is allowed (a missing value), inf is not."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of per-step values, got shape {arr.shape}")
+    inf = np.flatnonzero(np.isinf(arr))
+    if inf.size:
+        raise ValueError(f"{name} contains inf (first at index {int(inf[0])})")
+    return arr
+
+
+def _paired(entropy, performance) -> tuple[np.ndarray, np.ndarray]:
+    h, r = _series("entropy", entropy), _series("performance", performance)
+    if h.shape != r.shape:
+        raise ValueError(
+            f"entropy has {h.size} values and performance {r.size}: they must be paired per step"
+        )
+    return h, r
+
+
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    """Plain floats for JSON, with None where the value is NaN (strict JSON has no NaN)."""
+    return [None if math.isnan(v) else float(v) for v in values.tolist()]
+
+
+@dataclass(frozen=True)
+class LawFit:
+    """A fit of ``R = -a*exp(H) + b`` (SPEC 9); ``ceiling = b - a`` is the predicted R at H = 0."""
+
+    a: float
+    b: float
+    r2: float
+    rmse: float
+    n: int
+    ceiling: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ceiling", self.b - self.a)
+
+    def predict(self, entropy) -> np.ndarray:
+        """``-a*exp(H) + b`` elementwise (NaN entropy gives NaN)."""
+        return np.asarray(-self.a * np.exp(np.asarray(entropy, dtype=np.float64)) + self.b)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "a": float(self.a),
+            "b": float(self.b),
+            "r2": float(self.r2),
+            "rmse": float(self.rmse),
+            "ceiling": float(self.ceiling),
+            "n": int(self.n),
+        }
+
+
+def _fit(h: np.ndarray, r: np.ndarray) -> LawFit:
+    """Closed-form least squares of r on x = exp(h); the points are already free of NaN."""
+    n = h.size
+    if n < 2:
+        raise ValueError(
+            f"the law needs at least 2 points with both entropy and performance present, got {n}"
+        )
+    if h.max() > _MAX_EXP:
+        raise ValueError(f"exp(entropy) overflows: entropy must be in nats (below {_MAX_EXP:.0f})")
+    x = np.exp(h)
+    if np.ptp(x) == 0:
+        raise ValueError(
+            "entropy is constant over the usable points: the law's slope a is undetermined"
+        )
+    dx = x - x.mean()
+    # Shifting by the first value makes a constant performance exactly zero here, so that case
+    # fits with a = 0, zero residuals and r2 = 1 instead of rounding noise.
+    y = r - r[0]
+    dy = y - y.mean()
+    slope = float(dx @ dy) / float(dx @ dx)
+    resid = dy - slope * dx
+    ss_res = float(resid @ resid)
+    ss_tot = float(dy @ dy)
+    r2 = 1.0 if ss_tot == 0 else 1.0 - ss_res / ss_tot
+    b = float(r[0]) + float(y.mean()) - slope * float(x.mean())
+    return LawFit(a=-slope, b=b, r2=r2, rmse=math.sqrt(ss_res / n), n=n)
+
+
+def fit_law(entropy, performance) -> LawFit:
+    """Fit the entropy-performance law ``R = -a*exp(H) + b`` by ordinary least squares (SPEC 9).
+
+    With ``x = exp(H)`` the law is linear, so with means over the n usable points
+
+        a = -sum((x - mean(x)) * (R - mean(R))) / sum((x - mean(x))^2),  b = mean(R) + a*mean(x)
+        RMSE = sqrt(mean(res^2)),  R^2 = 1 - sum(res^2) / sum((R - mean(R))^2),
+        res = R - (-a*x + b),  ceiling = b - a  (the predicted R at H = 0).
+
+    `entropy` is the batch policy entropy of SPEC 1 in nats, `performance` the validation accuracy
+    on a 0-1 scale, paired per step. Pairs where either value is NaN are dropped (accuracy is
+    usually evaluated only every few steps); `n` counts the pairs used. When the usable performance
+    is constant, the fit is exact (a = 0, b = that value, RMSE = 0) and R^2 is defined as 1.
+
+    Raises ValueError on inf, on inputs of different lengths or not 1-D, on fewer than 2 usable
+    pairs, and on an entropy that is constant over the usable pairs (a is then undetermined).
+    """
+    h, r = _paired(entropy, performance)
+    usable = ~(np.isnan(h) | np.isnan(r))
+    return _fit(h[usable], r[usable])
+
+
+@dataclass(frozen=True, eq=False)
+class Forecast:
+    """A law fitted on the first `n_fit` steps, and its predictions for the later usable steps."""
+
+    fit: LawFit
+    n_fit: int
+    steps_rest: np.ndarray
+    predicted: np.ndarray
+    actual: np.ndarray
+    rmse: float
+    final_error: float
+
+    def to_dict(self) -> dict:
+        return {
+            "fit": self.fit.to_dict(),
+            "n_fit": int(self.n_fit),
+            "steps_rest": [int(s) for s in self.steps_rest.tolist()],
+            "predicted": _json_floats(self.predicted),
+            "actual": _json_floats(self.actual),
+            "rmse": float(self.rmse),
+            "final_error": float(self.final_error),
+        }
+
+
+def forecast(entropy, performance, *, fit_fraction: float = 0.15, min_points: int = 3) -> Forecast:
+    """Fit the law on the start of a run and predict the performance of the rest (SPEC 9).
+
+    The fit part is the first ``n_fit = ceil(fit_fraction * T)`` steps of the T-step run (counting
+    every step, evaluated or not: 0.15 of the paper's 236 steps gives its 36), and the law is fitted
+    on the usable pairs (both values not NaN) inside it, of which there must be at least
+    `min_points`. For every usable step i >= n_fit (`steps_rest`), ``predicted = -a*exp(H_i) + b``
+    and ``actual = R_i``; ``rmse = sqrt(mean((predicted - actual)^2))`` over them and
+    ``final_error = predicted - actual`` at the last of them, on the scale of `performance` (x100
+    for the paper's points).
+
+    Raises ValueError when `fit_fraction` is not in (0, 1), `min_points` < 2, the fit part holds
+    fewer than `min_points` usable pairs, no usable pair follows it, or as `fit_law` does.
+    """
+    h, r = _paired(entropy, performance)
+    if not 0 < fit_fraction < 1:
+        raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
+    if min_points < 2:
+        raise ValueError(f"min_points must be at least 2 (a line needs 2 points), got {min_points}")
+    steps = h.size
+    # The tolerance keeps products such as 0.55 * 100 = 55.00000000000001 from rounding up a step.
+    n_fit = math.ceil(fit_fraction * steps - 1e-9)
+    usable = ~(np.isnan(h) | np.isnan(r))
+    head = usable[:n_fit]
+    n_head = int(head.sum())
+    if n_head < min_points:
+        raise ValueError(
+            f"the first {n_fit} of {steps} steps (fit_fraction={fit_fraction}) hold {n_head} "
+            f"usable points (entropy and performance both present); min_points={min_points} are "
+            "needed"
+        )
+    fit = _fit(h[:n_fit][head], r[:n_fit][head])
+    rest = np.flatnonzero(usable[n_fit:]) + n_fit
+    if rest.size == 0:
+        raise ValueError(f"no usable point after the first {n_fit} steps: nothing to forecast")
+    predicted = fit.predict(h[rest])
+    actual = r[rest]
+    err = predicted - actual
+    return Forecast(
+        fit=fit,
+        n_fit=n_fit,
+        steps_rest=rest,
+        predicted=predicted,
+        actual=actual,
+        rmse=math.sqrt(float(np.mean(err**2))),
+        final_error=float(err[-1]),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class StageSplit:
+    """Where the rising stage of an entropy curve ends; `smoothed` and `slope` are per step."""
+
+    plateau_start: int | None
+    smoothed: np.ndarray
+    slope: np.ndarray
+    criterion: str
+
+    def to_dict(self) -> dict:
+        return {
+            "plateau_start": None if self.plateau_start is None else int(self.plateau_start),
+            "smoothed": _json_floats(self.smoothed),
+            "slope": _json_floats(self.slope),
+            "criterion": self.criterion,
+        }
+
+
+def _check_window(name: str, value: int, least: int) -> None:
+    if not isinstance(value, int | np.integer) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < least or value % 2 == 0:
+        raise ValueError(f"{name} must be an odd integer >= {least} (centered window), got {value}")
+
+
+def _centered_mean(y: np.ndarray, window: int) -> np.ndarray:
+    """Centered moving average whose half-width shrinks symmetrically near the ends."""
+    n = y.size
+    i = np.arange(n)
+    k = np.minimum(window // 2, np.minimum(i, n - 1 - i))
+    cs = np.concatenate([[0.0], np.cumsum(y)])
+    return (cs[i + k + 1] - cs[i - k]) / (2 * k + 1)
+
+
+def _windowed_slope(y: np.ndarray, window: int) -> np.ndarray:
+    """Least-squares slope over `window` steps centered on each step, shifted inward at the ends."""
+    n = y.size
+    half = window // 2
+    t = np.arange(window, dtype=np.float64) - half
+    slopes = sliding_window_view(y, window) @ t / float(t @ t)
+    return slopes[np.clip(np.arange(n) - half, 0, n - window)]
+
+
+def detect_stages(
+    entropy, *, smooth_window: int = 5, slope_window: int = 5, fraction: float = 0.1
+) -> StageSplit:
+    """Find where the rising stage of an entropy curve ends and its plateau starts (SPEC 9 Choice).
+
+    1. Missing values: NaN inside the curve is filled by linear interpolation in the step index;
+       NaN before the first or after the last value is left out (`smoothed` and `slope` are NaN
+       there and the plateau cannot start there).
+    2. Smoothing: ``S_i = mean(H_{i-k..i+k})`` with ``k = min(smooth_window // 2, i, n - 1 - i)``,
+       a centered moving average whose window shrinks symmetrically at the ends (so a linear curve
+       stays exactly linear and the ends are not pulled toward the inside).
+    3. Slope: ``D_i`` is the least-squares slope (entropy per step) of S over the `slope_window`
+       steps centered on i; within half a window of either end, the first or last full window.
+    4. Criterion: with ``thr = fraction * max_i |D_i|`` and p the first step where |D| is largest,
+       the plateau starts at the first step s >= p such that ``|D_j| <= thr`` for the whole window
+       of `slope_window` steps j = s .. s + slope_window - 1 (the window must fit in the curve).
+       Starting at the steepest step keeps a flat warm-up before the drop from counting as the
+       plateau. A flat curve (max |D| = 0) is a plateau from its first step; a curve whose slope
+       never falls to ``thr`` for a whole window gives ``plateau_start = None``.
+
+    `criterion` states these parameters and the threshold in one line, for reports.
+
+    Raises ValueError on inf, an all-NaN curve, a curve (between its first and last value) shorter
+    than ``max(smooth_window, slope_window)``, an even or too small window (smooth_window >= 1,
+    slope_window >= 3, both odd), or `fraction` outside (0, 1).
+    """
+    h = _series("entropy", entropy)
+    _check_window("smooth_window", smooth_window, 1)
+    _check_window("slope_window", slope_window, 3)
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    present = np.flatnonzero(~np.isnan(h))
+    if present.size == 0:
+        raise ValueError("entropy holds no value (all NaN)")
+    lo, hi = int(present[0]), int(present[-1]) + 1
+    need = max(smooth_window, slope_window)
+    if hi - lo < need:
+        raise ValueError(
+            f"entropy curve has {hi - lo} steps, fewer than max(smooth_window, slope_window) = "
+            f"{need}: too short to find stages"
+        )
+    core = h[lo:hi]
+    steps = np.arange(core.size)
+    gaps = np.isnan(core)
+    core = np.where(gaps, np.interp(steps, steps[~gaps], core[~gaps]), core)
+    # Centering on the first value makes a constant curve exactly zero, so its slopes are exactly
+    # zero rather than rounding noise that the relative threshold would then amplify.
+    base = core[0]
+    smooth = _centered_mean(core - base, smooth_window)
+    slope = _windowed_slope(smooth, slope_window)
+    magnitude = np.abs(slope)
+    peak = int(np.argmax(magnitude))
+    threshold = fraction * float(magnitude[peak])
+    calm_windows = sliding_window_view(magnitude <= threshold, slope_window).all(axis=1)
+    starts = np.flatnonzero(calm_windows[peak:])
+    plateau_start = None if starts.size == 0 else lo + peak + int(starts[0])
+
+    smoothed_full = np.full(h.size, np.nan)
+    smoothed_full[lo:hi] = smooth + base
+    slope_full = np.full(h.size, np.nan)
+    slope_full[lo:hi] = slope
+    criterion = (
+        f"plateau starts at the first step from the steepest one (step {lo + peak}) on that begins "
+        f"{slope_window} consecutive steps with |slope| <= {fraction:g} x max|slope| = "
+        f"{threshold:.4g}/step; slope = least-squares slope over {slope_window} centered steps of "
+        f"the entropy smoothed by a {smooth_window}-step centered moving average"
+    )
+    return StageSplit(
+        plateau_start=plateau_start, smoothed=smoothed_full, slope=slope_full, criterion=criterion
+    )

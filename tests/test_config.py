@@ -1,0 +1,56 @@
+import pytest
+
+from entroprl.config import ConfigError, load_config, parse_overrides
+
+
+def test_defaults_validate():
+    config = load_config()
+    assert config.algorithm.policy_loss == "ppo"
+    assert config.optim.lr == 1e-6
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-5\n  epochs: 2\nalgorithm:\n  policy_loss: clip_cov\n")
+    config = load_config(path, ["optim.lr=3e-4", "algorithm.entropy_target=0.5"])
+    assert config.optim.lr == 3e-4  # the override wins, and 3e-4 is a float, not a string
+    assert config.optim.epochs == 2
+    assert config.algorithm.policy_loss == "clip_cov"
+    assert config.algorithm.entropy_target == 0.5
+
+
+def test_int_accepted_for_float_and_none_for_optional():
+    config = load_config(None, ["optim.lr=1", "algorithm.high_entropy_rho=null"])
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.algorithm.high_entropy_rho is None
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("optim.lrr=1e-5", "optim.lrr"),
+        ("optimizer.lr=1e-5", "optimizer"),
+        ("optim.lr=fast", "optim.lr"),
+        ("optim.epochs=1.5", "optim.epochs"),
+        ("trainer.progress=3", "trainer.progress"),
+        ("algorithm.policy_loss=clip-cov", "algorithm.policy_loss"),
+        ("algorithm.loss_agg_mode=mean", "algorithm.loss_agg_mode"),
+        ("optim.micro_batch_size=48", "optim.mini_batch_size"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("algorithm.clip_ratio_c=1", "algorithm.clip_ratio_c"),
+    ],
+)
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)

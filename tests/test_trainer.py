@@ -1,0 +1,193 @@
+import json
+import math
+
+import pytest
+import torch
+
+from entroprl import losses
+from entroprl.config import config_from_dict
+from entroprl.rollout import HFBackend, response_mask_from_ids
+from entroprl.rundir import read_metrics
+from entroprl.tasks.base import Example, RewardError, Task
+from entroprl.trainer import Trainer, TrainingError, UpdateBatch, forward_log_probs, update_policy
+from tests.policies import make_tiny_policy
+
+TIMING = ("timing_s/", "perf/")
+
+
+def small_config(out_dir, **sections):
+    values = {
+        "data": {"train_size": 64, "test_size": 8},
+        "rollout": {"prompts_per_step": 4, "n": 4, "max_new_tokens": 8},
+        "optim": {"lr": 1e-3, "mini_batch_size": 8, "micro_batch_size": 4},
+        "trainer": {"steps": 3, "out_dir": str(out_dir), "eval_every": 2, "eval_samples": 2,
+                    "save_every": 2, "progress": False, "tensorboard": False},
+    }
+    for section, items in sections.items():
+        values.setdefault(section, {}).update(items)
+    return config_from_dict(values)
+
+
+def test_response_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
+    assert response_mask_from_ids(ids, eos_token_id=1).tolist() == [
+        [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_left_padded_forward_matches_unpadded(tiny_policy):
+    """Training log-probs of a left-padded batch equal those of each sequence alone."""
+    model, tok = tiny_policy
+    prompts, responses = ["1 2>3=", "12 3 4>9="], ["1+2", "3*4-3"]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    resp = tok(responses, return_tensors="pt", padding=True, add_special_tokens=False,
+               padding_side="right")
+    ids = torch.cat([enc["input_ids"], resp["input_ids"]], 1)
+    mask = torch.cat([enc["attention_mask"], resp["attention_mask"]], 1)
+    R = resp["input_ids"].shape[1]
+    logp, _ = forward_log_probs(model, ids, mask, R)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        alone = torch.tensor([tok.encode(p + r, add_special_tokens=False)])
+        logits = model(alone).logits[0, len(p) - 1 : -1]
+        expected = torch.log_softmax(logits, -1).gather(-1, alone[0, len(p):, None])[:, 0]
+        torch.testing.assert_close(logp[i, : len(r)], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_is_seeded_and_masks_padding(tiny_policy):
+    model, tok = tiny_policy
+    backend = HFBackend(model, tok)
+    torch.manual_seed(3)
+    a = backend.generate(["1 2>3=", "4 5>9="], n=3, temperature=1.0, top_p=1.0, max_new_tokens=6)
+    torch.manual_seed(3)
+    b = backend.generate(["1 2>3=", "4 5>9="], n=3, temperature=1.0, top_p=1.0, max_new_tokens=6)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert a.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert a.response_mask.shape == (6, a.input_ids.shape[1] - 6)
+    pad = a.response_ids[a.response_mask == 0]
+    assert (pad == tok.pad_token_id).all()
+
+
+def test_train_writes_run_directory_and_resume_matches(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+    straight = tmp_path / "straight"
+    Trainer(small_config(straight, trainer={"steps": 4}), model=model, tokenizer=tok).train()
+    records = read_metrics(straight / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    for key in ("critic/score/mean", "actor/entropy", "actor/entropy_seq_mean", "actor/pg_clipfrac",
+                "actor/ppo_kl", "actor/grad_norm", "actor/lr", "cov/top_0.2%", "cov/all",
+                "dynamics/predicted_entropy_change", "dynamics/entropy_change",
+                "response_length/mean", "perf/rollout_tokens_per_s", "timing_s/gen"):
+        assert key in records[1], key
+    assert "val-core/countdown/acc/mean@2" in records[2]
+    assert (straight / "config.yaml").is_file()
+    ckpt = straight / "checkpoints" / "step_000004"
+    assert (ckpt / "model" / "model.safetensors").is_file()
+    assert (ckpt / "optimizer.safetensors").is_file()
+    assert (straight / "checkpoints" / "latest").read_text() == "step_000004"
+    sample = json.loads((straight / "rollouts" / "step_000001.jsonl").read_text().splitlines()[0])
+    assert len(sample["tokens"]) == len(sample["entropy"]) == len(sample["cov"])
+
+    # The same run stopped after step 2 and resumed gives the same metrics.
+    model2, tok2 = make_tiny_policy()
+    resumed = tmp_path / "resumed"
+    Trainer(small_config(resumed, trainer={"steps": 2}), model=model2, tokenizer=tok2).train()
+    model3, tok3 = make_tiny_policy()
+    Trainer(small_config(resumed, trainer={"steps": 4}), model=model3, tokenizer=tok3).train(
+        resume=True)
+    again = read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in again] == [0, 1, 2, 3, 4]
+    for r1, r2 in zip(records, again, strict=True):
+        for key, value in r1.items():
+            if key.startswith(TIMING) or key == "actor/lr":
+                continue
+            assert r2[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (r1["step"], key)
+
+
+def test_local_checkpoint_path_loads(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    config = small_config(tmp_path / "run", model={"path": str(tmp_path / "ckpt")},
+                          trainer={"steps": 1, "eval_every": 0})
+    trainer = Trainer(config)
+    torch.testing.assert_close(trainer.model.state_dict(), model.state_dict())
+    trainer.train()
+    with pytest.raises(TrainingError, match="no config.json"):
+        Trainer(small_config(tmp_path / "r2", model={"path": str(tmp_path)}))
+
+
+def test_reward_function_that_raises_is_named(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+
+    def broken(completion, answer):
+        raise KeyError("boom")
+
+    task = Task("broken", [Example("1 2>3=", None)] * 4, [Example("1 2>3=", None)], broken)
+    trainer = Trainer(small_config(tmp_path), task=task, model=model, tokenizer=tok)
+    with pytest.raises(RewardError, match="reward function of task 'broken' raised.*boom"):
+        trainer.train()
+
+
+def test_nan_loss_skips_updates_then_stops(tiny_policy, tmp_path, monkeypatch):
+    model, tok = tiny_policy
+    real = losses.POLICY_LOSSES["ppo"]
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setitem(losses.POLICY_LOSSES, "ppo", nan_loss)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = small_config(tmp_path, trainer={"steps": 5, "max_nonfinite_updates": 3,
+                                             "eval_every": 0})
+    with pytest.raises(TrainingError, match="3 steps in a row"):
+        Trainer(config, model=model, tokenizer=tok).train()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    # two mini-batches a step, both skipped; the third step is logged, then the run stops
+    assert [r["actor/skipped_updates"] for r in records] == [2, 2, 2]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # no update touched the weights
+
+
+def test_kl_cov_single_update_warns(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+    config = small_config(tmp_path, algorithm={"policy_loss": "kl_cov"},
+                          optim={"mini_batch_size": 16, "micro_batch_size": 4})
+    with pytest.warns(UserWarning, match="KL-Cov with one mini-batch and one epoch"):
+        Trainer(config, model=model, tokenizer=tok)
+
+
+def _update_batch(tok, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tok), (n, 12), generator=g)
+    attention = torch.ones_like(ids)
+    attention[: n // 2, :2] = 0  # some left padding
+    ids[attention == 0] = tok.pad_token_id
+    mask = torch.ones(n, 6)
+    mask[1, 4:] = 0
+    mask[5, 2:] = 0
+    old = -torch.rand(n, 6, generator=g) * 3
+    adv = torch.randn(n, 1, generator=g).expand(n, 6) * mask
+    return UpdateBatch(ids, attention, mask, old, adv.contiguous())
+
+
+@pytest.mark.parametrize("policy_loss", ["ppo", "clip_cov", "kl_cov"])
+@pytest.mark.parametrize("mode", losses.LOSS_AGG_MODES)
+def test_update_independent_of_micro_batch_split(policy_loss, mode):
+    """One optimizer step on a mini-batch gives the same weights for any micro-batch size."""
+    results = []
+    for micro in (8, 4, 2):
+        model, tok = make_tiny_policy()
+        batch = _update_batch(tok)
+        config = config_from_dict({
+            "algorithm": {"policy_loss": policy_loss, "loss_agg_mode": mode, "kl_cov_ratio": 0.1,
+                          "clip_cov_ratio": 0.1, "clip_cov_lb": -10.0, "clip_cov_ub": 10.0},
+            "rollout": {"max_new_tokens": 6},
+            "optim": {"lr": 1e-2, "mini_batch_size": 8, "micro_batch_size": micro, "epochs": 2},
+        })
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        update_policy(model, opt, batch, config, generator=torch.Generator().manual_seed(0))
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[2], results[0], atol=1e-5, rtol=1e-5)
+    assert not math.isnan(results[0].sum().item())
