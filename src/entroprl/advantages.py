@@ -1,0 +1,363 @@
+"""Advantage estimators, sampling filters and advantage shaping.
+
+SPEC sections 6 (advantages and sampling), 7 (perplexity and position shaping) and 8
+(low-probability tokens).
+
+Conventions: `rewards` is a (B,) float tensor, one reward per response; `group_ids` a (B,) integer
+tensor, equal for the responses of one prompt (groups need not be contiguous nor of equal size);
+token-level tensors are (B, T) with a 0/1 `response_mask`. Statistics are computed in float64 and
+results returned in the dtype of the input they scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from entroprl.checks import check_choice, check_finite, check_nonempty, check_same_shape
+
+# The std floor below which PPL shaping's group std is replaced by 1 (SPEC 7).
+_PPL_MIN_STD = 1e-6
+
+
+def _check_rewards(rewards: Tensor, group_ids: Tensor) -> None:
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D (B,), got shape {list(rewards.shape)}")
+    check_same_shape(rewards=rewards, group_ids=group_ids)
+    if rewards.numel() == 0:
+        raise ValueError("rewards is empty: no response to compute advantages for")
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a float tensor, got {rewards.dtype}")
+    _check_group_ids(group_ids)
+    check_finite("rewards", rewards)
+
+
+def _check_group_ids(group_ids: Tensor) -> None:
+    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+
+
+def _check_mask(mask: Tensor) -> Tensor:
+    """Validate a (B, T) 0/1 response mask and return it as bool."""
+    if mask.ndim != 2:
+        raise ValueError(f"response_mask must be 2-D (B, T), got shape {list(mask.shape)}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("response_mask must hold only 0 and 1")
+    return mask.bool()
+
+
+def _groups(group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense group index of every response (0..num_groups-1) and the size of every group."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    return inverse, counts
+
+
+def _group_sum(values: Tensor, inverse: Tensor, num_groups: int) -> Tensor:
+    return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, inverse, values
+    )
+
+
+def _group_baseline(r: Tensor, inverse: Tensor, counts: Tensor) -> Tensor:
+    """Per-response group mean, 0 for a group of one (no other sample estimates its baseline)."""
+    n = counts.to(r.dtype)
+    mean = _group_sum(r, inverse, len(counts)) / n
+    return mean.masked_fill(counts == 1, 0.0)[inverse]
+
+
+def grpo_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """GRPO advantages (SPEC 6): per group, `A = (r - mean) / (std + eps)`, std unbiased.
+
+    A group of one gets mean 0 and std 1, so its advantage is `r / (1 + eps)` (verl's convention).
+    Returns (B,).
+    """
+    _check_rewards(rewards, group_ids)
+    inverse, counts = _groups(group_ids)
+    r = rewards.detach().to(torch.float64)
+    mean = _group_baseline(r, inverse, counts)
+    dev2 = _group_sum((r - mean) ** 2, inverse, len(counts))
+    std = (dev2 / (counts - 1).clamp(min=1).to(r.dtype)).sqrt().masked_fill(counts == 1, 1.0)
+    return ((r - mean) / (std[inverse] + eps)).to(rewards.dtype)
+
+
+def dr_grpo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """Dr. GRPO advantages (SPEC 6): `A = r - mean` per group, no std.
+
+    A group of one has mean 0 as in GRPO, so its advantage is `r`. Returns (B,).
+    """
+    _check_rewards(rewards, group_ids)
+    inverse, counts = _groups(group_ids)
+    r = rewards.detach().to(torch.float64)
+    return (r - _group_baseline(r, inverse, counts)).to(rewards.dtype)
+
+
+def rloo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """RLOO advantages (SPEC 6): `A_i = r_i - mean_{j != i} r_j` over the other G-1 of the group.
+
+    A group of one has no other response to form a baseline and gets 0. Returns (B,).
+    """
+    _check_rewards(rewards, group_ids)
+    inverse, counts = _groups(group_ids)
+    r = rewards.detach().to(torch.float64)
+    total = _group_sum(r, inverse, len(counts))[inverse]
+    n = counts[inverse].to(r.dtype)
+    others = (total - r) / (n - 1).clamp(min=1)
+    return torch.where(n > 1, r - others, 0.0).to(rewards.dtype)
+
+
+def reinforce_pp_baseline_advantages(
+    rewards: Tensor, group_ids: Tensor, response_mask: Tensor | None = None, *, eps: float = 1e-8
+) -> Tensor:
+    """REINFORCE++ with baseline (SPEC 6): subtract the group mean, then whiten over the batch.
+
+        s_i = r_i - mean_group(i)       (mean 0 for a group of one, as in GRPO)
+        A   = (s - mean(s)) / sqrt(var(s) + eps),   var unbiased
+
+    Without `response_mask` the whitening is over the B responses and the result is (B,). With it,
+    as verl's `masked_whiten`, `s_i` is copied to each valid token and mean and variance are
+    token-weighted over the valid tokens; the result is (B, T), 0 at padding. With a single element
+    to whiten over, the variance is taken as 0 (instead of 0/0) and the advantage is 0.
+    """
+    _check_rewards(rewards, group_ids)
+    inverse, counts = _groups(group_ids)
+    r = rewards.detach().to(torch.float64)
+    scores = r - _group_baseline(r, inverse, counts)
+    if response_mask is None:
+        weights = torch.ones_like(scores)
+    else:
+        valid = _check_mask(response_mask)
+        if valid.shape[0] != rewards.shape[0]:
+            raise ValueError(
+                f"response_mask has {valid.shape[0]} rows but rewards has {rewards.shape[0]}"
+            )
+        weights = valid.to(torch.float64)
+        scores = scores[:, None] * weights
+    n = check_nonempty(weights, "response_mask (over the whitening scope)")
+    mean = (scores * weights).sum() / n
+    var = (((scores - mean) * weights) ** 2).sum() / max(n - 1, 1)
+    return ((scores - mean) * torch.rsqrt(var + eps) * weights).to(rewards.dtype)
+
+
+TokenEstimator = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _per_token(estimator: Callable[[Tensor, Tensor], Tensor]) -> TokenEstimator:
+    """A response-level estimator as a token-level one: its scalar on every valid token."""
+
+    def token_level(rewards: Tensor, group_ids: Tensor, response_mask: Tensor) -> Tensor:
+        return estimator(rewards, group_ids)[:, None] * response_mask.to(rewards.dtype)
+
+    token_level.__name__ = estimator.__name__
+    token_level.__doc__ = estimator.__doc__
+    return token_level
+
+
+# name -> fn(rewards, group_ids, response_mask) -> (B, T) token-level advantages, 0 at padding.
+ADVANTAGE_ESTIMATORS: dict[str, TokenEstimator] = {
+    "grpo": _per_token(grpo_advantages),
+    "dr_grpo": _per_token(dr_grpo_advantages),
+    "rloo": _per_token(rloo_advantages),
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
+}
+
+
+def compute_advantages(
+    name: str, rewards: Tensor, group_ids: Tensor, response_mask: Tensor
+) -> Tensor:
+    """Token-level (B, T) advantages from the estimator `name` of `ADVANTAGE_ESTIMATORS` (SPEC 6).
+
+    Response-level advantages are copied to every valid token; padding gets 0.
+    """
+    check_choice("advantage estimator", name, ADVANTAGE_ESTIMATORS)
+    _check_rewards(rewards, group_ids)
+    valid = _check_mask(response_mask)
+    if valid.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"response_mask has {valid.shape[0]} rows but rewards has {rewards.shape[0]}"
+        )
+    return ADVANTAGE_ESTIMATORS[name](rewards, group_ids, valid)
+
+
+def dynamic_sampling_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """DAPO dynamic sampling filter (SPEC 6): True for responses whose group's rewards differ.
+
+    Groups whose rewards are all equal carry no GRPO signal and are dropped; a group of one is
+    all-equal and dropped too. Returns a (B,) bool tensor.
+    """
+    _check_rewards(rewards, group_ids)
+    inverse, counts = _groups(group_ids)
+    r = rewards.detach()
+    empty = torch.zeros(len(counts), dtype=r.dtype, device=r.device)
+    hi = empty.scatter_reduce(0, inverse, r, "amax", include_self=False)
+    lo = empty.scatter_reduce(0, inverse, r, "amin", include_self=False)
+    return (hi != lo)[inverse]
+
+
+def overlong_penalty(
+    lengths: Tensor, *, max_length: int, buffer: int, factor: float = 1.0
+) -> Tensor:
+    """DAPO soft overlong punishment (SPEC 6), the term to add to each response's reward:
+
+        min(-(len - (Lmax - Lbuf)) / Lbuf * factor, 0)
+
+    0 up to `Lmax - Lbuf` tokens, falling linearly to `-factor` at `Lmax`. Returns a float tensor
+    shaped like `lengths` (lengths' dtype if floating, else the default dtype).
+    """
+    if buffer <= 0:
+        raise ValueError(f"buffer must be > 0, got {buffer}")
+    if buffer > max_length:
+        raise ValueError(f"buffer ({buffer}) must be <= max_length ({max_length})")
+    dtype = lengths.dtype if lengths.is_floating_point() else torch.get_default_dtype()
+    length = lengths.detach().to(dtype)
+    check_finite("lengths", length)
+    if bool((length < 0).any()):
+        raise ValueError("lengths must be >= 0")
+    exceed = length - (max_length - buffer)
+    return (-exceed / buffer * factor).clamp(max=0.0)
+
+
+def _pad_groups(values: Tensor, inverse: Tensor, counts: Tensor) -> Tensor:
+    """Lay (B,) values out as (num_groups, max group size), one group per row, NaN-padded."""
+    order = torch.argsort(inverse, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(inverse)
+    slot[order] = torch.arange(len(inverse), device=inverse.device) - starts[inverse[order]]
+    padded = values.new_full((len(counts), int(counts.max())), math.nan)
+    padded[inverse, slot] = values
+    return padded
+
+
+def _iqr_inliers(padded: Tensor) -> Tensor:
+    """Entries of each row inside `[q1 - 1.5 IQR, q3 + 1.5 IQR]` (NaN entries are not).
+
+    q1 and q3 are the 25% and 75% quantiles of the row's non-NaN entries, with linear
+    interpolation (numpy's and torch's default). A row with entries always keeps at least one:
+    with three or more, the order statistic just above q1 lies in [q1, q3]; with two, the fences
+    reach half the gap beyond both; with one, q1 = q3 = it.
+    """
+    probs = torch.tensor([0.25, 0.75], dtype=padded.dtype, device=padded.device)
+    q1, q3 = torch.nanquantile(padded, probs, dim=1, interpolation="linear")
+    iqr = q3 - q1
+    return (padded >= (q1 - 1.5 * iqr)[:, None]) & (padded <= (q3 + 1.5 * iqr)[:, None])
+
+
+def _kept_moments(padded: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row mean and population std over the kept entries, std below 1e-6 replaced by 1.
+
+    A row that keeps nothing uses all its non-NaN entries (SPEC 7); a row with none gets mean 0.
+    """
+    keep = torch.where(keep.any(dim=1, keepdim=True), keep, ~torch.isnan(padded))
+    n = keep.sum(dim=1).clamp(min=1)
+    mean = torch.where(keep, padded, 0.0).sum(dim=1) / n
+    var = (torch.where(keep, padded - mean[:, None], 0.0) ** 2).sum(dim=1) / n
+    std = var.sqrt()
+    return mean, torch.where(std < _PPL_MIN_STD, 1.0, std)
+
+
+def ppl_shaping(
+    advantages: Tensor,
+    old_log_prob: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    alpha: float = 0.01,
+) -> Tensor:
+    """Perplexity-based advantage shaping of Deng et al. (SPEC 7).
+
+        lp_i  = -mean_t old_logp[i,t]                  (log-perplexity over valid tokens)
+        w_i   = (lp_i - mean) / std                    (per group, robust statistics below)
+        A'    = A * clamp(1 - alpha * w_i, 0.8, 1.2)   (weight detached)
+
+    Per group, responses outside `[q1 - 1.5 IQR, q3 + 1.5 IQR]` (linear-interpolation quartiles of
+    lp) are left out of the mean and the population std, all are used if all are left out, and a
+    std below 1e-6 is replaced by 1. Outliers still get their own weight. Empty responses have no
+    perplexity: they are left out of the statistics and get weight 1. Padding is returned unchanged.
+    """
+    check_same_shape(advantages=advantages, old_log_prob=old_log_prob, response_mask=response_mask)
+    valid = _check_mask(response_mask)
+    if group_ids.shape != (valid.shape[0],):
+        raise ValueError(
+            f"group_ids must have shape [{valid.shape[0]}], got {list(group_ids.shape)}"
+        )
+    _check_group_ids(group_ids)
+    if valid.shape[0] == 0:
+        raise ValueError("advantages is empty: no response to shape")
+    check_finite("advantages", advantages, valid)
+    check_finite("old_log_prob", old_log_prob, valid)
+
+    m = valid.to(torch.float64)
+    lengths = m.sum(dim=1)
+    nonempty = lengths > 0
+    logp = torch.where(valid, old_log_prob.detach().to(torch.float64), 0.0)
+    lp = -logp.sum(dim=1) / lengths.clamp(min=1)
+
+    inverse, counts = _groups(group_ids)
+    padded = _pad_groups(torch.where(nonempty, lp, math.nan), inverse, counts)
+    mean, std = _kept_moments(padded, _iqr_inliers(padded))
+    w = (lp - mean[inverse]) / std[inverse]
+    weight = torch.where(nonempty, (1.0 - alpha * w).clamp(0.8, 1.2), 1.0)
+    return torch.where(valid, advantages * weight[:, None].to(advantages.dtype), advantages)
+
+
+def position_shaping(advantages: Tensor, response_mask: Tensor, *, alpha: float = 0.05) -> Tensor:
+    """Position-based advantage shaping of Deng et al. for the plateau stage (SPEC 7).
+
+        c_t = number of valid tokens at positions <= t,   L = number of valid tokens
+        p_t = (c_t - 1) / L                               (0 at the first response token)
+        b_t = min(alpha * sigmoid(15 * (p_t - 0.5)), 0.5 * |A[t]|)
+        A'  = A + sign(A) * b_t
+
+    Positions count valid tokens only, so left padding and holes in the mask are handled. Tokens
+    with A = 0 and padding are returned unchanged.
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0 (the bonus is capped at 0.5*|A|), got {alpha}")
+    check_same_shape(advantages=advantages, response_mask=response_mask)
+    valid = _check_mask(response_mask)
+    check_finite("advantages", advantages, valid)
+    m = valid.to(torch.float64)
+    count = torch.cumsum(m, dim=1)
+    length = m.sum(dim=1, keepdim=True).clamp(min=1)
+    p = (count - 1) / length
+    adv = advantages.detach().to(torch.float64)
+    bonus = torch.minimum(alpha * torch.sigmoid(15.0 * (p - 0.5)), 0.5 * adv.abs())
+    shift = (torch.sign(adv) * bonus).to(advantages.dtype)
+    return torch.where(valid, advantages + shift, advantages)
+
+
+def low_prob_reweight(advantages: Tensor, old_log_prob: Tensor, *, alpha: float = 0.3) -> Tensor:
+    """Low-probability token advantage reweighting of Yang et al. (SPEC 8).
+
+        A'[i,t] = (alpha * exp(old_logp[i,t]) + 1 - alpha) * A[i,t]
+
+    Tokens the rollout policy found unlikely get a smaller weight (down to `1 - alpha`), so they
+    stop dominating the update. alpha = 0.3 (logic puzzles) or 0.1 (math). Padding with A = 0 stays
+    0, so no mask is needed; every position must be finite.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_same_shape(advantages=advantages, old_log_prob=old_log_prob)
+    check_finite("advantages", advantages)
+    check_finite("old_log_prob", old_log_prob)
+    weight = alpha * torch.exp(old_log_prob.detach()) + (1.0 - alpha)
+    return advantages * weight.to(advantages.dtype)
+
+
+def lopti_split(
+    old_log_prob: Tensor, response_mask: Tensor, *, eta: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """Lopti's token split (SPEC 8): (low, rest) bool masks within the response mask.
+
+    `low` holds the valid tokens with `exp(old_logp) < eta` (updated first), `rest` the other valid
+    tokens (updated second); together they partition the valid tokens.
+    """
+    if not 0.0 < eta <= 1.0:
+        raise ValueError(f"eta must be in (0, 1], got {eta}")
+    check_same_shape(old_log_prob=old_log_prob, response_mask=response_mask)
+    valid = _check_mask(response_mask)
+    check_finite("old_log_prob", old_log_prob, valid)
+    low = valid & (torch.exp(old_log_prob.detach()) < eta)
+    return low, valid & ~low
