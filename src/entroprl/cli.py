@@ -3,6 +3,8 @@
     entroprl train CONFIG.yaml [key=value ...] [--resume]
     entroprl eval --model DIR [--task countdown] [key=value ...]
     entroprl demo [--out DIR]
+    entroprl analyze RUN [--out DIR]
+    entroprl compare RUN [RUN ...] [--out DIR]
 
 Under `torchrun`, `train` runs DistributedDataParallel (NCCL on GPUs, gloo on CPU).
 """
@@ -49,6 +51,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from entroprl.report import analyze_run
+
+    report = analyze_run(args.run, args.out, fit_fraction=args.fit_fraction,
+                         entropy_key=args.entropy_key, accuracy_key=args.accuracy_key)
+    print(f"report: {report}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from entroprl.report import compare_runs
+
+    report = compare_runs(args.runs, args.out, fit_fraction=args.fit_fraction,
+                          entropy_key=args.entropy_key, accuracy_key=args.accuracy_key)
+    print(f"report: {report}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from entroprl.demo import run_demo
 
@@ -79,11 +97,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="RL steps per method")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("analyze", help="report: stages, entropy-performance law, forecast, "
+                       "covariance (entroprl, TRL, verl or W&B runs)")
+    p.add_argument("run", help="run directory, trainer_state.json, verl .jsonl or W&B .csv")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
+    p.set_defaults(func=cmd_analyze)
+    q = sub.add_parser("compare", help="overlay several runs and tabulate their law fits")
+    q.add_argument("runs", nargs="+", help="runs, in any format analyze reads")
+    q.add_argument("--out", default="comparison", help="output directory")
+    q.set_defaults(func=cmd_compare)
+    for x in (p, q):
+        x.add_argument("--fit-fraction", type=float, default=0.15,
+                       help="share of steps the forecast is fitted on")
+        x.add_argument("--entropy-key", default=None,
+                       help="the log's entropy metric, if the guess is wrong")
+        x.add_argument("--accuracy-key", default=None,
+                       help="the log's accuracy metric, if the guess is wrong")
+
     args = parser.parse_args(argv)
     try:
         args.func(args)
     except ConfigError as e:
         sys.exit(f"entroprl: configuration error: {e}")
+    except ValueError as e:  # bad input files (metrics, logs, datasets) name what is wrong
+        sys.exit(f"entroprl: {e}")
     except FileNotFoundError as e:
         sys.exit(f"entroprl: {e}")
     except RuntimeError as e:

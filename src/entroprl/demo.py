@@ -111,5 +111,9 @@ def run_demo(out: Path, *, steps: int | None = None, methods=tuple(METHODS)) -> 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print()
     print(format_table(summary))
+    from entroprl.report import compare_runs
+
+    report = compare_runs([out / m for m in methods], out / "analysis")
     print(f"\nsummary: {out / 'summary.json'}  (total {time.perf_counter() - t0:.0f} s)")
+    print(f"analysis report: {report}")
     return summary

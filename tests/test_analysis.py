@@ -1,0 +1,746 @@
+"""Tests for `entroprl analyze` / `compare`: run loading, foreign logs, the analysis numbers and the
+written report (issue 4). Expected numbers come from the generated curves, hand calculations,
+numpy's polyfit/corrcoef or plain loops, never from the functions under test."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from entroprl.analysis import (
+    analyze,
+    covariance_table,
+    law_grid,
+    load_run,
+    pearson,
+    perplexity_split,
+    position_entropy,
+    read_rollouts,
+)
+from entroprl.foreign import detect_format, map_keys, read_log
+from entroprl.report import analyze_run, compare_runs
+
+ACC = "val-core/countdown/acc/mean@4"
+GROUPS = ("top_0.02%", "top_0.2%", "top_2%", "top_20%", "top_50%", "all")
+
+
+def curve(steps: int, *, start: float = 1.0, end: float = 0.15, tau: float = 10.0) -> np.ndarray:
+    """Entropy per step 0..steps: a fast fall then a plateau, like the paper's runs."""
+    t = np.arange(steps + 1)
+    return end + (start - end) * np.exp(-t / tau)
+
+
+def rollout_samples(step: int) -> list[dict]:
+    """Five samples with known statistics: token entropy = 1 + t/L, log-prob -0.1 on positive,
+    -0.5 on negative samples, one sample with advantage 0 (log-prob -3)."""
+    out = []
+    for length, adv, logp in (
+        (3, 1.0, -0.1),
+        (4, -1.0, -0.5),
+        (5, 1.0, -0.1),
+        (8, -1.0, -0.5),
+        (2, 0.0, -3.0),
+    ):
+        t = np.arange(length)
+        out.append(
+            {
+                "group": 0,
+                "response": "x" * length,
+                "reward": float(adv > 0),
+                "tokens": ["x"] * length,
+                "log_prob": [logp] * length,
+                "entropy": (1 + t / length).tolist(),
+                "advantage": [adv] * length,
+                "cov": [0.0] * length,
+            }
+        )
+    return out
+
+
+def make_run(
+    path: Path,
+    *,
+    steps: int = 100,
+    a: float = 0.25,
+    b: float = 0.75,
+    noise: float = 0.003,
+    seed: int = 0,
+    eval_every: int = 1,
+    dynamics: bool = True,
+    rollout_steps: tuple[int, ...] = (1, 5, 60, 90),
+) -> dict:
+    """An entroprl run directory whose accuracy is -a*exp(H) + b plus seeded noise."""
+    rng = np.random.default_rng(seed)
+    h = curve(steps)
+    acc = -a * np.exp(h) + b + noise * rng.standard_normal(steps + 1)
+    cov_all = 0.002 * np.exp(-np.arange(steps + 1) / 15) + 1e-4
+    change = -0.8 * cov_all + 2e-5 * rng.standard_normal(steps + 1)
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(f"trainer:\n  steps: {steps}\n")
+    lines = [{"step": 0, ACC: acc[0]}]
+    for s in range(1, steps + 1):
+        record = {
+            "step": s,
+            "critic/score/mean": acc[s] + 0.05,
+            "actor/entropy": h[s] * 1.1,
+            "actor/entropy_seq_mean": h[s],
+            "train/acc": acc[s],
+        }
+        for i, g in enumerate(GROUPS):
+            record[f"cov/{g}"] = cov_all[s] * (6 - i) ** 2
+        if dynamics:
+            record["dynamics/predicted_entropy_change"] = -cov_all[s]
+            record["dynamics/entropy_change"] = change[s]
+        if s % eval_every == 0 or s == steps:
+            record[ACC] = acc[s]
+        lines.append(record)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if rollout_steps:
+        (path / "rollouts").mkdir()
+        for s in rollout_steps:
+            text = "".join(json.dumps(r) + "\n" for r in rollout_samples(s))
+            (path / "rollouts" / f"step_{s:06d}.jsonl").write_text(text)
+    return {"h": h, "acc": acc, "cov_all": cov_all, "change": change}
+
+
+def polyfit_law(h, r) -> tuple[float, float]:
+    """(a, b) of R = -a*exp(H) + b by numpy's own least squares."""
+    slope, intercept = np.polyfit(np.exp(np.asarray(h)), np.asarray(r), 1)
+    return -slope, intercept
+
+
+# -- the analysis of a synthetic entroprl run ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    truth = make_run(root / "run")
+    report = analyze_run(root / "run")
+    return root / "run", truth, report, json.loads((report.parent / "analysis.json").read_text())
+
+
+def test_outputs_written_where_expected(synthetic):
+    run, _, report, data = synthetic
+    assert report == run / "analysis" / "report.html"
+    for name in ("curves", "law", "dynamics", "position_entropy", "perplexity"):
+        assert (run / "analysis" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["omitted"] == {}
+    assert data["run"]["keys"]["entropy"] == "actor/entropy_seq_mean"
+    assert data["run"]["keys"]["accuracy"] == [ACC]
+    assert data["run"]["keys"]["reward"] == "critic/score/mean"
+
+
+def test_law_fit_recovers_the_generating_curve(synthetic):
+    _, truth, _, data = synthetic
+    h, acc = truth["h"][1:], truth["acc"][1:]  # step 0 has an accuracy but no entropy
+    a, b = polyfit_law(h, acc)
+    law = data["law"]
+    assert law["n"] == 100
+    assert law["a"] == pytest.approx(a, abs=1e-9)
+    assert law["b"] == pytest.approx(b, abs=1e-9)
+    assert law["ceiling"] == pytest.approx(b - a, abs=1e-9)
+    # and the generating values, up to the 0.003 noise
+    assert law["a"] == pytest.approx(0.25, abs=0.01)
+    assert law["b"] == pytest.approx(0.75, abs=0.02)
+    resid = acc - (-a * np.exp(h) + b)
+    assert law["rmse"] == pytest.approx(math.sqrt(np.mean(resid**2)), rel=1e-9)
+    assert law["entropy_interpolated"] == 0
+
+
+def test_forecast_from_first_15_percent(synthetic):
+    _, truth, _, data = synthetic
+    h, acc = truth["h"], truth["acc"]
+    f = data["forecast"]
+    # 100 training steps (1..100): the first ceil(15) = 15 steps fit, steps 16..100 are forecast
+    assert f["fit_steps"] == [1, 15]
+    a, b = polyfit_law(h[1:16], acc[1:16])
+    assert f["fit"]["a"] == pytest.approx(a, abs=1e-9)
+    assert f["fit"]["b"] == pytest.approx(b, abs=1e-9)
+    assert f["steps"] == list(range(16, 101))
+    predicted = -a * np.exp(h[16:]) + b
+    np.testing.assert_allclose(f["predicted"], predicted, atol=1e-9)
+    np.testing.assert_allclose(f["actual"], acc[16:], atol=0)
+    assert f["rmse"] == pytest.approx(math.sqrt(np.mean((predicted - acc[16:]) ** 2)), rel=1e-9)
+    assert f["final_error"] == pytest.approx(predicted[-1] - acc[100], abs=1e-12)
+    assert f["rmse"] < 0.02  # the law holds, so the early fit forecasts the rest
+
+
+def test_fit_fraction_option(tmp_path):
+    make_run(tmp_path / "run", rollout_steps=())
+    report = analyze_run(tmp_path / "run", tmp_path / "out", fit_fraction=0.3)
+    f = json.loads((report.parent / "analysis.json").read_text())["forecast"]
+    assert f["fit_fraction"] == 0.3
+    assert f["fit_steps"] == [1, 30]
+    assert f["steps"][0] == 31
+
+
+def test_dynamics_correlation_and_covariance_table(synthetic):
+    _, truth, _, data = synthetic
+    x, y = -truth["cov_all"][1:], truth["change"][1:]
+    d = data["dynamics"]
+    assert d["x"] == "dynamics/predicted_entropy_change"
+    assert d["y"] == "dynamics/entropy_change"
+    assert d["n"] == 100
+    assert d["pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    assert d["pearson_r"] > 0.9
+    slope, intercept = np.polyfit(x, y, 1)
+    assert d["slope"] == pytest.approx(slope, rel=1e-9)
+    assert d["intercept"] == pytest.approx(intercept, abs=1e-12)
+    table = data["covariance_table"]
+    assert [r["group"] for r in table] == list(GROUPS)
+    for i, row in enumerate(table):
+        values = truth["cov_all"][1:] * (6 - i) ** 2
+        assert row["mean"] == pytest.approx(values.mean(), rel=1e-12)
+        assert row["first"] == pytest.approx(values[0], rel=1e-12)
+        assert row["last"] == pytest.approx(values[-1], rel=1e-12)
+        assert row["n"] == 100
+
+
+def test_stage_boundary_of_a_kinked_curve(tmp_path):
+    # Entropy falls linearly by 0.05/step until step 30, then stays flat: the plateau starts
+    # within the few steps the 5-step smoothing and slope windows spread the kink over.
+    make_run(tmp_path / "run", rollout_steps=())
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for r in records[1:]:
+        r["actor/entropy_seq_mean"] = 2.0 - 0.05 * min(r["step"], 30)
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = analyze(load_run(tmp_path / "run"))
+    assert 30 <= result.plateau_step <= 35
+    assert result.to_dict()["stages"]["plateau_start_step"] == result.plateau_step
+
+
+def test_rollout_statistics(synthetic):
+    _, _, _, data = synthetic
+    p = data["perplexity"]
+    # every positive sample has mean log-prob -0.1, every negative one -0.5; 4 steps x 2 each
+    assert p["positive"]["n"] == 8 and p["negative"]["n"] == 8
+    assert p["positive"]["mean"] == pytest.approx(math.exp(0.1), rel=1e-12)
+    assert p["negative"]["median"] == pytest.approx(math.exp(0.5), rel=1e-12)
+    assert p["zero_advantage"] == 4
+    pos = data["position_entropy"]
+    assert pos["edges"] == pytest.approx(np.linspace(0, 1, 11).tolist())
+    # per step: token t of a length-L response has entropy 1 + t/L; bin = floor(10 t / L)
+    sums, counts = np.zeros(10), np.zeros(10)
+    for length in (3, 4, 5, 8, 2):
+        for t in range(length):
+            k = int(10 * t / length)
+            sums[k] += 1 + t / length
+            counts[k] += 1
+    expected = [s / c if c else None for s, c in zip(sums, counts, strict=True)]
+    got = pos["all"]["mean"]
+    for e, g in zip(expected, got, strict=True):
+        assert (g is None) if e is None else g == pytest.approx(e, rel=1e-12)
+    assert pos["all"]["tokens"] == (4 * counts).astype(int).tolist()
+    assert pos["all"]["responses"] == 20
+
+
+def test_samples_split_by_stage(synthetic):
+    _, _, _, data = synthetic
+    plateau = data["stages"]["plateau_start_step"]
+    assert plateau is not None and 5 < plateau < 60  # samples at 1, 5 rising; 60, 90 plateau
+    assert data["position_entropy"]["rising"]["responses"] == 10
+    assert data["position_entropy"]["plateau"]["responses"] == 10
+
+
+def test_final_values(synthetic):
+    _, truth, _, data = synthetic
+    assert data["final"]["entropy"] == {"step": 100, "value": pytest.approx(truth["h"][100])}
+    assert data["final"]["accuracy"]["value"] == pytest.approx(truth["acc"][100])
+    assert data["final"]["reward"]["value"] == pytest.approx(truth["acc"][100] + 0.05)
+
+
+def test_html_is_self_contained(synthetic):
+    _, _, report, _ = synthetic
+    text = report.read_text()
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:|//|file:)""", text)
+    assert "<script" not in text and "@import" not in text and "url(" not in text
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(images) == 5 == text.count("<img")
+    for data in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Omitted" not in text
+
+
+# -- omissions, bad input -------------------------------------------------------------------
+
+
+def test_missing_inputs_omit_sections_with_reasons(tmp_path):
+    make_run(tmp_path / "run", dynamics=False, rollout_steps=(), eval_every=50)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    stripped = [
+        {k: v for k, v in json.loads(line).items() if not k.startswith("cov/")} for line in lines
+    ]
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stripped))
+    report = analyze_run(tmp_path / "run")
+    data = json.loads((report.parent / "analysis.json").read_text())
+    omitted = data["omitted"]
+    assert set(omitted) == {"forecast", "dynamics", "covariance", "position_entropy", "perplexity"}
+    assert "dynamics/entropy_change" in omitted["dynamics"]
+    assert "cov/" in omitted["covariance"]
+    assert "rollout" in omitted["perplexity"]
+    # evaluations at steps 50 and 100 only: the first 15 steps hold none to fit
+    assert "usable points" in omitted["forecast"]
+    assert data["law"]["n"] == 2
+    text = report.read_text()
+    assert text.count('class="omitted"') == 5
+    assert not (report.parent / "dynamics.png").exists()
+
+
+def test_truncated_metrics_read_to_last_complete_line(tmp_path):
+    make_run(tmp_path / "run", rollout_steps=())
+    path = tmp_path / "run" / "metrics.jsonl"
+    text = path.read_text()
+    path.write_text(text[: len(text) - 40])  # killed in the middle of the step-100 record
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        report = analyze_run(tmp_path / "run")
+    data = json.loads((report.parent / "analysis.json").read_text())
+    assert data["run"]["last_step"] == 99
+    assert data["law"]["n"] == 99
+
+
+def test_empty_and_foreign_files_are_clear_errors(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no metrics records"):
+        analyze_run(run)
+    (run / "metrics.jsonl").write_text('{"loss": 1.0}\n{"loss": 0.5}\n')
+    with pytest.raises(ValueError, match="no integer 'step'"):
+        analyze_run(run)
+    (run / "metrics.jsonl").write_text("this is not json\nnor this\n")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        analyze_run(run)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="unknown log format"):
+        analyze_run(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="no such file"):
+        analyze_run(tmp_path / "missing.jsonl")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match=r"no metrics\.jsonl"):
+        analyze_run(tmp_path / "empty_dir")
+
+
+def test_nothing_mappable_is_a_clear_error_and_keys_fix_it(tmp_path):
+    rng = np.random.default_rng(3)
+    h = curve(40)
+    acc = -0.3 * np.exp(h) + 0.8 + 0.002 * rng.standard_normal(41)
+    lines = [{"step": s, "data": {"my_H": h[s], "score_on_test": acc[s]}} for s in range(1, 41)]
+    path = tmp_path / "custom.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(
+        ValueError, match=r"no entropy or accuracy metric recognised.*--entropy-key"
+    ):
+        analyze_run(path)
+    with pytest.raises(ValueError, match=r"entropy key 'my_h2' is not in the log"):
+        analyze_run(path, entropy_key="my_h2", accuracy_key="score_on_test")
+    report = analyze_run(path, entropy_key="my_H", accuracy_key="score_on_test")
+    assert report == tmp_path / "custom_analysis" / "report.html"
+    law = json.loads((report.parent / "analysis.json").read_text())["law"]
+    a, b = polyfit_law(h[1:], acc[1:])
+    assert (law["a"], law["b"]) == (pytest.approx(a, abs=1e-9), pytest.approx(b, abs=1e-9))
+
+
+def test_bad_fit_fraction_raises(tmp_path):
+    make_run(tmp_path / "run", rollout_steps=())
+    with pytest.raises(ValueError, match="fit_fraction"):
+        analyze_run(tmp_path / "run", fit_fraction=1.5)
+
+
+def test_malformed_rollouts_omit_the_sample_sections(tmp_path):
+    make_run(tmp_path / "run", rollout_steps=(1,))
+    with open(tmp_path / "run" / "rollouts" / "step_000001.jsonl", "a") as f:
+        f.write(json.dumps({"log_prob": [0.1], "entropy": [1.0, 2.0], "advantage": [1.0]}) + "\n")
+    result = analyze(load_run(tmp_path / "run"))
+    assert "step_000001.jsonl:6" in result.omitted["perplexity"]
+    assert "one length" in result.omitted["position_entropy"]
+
+
+# -- foreign logs ---------------------------------------------------------------------------
+
+
+def law_points(seed: int, steps: int, a: float, b: float, noise: float = 0.002):
+    rng = np.random.default_rng(seed)
+    h = curve(steps)
+    return h, -a * np.exp(h) + b + noise * rng.standard_normal(steps + 1)
+
+
+def test_trl_trainer_state(tmp_path):
+    h, acc = law_points(1, 60, 0.35, 0.85)
+    history = []
+    for s in range(1, 61):
+        history.append(
+            {"loss": 0.1, "entropy": h[s], "reward": acc[s] + 0.1, "epoch": s / 60, "step": s}
+        )
+        if s % 5 == 0:  # TRL logs an evaluation as its own entry at the same step
+            history.append(
+                {
+                    "eval_loss": 0.2,
+                    "eval_rewards/accuracy_reward/mean": acc[s],
+                    "eval_rewards/accuracy_reward/std": 0.3,
+                    "eval_entropy": 9.0,
+                    "step": s,
+                }
+            )
+    history.append({"train_runtime": 100.0, "train_loss": 0.1, "step": 60})
+    folder = tmp_path / "checkpoint-60"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(
+        json.dumps({"global_step": 60, "log_history": history})
+    )
+    assert detect_format(folder) == detect_format(folder / "trainer_state.json") == "trl"
+    report = analyze_run(folder)
+    assert report == folder / "analysis" / "report.html"
+    data = json.loads((report.parent / "analysis.json").read_text())
+    keys = data["run"]["keys"]
+    assert keys["entropy"] == "entropy"
+    assert keys["accuracy"] == ["eval_rewards/accuracy_reward/mean"]
+    assert keys["reward"] == "reward"
+    every5 = np.arange(5, 61, 5)
+    a, b = polyfit_law(h[every5], acc[every5])
+    assert data["law"]["n"] == 12
+    assert data["law"]["a"] == pytest.approx(a, abs=1e-9)
+    assert data["law"]["b"] == pytest.approx(b, abs=1e-9)
+    assert data["law"]["a"] == pytest.approx(0.35, abs=0.02)
+    # 60 steps: the first 9 hold evaluations at 5 only -> too few to fit a forecast
+    assert "forecast" in data["omitted"]
+    assert set(data["omitted"]) == {
+        "forecast",
+        "dynamics",
+        "covariance",
+        "position_entropy",
+        "perplexity",
+    }
+    assert "trl log holds no rollout samples" in data["omitted"]["perplexity"]
+
+
+def test_verl_file_logger_two_sources_averaged(tmp_path):
+    h, acc1 = law_points(2, 50, 0.3, 0.8)
+    _, acc2 = law_points(3, 50, 0.5, 1.0)
+    path = tmp_path / "verl_metrics.jsonl"
+    lines = []
+    for s in range(1, 51):
+        data = {
+            "actor/entropy": h[s],
+            "critic/score/mean": acc1[s],
+            "actor/pg_loss": 0.1,
+            "val-core/openai/gsm8k/acc/mean@1": acc1[s] + 0.5,  # smaller n: not used
+            "val-core/openai/gsm8k/acc/mean@8": acc1[s],
+            "val-core/math/acc/mean@8": acc2[s],
+            "val-aux/math/reward/mean@8": 5.0,
+        }
+        lines.append({"step": s, "data": data})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert detect_format(path) == "verl"
+    report = analyze_run(path, tmp_path / "out")
+    data = json.loads((report.parent / "analysis.json").read_text())
+    assert data["run"]["keys"]["accuracy"] == [
+        "val-core/math/acc/mean@8",
+        "val-core/openai/gsm8k/acc/mean@8",
+    ]
+    assert "averaged over 2 sources" in " ".join(data["run"]["keys"]["notes"])
+    mean_acc = [(acc1[s] + acc2[s]) / 2 for s in range(1, 51)]
+    a, b = polyfit_law(h[1:], mean_acc)
+    assert data["law"]["a"] == pytest.approx(a, abs=1e-9)
+    assert data["law"]["b"] == pytest.approx(b, abs=1e-9)
+    assert data["law"]["a"] == pytest.approx(0.4, abs=0.02)
+    assert data["forecast"]["fit_steps"] == [1, 8]
+
+
+def test_verl_flat_records_and_global_step(tmp_path):
+    h, acc = law_points(4, 30, 0.3, 0.8)
+    path = tmp_path / "flat.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "global_step": s,
+                    "actor/entropy": h[s],
+                    **({"val-core/aime/reward/mean@4": acc[s]} if s % 3 == 0 else {}),
+                }
+            )
+            + "\n"
+            for s in range(1, 31)
+        )
+    )
+    run = load_run(path)
+    assert run.table.format == "verl"
+    assert run.keys.accuracy == ("val-core/aime/reward/mean@4",)
+    law = analyze(run).law
+    a, b = polyfit_law(h[3::3], acc[3::3])
+    assert (law.a, law.b, law.n) == (pytest.approx(a, abs=1e-9), pytest.approx(b, abs=1e-9), 10)
+
+
+def test_wandb_chart_export(tmp_path):
+    h, acc = law_points(5, 40, 0.3, 0.8)
+    path = tmp_path / "export.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "Step",
+                "grpo-7b - train/entropy",
+                "grpo-7b - train/entropy__MIN",
+                "grpo-7b - train/entropy__MAX",
+                "grpo-7b - eval/rewards/accuracy_reward/mean",
+                "grpo-7b - train/reward",
+            ]
+        )
+        for s in range(1, 41):
+            evaluated = repr(float(acc[s])) if s % 2 == 0 else ""
+            w.writerow([s, repr(float(h[s])), "0", "9", evaluated, repr(float(acc[s] + 0.1))])
+    assert detect_format(path) == "wandb"
+    run = load_run(path)
+    assert run.keys.entropy == "train/entropy"
+    assert run.keys.accuracy == ("eval/rewards/accuracy_reward/mean",)
+    assert run.keys.reward == "train/reward"
+    law = analyze(run).law
+    a, b = polyfit_law(h[2::2], acc[2::2])
+    assert (law.a, law.b, law.n) == (pytest.approx(a, abs=1e-9), pytest.approx(b, abs=1e-9), 20)
+
+
+def test_wandb_history_export_merges_rows_by_trainer_step(tmp_path):
+    # W&B's _step counts log calls: a training row and an evaluation row share train/global_step
+    path = tmp_path / "history.csv"
+    rows = [
+        ["", "_step", "_runtime", "train/global_step", "actor/entropy", "val/test_score/x"],
+        ["0", "0", "1.0", "10", "1.5", ""],
+        ["1", "1", "2.0", "10", "", "0.2"],
+        ["2", "2", "3.0", "20", "1.0", ""],
+        ["3", "3", "4.0", "20", "", "0.4"],
+        ["4", "4", "5.0", "30", "0.5", "0.6"],
+    ]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    table = read_log(path)
+    assert table.steps.tolist() == [10, 20, 30]
+    np.testing.assert_array_equal(table.columns["actor/entropy"], [1.5, 1.0, 0.5])
+    np.testing.assert_array_equal(table.columns["val/test_score/x"], [0.2, 0.4, 0.6])
+    law = analyze(load_run(path)).law
+    # R = 0.2, 0.4, 0.6 against x = exp(1.5), e, exp(0.5): check the fit by hand
+    x = np.exp([1.5, 1.0, 0.5])
+    sxy = sum((xi - x.mean()) * (ri - 0.4) for xi, ri in zip(x, [0.2, 0.4, 0.6], strict=True))
+    sxx = sum((xi - x.mean()) ** 2 for xi in x)
+    assert law.a == pytest.approx(-sxy / sxx, rel=1e-12)
+
+
+def test_wandb_csv_with_two_runs_is_an_error(tmp_path):
+    path = tmp_path / "two.csv"
+    path.write_text("Step,a - actor/entropy,b - actor/entropy\n1,1.0,2.0\n")
+    with pytest.raises(ValueError, match="export one run per file"):
+        read_log(path)
+    (tmp_path / "nostep.csv").write_text("x,actor/entropy\n1,2\n")
+    with pytest.raises(ValueError, match="no step column"):
+        read_log(tmp_path / "nostep.csv")
+
+
+def test_trl_file_without_log_history(tmp_path):
+    (tmp_path / "trainer_state.json").write_text('{"global_step": 3}')
+    with pytest.raises(ValueError, match="no 'log_history'"):
+        load_run(tmp_path / "trainer_state.json")
+
+
+def test_verl_truncated_last_line_warns(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "data": {"actor/entropy": 1.0}}\n{"step": 2, "data": {"act')
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        table = read_log(path)
+    assert table.steps.tolist() == [1]
+
+
+def test_map_keys_prefers_the_papers_entropy(tmp_path):
+    make_run(tmp_path / "run", rollout_steps=())
+    keys = map_keys(read_log(tmp_path / "run"))
+    assert keys.entropy == "actor/entropy_seq_mean" and keys.notes == ()
+    assert map_keys(read_log(tmp_path / "run"), entropy_key="actor/entropy").entropy == (
+        "actor/entropy"
+    )
+
+
+# -- compare --------------------------------------------------------------------------------
+
+
+def test_compare_runs_tabulates_each_fit(tmp_path):
+    t1 = make_run(tmp_path / "grpo", a=0.4, b=0.9, seed=1, rollout_steps=())
+    t2 = make_run(tmp_path / "clip_cov", a=0.2, b=0.7, seed=2, rollout_steps=())
+    report = compare_runs([tmp_path / "grpo", tmp_path / "clip_cov"], tmp_path / "cmp")
+    assert report == tmp_path / "cmp" / "report.html"
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["grpo", "clip_cov"]
+    for row, truth in zip(data["runs"], (t1, t2), strict=True):
+        a, b = polyfit_law(truth["h"][1:], truth["acc"][1:])
+        assert row["law"]["a"] == pytest.approx(a, abs=1e-9)
+        assert row["law"]["b"] == pytest.approx(b, abs=1e-9)
+        assert row["final"]["accuracy"]["value"] == pytest.approx(truth["acc"][100])
+        assert row["forecast"]["fit_steps"] == [1, 15]
+    text = report.read_text()
+    assert text.count("<img") == 1 and "grpo" in text and "clip_cov" in text
+
+
+def test_compare_disambiguates_names_and_mixes_formats(tmp_path):
+    make_run(tmp_path / "a" / "run", rollout_steps=())
+    make_run(tmp_path / "b" / "run", rollout_steps=(), seed=5)
+    h, acc = law_points(6, 30, 0.3, 0.8)
+    (tmp_path / "v.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {"step": s, "data": {"actor/entropy": h[s], "val-core/m/acc/mean@1": acc[s]}}
+            )
+            + "\n"
+            for s in range(1, 31)
+        )
+    )
+    compare_runs(
+        [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "v.jsonl"], tmp_path / "cmp"
+    )
+    runs = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["run", "run #2", "v"]
+    assert [r["format"] for r in runs] == ["entroprl", "entroprl", "verl"]
+    with pytest.raises(ValueError, match="at least one run"):
+        compare_runs([], tmp_path / "cmp")
+
+
+# -- the building blocks, by hand -----------------------------------------------------------
+
+
+def test_law_grid_interpolates_entropy_at_evaluation_steps():
+    steps = np.array([0, 10, 15, 20])
+    entropy = np.array([np.nan, 1.0, np.nan, 2.0])
+    accuracy = np.array([0.1, np.nan, 0.5, 0.7])
+    grid, h, r, interpolated = law_grid(steps, entropy, accuracy)
+    assert grid.tolist() == list(range(10, 21))
+    assert h[5] == pytest.approx(1.5)  # step 15, halfway between 1.0 at 10 and 2.0 at 20
+    assert r[5] == 0.5 and r[10] == 0.7
+    assert np.isnan(r[[0, 1, 2, 3, 4, 6, 7, 8, 9]]).all()  # step 0 lies before any entropy
+    assert interpolated == 1
+    with pytest.raises(ValueError, match="at least 2"):
+        law_grid(steps, np.array([np.nan, 1.0, np.nan, np.nan]), accuracy)
+
+
+def test_pearson_hand_example():
+    # x = 1, 2, 3; y = 1, 3, 2: dx = -1, 0, 1, dy = -1, 1, 0 -> sum dxdy = 1, sxx = syy = 2
+    assert pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5, abs=1e-15)
+    with pytest.raises(ValueError, match="at least 3"):
+        pearson([1, 2], [2, 1])
+    with pytest.raises(ValueError, match="y is constant"):
+        pearson([1, 2, 3], [2, 2, 2])
+    with pytest.raises(ValueError, match="finite"):
+        pearson([1, 2, np.nan], [1, 2, 3])
+    with pytest.raises(ValueError, match="one length"):
+        pearson([1, 2, 3], [1, 2])
+
+
+def test_position_entropy_hand_example():
+    # L = 2: positions 0, 0.5 -> bins 0, 1 of 2; L = 4: 0, .25, .5, .75 -> bins 0, 0, 1, 1
+    samples = [{"entropy": [1.0, 3.0]}, {"entropy": [2.0, 4.0, 6.0, 8.0]}]
+    profile = position_entropy(samples, bins=2)
+    assert profile.mean.tolist() == pytest.approx([(1 + 2 + 4) / 3, (3 + 6 + 8) / 3])
+    assert profile.tokens.tolist() == [3, 3]
+    profile = position_entropy(samples, bins=8)  # bins 0, 4 and 0, 2, 4, 6; others empty
+    assert profile.tokens.tolist() == [2, 0, 1, 0, 2, 0, 1, 0]
+    assert profile.mean[4] == pytest.approx((3 + 6) / 2) and np.isnan(profile.mean[1])
+    with pytest.raises(ValueError, match="no rollout samples"):
+        position_entropy([])
+    with pytest.raises(ValueError, match="bins"):
+        position_entropy(samples, bins=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(0, 10), min_size=1, max_size=30), min_size=1, max_size=8),
+    st.integers(1, 12),
+)
+def test_position_entropy_matches_a_token_loop(entropies, bins):
+    samples = [{"entropy": e} for e in entropies]
+    sums, counts = [0.0] * bins, [0] * bins
+    for e in entropies:
+        for t, value in enumerate(e):
+            k = min(int(t * bins / len(e)), bins - 1)
+            sums[k] += value
+            counts[k] += 1
+    profile = position_entropy(samples, bins=bins)
+    assert profile.tokens.tolist() == counts
+    for k in range(bins):
+        if counts[k]:
+            assert profile.mean[k] == pytest.approx(sums[k] / counts[k], rel=1e-9, abs=1e-12)
+        else:
+            assert np.isnan(profile.mean[k])
+
+
+def test_perplexity_split_hand_example():
+    samples = [
+        {"log_prob": [-1.0, -3.0], "advantage": [0.5, 0.5]},  # mean -2 -> ppl e^2, positive
+        {"log_prob": [-0.5], "advantage": [-1.0]},  # e^0.5, negative
+        {"log_prob": [-1.0, -1.0, -4.0], "advantage": [2.0, 1.0, 0.0]},  # e^2, mean adv 1 > 0
+        {"log_prob": [-9.0], "advantage": [0.0]},  # advantage 0: left out
+    ]
+    split = perplexity_split(samples)
+    assert split.positive.tolist() == pytest.approx([math.exp(2), math.exp(2)])
+    assert split.negative.tolist() == pytest.approx([math.exp(0.5)])
+    assert split.zero == 1
+    stats = split.to_dict()
+    assert stats["positive"]["mean_log_ppl"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="no rollout sample has a negative advantage"):
+        perplexity_split(samples[:1])
+
+
+def test_covariance_table_requires_groups_and_finite_values(tmp_path):
+    make_run(tmp_path / "run", rollout_steps=())
+    table = read_log(tmp_path / "run")
+    assert [r["group"] for r in covariance_table(table)] == list(GROUPS)
+    table.columns.pop("cov/top_2%")
+    assert "top_2%" not in [r["group"] for r in covariance_table(table)]
+    table.columns["cov/all"][3] = np.inf
+    with pytest.raises(ValueError, match="cov/all contains inf"):
+        covariance_table(table)
+    for g in GROUPS:
+        table.columns.pop(f"cov/{g}", None)
+    with pytest.raises(ValueError, match="no cov/<group>"):
+        covariance_table(table)
+
+
+def test_read_rollouts_adds_the_step(tmp_path):
+    make_run(tmp_path / "run", rollout_steps=(7, 12))
+    samples = read_rollouts(tmp_path / "run" / "rollouts")
+    assert [s["step"] for s in samples] == [7] * 5 + [12] * 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_rollouts(tmp_path / "nowhere") == []
+
+
+def test_infinite_values_are_named(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"step": s, "data": {"actor/entropy": 1.0 / s, "grad_norm": math.inf}})
+            + "\n"
+            for s in range(1, 8)
+        )
+    )
+    assert load_run(path).keys.entropy == "actor/entropy"  # inf in an unused column is fine
+    path.write_text(path.read_text().replace('"actor/entropy": 0.25', '"actor/entropy": Infinity'))
+    with pytest.raises(ValueError, match="actor/entropy is infinite at step 4"):
+        load_run(path)
+    samples = [{"log_prob": [-1.0, math.nan], "entropy": [1.0, 1.0], "advantage": [1.0, 1.0]}]
+    with pytest.raises(ValueError, match="log_prob contains NaN or inf"):
+        perplexity_split(samples)
+
+
+@pytest.mark.parametrize("step", ["1.5", "NaN", "Infinity", '"3"', "true"])
+def test_non_integer_steps_are_named(tmp_path, step):
+    path = tmp_path / "m.jsonl"
+    path.write_text(f'{{"step": {step}, "data": {{"actor/entropy": 1.0}}}}\n')
+    with pytest.raises(ValueError, match="is not an integer"):
+        read_log(path)
