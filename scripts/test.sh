@@ -9,7 +9,7 @@ command -v "$PY" >/dev/null || PY=python3
 . .venv/bin/activate
 # The CPU build of torch first, so that the range in pyproject.toml installs nothing bigger.
 python -m pip install -q --disable-pip-version-check torch==2.13.0
-python -m pip install -q --disable-pip-version-check -e ".[dev]"
+python -m pip install -q --disable-pip-version-check -e ".[dev,data]"
 ruff check .
 ruff format --check .
 python -m pytest -m "not slow" -q

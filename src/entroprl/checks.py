@@ -1,4 +1,4 @@
-"""Input validation at the boundary of the public functions: clear `ValueError`s, never silent NaNs."""
+"""Input validation at the boundary of public functions: clear ValueErrors, never silent NaNs."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The `entroprl` command: train, eval, demo.
 
     entroprl train CONFIG.yaml [key=value ...] [--resume]
-    entroprl eval --model DIR [--task countdown] [key=value ...]
+    entroprl eval --model DIR --bench [NAME=]FORMAT:PATH [--bench ...]
     entroprl demo [--out DIR]
     entroprl analyze RUN [--out DIR]
     entroprl compare RUN [RUN ...] [--out DIR]
@@ -12,12 +12,12 @@ Under `torchrun`, `train` runs DistributedDataParallel (NCCL on GPUs, gloo on CP
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from entroprl.config import ConfigError, load_config
+from entroprl.evaluation import add_eval_arguments, run_eval
 
 
 def _init_distributed() -> None:
@@ -38,32 +38,29 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"run directory: {out}")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from entroprl.trainer import Trainer
-
-    overrides = [f"model.path={args.model}", f"data.task={args.task}", *args.overrides]
-    config = load_config(args.config, overrides)
-    trainer = Trainer(config)
-    results = trainer.evaluate()
-    for key, value in results.items():
-        print(f"{key:50s} {value:.4f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-
-
 def cmd_analyze(args: argparse.Namespace) -> None:
     from entroprl.report import analyze_run
 
-    report = analyze_run(args.run, args.out, fit_fraction=args.fit_fraction,
-                         entropy_key=args.entropy_key, accuracy_key=args.accuracy_key)
+    report = analyze_run(
+        args.run,
+        args.out,
+        fit_fraction=args.fit_fraction,
+        entropy_key=args.entropy_key,
+        accuracy_key=args.accuracy_key,
+    )
     print(f"report: {report}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from entroprl.report import compare_runs
 
-    report = compare_runs(args.runs, args.out, fit_fraction=args.fit_fraction,
-                          entropy_key=args.entropy_key, accuracy_key=args.accuracy_key)
+    report = compare_runs(
+        args.runs,
+        args.out,
+        fit_fraction=args.fit_fraction,
+        entropy_key=args.entropy_key,
+        accuracy_key=args.accuracy_key,
+    )
     print(f"report: {report}")
 
 
@@ -74,8 +71,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="entroprl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="entroprl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="RL-train a policy from a YAML config")
@@ -84,21 +82,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a model on a task's held-out set")
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--task", default="countdown")
-    p.add_argument("--config", default=None, help="optional YAML config for the other settings")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
-    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("eval", help="evaluate a model on benchmark files or a task's test set")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)
 
     p = sub.add_parser("demo", help="watch GRPO collapse entropy and Clip-Cov/KL-Cov hold it")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=int, default=None, help="RL steps per method")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("analyze", help="report: stages, entropy-performance law, forecast, "
-                       "covariance (entroprl, TRL, verl or W&B runs)")
+    p = sub.add_parser(
+        "analyze",
+        help="report: stages, entropy-performance law, forecast, "
+        "covariance (entroprl, TRL, verl or W&B runs)",
+    )
     p.add_argument("run", help="run directory, trainer_state.json, verl .jsonl or W&B .csv")
     p.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
     p.set_defaults(func=cmd_analyze)
@@ -107,12 +104,18 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--out", default="comparison", help="output directory")
     q.set_defaults(func=cmd_compare)
     for x in (p, q):
-        x.add_argument("--fit-fraction", type=float, default=0.15,
-                       help="share of steps the forecast is fitted on")
-        x.add_argument("--entropy-key", default=None,
-                       help="the log's entropy metric, if the guess is wrong")
-        x.add_argument("--accuracy-key", default=None,
-                       help="the log's accuracy metric, if the guess is wrong")
+        x.add_argument(
+            "--fit-fraction",
+            type=float,
+            default=0.15,
+            help="share of steps the forecast is fitted on",
+        )
+        x.add_argument(
+            "--entropy-key", default=None, help="the log's entropy metric, if the guess is wrong"
+        )
+        x.add_argument(
+            "--accuracy-key", default=None, help="the log's accuracy metric, if the guess is wrong"
+        )
 
     args = parser.parse_args(argv)
     try:
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"entroprl: configuration error: {e}")
     except ValueError as e:  # bad input files (metrics, logs, datasets) name what is wrong
         sys.exit(f"entroprl: {e}")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ImportError) as e:
         sys.exit(f"entroprl: {e}")
     except RuntimeError as e:
         from entroprl.tasks.base import RewardError

@@ -34,11 +34,26 @@ class DataConfig:
     task: str = "countdown"
     """`countdown` (built in, generated) or `math` / `gsm8k` / `jsonl` (read from `train_file`)."""
     train_file: str | None = None
+    """JSON lines, Parquet, or a `datasets.save_to_disk` directory (see `entroprl.data`)."""
     test_file: str | None = None
-    prompt_key: str = "question"
-    answer_key: str = "answer"
+    prompt_key: str | None = None
+    """Question field; None: the format's (`question` for gsm8k and jsonl, `problem` for math)."""
+    answer_key: str | None = None
+    """Answer field; None: `answer` (math falls back to the last \\boxed{} of `solution`)."""
     train_size: int = 2000
+    """Countdown problems generated for training (file tasks use `train_limit`)."""
     test_size: int = 200
+    train_limit: int | None = None
+    """Use only the first N usable rows of `train_file`; None: all."""
+    test_limit: int | None = None
+    reward: str | None = None
+    """`math` or `gsm8k`; None: the task's own (gsm8k for gsm8k, math for math and jsonl)."""
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    """Appended to every question on a new line; empty for none."""
+    chat_template: bool = True
+    """Render prompts with the tokenizer's chat template when it has one."""
+    plain_template: str = "Question: {message}\nAnswer:"
+    """Prompt without a chat template; `{message}` is the question and the instruction."""
     seed: int = 0
 
 
@@ -148,28 +163,43 @@ class Config:
 
     def validate(self) -> Config:
         """Check value ranges and names; raise ConfigError naming the key at fault."""
-        from entroprl import advantages, losses
+        from entroprl import advantages, data, losses
 
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
                 raise ConfigError(f"{key}: {why}")
 
         a, r, o, t = self.algorithm, self.rollout, self.optim, self.trainer
-        need(a.policy_loss in losses.POLICY_LOSSES, "algorithm.policy_loss",
-             f"unknown loss {a.policy_loss!r}; known: {sorted(losses.POLICY_LOSSES)}")
-        need(a.advantage in advantages.ADVANTAGE_ESTIMATORS, "algorithm.advantage",
-             f"unknown estimator {a.advantage!r}; known: {sorted(advantages.ADVANTAGE_ESTIMATORS)}")
-        need(a.loss_agg_mode in losses.LOSS_AGG_MODES, "algorithm.loss_agg_mode",
-             f"unknown mode {a.loss_agg_mode!r}; known: {sorted(losses.LOSS_AGG_MODES)}")
+        need(
+            a.policy_loss in losses.POLICY_LOSSES,
+            "algorithm.policy_loss",
+            f"unknown loss {a.policy_loss!r}; known: {sorted(losses.POLICY_LOSSES)}",
+        )
+        need(
+            a.advantage in advantages.ADVANTAGE_ESTIMATORS,
+            "algorithm.advantage",
+            f"unknown estimator {a.advantage!r}; known: {sorted(advantages.ADVANTAGE_ESTIMATORS)}",
+        )
+        need(
+            a.loss_agg_mode in losses.LOSS_AGG_MODES,
+            "algorithm.loss_agg_mode",
+            f"unknown mode {a.loss_agg_mode!r}; known: {sorted(losses.LOSS_AGG_MODES)}",
+        )
         need(a.cov_scope in ("minibatch", "micro"), "algorithm.cov_scope", "minibatch or micro")
         need(a.cov_logp in ("exact", "old"), "algorithm.cov_logp", "exact or old")
-        need(a.kl_estimator in ("k1", "k2", "k3", "low_var_kl"), "algorithm.kl_estimator",
-             "k1, k2, k3 or low_var_kl")
+        need(
+            a.kl_estimator in ("k1", "k2", "k3", "low_var_kl"),
+            "algorithm.kl_estimator",
+            "k1, k2, k3 or low_var_kl",
+        )
         need(a.clip_ratio_c > 1, "algorithm.clip_ratio_c", "must be > 1")
         need(a.clip_low >= 0 and a.clip_high >= 0, "algorithm.clip_low/high", "must be >= 0")
         need(a.clip_cov_lb < a.clip_cov_ub, "algorithm.clip_cov_lb", "must be < clip_cov_ub")
-        need(a.high_entropy_rho is None or 0 < a.high_entropy_rho <= 1,
-             "algorithm.high_entropy_rho", "must be in (0, 1]")
+        need(
+            a.high_entropy_rho is None or 0 < a.high_entropy_rho <= 1,
+            "algorithm.high_entropy_rho",
+            "must be in (0, 1]",
+        )
         need(a.lopti_eta is None or 0 < a.lopti_eta < 1, "algorithm.lopti_eta", "in (0, 1)")
         need(0 <= a.low_prob_alpha <= 1, "algorithm.low_prob_alpha", "must be in [0, 1]")
         need(r.backend in ("hf", "vllm"), "rollout.backend", "hf or vllm")
@@ -179,18 +209,45 @@ class Config:
         need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         need(o.lr > 0, "optim.lr", "must be > 0")
-        need(o.schedule in ("constant", "cosine", "linear"), "optim.schedule",
-             "constant, cosine or linear")
+        need(
+            o.schedule in ("constant", "cosine", "linear"),
+            "optim.schedule",
+            "constant, cosine or linear",
+        )
         need(o.epochs >= 1, "optim.epochs", "must be >= 1")
         need(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
-        need(o.mini_batch_size >= o.micro_batch_size, "optim.mini_batch_size",
-             "must be >= optim.micro_batch_size")
-        need(o.mini_batch_size % o.micro_batch_size == 0, "optim.mini_batch_size",
-             "must be a multiple of optim.micro_batch_size")
+        need(
+            o.mini_batch_size >= o.micro_batch_size,
+            "optim.mini_batch_size",
+            "must be >= optim.micro_batch_size",
+        )
+        need(
+            o.mini_batch_size % o.micro_batch_size == 0,
+            "optim.mini_batch_size",
+            "must be a multiple of optim.micro_batch_size",
+        )
         need(t.steps >= 1, "trainer.steps", "must be >= 1")
         need(t.eval_samples >= 1, "trainer.eval_samples", "must be >= 1")
-        need(self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-             "float32, bfloat16 or float16")
+        need(
+            self.model.dtype in ("float32", "bfloat16", "float16"),
+            "model.dtype",
+            "float32, bfloat16 or float16",
+        )
+        d = self.data
+        file_task = d.task in data.FORMATS
+        need(
+            not file_task or t.eval_every == 0 or d.test_file is not None,
+            "data.test_file",
+            f"task {d.task!r} evaluates on a file: set it, or trainer.eval_every=0",
+        )
+        need(
+            d.reward is None or d.reward in data.REWARDS,
+            "data.reward",
+            f"unknown reward {d.reward!r}; known: {sorted(data.REWARDS)}",
+        )
+        need("{message}" in d.plain_template, "data.plain_template", "must contain {message}")
+        need(d.train_limit is None or d.train_limit >= 1, "data.train_limit", "must be >= 1")
+        need(d.test_limit is None or d.test_limit >= 1, "data.test_limit", "must be >= 1")
         return self
 
 

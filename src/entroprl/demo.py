@@ -47,7 +47,9 @@ def summarize_run(run: Path) -> dict[str, Any]:
     acc_key = next(k for k in records[0] if k.startswith("val-core/") and "/mean@" in k)
     pass_key = next((k for k in records[-1] if k.startswith("val-core/") and "/pass@" in k), None)
     trained = [r for r in records if r.get("actor/entropy_seq_mean") is not None]
-    pairs = [(r["actor/entropy_seq_mean"], r[acc_key]) for r in trained if r.get(acc_key) is not None]
+    pairs = [
+        (r["actor/entropy_seq_mean"], r[acc_key]) for r in trained if r.get(acc_key) is not None
+    ]
     summary = {
         "entropy_start": trained[0]["actor/entropy_seq_mean"],
         "entropy_end": trained[-1]["actor/entropy_seq_mean"],
@@ -70,17 +72,40 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
     k = next(iter(summary.values()))["pass_at_k"] or "pass@k"
-    head = ("method", "entropy start", "entropy end", "acc start", "acc end", f"{k} end",
-            "law a", "law b", "law R2", "ceiling")
+    head = (
+        "method",
+        "entropy start",
+        "entropy end",
+        "acc start",
+        "acc end",
+        f"{k} end",
+        "law a",
+        "law b",
+        "law R2",
+        "ceiling",
+    )
     rows = [head] + [
-        (name, f(s["entropy_start"]), f(s["entropy_end"]), f(s["accuracy_start"]),
-         f(s["accuracy_end"]), f(s["pass_at_k_end"]), f(s["law"]["a"]), f(s["law"]["b"]),
-         f(s["law"]["r2"]), f(s["law"]["ceiling"]))
+        (
+            name,
+            f(s["entropy_start"]),
+            f(s["entropy_end"]),
+            f(s["accuracy_start"]),
+            f(s["accuracy_end"]),
+            f(s["pass_at_k_end"]),
+            f(s["law"]["a"]),
+            f(s["law"]["b"]),
+            f(s["law"]["r2"]),
+            f(s["law"]["ceiling"]),
+        )
         for name, s in summary.items()
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                       enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -101,8 +126,9 @@ def run_demo(out: Path, *, steps: int | None = None, methods=tuple(METHODS)) -> 
     summary = {}
     for name in methods:
         values = _merge(base, METHODS[name])
-        values = _merge(values, {"model": {"path": str(start)},
-                                 "trainer": {"out_dir": str(out / name)}})
+        values = _merge(
+            values, {"model": {"path": str(start)}, "trainer": {"out_dir": str(out / name)}}
+        )
         t = time.perf_counter()
         print(f"{name}: training ...", flush=True)
         Trainer(config_from_dict(values)).train()

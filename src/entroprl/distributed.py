@@ -1,4 +1,4 @@
-"""The few collective operations the algorithms need, as no-ops when torch.distributed is not running.
+"""The collective operations the algorithms need; no-ops when torch.distributed is not running.
 
 Used so that covariance selections and loss denominators are global across ranks (SPEC 3, 5).
 """

@@ -111,15 +111,18 @@ class HFBackend:
         for start in range(0, len(repeated), self.batch_size):
             rows = slice(start, start + self.batch_size)
             out = self.model.generate(
-                input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
+                input_ids=prompt_ids[rows],
+                attention_mask=prompt_mask[rows],
                 generation_config=config,
             )
             chunks.append(out[:, prompt_ids.shape[1] :])
         self.model.train(was_training)
         width = max(c.shape[1] for c in chunks)
         response = torch.cat(
-            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id)
-             for c in chunks]
+            [
+                torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id)
+                for c in chunks
+            ]
         )
         response_mask = response_mask_from_ids(response, tok.eos_token_id)
         response = torch.where(response_mask.bool(), response, tok.pad_token_id)

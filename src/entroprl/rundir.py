@@ -3,7 +3,7 @@
     RUN/config.yaml                   the resolved configuration
     RUN/metrics.jsonl                 one JSON object per step, appended and flushed
     RUN/tb/                           TensorBoard events
-    RUN/rollouts/step_000010.jsonl    a few rollouts with per-token log-prob, entropy, advantage, cov
+    RUN/rollouts/step_000010.jsonl    rollouts with per-token log-prob, entropy, advantage, cov
     RUN/checkpoints/step_000010/      model/ (HF format, safetensors), optimizer.safetensors,
                                       state.json, rng.safetensors
     RUN/checkpoints/latest            name of the newest complete checkpoint
@@ -48,7 +48,7 @@ class MetricsLog:
     """`metrics.jsonl` (append, flush per line) mirrored to TensorBoard."""
 
     def __init__(self, path: Path, tensorboard_dir: Path | None = None):
-        self.file = open(path, "a")
+        self.file = open(path, "a")  # noqa: SIM115 - held open for the whole run, closed in close()
         self.writer = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -183,7 +183,9 @@ class RunDir:
 def load_checkpoint_state(path: Path, optimizer) -> dict[str, Any]:
     """Restore the optimizer and every RNG from checkpoint `path`; return its state.json."""
     meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_from_tensors(load_file(path / "optimizer.safetensors"), meta))
+    optimizer.load_state_dict(
+        _optimizer_from_tensors(load_file(path / "optimizer.safetensors"), meta)
+    )
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():

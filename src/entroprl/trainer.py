@@ -28,9 +28,10 @@ from entroprl.config import Config
 from entroprl.entropy import batch_entropy, logprobs_and_entropy
 from entroprl.evaluation import evaluate
 from entroprl.law import detect_stages
-from entroprl.rollout import HFBackend, RolloutBatch, position_ids
+from entroprl.rollout import RolloutBatch, position_ids
 from entroprl.rundir import RunDir, load_checkpoint_state
 from entroprl.tasks.base import Task
+from entroprl.vllm_backend import make_backend
 
 COV_LOSSES = ("clip_cov", "kl_cov")
 
@@ -57,8 +58,13 @@ class UpdateBatch:
 
 
 def forward_log_probs(
-    model, input_ids: Tensor, attention_mask: Tensor, response_len: int, *,
-    temperature: float = 1.0, entropy_grad: bool = False,
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_len: int,
+    *,
+    temperature: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of the response tokens and their entropies, from one forward pass.
 
@@ -79,14 +85,19 @@ def forward_log_probs(
 
 
 @torch.no_grad()
-def batched_log_probs(model, batch: RolloutBatch | UpdateBatch, micro_batch_size: int,
-                      temperature: float) -> tuple[Tensor, Tensor]:
+def batched_log_probs(
+    model, batch: RolloutBatch | UpdateBatch, micro_batch_size: int, temperature: float
+) -> tuple[Tensor, Tensor]:
     """`forward_log_probs` over a whole batch in micro-batches, without gradient."""
     R = batch.response_mask.shape[1]
     parts = [
-        forward_log_probs(model, batch.input_ids[i : i + micro_batch_size],
-                          batch.attention_mask[i : i + micro_batch_size], R,
-                          temperature=temperature)
+        forward_log_probs(
+            model,
+            batch.input_ids[i : i + micro_batch_size],
+            batch.attention_mask[i : i + micro_batch_size],
+            R,
+            temperature=temperature,
+        )
         for i in range(0, batch.input_ids.shape[0], micro_batch_size)
     ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -96,11 +107,19 @@ def policy_loss_kwargs(config: Config) -> dict[str, Any]:
     a = config.algorithm
     common = {"loss_agg_mode": a.loss_agg_mode}
     if a.policy_loss == "ppo":
-        return common | {"clip_low": a.clip_low, "clip_high": a.clip_high,
-                         "clip_ratio_c": a.clip_ratio_c}
+        return common | {
+            "clip_low": a.clip_low,
+            "clip_high": a.clip_high,
+            "clip_ratio_c": a.clip_ratio_c,
+        }
     if a.policy_loss == "clip_cov":
-        return common | {"ratio": a.clip_cov_ratio, "lb": a.clip_cov_lb, "ub": a.clip_cov_ub,
-                         "clip_low": a.clip_low, "clip_high": a.clip_high}
+        return common | {
+            "ratio": a.clip_cov_ratio,
+            "lb": a.clip_cov_lb,
+            "ub": a.clip_cov_ub,
+            "clip_low": a.clip_low,
+            "clip_high": a.clip_high,
+        }
     if a.policy_loss == "kl_cov":
         return common | {"ratio": a.kl_cov_ratio, "coef": a.kl_cov_coef}
     return common
@@ -113,9 +132,17 @@ def select_cov_tokens(
     kw = policy_loss_kwargs(config)
     if config.algorithm.policy_loss == "clip_cov":
         return losses.clip_cov_select(
-            log_prob, batch.old_log_prob, batch.advantages, batch.response_mask,
-            ratio=kw["ratio"], lb=kw["lb"], ub=kw["ub"], clip_low=kw["clip_low"],
-            clip_high=kw["clip_high"], generator=generator, across_ranks=True,
+            log_prob,
+            batch.old_log_prob,
+            batch.advantages,
+            batch.response_mask,
+            ratio=kw["ratio"],
+            lb=kw["lb"],
+            ub=kw["ub"],
+            clip_low=kw["clip_low"],
+            clip_high=kw["clip_high"],
+            generator=generator,
+            across_ranks=True,
         )
     return losses.kl_cov_select(
         log_prob, batch.advantages, batch.response_mask, ratio=kw["ratio"], across_ranks=True
@@ -123,8 +150,13 @@ def select_cov_tokens(
 
 
 def update_policy(
-    model, optimizer: torch.optim.Optimizer, batch: UpdateBatch, config: Config, *,
-    generator: torch.Generator, entropy_coef: float = 0.0,
+    model,
+    optimizer: torch.optim.Optimizer,
+    batch: UpdateBatch,
+    config: Config,
+    *,
+    generator: torch.Generator,
+    entropy_coef: float = 0.0,
 ) -> tuple[dict[str, float], int]:
     """`epochs x mini-batches` optimizer steps on one rollout batch (this rank's rows).
 
@@ -154,13 +186,17 @@ def update_policy(
             selected = None
             if a.policy_loss in COV_LOSSES and a.cov_scope == "minibatch":
                 if a.cov_logp == "exact":
-                    sel_logp, _ = batched_log_probs(model, mini, o.micro_batch_size,
-                                                    config.rollout.temperature)
+                    sel_logp, _ = batched_log_probs(
+                        model, mini, o.micro_batch_size, config.rollout.temperature
+                    )
                 else:
                     sel_logp = mini.old_log_prob
                 selected = select_cov_tokens(config, sel_logp, mini, generator)
-            extra = {} if a.policy_loss != "clip_cov" or selected is not None else {
-                "generator": generator}
+            extra = (
+                {}
+                if a.policy_loss != "clip_cov" or selected is not None
+                else {"generator": generator}
+            )
             optimizer.zero_grad(set_to_none=True)
             finite = True
             micro_starts = range(0, mini_rows.numel(), o.micro_batch_size)
@@ -170,21 +206,37 @@ def update_policy(
                 sync = i == len(micro_starts) - 1 or not hasattr(model, "no_sync")
                 with contextlib.nullcontext() if sync else model.no_sync():
                     log_prob, entropy = forward_log_probs(
-                        model, mb.input_ids, mb.attention_mask, R,
-                        temperature=config.rollout.temperature, entropy_grad=entropy_coef > 0,
+                        model,
+                        mb.input_ids,
+                        mb.attention_mask,
+                        R,
+                        temperature=config.rollout.temperature,
+                        entropy_grad=entropy_coef > 0,
                     )
                     if selected is not None:
                         extra = {"selected": selected[rows]}
-                    loss, m = loss_fn(log_prob, mb.old_log_prob, mb.advantages, mb.response_mask,
-                                      denominators=denominators, **kwargs, **extra)
+                    loss, m = loss_fn(
+                        log_prob,
+                        mb.old_log_prob,
+                        mb.advantages,
+                        mb.response_mask,
+                        denominators=denominators,
+                        **kwargs,
+                        **extra,
+                    )
                     if entropy_coef > 0:
                         loss = loss + losses.entropy_bonus(
-                            entropy, mb.response_mask, entropy_coef,
-                            loss_agg_mode=a.loss_agg_mode, denominators=denominators)
+                            entropy,
+                            mb.response_mask,
+                            entropy_coef,
+                            loss_agg_mode=a.loss_agg_mode,
+                            denominators=denominators,
+                        )
                     if a.kl_coef > 0:
                         kl = losses.kl_penalty(log_prob, mb.ref_log_prob, a.kl_estimator)
-                        kl_loss = losses.aggregate_loss(kl, mb.response_mask, a.loss_agg_mode,
-                                                        denominators=denominators)
+                        kl_loss = losses.aggregate_loss(
+                            kl, mb.response_mask, a.loss_agg_mode, denominators=denominators
+                        )
                         loss = loss + a.kl_coef * kl_loss
                         m["kl_loss"] = kl_loss.item()
                     finite = finite and bool(torch.isfinite(loss))
@@ -210,15 +262,18 @@ def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
     dtype = getattr(torch, config.model.dtype)
     if config.model.path is None:
         if config.data.task != "countdown":
-            raise TrainingError("model.path is required for tasks other than the built-in countdown")
+            raise TrainingError(
+                "model.path is required for tasks other than the built-in countdown"
+            )
         from entroprl.warmstart import WarmStartConfig, default_cache_dir, warm_start
 
         path = warm_start(WarmStartConfig(), default_cache_dir())
     else:
         path = Path(config.model.path)
         if not (path / "config.json").is_file():
-            raise TrainingError(f"model.path={path}: not a Hugging Face model directory "
-                                "(no config.json)")
+            raise TrainingError(
+                f"model.path={path}: not a Hugging Face model directory (no config.json)"
+            )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if config.model.gradient_checkpointing:
@@ -244,22 +299,31 @@ class Trainer:
         c = config
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if self.world > 1 and c.algorithm.dynamic_sampling:
-            raise TrainingError("algorithm.dynamic_sampling is not supported under torchrun yet: "
-                                "ranks would hold different batch sizes")
+            raise TrainingError(
+                "algorithm.dynamic_sampling is not supported under torchrun yet: "
+                "ranks would hold different batch sizes"
+            )
         if c.rollout.prompts_per_step % self.world:
-            raise TrainingError(f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be "
-                                f"divisible by the number of ranks ({self.world})")
-        if (c.algorithm.policy_loss == "kl_cov" and c.optim.epochs == 1
-                and c.optim.mini_batch_size >= c.rollout.prompts_per_step // self.world * c.rollout.n):
+            raise TrainingError(
+                f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be "
+                f"divisible by the number of ranks ({self.world})"
+            )
+        if (
+            c.algorithm.policy_loss == "kl_cov"
+            and c.optim.epochs == 1
+            and c.optim.mini_batch_size >= c.rollout.prompts_per_step // self.world * c.rollout.n
+        ):
             warnings.warn(
                 "KL-Cov with one mini-batch and one epoch is plain policy gradient: on the first "
                 "update logp == old_logp, so |logp - old_logp| and its gradient are 0 (SPEC 4). "
-                "Use several mini-batches or epochs.", stacklevel=2)
+                "Use several mini-batches or epochs.",
+                stacklevel=2,
+            )
         torch.manual_seed(c.trainer.seed)
         self.device = pick_device(c.trainer.device)
-        self.task = task or build_task(c.data)
         if model is None:
             model, tokenizer = load_policy(c)
+        self.task = task or build_task(c.data, tokenizer)
         self.tokenizer = tokenizer
         self.model = model.to(self.device)
         self.model.train()
@@ -273,14 +337,24 @@ class Trainer:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model)
         o = c.optim
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
-            betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-        self.backend = HFBackend(self.model, tokenizer, c.rollout.generation_batch_size)
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            weight_decay=o.weight_decay,
+        )
+        self.backend = make_backend(c, self.model, tokenizer)
         a = c.algorithm
-        self.entropy_coef = losses.AdaptiveEntropyCoef(
-            alpha=a.entropy_coef, target=a.entropy_target, delta=a.entropy_coef_delta,
-            min_alpha=a.entropy_coef_min, max_alpha=a.entropy_coef_max,
-        ) if a.entropy_target is not None else None
+        self.entropy_coef = (
+            losses.AdaptiveEntropyCoef(
+                alpha=a.entropy_coef,
+                target=a.entropy_target,
+                delta=a.entropy_coef_delta,
+                min_alpha=a.entropy_coef_min,
+                max_alpha=a.entropy_coef_max,
+            )
+            if a.entropy_target is not None
+            else None
+        )
         self.step = 0
         self.entropy_history: list[float] = []
         self.nonfinite_in_a_row = 0
@@ -308,8 +382,14 @@ class Trainer:
 
     def save(self) -> None:
         if self.run is not None:
-            self.run.save_checkpoint(self.step, self.model, self.tokenizer, self.optimizer,
-                                     self.state(), keep=self.config.trainer.keep_checkpoints)
+            self.run.save_checkpoint(
+                self.step,
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                self.state(),
+                keep=self.config.trainer.keep_checkpoints,
+            )
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in the run directory, if there is one."""
@@ -340,10 +420,15 @@ class Trainer:
     def rollout(self, step: int) -> tuple[RolloutBatch, list[Any]]:
         r = self.config.rollout
         examples = [self.task.train[i] for i in self.prompts_for(step)]
+        self.backend.sync_weights(self.model)
         torch.manual_seed(self.config.trainer.seed * 7919 + step * 104729 + self.rank)
-        batch = self.backend.generate([e.prompt for e in examples], n=r.n,
-                                      temperature=r.temperature, top_p=r.top_p,
-                                      max_new_tokens=r.max_new_tokens)
+        batch = self.backend.generate(
+            [e.prompt for e in examples],
+            n=r.n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            max_new_tokens=r.max_new_tokens,
+        )
         return batch, [examples[g].answer for g in batch.group_ids.tolist()]
 
     def position_shaping_active(self, step: int) -> bool:
@@ -352,19 +437,22 @@ class Trainer:
             return False
         if a.position_shaping_start is not None:
             return a.position_shaping_start <= step and (
-                a.position_shaping_end is None or step < a.position_shaping_end)
+                a.position_shaping_end is None or step < a.position_shaping_end
+            )
         try:
             return detect_stages(self.entropy_history).plateau_start is not None
         except ValueError:  # too short a history to tell: still rising
             return False
 
-    def shaped_advantages(self, batch: RolloutBatch, rewards: Tensor, old_log_prob: Tensor,
-                          step: int) -> Tensor:
+    def shaped_advantages(
+        self, batch: RolloutBatch, rewards: Tensor, old_log_prob: Tensor, step: int
+    ) -> Tensor:
         a, mask = self.config.algorithm, batch.response_mask
         advantages = adv_lib.compute_advantages(a.advantage, rewards, batch.group_ids, mask)
         if a.ppl_shaping_alpha > 0:
-            advantages = adv_lib.ppl_shaping(advantages, old_log_prob, mask, batch.group_ids,
-                                             alpha=a.ppl_shaping_alpha)
+            advantages = adv_lib.ppl_shaping(
+                advantages, old_log_prob, mask, batch.group_ids, alpha=a.ppl_shaping_alpha
+            )
         if self.position_shaping_active(step):
             advantages = adv_lib.position_shaping(advantages, mask, alpha=a.position_shaping_alpha)
         if a.low_prob_alpha > 0:
@@ -382,8 +470,11 @@ class Trainer:
         rewards = correct.clone()
         if a.overlong_buffer > 0:
             rewards = rewards + adv_lib.overlong_penalty(
-                batch.response_lengths, max_length=c.rollout.max_new_tokens,
-                buffer=a.overlong_buffer, factor=a.overlong_factor)
+                batch.response_lengths,
+                max_length=c.rollout.max_new_tokens,
+                buffer=a.overlong_buffer,
+                factor=a.overlong_factor,
+            )
         metrics = self.rollout_metrics(batch, rewards, correct)
         if a.dynamic_sampling:
             keep = adv_lib.dynamic_sampling_mask(rewards, batch.group_ids)
@@ -394,8 +485,9 @@ class Trainer:
             batch, rewards = batch.select(keep.nonzero().squeeze(1)), rewards[keep]
         t_reward = time.perf_counter()
         # old log-probs and entropy, once per rollout step
-        old_log_prob, entropy = batched_log_probs(self.model, batch, c.optim.micro_batch_size,
-                                                  c.rollout.temperature)
+        old_log_prob, entropy = batched_log_probs(
+            self.model, batch, c.optim.micro_batch_size, c.rollout.temperature
+        )
         if c.rollout.temperature != 1.0:  # the paper's entropy is at temperature 1
             _, entropy = batched_log_probs(self.model, batch, c.optim.micro_batch_size, 1.0)
         mask = batch.response_mask
@@ -407,14 +499,17 @@ class Trainer:
         metrics |= self.dynamics_metrics(batch, old_log_prob, advantages, ent)
         loss_mask = mask
         if a.high_entropy_rho is not None:
-            loss_mask = mask * losses.high_entropy_mask(entropy, mask, rho=a.high_entropy_rho,
-                                                        across_ranks=True)
+            loss_mask = mask * losses.high_entropy_mask(
+                entropy, mask, rho=a.high_entropy_rho, across_ranks=True
+            )
         ref = None
         if self.ref_model is not None:
-            ref, _ = batched_log_probs(self.ref_model, batch, c.optim.micro_batch_size,
-                                       c.rollout.temperature)
-        update_batch = UpdateBatch(batch.input_ids, batch.attention_mask, loss_mask,
-                                   old_log_prob, advantages, ref)
+            ref, _ = batched_log_probs(
+                self.ref_model, batch, c.optim.micro_batch_size, c.rollout.temperature
+            )
+        update_batch = UpdateBatch(
+            batch.input_ids, batch.attention_mask, loss_mask, old_log_prob, advantages, ref
+        )
         # update
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step - 1)
@@ -422,14 +517,17 @@ class Trainer:
         generator = torch.Generator().manual_seed(c.trainer.seed * 15_485_863 + step)
         if a.lopti_eta is not None:
             low, high = adv_lib.lopti_split(old_log_prob, loss_mask, eta=a.lopti_eta)
-            parts = [replace(update_batch, advantages=advantages * low),
-                     replace(update_batch, advantages=advantages * high)]
+            parts = [
+                replace(update_batch, advantages=advantages * low),
+                replace(update_batch, advantages=advantages * high),
+            ]
         else:
             parts = [update_batch]
         skipped = 0
         for part in parts:
-            update_metrics, s = update_policy(self.ddp_model, self.optimizer, part, c,
-                                              generator=generator, entropy_coef=coef)
+            update_metrics, s = update_policy(
+                self.ddp_model, self.optimizer, part, c, generator=generator, entropy_coef=coef
+            )
             skipped += s
             metrics |= update_metrics
         metrics["actor/skipped_updates"] = skipped
@@ -446,16 +544,19 @@ class Trainer:
         t_end = time.perf_counter()
         tokens = mask.sum().item() * self.world
         metrics |= {
-            "timing_s/gen": t_gen - t0, "timing_s/reward": t_reward - t_gen,
-            "timing_s/old_log_prob": t_old - t_reward, "timing_s/update_actor": t_update - t_old,
+            "timing_s/gen": t_gen - t0,
+            "timing_s/reward": t_reward - t_gen,
+            "timing_s/old_log_prob": t_old - t_reward,
+            "timing_s/update_actor": t_update - t_old,
             "timing_s/step": t_end - t0,
             "perf/rollout_tokens_per_s": tokens / max(t_gen - t0, 1e-9),
             "perf/update_tokens_per_s": tokens * c.optim.epochs / max(t_update - t_old, 1e-9),
             "perf/throughput": tokens / max(t_end - t0, 1e-9),
         }
         if self.run is not None and c.trainer.rollout_samples > 0:
-            self.run.write_rollouts(step, self.rollout_records(batch, rewards, old_log_prob,
-                                                              entropy, advantages))
+            self.run.write_rollouts(
+                step, self.rollout_records(batch, rewards, old_log_prob, entropy, advantages)
+            )
         return metrics
 
     # -- measurement -----------------------------------------------------------------------------
@@ -469,11 +570,14 @@ class Trainer:
             "response_length/mean": lengths.mean().item(),
             "response_length/max": lengths.max().item(),
             "response_length/clip_ratio": (lengths >= self.config.rollout.max_new_tokens)
-            .float().mean().item(),
+            .float()
+            .mean()
+            .item(),
         }
 
-    def dynamics_metrics(self, batch: RolloutBatch, old_log_prob: Tensor, advantages: Tensor,
-                         ent: dict[str, float]) -> dict[str, float]:
+    def dynamics_metrics(
+        self, batch: RolloutBatch, old_log_prob: Tensor, advantages: Tensor, ent: dict[str, float]
+    ) -> dict[str, float]:
         """Entropy (both definitions), the log-prob/advantage covariances, and the first-order
         entropy change they predict (SPEC 2, 3)."""
         mask = batch.response_mask
@@ -487,8 +591,9 @@ class Trainer:
             "critic/advantages/mean": (advantages * mask).sum().item() / mask.sum().item(),
             "critic/advantages/max": advantages[mask.bool()].max().item(),
             "critic/advantages/min": advantages[mask.bool()].min().item(),
-            "dynamics/response_cov": dynamics.response_covariance(seq_logp, seq_adv,
-                                                                  batch.group_ids),
+            "dynamics/response_cov": dynamics.response_covariance(
+                seq_logp, seq_adv, batch.group_ids
+            ),
             "dynamics/predicted_entropy_change": -summary["all"],
         }
         out |= {f"cov/{k}": v for k, v in summary.items()}
@@ -501,25 +606,33 @@ class Trainer:
         for i in range(n):
             L = int(batch.response_mask[i].sum().item())
             ids = batch.response_ids[i, :L].tolist()
-            records.append({
-                "group": int(batch.group_ids[i]),
-                "response": batch.texts[i],
-                "reward": rewards[i].item(),
-                "tokens": self.tokenizer.convert_ids_to_tokens(ids),
-                "log_prob": old_log_prob[i, :L].tolist(),
-                "entropy": entropy[i, :L].tolist(),
-                "advantage": advantages[i, :L].tolist(),
-                "cov": cov[i, :L].tolist(),
-            })
+            records.append(
+                {
+                    "group": int(batch.group_ids[i]),
+                    "response": batch.texts[i],
+                    "reward": rewards[i].item(),
+                    "tokens": self.tokenizer.convert_ids_to_tokens(ids),
+                    "log_prob": old_log_prob[i, :L].tolist(),
+                    "entropy": entropy[i, :L].tolist(),
+                    "advantage": advantages[i, :L].tolist(),
+                    "cov": cov[i, :L].tolist(),
+                }
+            )
         return records
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
         test = self.task.test
+        self.backend.sync_weights(self.model)
         summary, _ = evaluate(
-            self.backend, [e.prompt for e in test], [e.answer for e in test], self.task.score,
-            samples=c.trainer.eval_samples, temperature=c.trainer.eval_temperature,
-            max_new_tokens=c.rollout.max_new_tokens, top_p=c.rollout.top_p,
+            self.backend,
+            [e.prompt for e in test],
+            [e.answer for e in test],
+            self.task.score,
+            samples=c.trainer.eval_samples,
+            temperature=c.trainer.eval_temperature,
+            max_new_tokens=c.rollout.max_new_tokens,
+            top_p=c.rollout.top_p,
         )
         return {f"val-core/{self.task.name}/acc/{k}": v for k, v in summary.items()}
 
@@ -535,24 +648,34 @@ class Trainer:
             log = self.run.metrics_log(c.trainer.tensorboard)
         if self.step == 0 and c.trainer.eval_every > 0 and self.run is not None:
             log.log(0, self.evaluate())
-        bar = tqdm(range(self.step + 1, c.trainer.steps + 1), desc="rl steps",
-                   disable=not c.trainer.progress or self.rank != 0, initial=self.step,
-                   total=c.trainer.steps)
+        bar = tqdm(
+            range(self.step + 1, c.trainer.steps + 1),
+            desc="rl steps",
+            disable=not c.trainer.progress or self.rank != 0,
+            initial=self.step,
+            total=c.trainer.steps,
+        )
         try:
             for step in bar:
                 metrics = self.train_step(step)
                 self.step = step
-                if self.run is not None and c.trainer.eval_every > 0 and (
-                        step % c.trainer.eval_every == 0 or step == c.trainer.steps):
+                if (
+                    self.run is not None
+                    and c.trainer.eval_every > 0
+                    and (step % c.trainer.eval_every == 0 or step == c.trainer.steps)
+                ):
                     metrics |= self.evaluate()
                 if log is not None:
                     log.log(step, metrics)
                 if self.nonfinite_in_a_row >= c.trainer.max_nonfinite_updates:
                     raise TrainingError(
                         f"{self.nonfinite_in_a_row} steps in a row had a NaN or infinite loss or "
-                        f"gradient (step {step}); stopping. Lower optim.lr or check the rewards.")
-                bar.set_postfix(entropy=f"{metrics.get('actor/entropy_seq_mean', float('nan')):.3f}",
-                                acc=f"{metrics['train/acc']:.2f}")
+                        f"gradient (step {step}); stopping. Lower optim.lr or check the rewards."
+                    )
+                bar.set_postfix(
+                    entropy=f"{metrics.get('actor/entropy_seq_mean', float('nan')):.3f}",
+                    acc=f"{metrics['train/acc']:.2f}",
+                )
                 if step % c.trainer.save_every == 0 or step == c.trainer.steps:
                     self.save()
         finally:

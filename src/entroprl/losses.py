@@ -1,0 +1,663 @@
+"""Policy losses, their aggregation, and the entropy-control terms (SPEC sections 3, 4, 5).
+
+Every loss takes per-token tensors of shape (B, T): `log_prob` (current policy, with gradient),
+`old_log_prob` (rollout policy), `advantages` and a 0/1 `response_mask`, and returns
+`(loss, metrics)`. Values at padding positions are ignored (they may hold anything, NaN included);
+NaN or inf at a valid position raises `ValueError`.
+
+Split invariance (SPEC 5). A trainer that accumulates gradients over micro-batches passes
+`denominators=loss_denominators(minibatch_mask)` and, for Clip-Cov and KL-Cov, the `selected` mask
+computed once over the whole mini-batch (`clip_cov_select` / `kl_cov_select`, `across_ranks=True`);
+the sum of the micro-batch losses then equals the mini-batch loss, gradient included, however the
+mini-batch is split. Without them, each call uses the tensors passed as its own scope: the reference
+(verl) per-micro-batch behaviour.
+
+Clip-Cov's bounds `lb`, `ub` are absolute values of an unnormalised product
+`(logp - mean) * (A - mean)`: they depend on the advantage scale (SPEC 3), so changing the advantage
+estimator (e.g. GRPO vs Dr. GRPO) changes which tokens are candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from entroprl import distributed
+from entroprl.checks import check_choice, check_finite, check_same_shape
+from entroprl.dynamics import token_covariance
+
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+
+# PPO's log-ratio clamp (SPEC 4, as in verl): keeps exp() finite in float32 for any log-ratio.
+_LOG_RATIO_CLAMP = 20.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation
+
+
+def _bool_mask(mask: Tensor, what: str = "response_mask") -> Tensor:
+    """Validate a 0/1 (bool or numeric) (B, T) mask and return it as bool."""
+    if mask.dim() != 2:
+        raise ValueError(f"{what} must be 2-D (batch, length), got shape {list(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{what} must hold only 0 and 1")
+    return mask != 0
+
+
+def _check_fraction(name: str, value: float, *, upper: float | None = None) -> None:
+    if not (math.isfinite(value) and value > 0 and (upper is None or value <= upper)):
+        bound = f" and <= {upper}" if upper is not None else ""
+        raise ValueError(f"{name} must be a finite number > 0{bound}, got {value}")
+
+
+def _check_loss_inputs(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Validate a loss's inputs; return them with padding zeroed, and the mask as bool."""
+    check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
+    check_same_shape(
+        log_prob=log_prob,
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
+    )
+    mask = _bool_mask(response_mask)
+    check_finite("log_prob", log_prob, mask)
+    check_finite("old_log_prob", old_log_prob, mask)
+    check_finite("advantages", advantages, mask)
+    log_prob, old_log_prob, advantages = (
+        _zero_padding(t, mask) for t in (log_prob, old_log_prob, advantages)
+    )
+    return log_prob, old_log_prob, advantages, mask
+
+
+def _check_selected(selected: Tensor, mask: Tensor) -> Tensor:
+    check_same_shape(selected=selected, response_mask=mask)
+    selected = _bool_mask(selected, "selected")
+    if bool((selected & ~mask).any()):
+        raise ValueError(
+            "selected marks padding tokens (response_mask = 0); was it built for this batch?"
+        )
+    return selected
+
+
+def _fraction_count(fraction: float, n: int, *, round_up: bool) -> int:
+    """ceil or floor of `fraction * n`; a product within 1e-9 of an integer counts as that integer.
+
+    Float rounding would otherwise give ceil(0.2 * 15) = 4 and floor(0.29 * 100) = 28.
+    """
+    x = fraction * n
+    nearest = round(x)
+    if abs(x - nearest) <= 1e-9 * max(1.0, abs(x)):
+        return int(nearest)
+    return math.ceil(x) if round_up else math.floor(x)
+
+
+def _zero_padding(values: Tensor, mask: Tensor) -> Tensor:
+    """`values` with padding set to 0: NaN or inf there then reaches neither a sum nor a gradient
+    (a masked product would give 0 * NaN = NaN in the backward pass)."""
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation (SPEC 5)
+
+
+@dataclass(frozen=True)
+class LossDenominators:
+    """Denominators of the loss aggregation over one whole optimizer mini-batch (SPEC 5).
+
+    tokens: number of valid tokens (token-mean).
+    sequences: number of non-empty responses (the seq-mean-* modes).
+    norm_constant: C of seq-mean-token-sum-norm; None means the padded length T of the mask given
+        to `aggregate_loss`.
+    """
+
+    tokens: int
+    sequences: int
+    norm_constant: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens <= 0 or self.sequences <= 0:
+            raise ValueError(
+                f"LossDenominators needs tokens > 0 and sequences > 0, got tokens={self.tokens}, "
+                f"sequences={self.sequences} (is the mini-batch mask empty?)"
+            )
+        if self.norm_constant is not None and not (
+            math.isfinite(self.norm_constant) and self.norm_constant > 0
+        ):
+            raise ValueError(f"norm_constant must be a finite number > 0, got {self.norm_constant}")
+
+
+def loss_denominators(
+    response_mask: Tensor, *, norm_constant: float | None = None, across_ranks: bool = True
+) -> LossDenominators:
+    """Denominators of SPEC 5 for the whole mini-batch `response_mask` (B, T).
+
+        tokens = sum(m),   sequences = #{i : sum_t m[i,t] > 0},   norm_constant = C or T
+
+    With `across_ranks` and torch.distributed running, tokens and sequences are summed over ranks.
+    A `norm_constant` of None is resolved to this mask's padded length T, so that micro-batches
+    trimmed to shorter padding keep the mini-batch's constant (the trainer should pass the
+    configured maximum response length instead, which makes the loss independent of padding).
+    """
+    mask = _bool_mask(response_mask)
+    counts = torch.stack([mask.sum(), mask.any(dim=-1).sum()])
+    if across_ranks:
+        counts = distributed.all_reduce_sum(counts)
+    tokens, sequences = (int(c) for c in counts.tolist())
+    if tokens == 0:
+        raise ValueError(
+            "response_mask selects no token over the whole mini-batch: nothing to average"
+        )
+    constant = float(mask.shape[-1]) if norm_constant is None else float(norm_constant)
+    return LossDenominators(tokens=tokens, sequences=sequences, norm_constant=constant)
+
+
+def aggregate_loss(
+    loss_mat: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str,
+    *,
+    denominators: LossDenominators | None = None,
+) -> Tensor:
+    """Aggregate a per-token loss `l` (B, T) over the mask `m` into a scalar (SPEC 5 table):
+
+        token-mean               sum(l*m) / tokens
+        seq-mean-token-mean      sum_i [sum_t(l*m) / sum_t(m)] / sequences   (empty rows add 0)
+        seq-mean-token-sum       sum_i sum_t(l*m) / sequences
+        seq-mean-token-sum-norm  sum(l*m) / C
+
+    `denominators` (from `loss_denominators` over the whole mini-batch) makes the sum over
+    micro-batches equal the mini-batch value; None computes them from this mask alone (the reference
+    per-micro-batch behaviour), which needs a non-empty mask. Padding values of `loss_mat` are
+    ignored, even NaN.
+    """
+    check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
+    check_same_shape(loss_mat=loss_mat, response_mask=response_mask)
+    mask = _bool_mask(response_mask)
+    if denominators is None:
+        denominators = loss_denominators(mask, across_ranks=False)
+    masked = torch.where(
+        mask, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device)
+    )
+    if loss_agg_mode == "token-mean":
+        return masked.sum() / denominators.tokens
+    if loss_agg_mode == "seq-mean-token-mean":
+        row_tokens = mask.sum(dim=-1).clamp(min=1).to(loss_mat.dtype)
+        return (masked.sum(dim=-1) / row_tokens).sum() / denominators.sequences
+    if loss_agg_mode == "seq-mean-token-sum":
+        return masked.sum() / denominators.sequences
+    constant = denominators.norm_constant
+    return masked.sum() / (float(mask.shape[-1]) if constant is None else constant)
+
+
+# --------------------------------------------------------------------------------------------------
+# Covariance selection (SPEC 3, 4)
+
+
+def _top_valid(
+    scores: Tensor, mask: Tensor, count: Callable[[int], int], *, across_ranks: bool
+) -> Tensor:
+    """Bool mask of the `count(N)` valid tokens with the largest `scores` (N valid in the scope).
+
+    Ties go to the lowest flat index (row-major; across ranks, the lower rank first). Across ranks,
+    every rank sorts the same gathered scores and keeps the winners that are its own.
+    """
+    flat_valid = mask.reshape(-1).nonzero().squeeze(1)
+    local = scores.detach().reshape(-1)[flat_valid]
+    gathered, offset = distributed.all_gather_cat(local) if across_ranks else (local, 0)
+    if gathered.numel() == 0:
+        raise ValueError(
+            "response_mask selects no token over the selection scope: nothing to select"
+        )
+    k = min(count(gathered.numel()), gathered.numel())
+    winners = torch.sort(gathered, descending=True, stable=True).indices[:k]
+    mine = winners[(winners >= offset) & (winners < offset + local.numel())] - offset
+    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    out[flat_valid[mine.to(flat_valid.device)]] = True
+    return out.view_as(mask)
+
+
+def _ppo_clipped(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_low: float, clip_high: float
+) -> Tensor:
+    """Tokens where PPO's clipped term wins, L2 > L1, with the unclamped ratio of Clip-Cov."""
+    ratio = torch.exp(log_prob.detach() - old_log_prob.detach())
+    l1 = -advantages * ratio
+    l2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    return l2 > l1
+
+
+def _check_clip_range(clip_low: float, clip_high: float) -> None:
+    if not (math.isfinite(clip_low) and 0 <= clip_low <= 1):
+        raise ValueError(
+            f"clip_low must be in [0, 1] (ratio clamped to [1 - clip_low, ...]), got {clip_low}"
+        )
+    if not (math.isfinite(clip_high) and clip_high >= 0):
+        raise ValueError(f"clip_high must be a finite number >= 0, got {clip_high}")
+
+
+def clip_cov_select(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    ratio: float = 2e-4,
+    lb: float = 1.0,
+    ub: float = 5.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    generator: torch.Generator | None = None,
+    across_ranks: bool = False,
+) -> Tensor:
+    """Tokens whose Clip-Cov loss term is detached (SPEC 4), as a bool mask (B, T).
+
+    Candidates: valid tokens not clipped by PPO (L2 > L1 with `ratio_t = exp(logp - old_logp)`
+    unclamped, as in the reference) with `lb < cov < ub` strictly, cov of SPEC 3 over the scope.
+    Picks `n = max(floor(ratio * N), 1)` of them uniformly at random (all if fewer), N the valid
+    tokens in the scope: a prefix of `torch.randperm(#candidates, generator=generator)` over the
+    candidates in row-major order. The scope is the tensors passed; with `across_ranks` and
+    torch.distributed running it is every rank's tensors (in rank order), and `generator` must be
+    seeded identically on all ranks.
+    """
+    check_same_shape(
+        log_prob=log_prob,
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
+    )
+    mask = _bool_mask(response_mask)
+    _check_fraction("ratio", ratio, upper=1.0)
+    _check_clip_range(clip_low, clip_high)
+    if not (math.isfinite(lb) and math.isfinite(ub) and lb < ub):
+        raise ValueError(f"need finite lb < ub, got lb={lb}, ub={ub}")
+    check_finite("log_prob", log_prob, mask)
+    check_finite("old_log_prob", old_log_prob, mask)
+    check_finite("advantages", advantages, mask)
+    logp, old, adv = (_zero_padding(t, mask) for t in (log_prob, old_log_prob, advantages))
+
+    cov = token_covariance(logp, adv, mask, across_ranks=across_ranks)
+    clipped = _ppo_clipped(logp, old, adv, clip_low, clip_high)
+    candidates = mask & ~clipped & (cov > lb) & (cov < ub)
+
+    n_valid = mask.sum()
+    if across_ranks:
+        n_valid = distributed.all_reduce_sum(n_valid)
+    n_pick = max(_fraction_count(ratio, int(n_valid), round_up=False), 1)
+
+    flat_cand = candidates.reshape(-1).nonzero().squeeze(1)
+    gathered, offset = distributed.all_gather_cat(flat_cand) if across_ranks else (flat_cand, 0)
+    device = generator.device if generator is not None else torch.device("cpu")
+    perm = torch.randperm(gathered.numel(), generator=generator, device=device)
+    chosen = perm[: min(n_pick, gathered.numel())].to(mask.device)
+    mine = chosen[(chosen >= offset) & (chosen < offset + flat_cand.numel())] - offset
+    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    out[flat_cand[mine]] = True
+    return out.view_as(mask)
+
+
+def kl_cov_select(
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    ratio: float = 2e-3,
+    across_ranks: bool = False,
+) -> Tensor:
+    """Tokens that get KL-Cov's penalty (SPEC 4), as a bool mask (B, T).
+
+    Exactly the top `k = max(floor(ratio * N), 1)` valid tokens by cov (SPEC 3), N the valid tokens
+    in the scope; ties go to the lowest row-major index; padding is never picked. The scope is the
+    tensors passed, or every rank's (in rank order) with `across_ranks` and torch.distributed on.
+    """
+    check_same_shape(log_prob=log_prob, advantages=advantages, response_mask=response_mask)
+    mask = _bool_mask(response_mask)
+    _check_fraction("ratio", ratio, upper=1.0)
+    check_finite("log_prob", log_prob, mask)
+    check_finite("advantages", advantages, mask)
+    logp, adv = _zero_padding(log_prob, mask), _zero_padding(advantages, mask)
+    cov = token_covariance(logp, adv, mask, across_ranks=across_ranks)
+    return _top_valid(
+        cov,
+        mask,
+        lambda n: max(_fraction_count(ratio, n, round_up=False), 1),
+        across_ranks=across_ranks,
+    )
+
+
+def high_entropy_mask(
+    entropy: Tensor, response_mask: Tensor, *, rho: float = 0.2, across_ranks: bool = False
+) -> Tensor:
+    """The high-entropy minority of Wang et al. (SPEC 4), as a bool mask (B, T).
+
+    The top `ceil(rho * N)` valid tokens by entropy, N the valid tokens in the scope (ties to the
+    lowest row-major index; padding never picked). The trainer multiplies the response mask by it,
+    so the policy-gradient mean runs over the kept tokens only.
+    """
+    check_same_shape(entropy=entropy, response_mask=response_mask)
+    mask = _bool_mask(response_mask)
+    _check_fraction("rho", rho, upper=1.0)
+    check_finite("entropy", entropy, mask)
+    return _top_valid(
+        entropy, mask, lambda n: _fraction_count(rho, n, round_up=True), across_ranks=across_ranks
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy losses (SPEC 4)
+
+PolicyLoss = Callable[..., tuple[Tensor, dict[str, float]]]
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+    """Decorator registering a policy loss under `name` (a name already taken raises)."""
+
+    def register(fn: PolicyLoss) -> PolicyLoss:
+        if name in POLICY_LOSSES and POLICY_LOSSES[name] is not fn:
+            raise ValueError(f"policy loss {name!r} is already registered")
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return register
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    """The policy loss registered as `name`; an unknown name raises, listing the known ones."""
+    check_choice("policy loss", name, POLICY_LOSSES)
+    return POLICY_LOSSES[name]
+
+
+def _metrics(mask: Tensor, **per_token: Tensor) -> dict[str, float]:
+    """Means over the valid tokens passed (0 when there are none: an empty micro-batch)."""
+    n = mask.sum().clamp(min=1)
+    values = torch.stack(
+        [torch.where(mask, v.detach(), 0).sum().to(torch.float64) / n for v in per_token.values()]
+    )
+    return dict(zip(per_token, values.tolist(), strict=True))
+
+
+@register_policy_loss("ppo")
+def ppo_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    clip_ratio_c: float = 3.0,
+    loss_agg_mode: str = "token-mean",
+    denominators: LossDenominators | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO clipped surrogate with dual clip, the GRPO/DAPO policy loss (SPEC 4).
+
+        r  = exp(clamp(logp - old_logp, -20, 20))
+        L1 = -A*r,   L2 = -A*clamp(r, 1 - clip_low, 1 + clip_high),   L = max(L1, L2)
+        L  = min(L, -A*clip_ratio_c)   where A < 0   (dual clip, clip_ratio_c > 1)
+
+    aggregated with `loss_agg_mode` (SPEC 5). DAPO's clip-higher is `clip_high=0.28`.
+    Metrics: pg_loss; pg_clipfrac, fraction of valid tokens with L2 > L1; pg_clipfrac_lower,
+    fraction with A < 0 and max(L1, L2) > -A*c; ppo_kl, mean(old_logp - logp) over valid tokens.
+    """
+    log_prob, old_log_prob, advantages, mask = _check_loss_inputs(
+        log_prob, old_log_prob, advantages, response_mask, loss_agg_mode
+    )
+    _check_clip_range(clip_low, clip_high)
+    if not (math.isfinite(clip_ratio_c) and clip_ratio_c > 1):
+        raise ValueError(
+            f"clip_ratio_c (dual clip) must be a finite number > 1, got {clip_ratio_c}"
+        )
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(torch.clamp(log_ratio, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    l1 = -advantages * ratio
+    l2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clipped = torch.maximum(l1, l2)
+    l3 = -advantages * clip_ratio_c
+    negative = advantages < 0
+    loss_mat = torch.where(negative, torch.minimum(clipped, l3), clipped)
+    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators)
+    metrics = _metrics(
+        mask,
+        pg_clipfrac=(l2 > l1).to(torch.float64),
+        pg_clipfrac_lower=(negative & (clipped > l3)).to(torch.float64),
+        ppo_kl=-log_ratio,
+    )
+    return loss, {"pg_loss": loss.item(), **metrics}
+
+
+@register_policy_loss("clip_cov")
+def clip_cov_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    ratio: float = 2e-4,
+    lb: float = 1.0,
+    ub: float = 5.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    loss_agg_mode: str = "token-mean",
+    generator: torch.Generator | None = None,
+    selected: Tensor | None = None,
+    denominators: LossDenominators | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clip-Cov policy loss of Cui et al. (SPEC 4).
+
+        r = exp(logp - old_logp)   (not clamped, as in the reference)
+        L = 0 on the selected tokens (no gradient; they still count in the denominators),
+            max(-A*r, -A*clamp(r, 1 - clip_low, 1 + clip_high)) elsewhere;   no dual clip
+
+    `selected` is the mask from `clip_cov_select` over the trainer's scope (the whole mini-batch);
+    None selects over the tensors passed with `ratio`, `lb`, `ub`, `generator` (the reference
+    per-micro-batch behaviour). Metrics, over the tensors passed: pg_loss, pg_clipfrac (L2 > L1),
+    pg_clipfrac_lower (0, no dual clip), ppo_kl, clip_cov_frac (fraction of valid tokens detached).
+    """
+    log_prob, old_log_prob, advantages, mask = _check_loss_inputs(
+        log_prob, old_log_prob, advantages, response_mask, loss_agg_mode
+    )
+    _check_clip_range(clip_low, clip_high)
+    if selected is None:
+        selected = clip_cov_select(
+            log_prob,
+            old_log_prob,
+            advantages,
+            mask,
+            ratio=ratio,
+            lb=lb,
+            ub=ub,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            generator=generator,
+        )
+    selected = _check_selected(selected, mask)
+    log_ratio = log_prob - old_log_prob
+    r = torch.exp(log_ratio)
+    l1 = -advantages * r
+    l2 = -advantages * torch.clamp(r, 1 - clip_low, 1 + clip_high)
+    # where (not a product with 0) keeps a selected token's term 0 even if r overflowed to inf.
+    loss_mat = torch.where(selected, torch.zeros_like(l1), torch.maximum(l1, l2))
+    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators)
+    metrics = _metrics(
+        mask,
+        pg_clipfrac=(l2 > l1).to(torch.float64),
+        ppo_kl=-log_ratio,
+        clip_cov_frac=selected.to(torch.float64),
+    )
+    return loss, {
+        "pg_loss": loss.item(),
+        "pg_clipfrac": metrics["pg_clipfrac"],
+        "pg_clipfrac_lower": 0.0,
+        "ppo_kl": metrics["ppo_kl"],
+        "clip_cov_frac": metrics["clip_cov_frac"],
+    }
+
+
+@register_policy_loss("kl_cov")
+def kl_cov_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    ratio: float = 2e-3,
+    coef: float = 1.0,
+    loss_agg_mode: str = "token-mean",
+    selected: Tensor | None = None,
+    denominators: LossDenominators | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """KL-Cov policy loss of Cui et al. (SPEC 4).
+
+        r = exp(logp - old_logp)   (no clipping)
+        L = -A*r + coef*|logp - old_logp| on the selected tokens,   -A*r elsewhere
+
+    `selected` is the mask from `kl_cov_select` over the trainer's scope; None selects the top
+    `max(floor(ratio*N), 1)` tokens by cov over the tensors passed (the reference behaviour).
+    The penalty and its gradient vanish while logp == old_logp (the first mini-batch of a rollout
+    step). Metrics: pg_loss, pg_clipfrac and pg_clipfrac_lower (0, no clipping), ppo_kl;
+    kl_cov_abs_diff, mean |logp - old_logp| over all valid tokens (not only the selected ones, as in
+    the reference); kl_cov_selected, the number of selected tokens in the tensors passed.
+    """
+    log_prob, old_log_prob, advantages, mask = _check_loss_inputs(
+        log_prob, old_log_prob, advantages, response_mask, loss_agg_mode
+    )
+    if not (math.isfinite(coef) and coef >= 0):
+        raise ValueError(f"coef must be a finite number >= 0, got {coef}")
+    if selected is None:
+        selected = kl_cov_select(log_prob, advantages, mask, ratio=ratio)
+    selected = _check_selected(selected, mask)
+    log_ratio = log_prob - old_log_prob
+    pg = -advantages * torch.exp(log_ratio)
+    loss_mat = torch.where(selected, pg + coef * log_ratio.abs(), pg)
+    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators)
+    metrics = _metrics(mask, ppo_kl=-log_ratio, kl_cov_abs_diff=log_ratio.abs())
+    return loss, {
+        "pg_loss": loss.item(),
+        "pg_clipfrac": 0.0,
+        "pg_clipfrac_lower": 0.0,
+        **metrics,
+        "kl_cov_selected": float(selected.sum().item()),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Entropy and reference-KL terms (SPEC 4)
+
+
+def entropy_bonus(
+    entropy: Tensor,
+    response_mask: Tensor,
+    alpha: float,
+    *,
+    loss_agg_mode: str = "token-mean",
+    denominators: LossDenominators | None = None,
+) -> Tensor:
+    """Entropy bonus to add to the policy loss (SPEC 4): `-alpha * agg(H)`, agg of SPEC 5.
+
+    `entropy` must carry the gradient (computed from the logits of the training forward pass):
+    the no_grad entropy logged for monitoring would make the bonus a constant with no effect, so
+    an entropy without gradient raises while grad mode is on.
+    """
+    check_same_shape(entropy=entropy, response_mask=response_mask)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    if torch.is_grad_enabled() and not entropy.requires_grad:
+        raise ValueError(
+            "entropy has no gradient (computed under no_grad, or detached?): "
+            "the bonus would do nothing"
+        )
+    mask = _bool_mask(response_mask)
+    check_finite("entropy", entropy, mask)
+    return -alpha * aggregate_loss(entropy, mask, loss_agg_mode, denominators=denominators)
+
+
+@dataclass
+class AdaptiveEntropyCoef:
+    """Adaptive entropy-bonus coefficient (SPEC 4): a fixed step toward an entropy target.
+
+        alpha <- clip(alpha + delta * sign(target - H), min_alpha, max_alpha)
+
+    (raised when the entropy is below target, lowered above it, kept when equal).
+    `state_dict` / `load_state_dict` save and restore it in checkpoints as a plain JSON-able dict.
+    """
+
+    alpha: float
+    target: float
+    delta: float
+    min_alpha: float
+    max_alpha: float
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        fields = asdict(self)
+        if not all(math.isfinite(v) for v in fields.values()):
+            raise ValueError(f"AdaptiveEntropyCoef fields must be finite, got {fields}")
+        if self.delta < 0:
+            raise ValueError(f"delta must be >= 0, got {self.delta}")
+        if not self.min_alpha <= self.alpha <= self.max_alpha:
+            raise ValueError(
+                f"need min_alpha <= alpha <= max_alpha, got {self.min_alpha}, {self.alpha}, "
+                f"{self.max_alpha}"
+            )
+
+    def update(self, entropy: float) -> float:
+        """Move alpha one step given the measured policy entropy; return the new alpha."""
+        if not math.isfinite(entropy):
+            raise ValueError(f"entropy must be finite, got {entropy}")
+        step = (
+            self.delta if entropy < self.target else -self.delta if entropy > self.target else 0.0
+        )
+        self.alpha = min(max(self.alpha + step, self.min_alpha), self.max_alpha)
+        return self.alpha
+
+    def state_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        expected = set(asdict(self))
+        if set(state) != expected:
+            raise ValueError(
+                f"AdaptiveEntropyCoef state must have keys {sorted(expected)}, got {sorted(state)}"
+            )
+        for key, value in state.items():
+            setattr(self, key, float(value))
+        self._validate()
+
+
+def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token KL estimate to a reference policy (SPEC 4), with d = ref_logp - logp:
+
+        k1 = -d = logp - ref_logp,   k2 = 0.5 * d^2,   k3 = low_var_kl = exp(d) - d - 1
+
+    Not clamped (SPEC 4 gives none; verl clamps d and k3 to +-20 and +-10).
+    """
+    check_choice("KL estimator", estimator, KL_ESTIMATORS)
+    check_same_shape(log_prob=log_prob, ref_log_prob=ref_log_prob)
+    d = ref_log_prob - log_prob
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    return torch.expm1(d) - d

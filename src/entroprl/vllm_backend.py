@@ -1,0 +1,207 @@
+"""vLLM rollout backend (the ``vllm`` extra) and `make_backend`, the trainer's backend factory.
+
+`VLLMBackend` samples with a vLLM engine colocated with the training model and returns the same
+`RolloutBatch` layout as `HFBackend`: left-padded prompts, right-padded responses, the response
+mask 1 up to and including the token that stopped the response (EOS) and 0 after it.
+
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the user set it), so
+`sync_weights` hands the training model's tensors to vLLM's ``load_weights`` without a copy to
+another process. Under ``torchrun`` every rank holds its own engine on its own GPU (vLLM's
+``external_launcher``, one data-parallel rank per process) and samples its own prompts.
+vLLM is imported when a `VLLMBackend` is made, never before.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from entroprl import distributed
+from entroprl.checks import check_choice
+from entroprl.config import Config, ConfigError
+from entroprl.rollout import GenerationBackend, HFBackend, RolloutBatch, response_mask_from_ids
+
+BACKENDS = ("hf", "vllm")
+
+
+def make_backend(
+    config: Config, model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase
+) -> GenerationBackend:
+    """The rollout backend named by ``config.rollout.backend``.
+
+    ``hf``: `HFBackend` on `model`. ``vllm``: a `VLLMBackend` that loads ``config.model.path``
+    (the same checkpoint as the training model; call ``sync_weights`` before each rollout so that
+    it samples from the current policy) in ``config.model.dtype``, seeded with
+    ``config.trainer.seed``; `model` may be None (evaluation needs no training copy).
+    """
+    name = config.rollout.backend
+    check_choice("rollout.backend", name, BACKENDS)
+    if name == "hf":
+        if model is None:
+            raise ValueError("rollout.backend=hf samples from the training model: pass it")
+        return HFBackend(model, tokenizer, config.rollout.generation_batch_size)
+    if config.model.path is None:
+        raise ConfigError(
+            "model.path: rollout.backend=vllm loads the model from a checkpoint "
+            "directory; set model.path"
+        )
+    device = next(model.parameters()).device if model is not None else None
+    return VLLMBackend(
+        config.model.path,
+        tokenizer,
+        dtype=config.model.dtype,
+        seed=config.trainer.seed,
+        device=device,
+    )
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            "rollout.backend=vllm needs vLLM, which is not installed (or failed to import: "
+            f"{e}). Install it on a GPU machine with: pip install 'entroprl[vllm]'; or use "
+            "rollout.backend=hf"
+        ) from e
+    return vllm
+
+
+def _load_weights(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
+    """Runs on vLLM's worker (in this process): copy the named tensors into its model."""
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+class VLLMBackend:
+    """Sampling with a vLLM engine; the `GenerationBackend` interface of `HFBackend`.
+
+    Prompts are tokenized here as `HFBackend` does (no special tokens added: a chat template
+    already holds them), so the training forward sees exactly the sampled token ids. Sampling is
+    from the policy itself: no top-k, min-p or repetition penalty, whatever the checkpoint's
+    generation config says. ``temperature=0`` decodes greedily.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.5,
+        max_model_len: int | None = None,
+        device: torch.device | str | None = None,
+        **engine_kwargs: Any,
+    ):
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs a pad token and an EOS token for batched rollout")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm = _import_vllm()
+        self.vllm, self.tokenizer = vllm, tokenizer
+        if distributed.world_size() > 1:
+            engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+            engine_kwargs.setdefault("data_parallel_size", distributed.world_size())
+        self.llm = vllm.LLM(
+            model=str(model_path),
+            tokenizer=str(model_path),
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enable_prefix_caching=True,
+            **engine_kwargs,
+        )
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+
+    def sync_weights(self, model: PreTrainedModel | torch.nn.Module) -> None:
+        """Copy the training model's current weights into the engine, and drop its prefix cache
+        (the cached keys and values were computed with the old weights)."""
+        model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+        weights = list(model.state_dict().items())
+        self.llm.collective_rpc(_load_weights, args=(weights,))
+        self.llm.reset_prefix_cache()
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], *, n: int, temperature: float, top_p: float, max_new_tokens: int
+    ) -> RolloutBatch:
+        tok = self.tokenizer
+        prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        params = self.vllm.SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p if temperature > 0 else 1.0,
+            top_k=-1,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            max_tokens=max_new_tokens,
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
+        )
+        responses = [list(sample.token_ids) for request in outputs for sample in request.outputs]
+        if len(responses) != len(prompts) * n:
+            raise RuntimeError(
+                f"vLLM returned {len(responses)} responses for {len(prompts)} prompts x n={n}"
+            )
+        return assemble_batch(prompt_ids, responses, n, tok, device=self.device)
+
+
+def assemble_batch(
+    prompt_ids: list[list[int]],
+    responses: list[list[int]],
+    n: int,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    device: torch.device | str = "cpu",
+) -> RolloutBatch:
+    """The `RolloutBatch` of `n` responses per prompt, given as token lists (prompt-major).
+
+    Row ``i`` holds prompt ``i // n`` left-padded to the longest prompt, then response ``i``
+    right-padded to the longest response. A response is its tokens as the engine returned them,
+    the stop token (EOS) last when it stopped on one: the response mask is 1 exactly there, and
+    tokens past a first EOS (an engine that did not stop) are masked and padded as `HFBackend`
+    does.
+    """
+    if len(responses) != len(prompt_ids) * n:
+        raise ValueError(
+            f"expected {len(prompt_ids)} prompts x n={n} = {len(prompt_ids) * n} "
+            f"responses, got {len(responses)}"
+        )
+    if any(len(r) == 0 for r in responses):
+        raise ValueError("an empty response: the engine must return at least one token")
+    pad = tokenizer.pad_token_id
+    prompts = _padded([p for p in prompt_ids for _ in range(n)], pad, "left")
+    response = _padded(responses, pad, "right")
+    lengths = torch.tensor([len(r) for r in responses])
+    in_response = torch.arange(response.shape[1]) < lengths[:, None]
+    response_mask = response_mask_from_ids(response, tokenizer.eos_token_id) * in_response
+    response = torch.where(response_mask.bool(), response, pad)
+    prompt_lengths = torch.tensor([len(p) for p in prompt_ids]).repeat_interleave(n)
+    width = prompts.shape[1]
+    prompt_mask = (torch.arange(width) >= width - prompt_lengths[:, None]).long()
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    return RolloutBatch(
+        input_ids=torch.cat([prompts, response], dim=1).to(device),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1).to(device),
+        response_mask=response_mask.to(device),
+        group_ids=torch.arange(len(prompt_ids), device=device).repeat_interleave(n),
+        texts=texts,
+    )
+
+
+def _padded(rows: Iterable[list[int]], pad: int, side: str) -> Tensor:
+    return pad_sequence(
+        [torch.tensor(r, dtype=torch.long) for r in rows],
+        batch_first=True,
+        padding_value=pad,
+        padding_side=side,
+    )
