@@ -106,6 +106,10 @@ def test_leading_dimensions_and_chunking(chunk_rows):
     assert out.shape == (2, 3) and out.dtype == torch.float64
     expected = np.array([[neg_cov_np(z[i, j], dz[i, j]) for j in range(3)] for i in range(2)])
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-14)
+    permuted = first_order_entropy_change(
+        torch.tensor(z).permute(1, 0, 2), torch.tensor(dz).permute(1, 0, 2), chunk_rows=chunk_rows
+    )
+    np.testing.assert_allclose(permuted.numpy(), expected.T, rtol=1e-10, atol=1e-14)
     out32 = first_order_entropy_change(
         torch.tensor(z, dtype=torch.bfloat16), torch.tensor(dz, dtype=torch.float32)
     )
@@ -352,3 +356,15 @@ def test_token_covariance_and_summary_are_global_across_ranks(tmp_path):
         nprocs=2,
         join=True,
     )
+
+
+def test_token_covariance_ignores_nan_at_padding():
+    logp = torch.tensor([[-1.0, -2.0, float("nan")], [-0.5, float("inf"), 0.0]])
+    adv = torch.tensor([[1.0, 1.0, float("nan")], [-1.0, 5.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    cov = token_covariance(logp, adv, mask)
+    # three valid tokens: logp (-1, -2, -0.5), A (1, 1, -1); means -7/6 and 1/3
+    expected = torch.tensor(
+        [[(1 / 6) * (2 / 3), (-5 / 6) * (2 / 3), 0.0], [(2 / 3) * (-4 / 3), 0.0, 0.0]]
+    )
+    torch.testing.assert_close(cov, expected)

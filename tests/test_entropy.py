@@ -79,6 +79,29 @@ def test_float64_input_is_computed_in_float64():
     np.testing.assert_allclose(ent.numpy(), ref_ent, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_sliced_non_contiguous_logits(temperature):
+    """The trainer passes `out.logits[:, :-1]`, whose rows do not merge into one view."""
+    full, _ = random_batch(b=3, t=6, v=40, dtype=torch.float64)
+    logits = full[:, :-1]
+    tokens = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(RuntimeError):
+        logits.view(-1, 40)
+    leaf = full.clone().requires_grad_(True)
+    logp, ent = logprobs_and_entropy(
+        leaf[:, :-1], tokens, temperature=temperature, chunk_rows=4, entropy_grad=True
+    )
+    ref_logp, ref_ent = numpy_reference(logits, tokens, temperature)
+    np.testing.assert_allclose(logp.detach().numpy(), ref_logp, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ent.detach().numpy(), ref_ent, rtol=1e-12, atol=1e-12)
+    (logp.sum() + ent.sum()).backward()
+    ref = full.clone().requires_grad_(True)
+    ref_logp_t, ref_ent_t = naive_torch(ref[:, :-1], tokens, temperature)
+    (ref_logp_t.sum() + ref_ent_t.sum()).backward()
+    torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    assert (leaf.grad[:, -1] == 0).all()
+
+
 def test_known_values_uniform_and_peaked():
     v = 8
     logits = torch.zeros(1, 2, v)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from entroprl import distributed
 from entroprl.checks import check_finite, check_nonempty, check_same_shape
-from entroprl.entropy import compute_dtype, log_softmax_rows, row_slices, rowdot
+from entroprl.entropy import compute_dtype, log_softmax_rows, row_chunk, row_slices, rowdot
 
 
 def token_covariance(
@@ -29,9 +29,11 @@ def token_covariance(
     check_same_shape(logp=logp, advantages=advantages, mask=mask)
     check_finite("advantages", advantages, mask)
     check_finite("logp", logp, mask)
-    m = mask.to(torch.float64)
-    logp = logp.detach().to(torch.float64)
-    adv = advantages.detach().to(torch.float64)
+    valid = mask.bool()
+    m = valid.to(torch.float64)
+    # where, not a product with the mask: NaN or inf at padding must not reach the sums
+    logp = torch.where(valid, logp.detach().to(torch.float64), 0.0)
+    adv = torch.where(valid, advantages.detach().to(torch.float64), 0.0)
     sums = torch.stack([(logp * m).sum(), (adv * m).sum(), m.sum()])
     if across_ranks:
         sums = distributed.all_reduce_sum(sums)
@@ -60,22 +62,20 @@ def first_order_entropy_change(
     check_finite("logits", logits)
     check_finite("logit_delta", logit_delta)
     dtype = compute_dtype(logits, logit_delta)
-    vocab = logits.shape[-1]
-    flat_z = logits.detach().reshape(-1, vocab)
-    flat_dz = logit_delta.detach().reshape(-1, vocab)
-    out = torch.empty(flat_z.shape[0], dtype=dtype, device=logits.device)
+    n = logits.shape[:-1].numel()
+    out = torch.empty(n, dtype=dtype, device=logits.device)
     with torch.no_grad():
-        for rows in row_slices(flat_z.shape[0], chunk_rows):
-            out[rows] = _neg_cov_rows(flat_z, flat_dz, rows, dtype)
+        for rows in row_slices(n, chunk_rows):
+            out[rows] = _neg_cov_rows(logits.detach(), logit_delta.detach(), rows, dtype)
     return out.view(logits.shape[:-1])
 
 
 def _neg_cov_rows(z: Tensor, dz: Tensor, rows: slice, dtype: torch.dtype) -> Tensor:
-    """-Cov_pi(log pi, dz) for `z[rows]`; its buffers die when it returns."""
+    """-Cov_pi(log pi, dz) for rows `rows`; its buffers die when it returns."""
     log_pi = log_softmax_rows(z, rows, dtype)
     pi = log_pi.exp()
     entropy = -rowdot(pi, log_pi)
-    return -rowdot(pi.mul_(log_pi.add_(entropy[:, None])), dz[rows].to(dtype))
+    return -rowdot(pi.mul_(log_pi.add_(entropy[:, None])), row_chunk(dz, rows).to(dtype))
 
 
 def covariance_summary(

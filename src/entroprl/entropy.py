@@ -30,16 +30,32 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def row_chunk(x: Tensor, rows: slice) -> Tensor:
+    """Rows `rows` of `x` flattened to (N, V) over its leading dimensions.
+
+    A view when the leading dimensions merge; otherwise a copy of just these rows, so that a sliced
+    batch such as `out.logits[:, :-1]` is never copied whole.
+    """
+    try:
+        return x.view(-1, x.shape[-1])[rows]
+    except RuntimeError:
+        flat_index = torch.arange(rows.start, rows.stop, device=x.device)
+        return x[torch.unravel_index(flat_index, x.shape[:-1])]
+
+
 def upcast_rows(x: Tensor, rows: slice, dtype: torch.dtype) -> Tensor:
-    """A fresh `dtype` copy of `x[rows]`, safe to modify in place (the input is never touched)."""
-    return x[rows].to(dtype, copy=True)
+    """A fresh `dtype` copy of `row_chunk(x, rows)`, safe to modify in place."""
+    return row_chunk(x, rows).to(dtype, copy=True)
 
 
 def log_softmax_rows(
     x: Tensor, rows: slice, dtype: torch.dtype, temperature: float = 1.0
 ) -> Tensor:
-    """log softmax(x[rows] / temperature) in `dtype`, one fused kernel when temperature is 1."""
-    z = x[rows] if temperature == 1.0 else upcast_rows(x, rows, dtype).div_(temperature)
+    """log softmax over the last dim of `row_chunk(x, rows) / temperature`, in `dtype`.
+
+    One fused kernel when the temperature is 1.
+    """
+    z = row_chunk(x, rows) if temperature == 1.0 else upcast_rows(x, rows, dtype).div_(temperature)
     return torch.log_softmax(z, dim=-1, dtype=dtype)
 
 
@@ -49,10 +65,10 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _logp_entropy_rows(
-    flat: Tensor, tokens: Tensor, rows: slice, temperature: float
+    logits: Tensor, tokens: Tensor, rows: slice, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    """logp of the sampled tokens and H for `flat[rows]`; its buffers die when it returns."""
-    log_q = log_softmax_rows(flat, rows, compute_dtype(flat), temperature)
+    """logp of the sampled tokens and H for rows `rows`; its buffers die when it returns."""
+    log_q = log_softmax_rows(logits, rows, compute_dtype(logits), temperature)
     logp = log_q.gather(1, tokens[rows, None]).squeeze(1)
     return logp, -rowdot(log_q.exp(), log_q)
 
@@ -71,13 +87,11 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
     def forward(
         ctx, logits: Tensor, tokens: Tensor, temperature: float, chunk_rows: int, entropy_grad: bool
     ) -> tuple[Tensor, Tensor]:
-        flat = logits.reshape(-1, logits.shape[-1])
         flat_tokens = tokens.reshape(-1)
-        dtype = compute_dtype(logits)
-        logp = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
+        logp = torch.empty(tokens.numel(), dtype=compute_dtype(logits), device=logits.device)
         entropy = torch.empty_like(logp)
-        for rows in row_slices(flat.shape[0], chunk_rows):
-            logp[rows], entropy[rows] = _logp_entropy_rows(flat, flat_tokens, rows, temperature)
+        for rows in row_slices(tokens.numel(), chunk_rows):
+            logp[rows], entropy[rows] = _logp_entropy_rows(logits, flat_tokens, rows, temperature)
         ctx.save_for_backward(logits, flat_tokens, entropy)
         ctx.temperature, ctx.chunk_rows, ctx.entropy_grad = temperature, chunk_rows, entropy_grad
         logp, entropy = logp.view(tokens.shape), entropy.view(tokens.shape)
@@ -89,14 +103,13 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logp: Tensor, grad_entropy: Tensor):
         logits, tokens, entropy = ctx.saved_tensors
-        flat = logits.reshape(-1, logits.shape[-1])
         dtype, temperature = entropy.dtype, ctx.temperature
         # The 1/temperature of dz/dlogits is folded into the per-row coefficients.
         g_logp = grad_logp.reshape(-1, 1).to(dtype) / temperature
         g_ent = grad_entropy.reshape(-1, 1).to(dtype) / temperature
-        grad = torch.empty_like(flat)
-        for rows in row_slices(flat.shape[0], ctx.chunk_rows):
-            log_q = log_softmax_rows(flat, rows, dtype, temperature)
+        grad = logits.new_empty(tokens.numel(), logits.shape[-1])
+        for rows in row_slices(tokens.numel(), ctx.chunk_rows):
+            log_q = log_softmax_rows(logits, rows, dtype, temperature)
             if ctx.entropy_grad:
                 # -p * (g_logp + g_ent * (log p + H)), as one addcmul and one product
                 offset = -(g_logp[rows] + g_ent[rows] * entropy[rows, None])
@@ -108,7 +121,7 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
             grad[rows] = gz
             # Drop this chunk's buffers before the next chunk allocates its own.
             del log_q, coef, gz
-        return grad.view_as(logits), None, None, None, None
+        return grad.view(logits.shape), None, None, None, None
 
 
 def logprobs_and_entropy(
