@@ -18,14 +18,13 @@ import csv
 import json
 import math
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from entroprl.rundir import read_metrics
+from entroprl.rundir import read_json_lines, read_metrics
 
 FORMATS = ("entroprl", "trl", "verl", "wandb")
 
@@ -149,25 +148,9 @@ def read_trl(path: str | Path) -> MetricsTable:
 
 
 def _read_json_lines(file: Path) -> list[tuple[int, dict[str, Any]]]:
-    """JSON lines, tolerating a truncated last line (a run killed mid-write) with a warning."""
-    lines = file.read_text().splitlines()
+    """(step, values) of verl's JSON lines, tolerating a truncated last line with a warning."""
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                warnings.warn(
-                    f"{file}:{number}: incomplete last line (run killed mid-write?); "
-                    f"read the {len(records)} complete records before it",
-                    stacklevel=3,
-                )
-                break
-            raise ValueError(f"{file}:{number}: not a JSON object: {line[:80]!r}") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{file}:{number}: not a JSON object: {line[:80]!r}")
+    for number, record in read_json_lines(file, stacklevel=3):
         data = record.get("data")
         values = data if isinstance(data, dict) else record
         key = next((k for k in ("step", "global_step") if k in record), None)

@@ -72,15 +72,11 @@ class MetricsLog:
             self.writer.close()
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Read `metrics.jsonl`: one record per step, the last written wins (a resumed run re-logs the
-    steps after its checkpoint). A truncated last line (a run killed mid-write) is skipped with a
-    warning; an empty file or one with no step records raises ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such metrics file")
+def read_json_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each line of a JSON-lines file. A truncated last line (a run killed
+    mid-write) is skipped with a warning; any other bad line raises ValueError naming it."""
     lines = path.read_text().splitlines()
-    by_step: dict[int, dict[str, Any]] = {}
+    records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -90,12 +86,27 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             if number == len(lines):
                 warnings.warn(
                     f"{path}:{number}: incomplete last line (run killed mid-write?); "
-                    f"read the {len(by_step)} complete records before it",
-                    stacklevel=2,
+                    f"read the {len(records)} complete records before it",
+                    stacklevel=stacklevel + 1,
                 )
                 break
             raise ValueError(f"{path}:{number}: not a JSON object: {line[:80]!r}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object: {line[:80]!r}")
+        records.append((number, record))
+    return records
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read `metrics.jsonl`: one record per step, the last written wins (a resumed run re-logs the
+    steps after its checkpoint). A truncated last line (a run killed mid-write) is skipped with a
+    warning; an empty file or one with no step records raises ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such metrics file")
+    by_step: dict[int, dict[str, Any]] = {}
+    for number, record in read_json_lines(path, stacklevel=2):
+        if not isinstance(record.get("step"), int):
             raise ValueError(f"{path}:{number}: not an entroprl metrics record (no integer 'step')")
         by_step[record["step"]] = record
     if not by_step:
