@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -41,7 +42,7 @@ from entroprl.tokenizer import build_char_tokenizer
 INFO_FILE = "warmstart.json"
 """Written last into a warm-start directory: its presence marks the directory as complete."""
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 """Part of the cache key: bump it when a change to this module changes what a config produces."""
 
 
@@ -62,11 +63,11 @@ class WarmStartConfig:
     # answers; a share `wrong_fraction` of training pairs gets a wrong answer instead.
     num_problems: int = 1000
     solutions_per_problem: int = 4
-    wrong_fraction: float = 0.2
+    wrong_fraction: float = 0.1
     # Optimisation.
     steps: int = 2000
     batch_size: int = 64
-    lr: float = 1e-2
+    lr: float = 5e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     seed: int = 0
@@ -76,10 +77,17 @@ class WarmStartConfig:
     max_new_tokens: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "num_problems"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"WarmStartConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("solutions_per_problem", "batch_size", "eval_samples", "max_new_tokens"):
+        positive = (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_problems",
+            "solutions_per_problem",
+            "batch_size",
+            "eval_samples",
+            "max_new_tokens",
+        )
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"WarmStartConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0 or self.warmup_steps < 0 or self.eval_problems < 0:
@@ -204,7 +212,11 @@ def _wrong_answers(problem: CountdownProblem, limit: int, rng: random.Random) ->
 def build_sft_pairs(
     config: WarmStartConfig, rng: random.Random
 ) -> list[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
-    """Per training problem: (its correct (prompt, answer) pairs, its wrong pairs)."""
+    """Per training problem: (its correct (prompt, answer) pairs, its wrong pairs).
+
+    Each pair shows the problem's numbers in its own random order (the answers do not depend on
+    it), so a problem is seen in several orders.
+    """
     problems = generate_problems(
         config.num_problems,
         seed=config.seed,
@@ -218,8 +230,20 @@ def build_sft_pairs(
         good = solutions(p)
         good = rng.sample(good, min(config.solutions_per_problem, len(good)))
         bad = _wrong_answers(p, config.solutions_per_problem, rng) if config.wrong_fraction else []
-        out.append(([(p.prompt, s) for s in good], [(p.prompt, s) for s in bad]))
+        out.append(
+            (
+                [(_shuffled_prompt(p, rng), s) for s in good],
+                [(_shuffled_prompt(p, rng), s) for s in bad],
+            )
+        )
     return out
+
+
+def _shuffled_prompt(problem: CountdownProblem, rng: random.Random) -> str:
+    """The prompt with the numbers in a random order: the answer does not depend on it."""
+    numbers = list(problem.numbers)
+    rng.shuffle(numbers)
+    return CountdownProblem(tuple(numbers), problem.target).prompt
 
 
 def _encode_pairs(
@@ -340,6 +364,17 @@ def measure(
     }
 
 
+def default_cache_dir() -> Path:
+    """``$ENTROPRL_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/entroprl/warmstart``.
+
+    ``XDG_CACHE_HOME`` defaults to ``~/.cache``.
+    """
+    if os.environ.get("ENTROPRL_CACHE_DIR"):
+        return Path(os.environ["ENTROPRL_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "entroprl" / "warmstart"
+
+
 def read_info(path: str | Path) -> dict | None:
     """The info JSON of a complete warm-start directory, or None if it is missing or unreadable."""
     try:
@@ -371,6 +406,7 @@ def warm_start(config: WarmStartConfig, cache_dir: str | Path) -> Path:
 
 
 def _build(config: WarmStartConfig, target: Path) -> None:
+    """Train, measure and save the warm start of `config` to `target` (atomically)."""
     tokenizer = build_char_tokenizer()
     prompt_len = len(
         CountdownProblem((config.max_number,) * config.num_numbers, config.max_target).prompt

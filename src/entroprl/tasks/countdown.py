@@ -190,17 +190,16 @@ def _evaluate(node: ast.AST, used: list[int]) -> Fraction | None:
 def verify(expression: str, problem: CountdownProblem) -> bool:
     """True iff `expression` is an arithmetic expression over `problem.numbers` equal to the target.
 
-    Allowed: non-negative integer literals, binary ``+ - * /``, parentheses, spaces. Each given
-    number may be used at most once (as a multiset). Division is exact; division by zero, unary
-    operators, other characters, malformed text and text longer than `MAX_EXPRESSION_CHARS` make
-    it False.
+    Allowed: non-negative integer literals, binary ``+ - * /``, parentheses, spaces between
+    tokens. Each given number may be used at most once (as a multiset). Division is exact;
+    division by zero, unary operators, other characters, malformed text and text longer than
+    `MAX_EXPRESSION_CHARS` make it False.
     """
-    if not expression or len(expression) > MAX_EXPRESSION_CHARS:
-        return False
-    if not set(expression) <= _ALLOWED_CHARS:
+    if len(expression) > MAX_EXPRESSION_CHARS or not set(expression) <= _ALLOWED_CHARS:
         return False
     try:
-        tree = ast.parse(expression, mode="eval")
+        # A leading space would be an indentation error to the parser.
+        tree = ast.parse(expression.strip(), mode="eval")
     except (SyntaxError, ValueError):
         return False
     used: list[int] = []
