@@ -63,7 +63,7 @@ class WarmStartConfig:
     # answers; a share `wrong_fraction` of training pairs gets a wrong answer instead.
     num_problems: int = 1000
     solutions_per_problem: int = 4
-    wrong_fraction: float = 0.1
+    wrong_fraction: float = 0.3
     # Optimisation.
     steps: int = 2000
     batch_size: int = 64
