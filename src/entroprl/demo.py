@@ -110,7 +110,10 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, *, steps: int | None = None, methods=tuple(METHODS)) -> dict[str, Any]:
+def run_demo(
+    out: Path, *, steps: int | None = None, methods=tuple(METHODS), warm_start_config=None
+) -> dict[str, Any]:
+    """Warm start, then each method from it; returns the summary also written to summary.json."""
     from entroprl.trainer import Trainer
     from entroprl.warmstart import WarmStartConfig, default_cache_dir, warm_start
 
@@ -119,7 +122,7 @@ def run_demo(out: Path, *, steps: int | None = None, methods=tuple(METHODS)) -> 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print("warm start (supervised, cached after the first run) ...", flush=True)
-    start = warm_start(WarmStartConfig(), default_cache_dir())
+    start = warm_start(warm_start_config or WarmStartConfig(), default_cache_dir())
     print(f"  warm-started model: {start} ({time.perf_counter() - t0:.0f} s)", flush=True)
     base = demo_config()
     if steps is not None:
@@ -138,9 +141,11 @@ def run_demo(out: Path, *, steps: int | None = None, methods=tuple(METHODS)) -> 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print()
     print(format_table(summary))
-    from entroprl.report import compare_runs
+    from entroprl.report import analyze_run, compare_runs
 
+    for name in methods:
+        analyze_run(out / name, out / name / "analysis")
     report = compare_runs([out / m for m in methods], out / "analysis")
     print(f"\nsummary: {out / 'summary.json'}  (total {time.perf_counter() - t0:.0f} s)")
-    print(f"analysis report: {report}")
+    print(f"analysis report: {report}  (one per method: {out}/<method>/analysis/report.html)")
     return summary
