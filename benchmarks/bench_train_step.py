@@ -59,13 +59,14 @@ def policy(untrained: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo uses 1)")
     parser.add_argument(
         "--untrained",
         action="store_true",
         help="a fresh model of the demo's size instead of the warm start",
     )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     rows = []
     for name, overrides in VARIANTS.items():
         model, tok = policy(args.untrained)
