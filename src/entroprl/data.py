@@ -339,6 +339,23 @@ def load_examples(
 # -- answers for majority voting -------------------------------------------------------------------
 
 
+def load_configured_examples(
+    path: str | Path, fmt: str, cfg: Any, tokenizer: Any = None, *, limit: int | None = None
+) -> list[Example]:
+    """`load_examples` with the keys and prompt rendering of a `DataConfig` `cfg`."""
+    return load_examples(
+        path,
+        fmt,
+        tokenizer,
+        prompt_key=cfg.prompt_key,
+        answer_key=cfg.answer_key,
+        limit=limit,
+        instruction=cfg.instruction,
+        use_chat_template=cfg.chat_template,
+        plain_template=cfg.plain_template,
+    )
+
+
 def voted_answer(completion: str, reward: str) -> str | None:
     """The final answer of a completion as majority voting compares it; None if it has none.
 

@@ -158,17 +158,7 @@ def load_benchmark(
     says (keys, instruction, chat template), its first `limit` problems (None: all), scored with
     ``cfg.reward`` or the format's reward."""
     name, fmt, path = parse_benchmark_spec(spec)
-    examples = data.load_examples(
-        path,
-        fmt,
-        tokenizer,
-        prompt_key=cfg.prompt_key,
-        answer_key=cfg.answer_key,
-        limit=limit,
-        instruction=cfg.instruction,
-        use_chat_template=cfg.chat_template,
-        plain_template=cfg.plain_template,
-    )
+    examples = data.load_configured_examples(path, fmt, cfg, tokenizer, limit=limit)
     reward = cfg.reward or data.default_reward(fmt)
     return Benchmark(name, data.make_task(name, [], examples, reward), reward, path)
 

@@ -37,17 +37,7 @@ def file_examples(cfg: DataConfig, key: str, tokenizer: Any = None) -> list[Exam
         raise ConfigError(f"data.{key}: task {cfg.task!r} reads its problems from a file; set it")
     limit = cfg.train_limit if key == "train_file" else cfg.test_limit
     try:
-        return data.load_examples(
-            path,
-            cfg.task,
-            tokenizer,
-            prompt_key=cfg.prompt_key,
-            answer_key=cfg.answer_key,
-            limit=limit,
-            instruction=cfg.instruction,
-            use_chat_template=cfg.chat_template,
-            plain_template=cfg.plain_template,
-        )
+        return data.load_configured_examples(path, cfg.task, cfg, tokenizer, limit=limit)
     except (ValueError, ImportError) as e:
         raise ConfigError(f"data.{key}: {e}") from e
 
