@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -70,15 +71,22 @@ class GenerationBackend(Protocol):
 class HFBackend:
     """Sampling with `model.generate` (KV cache on), in chunks of `batch_size` sequences.
 
-    `temperature=0` decodes greedily.
+    `temperature=0` decodes greedily. With `progress`, a bar follows the chunks of calls that need
+    more than one.
     """
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 256,
+        *,
+        progress: bool = False,
     ):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an EOS token for batched rollout")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.progress = progress
 
     def sync_weights(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -108,7 +116,15 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()
         chunks = []
-        for start in range(0, len(repeated), self.batch_size):
+        starts = range(0, len(repeated), self.batch_size)
+        bar = tqdm(
+            starts,
+            desc="generate",
+            unit="chunk",
+            leave=False,
+            disable=not self.progress or len(starts) == 1,
+        )
+        for start in bar:
             rows = slice(start, start + self.batch_size)
             out = self.model.generate(
                 input_ids=prompt_ids[rows],

@@ -157,6 +157,7 @@ def update_policy(
     *,
     generator: torch.Generator,
     entropy_coef: float = 0.0,
+    progress: bool = False,
 ) -> tuple[dict[str, float], int]:
     """`epochs x mini-batches` optimizer steps on one rollout batch (this rank's rows).
 
@@ -176,9 +177,18 @@ def update_policy(
     metrics: dict[str, list[float]] = defaultdict(list)
     skipped = 0
     n = batch.input_ids.shape[0]
+    per_epoch = math.ceil(n / o.mini_batch_size)
+    bar = tqdm(
+        total=o.epochs * per_epoch,
+        desc="update",
+        unit="step",
+        leave=False,
+        disable=not progress or o.epochs * per_epoch == 1,
+    )
     for _ in range(o.epochs):
         order = torch.randperm(n, generator=generator)
         for mini_rows in order.split(o.mini_batch_size):
+            bar.update()
             mini = batch.rows(mini_rows)
             denominators = losses.loss_denominators(
                 mini.response_mask, norm_constant=norm_constant, across_ranks=True
@@ -252,6 +262,7 @@ def update_policy(
                 continue
             optimizer.step()
             metrics["grad_norm"].append(grad_norm.item())
+    bar.close()
     out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
     out["actor/skipped_updates"] = skipped
     return out, skipped
@@ -526,7 +537,13 @@ class Trainer:
         skipped = 0
         for part in parts:
             update_metrics, s = update_policy(
-                self.ddp_model, self.optimizer, part, c, generator=generator, entropy_coef=coef
+                self.ddp_model,
+                self.optimizer,
+                part,
+                c,
+                generator=generator,
+                entropy_coef=coef,
+                progress=c.trainer.progress and self.rank == 0,
             )
             skipped += s
             metrics |= update_metrics

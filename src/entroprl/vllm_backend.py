@@ -45,7 +45,12 @@ def make_backend(
     if name == "hf":
         if model is None:
             raise ValueError("rollout.backend=hf samples from the training model: pass it")
-        return HFBackend(model, tokenizer, config.rollout.generation_batch_size)
+        return HFBackend(
+            model,
+            tokenizer,
+            config.rollout.generation_batch_size,
+            progress=config.trainer.progress and distributed.rank() == 0,
+        )
     if config.model.path is None:
         raise ConfigError(
             "model.path: rollout.backend=vllm loads the model from a checkpoint "
