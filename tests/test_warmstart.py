@@ -22,7 +22,6 @@ from entroprl.warmstart import (
     default_cache_dir,
     evaluate_accuracy,
     read_info,
-    response_mask,
     sft_loss,
     warm_start,
 )
@@ -49,14 +48,6 @@ def tok():
 
 
 # ---------------------------------------------------------------- pieces
-
-
-def test_response_mask_stops_after_the_first_eos():
-    ids = torch.tensor([[5, 6, 1, 0, 0], [5, 1, 7, 1, 0], [5, 6, 7, 8, 9], [1, 0, 0, 0, 0]])
-    expected = torch.tensor(
-        [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool
-    )
-    assert torch.equal(response_mask(ids, eos_token_id=1), expected)
 
 
 def test_encode_pairs_left_pads_and_marks_the_answer(tok):

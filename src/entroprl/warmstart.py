@@ -29,7 +29,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from entroprl.entropy import logprobs_and_entropy
 from entroprl.models import build_model, publish_dir, tiny_config
+from entroprl.rollout import response_mask_from_ids
 from entroprl.tasks.countdown import (
     CountdownProblem,
     countdown_reward,
@@ -121,19 +123,6 @@ class EvalResult:
     num_responses: int
 
 
-def _token_entropy(logits: Tensor) -> Tensor:
-    """H = logsumexp(z) - sum_v softmax(z)_v z_v over the last axis (SPEC 1), in float32."""
-    z = logits.float()
-    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
-
-
-def response_mask(response_ids: Tensor, eos_token_id: int) -> Tensor:
-    """1 for response tokens up to and including the first EOS, 0 after it (bool, same shape)."""
-    is_eos = (response_ids == eos_token_id).long()
-    eos_before = is_eos.cumsum(dim=-1) - is_eos
-    return eos_before == 0
-
-
 @torch.no_grad()
 def evaluate_accuracy(
     model: PreTrainedModel,
@@ -180,8 +169,9 @@ def evaluate_accuracy(
                 output_logits=True,
             )
             response = out.sequences[:, enc["input_ids"].shape[1] :]
-            mask = response_mask(response, tokenizer.eos_token_id).float()
-            entropy = _token_entropy(torch.stack(out.logits, dim=1)) * mask
+            mask = response_mask_from_ids(response, tokenizer.eos_token_id)
+            _, entropy = logprobs_and_entropy(torch.stack(out.logits, dim=1), response)
+            entropy = entropy * mask
             per_response = mask.sum(dim=1)
             seq_entropy += float((entropy.sum(dim=1) / per_response.clamp(min=1)).sum())
             token_entropy_sum += float(entropy.sum())
