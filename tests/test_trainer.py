@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -230,3 +231,40 @@ def test_update_independent_of_micro_batch_split(policy_loss, mode):
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results[2], results[0], atol=1e-5, rtol=1e-5)
     assert not math.isnan(results[0].sum().item())
+
+
+@pytest.mark.parametrize("policy_loss", ["ppo", "kl_cov"])
+@pytest.mark.parametrize("mode", losses.LOSS_AGG_MODES)
+def test_masked_out_rows_update_like_dropped_rows(policy_loss, mode):
+    """Dynamic sampling masks filtered groups out of the loss: the same update as dropping them."""
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    config = config_from_dict(
+        {
+            "algorithm": {"policy_loss": policy_loss, "loss_agg_mode": mode, "kl_cov_ratio": 0.1},
+            "rollout": {"max_new_tokens": 6},
+            "optim": {"mini_batch_size": 8, "micro_batch_size": 4, "epochs": 1},
+        }
+    )
+    results = []
+    for variant in ("masked", "dropped"):
+        model, tok = make_tiny_policy()
+        batch = _update_batch(tok)
+        if variant == "masked":
+            batch = replace(batch, response_mask=batch.response_mask * keep[:, None])
+        else:
+            batch = batch.rows(keep.nonzero().squeeze(1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        update_policy(model, opt, batch, config, generator=torch.Generator().manual_seed(0))
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+def test_dynamic_sampling_run(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+    config = small_config(
+        tmp_path, algorithm={"dynamic_sampling": True}, trainer={"steps": 2, "eval_every": 0}
+    )
+    Trainer(config, model=model, tokenizer=tok).train()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0.0 <= r["batch/kept_fraction"] <= 1.0 for r in records)

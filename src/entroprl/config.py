@@ -99,7 +99,6 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"
     high_entropy_rho: float | None = None
     dynamic_sampling: bool = False
-    dynamic_sampling_max_tries: int = 4
     overlong_buffer: int = 0
     overlong_factor: float = 1.0
     ppl_shaping_alpha: float = 0.0

@@ -35,16 +35,6 @@ class RolloutBatch:
     def response_lengths(self) -> Tensor:
         return self.response_mask.sum(-1)
 
-    def select(self, rows: Tensor) -> RolloutBatch:
-        rows_list = rows.tolist()
-        return RolloutBatch(
-            self.input_ids[rows],
-            self.attention_mask[rows],
-            self.response_mask[rows],
-            self.group_ids[rows],
-            [self.texts[i] for i in rows_list],
-        )
-
 
 def position_ids(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding, as `generate` uses them: training must match sampling."""

@@ -309,11 +309,6 @@ class Trainer:
         self.config = config
         c = config
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        if self.world > 1 and c.algorithm.dynamic_sampling:
-            raise TrainingError(
-                "algorithm.dynamic_sampling is not supported under torchrun yet: "
-                "ranks would hold different batch sizes"
-            )
         if c.rollout.prompts_per_step % self.world:
             raise TrainingError(
                 f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be "
@@ -487,13 +482,16 @@ class Trainer:
                 factor=a.overlong_factor,
             )
         metrics = self.rollout_metrics(batch, rewards, correct)
+        keep = torch.ones_like(rewards, dtype=torch.bool)
         if a.dynamic_sampling:
+            # Filtered groups leave the loss mask rather than the batch: with global denominators
+            # that is the same update as dropping them, and every rank keeps the same shapes.
             keep = adv_lib.dynamic_sampling_mask(rewards, batch.group_ids)
-            metrics["batch/kept_fraction"] = keep.float().mean().item()
-            if not keep.any():
+            kept = distributed.all_reduce_sum(keep.sum()).item()
+            metrics["batch/kept_fraction"] = kept / (keep.numel() * self.world)
+            if kept == 0:
                 metrics["actor/skipped_updates"] = 1
                 return metrics | {"timing_s/gen": t_gen - t0}
-            batch, rewards = batch.select(keep.nonzero().squeeze(1)), rewards[keep]
         t_reward = time.perf_counter()
         # old log-probs and entropy, once per rollout step
         old_log_prob, entropy = batched_log_probs(
@@ -508,10 +506,10 @@ class Trainer:
         # advantage
         advantages = self.shaped_advantages(batch, rewards, old_log_prob, step)
         metrics |= self.dynamics_metrics(batch, old_log_prob, advantages, ent)
-        loss_mask = mask
+        loss_mask = mask * keep[:, None]
         if a.high_entropy_rho is not None:
-            loss_mask = mask * losses.high_entropy_mask(
-                entropy, mask, rho=a.high_entropy_rho, across_ranks=True
+            loss_mask = loss_mask * losses.high_entropy_mask(
+                entropy, loss_mask, rho=a.high_entropy_rho, across_ranks=True
             )
         ref = None
         if self.ref_model is not None:
