@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from entroprl.entropy import logprobs_and_entropy
 from entroprl.models import build_model, publish_dir, tiny_config
-from entroprl.rollout import response_mask_from_ids
+from entroprl.rollout import position_ids, response_mask_from_ids
 from entroprl.tasks.countdown import (
     CountdownProblem,
     countdown_reward,
@@ -260,11 +260,9 @@ def _encode_pairs(
 def sft_loss(model: PreTrainedModel, ids: Tensor, attn: Tensor, resp: Tensor) -> Tensor:
     """Mean next-token cross-entropy over the response tokens (answer and EOS) only.
 
-    Position ids count real tokens only (``cumsum(mask) - 1``), as generation does with left
-    padding.
+    Position ids count real tokens only, as generation does with left padding.
     """
-    position_ids = (attn.cumsum(dim=-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits
     target_mask = resp[:, 1:].float()
     nll = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
