@@ -48,6 +48,28 @@ def response_mask_from_ids(response_ids: Tensor, eos_token_id: int) -> Tensor:
     return (eos_before == 0).float()
 
 
+def build_batch(
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    response: Tensor,
+    response_mask: Tensor,
+    tokenizer: PreTrainedTokenizerBase,
+    n: int,
+) -> RolloutBatch:
+    """The `RolloutBatch` of left-padded prompts (each repeated `n` times, prompt-major) and their
+    right-padded responses: padding outside `response_mask` is set to the pad token and the
+    responses are decoded."""
+    response = torch.where(response_mask.bool(), response, tokenizer.pad_token_id)
+    rows = prompt_ids.shape[0]
+    return RolloutBatch(
+        input_ids=torch.cat([prompt_ids, response], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+        response_mask=response_mask,
+        group_ids=torch.arange(rows // n, device=prompt_ids.device).repeat_interleave(n),
+        texts=tokenizer.batch_decode(response, skip_special_tokens=True),
+    )
+
+
 class GenerationBackend(Protocol):
     """Anything that can sample responses for the trainer (Hugging Face here, vLLM on GPUs)."""
 
@@ -131,13 +153,4 @@ class HFBackend:
             ]
         )
         response_mask = response_mask_from_ids(response, tok.eos_token_id)
-        response = torch.where(response_mask.bool(), response, tok.pad_token_id)
-        texts = tok.batch_decode(response, skip_special_tokens=True)
-        group_ids = torch.arange(len(prompts), device=device).repeat_interleave(n)
-        return RolloutBatch(
-            input_ids=torch.cat([prompt_ids, response], dim=1),
-            attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
-            response_mask=response_mask,
-            group_ids=group_ids,
-            texts=texts,
-        )
+        return build_batch(prompt_ids, prompt_mask, response, response_mask, tok, n)

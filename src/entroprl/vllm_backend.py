@@ -25,7 +25,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from entroprl import distributed
 from entroprl.checks import check_choice
 from entroprl.config import Config, ConfigError
-from entroprl.rollout import GenerationBackend, HFBackend, RolloutBatch, response_mask_from_ids
+from entroprl.rollout import (
+    GenerationBackend,
+    HFBackend,
+    RolloutBatch,
+    build_batch,
+    response_mask_from_ids,
+)
 
 BACKENDS = ("hf", "vllm")
 
@@ -189,17 +195,17 @@ def assemble_batch(
     lengths = torch.tensor([len(r) for r in responses])
     in_response = torch.arange(response.shape[1]) < lengths[:, None]
     response_mask = response_mask_from_ids(response, tokenizer.eos_token_id) * in_response
-    response = torch.where(response_mask.bool(), response, pad)
     prompt_lengths = torch.tensor([len(p) for p in prompt_ids]).repeat_interleave(n)
     width = prompts.shape[1]
     prompt_mask = (torch.arange(width) >= width - prompt_lengths[:, None]).long()
-    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-    return RolloutBatch(
-        input_ids=torch.cat([prompts, response], dim=1).to(device),
-        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1).to(device),
-        response_mask=response_mask.to(device),
-        group_ids=torch.arange(len(prompt_ids), device=device).repeat_interleave(n),
-        texts=texts,
+    device = torch.device(device)
+    return build_batch(
+        prompts.to(device),
+        prompt_mask.to(device),
+        response.to(device),
+        response_mask.to(device),
+        tokenizer,
+        n,
     )
 
 
