@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from math import comb
 from pathlib import Path
@@ -61,26 +61,30 @@ def score_samples(correct: np.ndarray, ks: Sequence[int] = (1,)) -> dict[str, fl
 
 def evaluate(
     backend,
-    prompts: list[str],
-    answers: list[Any],
-    score: Callable[[list[str], list[Any]], list[float]],
+    task: Task,
     *,
     samples: int,
     temperature: float,
     max_new_tokens: int,
     top_p: float = 1.0,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Sample `samples` responses per prompt (temperature 0 is greedy) and score them with
-    `score(completions, answers)` (for example `Task.score`).
+    """Sample `samples` responses per held-out problem of `task` (temperature 0 is greedy) and
+    score them with `Task.score`.
 
     Returns the summaries (`mean@n`, which is pass@1, and `pass@n`) and the (problems, samples)
     0/1 matrix.
     """
-    batch = backend.generate(
-        prompts, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
+    prompts, answers = [e.prompt for e in task.test], [e.answer for e in task.test]
+    texts = sample_texts(
+        backend,
+        prompts,
+        n=samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        prompts_per_call=len(prompts),
     )
-    rewards = score(batch.texts, [answers[g] for g in batch.group_ids.tolist()])
-    correct = (np.asarray(rewards) >= 1.0).reshape(len(prompts), samples)
+    correct = _scored(task, texts, answers)
     return score_samples(correct, ks=[samples] if samples > 1 else []), correct
 
 

@@ -637,13 +637,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
-        test = self.task.test
         self.backend.sync_weights(self.model)
         summary, _ = evaluate(
             self.backend,
-            [e.prompt for e in test],
-            [e.answer for e in test],
-            self.task.score,
+            self.task,
             samples=c.trainer.eval_samples,
             temperature=c.trainer.eval_temperature,
             max_new_tokens=c.rollout.max_new_tokens,
