@@ -1,4 +1,5 @@
-"""Two gloo processes give the same update as one process on the same global batch."""
+"""Two gloo processes give the same update as one process on the same global batch, replicated
+(DDP) or sharded (FSDP2), and a sharded run trains, evaluates and resumes like a replicated one."""
 
 import pytest
 import torch
@@ -6,10 +7,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from entroprl import parallel
 from entroprl.config import config_from_dict
-from entroprl.trainer import update_policy
+from entroprl.rundir import read_metrics
+from entroprl.trainer import Trainer, update_policy
 from tests.policies import make_tiny_policy
-from tests.test_trainer import _update_batch
+from tests.test_trainer import TIMING, _update_batch, small_config
 
 CASES = [
     ("ppo", "token-mean"),
@@ -19,7 +22,7 @@ CASES = [
 ]
 
 
-def _one_update(policy_loss, mode, rows, mini, micro, ddp):
+def _one_update(policy_loss, mode, rows, mini, micro, strategy=None):
     model, tok = make_tiny_policy()
     batch = _update_batch(tok, n=8).rows(rows)
     config = config_from_dict(
@@ -39,12 +42,14 @@ def _one_update(policy_loss, mode, rows, mini, micro, ddp):
             "optim": {"mini_batch_size": mini, "micro_batch_size": micro, "epochs": 2},
         }
     )
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    names = [n for n, _ in model.named_parameters()]
+    wrapped = parallel.wrap(model, strategy) if strategy else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     metrics, _ = update_policy(
         wrapped, opt, batch, config, generator=torch.Generator().manual_seed(0)
     )
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, metrics
+    state = parallel.model_state(model)  # gathered to rank 0 when sharded
+    return {n: state[n].clone() for n in names if n in state}, metrics
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -52,10 +57,11 @@ def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         rows = torch.arange(8).tensor_split(world)[rank]
-        for policy_loss, mode in CASES:
-            params, _ = _one_update(policy_loss, mode, rows, mini=4, micro=2, ddp=True)
-            if rank == 0:
-                save_file(params, f"{out_dir}/{policy_loss}-{mode}.safetensors")
+        for strategy in parallel.STRATEGIES:
+            for policy_loss, mode in CASES:
+                params, _ = _one_update(policy_loss, mode, rows, mini=4, micro=2, strategy=strategy)
+                if rank == 0:
+                    save_file(params, f"{out_dir}/{strategy}-{policy_loss}-{mode}.safetensors")
     finally:
         dist.destroy_process_group()
 
@@ -64,13 +70,79 @@ def _worker(rank, world, init_file, out_dir):
 def test_two_ranks_match_one_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for policy_loss, mode in CASES:
-        single, _ = _one_update(policy_loss, mode, torch.arange(8), mini=8, micro=4, ddp=False)
-        split = load_file(tmp_path / f"{policy_loss}-{mode}.safetensors")
+        single, _ = _one_update(policy_loss, mode, torch.arange(8), mini=8, micro=4)
         initial, _ = make_tiny_policy()
-        moved = 0.0
-        for name, value in single.items():
-            torch.testing.assert_close(
-                split[name], value, atol=1e-5, rtol=1e-5, msg=f"{policy_loss}/{mode}: {name}"
-            )
-            moved += (value - dict(initial.named_parameters())[name]).abs().sum().item()
-        assert moved > 1e-3, f"{policy_loss}/{mode}: the update changed nothing"
+        for strategy in parallel.STRATEGIES:
+            split = load_file(tmp_path / f"{strategy}-{policy_loss}-{mode}.safetensors")
+            assert split.keys() == single.keys()
+            moved = 0.0
+            for name, value in single.items():
+                torch.testing.assert_close(
+                    split[name],
+                    value,
+                    atol=1e-5,
+                    rtol=1e-5,
+                    msg=f"{strategy} {policy_loss}/{mode}: {name}",
+                )
+                moved += (value - dict(initial.named_parameters())[name]).abs().sum().item()
+            assert moved > 1e-3, f"{policy_loss}/{mode}: the update changed nothing"
+
+
+def _run(out_dir, steps, strategy, resume=False, **sections):
+    model, tok = make_tiny_policy()
+    config = small_config(
+        out_dir,
+        trainer={"steps": steps, "strategy": strategy, "save_every": 1},
+        algorithm={"kl_coef": 0.05},  # a reference model, sharded like the policy
+        **sections,
+    )
+    trainer = Trainer(config, model=model, tokenizer=tok)
+    trainer.train(resume=resume)
+    return trainer
+
+
+def _trainer_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _run(f"{out}/ddp", 3, "ddp")
+        trainer = _run(f"{out}/fsdp", 3, "fsdp")
+        assert parallel.is_sharded(trainer.model) and parallel.is_sharded(trainer.ref_model)
+        assert trainer.backend.synced
+        # stopped after step 2, resumed for step 3; then a DDP run resumes the FSDP checkpoint
+        _run(f"{out}/resumed", 2, "fsdp")
+        _run(f"{out}/resumed", 3, "fsdp", resume=True)
+        _run(f"{out}/fsdp", 4, "ddp", resume=True)
+        mixed = _run(f"{out}/bf16", 2, "fsdp", model={"compute_dtype": "bfloat16"})
+        if rank == 0:
+            dtypes = {p.dtype for p in mixed.model.parameters()}
+            assert dtypes == {torch.float32}, f"master weights must stay float32: {dtypes}"
+    finally:
+        dist.destroy_process_group()
+
+
+def _comparable(record):
+    return {k: v for k, v in record.items() if not k.startswith(TIMING)}
+
+
+@pytest.mark.distributed
+def test_fsdp_trainer_matches_ddp_evaluates_and_resumes(tmp_path):
+    """Two ranks: a sharded run logs what the replicated run logs, step for step (rollouts,
+    rewards, entropy, covariance, losses, held-out accuracy); a sharded run resumed from its
+    checkpoint continues it exactly, and its checkpoint resumes under DDP too."""
+    mp.spawn(_trainer_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    fsdp = read_metrics(tmp_path / "fsdp" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in fsdp] == [0, 1, 2, 3, 4]
+    assert "val-core/countdown/acc/mean@2" in fsdp[2] and "actor/kl_loss" in fsdp[1]
+    for other in (ddp, resumed):
+        for r1, r2 in zip(fsdp[:4], other, strict=True):
+            a, b = _comparable(r1), _comparable(r2)
+            assert a.keys() == b.keys()
+            for key, value in a.items():
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (r1["step"], key)
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step_000004" / "model"
+    assert (ckpt / "model.safetensors").is_file()
+    bf16 = read_metrics(tmp_path / "bf16" / "metrics.jsonl")
+    assert all(r["actor/skipped_updates"] == 0 for r in bf16[1:])

@@ -328,7 +328,7 @@ class FakeLLM:
     def __init__(self, **kwargs):
         self.kwargs, self.resets, self.loaded = kwargs, 0, None
         worker_model = SimpleNamespace(
-            load_weights=lambda weights: setattr(self, "loaded", weights)
+            load_weights=lambda weights: setattr(self, "loaded", list(weights))
         )
         self.worker = SimpleNamespace(model_runner=SimpleNamespace(model=worker_model))
 

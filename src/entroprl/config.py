@@ -26,6 +26,10 @@ class ModelConfig:
     path: str | None = None
     """Local Hugging Face checkpoint directory; None builds the demo's warm-started tiny model."""
     dtype: str = "float32"
+    """Dtype of the trained weights, their gradients and the AdamW state."""
+    compute_dtype: str | None = None
+    """FSDP mixed precision: forward and backward in this dtype (`bfloat16`) while the sharded
+    weights, gradient reduction and AdamW stay in `dtype`. Needs trainer.strategy=fsdp."""
     gradient_checkpointing: bool = False
 
 
@@ -133,6 +137,9 @@ class TrainerConfig:
     seed: int = 0
     out_dir: str = "runs/default"
     device: str = "auto"
+    strategy: str = "ddp"
+    """`ddp`: every rank holds the whole model (replicated); `fsdp`: parameters, gradients and
+    AdamW state sharded over the ranks (FSDP2), for models too large to replicate."""
     eval_every: int = 10
     eval_samples: int = 4
     """Samples per held-out problem: pass@1 is their mean accuracy, pass@k uses all of them."""
@@ -231,6 +238,17 @@ class Config:
             self.model.dtype in ("float32", "bfloat16", "float16"),
             "model.dtype",
             "float32, bfloat16 or float16",
+        )
+        need(t.strategy in ("ddp", "fsdp"), "trainer.strategy", "ddp or fsdp")
+        need(
+            self.model.compute_dtype in (None, "float32", "bfloat16", "float16"),
+            "model.compute_dtype",
+            "float32, bfloat16 or float16 (or null for model.dtype)",
+        )
+        need(
+            self.model.compute_dtype is None or t.strategy == "fsdp",
+            "model.compute_dtype",
+            "mixed precision runs under trainer.strategy=fsdp",
         )
         d = self.data
         file_task = d.task in data.FORMATS

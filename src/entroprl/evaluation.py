@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from entroprl import data
-from entroprl.tasks.base import Task
+from entroprl.tasks.base import Example, Task
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -67,14 +67,16 @@ def evaluate(
     temperature: float,
     max_new_tokens: int,
     top_p: float = 1.0,
+    problems: Sequence[Example] | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Sample `samples` responses per held-out problem of `task` (temperature 0 is greedy) and
-    score them with `Task.score`.
+    score them with `Task.score`; `problems` replaces `task.test` (a rank's share of it).
 
     Returns the summaries (`mean@n`, which is pass@1, and `pass@n`) and the (problems, samples)
     0/1 matrix.
     """
-    prompts, answers = [e.prompt for e in task.test], [e.answer for e in task.test]
+    problems = task.test if problems is None else problems
+    prompts, answers = [e.prompt for e in problems], [e.answer for e in problems]
     texts = sample_texts(
         backend,
         prompts,

@@ -84,7 +84,9 @@ class HFBackend:
     """Sampling with `model.generate` (KV cache on), in chunks of `batch_size` sequences.
 
     `temperature=0` decodes greedily. With `progress`, a bar follows the chunks of calls that need
-    more than one.
+    more than one. `synced` is for a model sharded over ranks (FSDP): every rank keeps stepping
+    until all ranks' sequences have stopped, since each step's forward gathers parameters from
+    all of them; every rank must then make the same calls with the same number of prompts.
     """
 
     def __init__(
@@ -94,11 +96,12 @@ class HFBackend:
         batch_size: int = 256,
         *,
         progress: bool = False,
+        synced: bool = False,
     ):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an EOS token for batched rollout")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.progress = progress
+        self.progress, self.synced = progress, synced
 
     def sync_weights(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -142,6 +145,7 @@ class HFBackend:
                 input_ids=prompt_ids[rows],
                 attention_mask=prompt_mask[rows],
                 generation_config=config,
+                synced_gpus=self.synced,
             )
             chunks.append(out[:, prompt_ids.shape[1] :])
         self.model.train(was_training)

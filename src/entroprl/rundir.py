@@ -115,21 +115,23 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a name-keyed optimizer state dict (`parallel.optimizer_state`) into safetensors
+    tensors ``"<parameter name>.<slot>"`` and the JSON rest."""
     tensors, scalars = {}, {}
-    for index, slots in state["state"].items():
-        for name, value in slots.items():
+    for param, slots in state["state"].items():
+        for slot, value in slots.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{param}.{slot}"] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{index}.{name}"] = value
+                scalars[f"{param}.{slot}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        param, slot = key.rsplit(".", 1)  # parameter names have dots, slot names do not
+        state.setdefault(param, {})[slot] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -160,17 +162,27 @@ class RunDir:
         atomic_write_text(folder / f"step_{step:06d}.jsonl", text)
 
     def save_checkpoint(
-        self, step: int, model, tokenizer, optimizer, state: dict[str, Any], keep: int = 2
+        self,
+        step: int,
+        model,
+        tokenizer,
+        model_state: dict[str, torch.Tensor],
+        optimizer_state: dict[str, Any],
+        state: dict[str, Any],
+        keep: int = 2,
     ) -> Path:
-        """Write checkpoint `step` completely under a temporary name, then rename it into place."""
+        """Write checkpoint `step` completely under a temporary name, then rename it into place.
+
+        `model_state` and `optimizer_state` are full state dicts (`parallel.model_state`,
+        `parallel.optimizer_state`); `model` gives the Hugging Face config and save format."""
         self.checkpoints.mkdir(exist_ok=True)
         name = f"step_{step:06d}"
         tmp = self.checkpoints / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        model.save_pretrained(tmp / "model", state_dict=model_state, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
-        tensors, meta = _optimizer_to_tensors(optimizer.state_dict())
+        tensors, meta = _optimizer_to_tensors(optimizer_state)
         save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(meta))
         save_file(_rng_tensors(), tmp / "rng.safetensors")
@@ -191,12 +203,14 @@ class RunDir:
         return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint_state(path: Path, optimizer) -> dict[str, Any]:
-    """Restore the optimizer and every RNG from checkpoint `path`; return its state.json."""
+def load_optimizer_state(path: Path) -> dict[str, Any]:
+    """The full optimizer state dict of checkpoint `path`, keyed by parameter name."""
     meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(
-        _optimizer_from_tensors(load_file(path / "optimizer.safetensors"), meta)
-    )
+    return _optimizer_from_tensors(load_file(path / "optimizer.safetensors"), meta)
+
+
+def load_checkpoint_state(path: Path) -> dict[str, Any]:
+    """Restore every RNG from checkpoint `path`; return its state.json."""
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():

@@ -1,9 +1,10 @@
 """The RL trainer: rollout, reward, advantage, update, log. It owns all state; the algorithms it
 composes are the pure functions of `entropy`, `dynamics`, `advantages` and `losses`.
 
-Runs as one process or under `torchrun` (DistributedDataParallel; gloo on CPU, NCCL on GPU): each
-rank samples its share of the prompts, and covariance selections and loss denominators are global
-over the ranks, so an update does not depend on how the batch is split.
+Runs as one process or under `torchrun` (gloo on CPU, NCCL on GPU), the model replicated (DDP) or
+sharded (FSDP2) over the ranks (`entroprl.parallel`): each rank samples its share of the prompts,
+and covariance selections and loss denominators are global over the ranks, so an update does not
+depend on how the batch is split.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from entroprl import advantages as adv_lib
-from entroprl import distributed, dynamics, losses
+from entroprl import distributed, dynamics, losses, parallel
 from entroprl.config import Config
 from entroprl.entropy import batch_entropy, logprobs_and_entropy
-from entroprl.evaluation import evaluate
+from entroprl.evaluation import evaluate, score_samples
 from entroprl.law import detect_stages
 from entroprl.rollout import RolloutBatch, position_ids
-from entroprl.rundir import RunDir, load_checkpoint_state
+from entroprl.rundir import RunDir, load_checkpoint_state, load_optimizer_state
 from entroprl.tasks.base import Task
 from entroprl.vllm_backend import make_backend
 
@@ -163,7 +164,7 @@ def update_policy(
 
     Each mini-batch is split into micro-batches whose losses use the whole mini-batch's
     denominators (and covariance selection), so the accumulated gradient equals that of the
-    mini-batch in one piece. Under DDP the gradient is averaged over ranks, hence the loss is
+    mini-batch in one piece. DDP and FSDP average the gradient over ranks, hence the loss is
     scaled by the world size to make it the global sum. Returns metrics and the number of
     updates skipped because the loss or gradient was not finite.
     """
@@ -213,6 +214,8 @@ def update_policy(
             for i, start in enumerate(micro_starts):
                 rows = slice(start, start + o.micro_batch_size)
                 mb = mini.rows(torch.arange(mini_rows.numel())[rows])
+                # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch
+                # (it has no no_sync), which keeps its gradients sharded
                 sync = i == len(micro_starts) - 1 or not hasattr(model, "no_sync")
                 with contextlib.nullcontext() if sync else model.no_sync():
                     log_prob, entropy = forward_log_probs(
@@ -253,7 +256,9 @@ def update_policy(
                     (loss * world).backward()
                 for key, value in m.items():
                     metrics[key].append(value)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+            grad_norm = parallel.global_grad_norm(
+                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+            )
             if not (finite and torch.isfinite(grad_norm)):
                 # A non-finite loss on any rank poisons the all-reduced gradient on every rank,
                 # so every rank skips together.
@@ -288,7 +293,8 @@ def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: the reentrant form breaks FSDP's per-layer parameter gathering
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 
@@ -334,13 +340,15 @@ class Trainer:
         self.model = model.to(self.device)
         self.model.train()
         self.ref_model = None
+        compute_dtype = c.model.compute_dtype and getattr(torch, c.model.compute_dtype)
         if c.algorithm.kl_coef > 0:
             import copy
 
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.ddp_model = self.model
-        if self.world > 1:
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model)
+            if c.trainer.strategy == "fsdp":
+                parallel.shard(self.ref_model, compute_dtype=compute_dtype)
+        # the module updates run through: self.model itself when sharded (FSDP shards in place)
+        self.wrapped = parallel.wrap(self.model, c.trainer.strategy, compute_dtype=compute_dtype)
         o = c.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -387,24 +395,36 @@ class Trainer:
         }
 
     def save(self) -> None:
+        """Checkpoint on rank 0; every rank takes part, since a sharded model is gathered."""
+        model_state = parallel.model_state(self.model)
+        optimizer_state = parallel.optimizer_state(self.model, self.optimizer)
         if self.run is not None:
             self.run.save_checkpoint(
                 self.step,
                 self.model,
                 self.tokenizer,
-                self.optimizer,
+                model_state,
+                optimizer_state,
                 self.state(),
                 keep=self.config.trainer.keep_checkpoints,
             )
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint in the run directory, if there is one."""
+        """Continue from the newest complete checkpoint in the run directory, if there is one.
+
+        Every rank reads the small state files; the weights and optimizer state are read by
+        every rank under DDP and by rank 0 alone under FSDP, which scatters them."""
         path = RunDir(self.config.trainer.out_dir).latest_checkpoint()
         if path is None:
             return False
-        loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=self.model.dtype)
-        self.model.load_state_dict(loaded.state_dict())
-        state = load_checkpoint_state(path, self.optimizer)
+        model_state, optimizer_state = {}, {}
+        if self.rank == 0 or not parallel.is_sharded(self.model):
+            dtype = getattr(torch, self.config.model.dtype)
+            loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=dtype)
+            model_state, optimizer_state = loaded.state_dict(), load_optimizer_state(path)
+            del loaded
+        parallel.load_state(self.model, self.optimizer, model_state, optimizer_state)
+        state = load_checkpoint_state(path)
         self.step = state["step"]
         self.entropy_history = state["entropy_history"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
@@ -505,7 +525,9 @@ class Trainer:
         t_old = time.perf_counter()
         # advantage
         advantages = self.shaped_advantages(batch, rewards, old_log_prob, step)
-        metrics |= self.dynamics_metrics(batch, old_log_prob, advantages, ent)
+        # a collective over ranks: computed on all of them, also for rank 0's rollout samples
+        cov = dynamics.token_covariance(old_log_prob, advantages, mask)
+        metrics |= self.dynamics_metrics(batch, old_log_prob, advantages, cov, ent)
         loss_mask = mask * keep[:, None]
         if a.high_entropy_rho is not None:
             loss_mask = loss_mask * losses.high_entropy_mask(
@@ -535,7 +557,7 @@ class Trainer:
         skipped = 0
         for part in parts:
             update_metrics, s = update_policy(
-                self.ddp_model,
+                self.wrapped,
                 self.optimizer,
                 part,
                 c,
@@ -570,7 +592,7 @@ class Trainer:
         }
         if self.run is not None and c.trainer.rollout_samples > 0:
             self.run.write_rollouts(
-                step, self.rollout_records(batch, rewards, old_log_prob, entropy, advantages)
+                step, self.rollout_records(batch, rewards, old_log_prob, entropy, advantages, cov)
             )
         return metrics
 
@@ -591,12 +613,16 @@ class Trainer:
         }
 
     def dynamics_metrics(
-        self, batch: RolloutBatch, old_log_prob: Tensor, advantages: Tensor, ent: dict[str, float]
+        self,
+        batch: RolloutBatch,
+        old_log_prob: Tensor,
+        advantages: Tensor,
+        cov: Tensor,
+        ent: dict[str, float],
     ) -> dict[str, float]:
         """Entropy (both definitions), the log-prob/advantage covariances, and the first-order
         entropy change they predict (SPEC 2, 3)."""
         mask = batch.response_mask
-        cov = dynamics.token_covariance(old_log_prob, advantages, mask)
         summary = dynamics.covariance_summary(cov, mask)
         seq_logp = dynamics.response_mean_logp(old_log_prob, mask)
         seq_adv = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
@@ -614,9 +640,8 @@ class Trainer:
         out |= {f"cov/{k}": v for k, v in summary.items()}
         return out
 
-    def rollout_records(self, batch, rewards, old_log_prob, entropy, advantages) -> list[dict]:
+    def rollout_records(self, batch, rewards, old_log_prob, entropy, advantages, cov) -> list[dict]:
         n = min(self.config.trainer.rollout_samples, batch.input_ids.shape[0])
-        cov = dynamics.token_covariance(old_log_prob, advantages, batch.response_mask)
         records = []
         for i in range(n):
             L = int(batch.response_mask[i].sum().item())
@@ -636,16 +661,27 @@ class Trainer:
         return records
 
     def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy, every rank sampling an equal share of the problems (the last share
+        padded with repeats, so that sharded models run the same forwards on every rank)."""
         c = self.config
         self.backend.sync_weights(self.model)
-        summary, _ = evaluate(
+        test = self.task.test
+        share = math.ceil(len(test) / self.world)
+        mine = [(self.rank * share + i) % len(test) for i in range(share)]
+        _, correct = evaluate(
             self.backend,
             self.task,
             samples=c.trainer.eval_samples,
             temperature=c.trainer.eval_temperature,
             max_new_tokens=c.rollout.max_new_tokens,
             top_p=c.rollout.top_p,
+            problems=[test[i] for i in mine],
         )
+        mine = torch.as_tensor(correct, dtype=torch.float32, device=self.device)
+        everyone, _ = distributed.all_gather_cat(mine)
+        k = c.trainer.eval_samples
+        correct = everyone.reshape(-1, k)[: len(test)].cpu().numpy()
+        summary = score_samples(correct, ks=[k] if k > 1 else [])
         return {f"val-core/{self.task.name}/acc/{k}": v for k, v in summary.items()}
 
     # -- the loop --------------------------------------------------------------------------------
@@ -658,8 +694,10 @@ class Trainer:
         if self.run is not None:
             self.run.write_config(c.to_dict())
             log = self.run.metrics_log(c.trainer.tensorboard)
-        if self.step == 0 and c.trainer.eval_every > 0 and self.run is not None:
-            log.log(0, self.evaluate())
+        if self.step == 0 and c.trainer.eval_every > 0:
+            initial = self.evaluate()
+            if log is not None:
+                log.log(0, initial)
         bar = tqdm(
             range(self.step + 1, c.trainer.steps + 1),
             desc="rl steps",
@@ -671,10 +709,8 @@ class Trainer:
             for step in bar:
                 metrics = self.train_step(step)
                 self.step = step
-                if (
-                    self.run is not None
-                    and c.trainer.eval_every > 0
-                    and (step % c.trainer.eval_every == 0 or step == c.trainer.steps)
+                if c.trainer.eval_every > 0 and (
+                    step % c.trainer.eval_every == 0 or step == c.trainer.steps
                 ):
                     metrics |= self.evaluate()
                 if log is not None:

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from entroprl import distributed
+from entroprl import distributed, parallel
 from entroprl.checks import check_choice
 from entroprl.config import Config, ConfigError
 from entroprl.rollout import (
@@ -56,6 +56,7 @@ def make_backend(
             tokenizer,
             config.rollout.generation_batch_size,
             progress=config.trainer.progress and distributed.rank() == 0,
+            synced=parallel.is_sharded(model) and distributed.world_size() > 1,
         )
     if config.model.path is None:
         raise ConfigError(
@@ -84,7 +85,7 @@ def _import_vllm() -> Any:
     return vllm
 
 
-def _load_weights(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
+def _load_weights(worker: Any, weights: Iterable[tuple[str, Tensor]]) -> None:
     """Runs on vLLM's worker (in this process): copy the named tensors into its model."""
     worker.model_runner.model.load_weights(weights=weights)
 
@@ -135,9 +136,9 @@ class VLLMBackend:
     def sync_weights(self, model: PreTrainedModel | torch.nn.Module) -> None:
         """Copy the training model's current weights into the engine, and drop its prefix cache
         (the cached keys and values were computed with the old weights)."""
-        model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
-        weights = list(model.state_dict().items())
-        self.llm.collective_rpc(_load_weights, args=(weights,))
+        # A generator: a sharded model is gathered one tensor at a time as vLLM loads it (the
+        # engine runs in this process, so nothing is serialised)
+        self.llm.collective_rpc(_load_weights, args=(parallel.full_tensors(model),))
         self.llm.reset_prefix_cache()
 
     @torch.no_grad()
