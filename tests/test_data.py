@@ -467,3 +467,4 @@ def test_recipe_loads_with_the_papers_settings(name):
     assert 5e-7 <= config.optim.lr <= 1e-6
     assert config.model.path and config.data.task == "math"
     assert config.rollout.backend == "vllm" and config.model.dtype == "float32"
+    assert config.trainer.strategy == "fsdp" and config.model.compute_dtype == "bfloat16"

@@ -1,14 +1,21 @@
 """Two gloo processes give the same update as one process on the same global batch, replicated
 (DDP) or sharded (FSDP2), and a sharded run trains, evaluates and resumes like a replicated one."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from safetensors.torch import load_file, save_file
 
 from entroprl import parallel
 from entroprl.config import config_from_dict
+from entroprl.models import save_model
 from entroprl.rundir import read_metrics
 from entroprl.trainer import Trainer, update_policy
 from tests.policies import make_tiny_policy
@@ -146,3 +153,39 @@ def test_fsdp_trainer_matches_ddp_evaluates_and_resumes(tmp_path):
     assert (ckpt / "model.safetensors").is_file()
     bf16 = read_metrics(tmp_path / "bf16" / "metrics.jsonl")
     assert all(r["actor/skipped_updates"] == 0 for r in bf16[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_command_line_fsdp_under_torchrun_and_alone(tmp_path):
+    """`entroprl train` with trainer.strategy=fsdp from a checkpoint directory: under torchrun on
+    two ranks, and as a plain process (a group of one, for bf16 mixed precision)."""
+    model, tok = make_tiny_policy()
+    model_dir = save_model(model, tok, tmp_path / "model")
+    config = tmp_path / "fsdp.yaml"
+    values = small_config(tmp_path, model={"path": str(model_dir)}).to_dict()
+    values["trainer"] |= {"strategy": "fsdp", "device": "cpu", "steps": 2}
+    config.write_text(yaml.safe_dump(values))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    launches = {
+        "torchrun": [str(torchrun), "--nproc-per-node", "2", "-m", "entroprl.cli"],
+        "alone": [sys.executable, "-m", "entroprl.cli"],
+    }
+    for name, launch in launches.items():
+        out = tmp_path / name
+        overrides = [f"trainer.out_dir={out}", "model.compute_dtype=bfloat16"]
+        done = subprocess.run(
+            [*launch, "train", str(config), *overrides],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, f"{name}:\n{done.stderr[-3000:]}"
+        records = read_metrics(out / "metrics.jsonl")
+        assert [r["step"] for r in records] == [0, 1, 2], name
+        assert all(r["actor/skipped_updates"] == 0 for r in records[1:]), name
+        saved = load_file(out / "checkpoints" / "step_000002" / "model" / "model.safetensors")
+        assert saved.keys() >= {n for n, _ in model.named_parameters()} - {"lm_head.weight"}
+        assert {v.dtype for v in saved.values()} == {torch.float32}, name

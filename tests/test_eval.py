@@ -430,4 +430,15 @@ def test_make_backend_follows_the_config(tiny_policy, fake_vllm):
     vllm = make_backend(config_from_dict({**vllm_cfg, "model": {"path": "/m"}}), model, tok)
     assert isinstance(vllm, VLLMBackend)
     assert (vllm.llm.kwargs["model"], vllm.llm.kwargs["seed"]) == ("/m", 3)
+    assert vllm.llm.kwargs["dtype"] == "float32"
+    assert vllm.llm.kwargs["gpu_memory_utilization"] == 0.5
     assert vllm.device == torch.device("cpu")
+    # samples in the dtype the policy's forward runs in, on the share of the GPU it is given
+    mixed = {
+        "rollout": {"backend": "vllm", "gpu_memory_utilization": 0.3},
+        "model": {"path": "/m", "compute_dtype": "bfloat16"},
+        "trainer": {"strategy": "fsdp"},
+    }
+    vllm = make_backend(config_from_dict(mixed), model, tok)
+    assert vllm.llm.kwargs["dtype"] == "bfloat16"
+    assert vllm.llm.kwargs["gpu_memory_utilization"] == 0.3

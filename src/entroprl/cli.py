@@ -6,7 +6,9 @@
     entroprl analyze RUN [--out DIR]
     entroprl compare RUN [RUN ...] [--out DIR]
 
-Under `torchrun`, `train` runs DistributedDataParallel (NCCL on GPUs, gloo on CPU).
+Under `torchrun`, `train` runs on every rank (NCCL on GPUs, gloo on CPU), the model replicated
+(`trainer.strategy=ddp`) or sharded (`trainer.strategy=fsdp`). FSDP without torchrun runs as a
+single-rank process group, for its mixed precision alone.
 """
 
 from __future__ import annotations
@@ -20,20 +22,32 @@ from entroprl.config import ConfigError, load_config
 from entroprl.evaluation import add_eval_arguments, run_eval
 
 
-def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        import torch.distributed as dist
+def _init_distributed(strategy: str) -> None:
+    """Join torchrun's process group (it sets WORLD_SIZE), or start a group of one for FSDP."""
+    import torch
+    import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    launched = "WORLD_SIZE" in os.environ
+    if dist.is_initialized() or not (launched or strategy == "fsdp"):
+        return
+    if torch.cuda.is_available():
+        # before the group forms, so that NCCL and FSDP's device mesh use this rank's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if launched:
+        dist.init_process_group(backend)
+    else:
+        import tempfile
+
+        store = Path(tempfile.mkdtemp(prefix="entroprl-pg-")) / "store"
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from entroprl.trainer import Trainer
 
-    _init_distributed()
     config = load_config(args.config, args.overrides)
+    _init_distributed(config.trainer.strategy)
     out = Trainer(config).train(resume=args.resume)
     print(f"run directory: {out}")
 

@@ -71,6 +71,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 16
     generation_batch_size: int = 256
+    gpu_memory_utilization: float = 0.5
+    """vLLM: the fraction of each GPU its engine takes (weights and KV cache); the rest is left
+    for training."""
 
 
 @dataclass
@@ -209,6 +212,7 @@ class Config:
         need(a.lopti_eta is None or 0 < a.lopti_eta < 1, "algorithm.lopti_eta", "in (0, 1)")
         need(0 <= a.low_prob_alpha <= 1, "algorithm.low_prob_alpha", "must be in [0, 1]")
         need(r.backend in ("hf", "vllm"), "rollout.backend", "hf or vllm")
+        need(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "in (0, 1)")
         need(r.n >= 1, "rollout.n", "must be >= 1")
         need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
         need(r.temperature > 0, "rollout.temperature", "must be > 0")

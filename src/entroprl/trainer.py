@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections import defaultdict
@@ -302,7 +303,9 @@ def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda", distributed.rank() % torch.cuda.device_count())
+        # torchrun's LOCAL_RANK: this node's GPU for this rank, also when several nodes train
+        local = int(os.environ.get("LOCAL_RANK", distributed.rank()))
+        return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -333,6 +336,8 @@ class Trainer:
             )
         torch.manual_seed(c.trainer.seed)
         self.device = pick_device(c.trainer.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # FSDP shards on the current device
         if model is None:
             model, tokenizer = load_policy(c)
         self.task = task or build_task(c.data, tokenizer)

@@ -43,8 +43,9 @@ def make_backend(
 
     ``hf``: `HFBackend` on `model`. ``vllm``: a `VLLMBackend` that loads ``config.model.path``
     (the same checkpoint as the training model; call ``sync_weights`` before each rollout so that
-    it samples from the current policy) in ``config.model.dtype``, seeded with
-    ``config.trainer.seed``; `model` may be None (evaluation needs no training copy).
+    it samples from the current policy) in the dtype the policy's forward runs in
+    (``model.compute_dtype``, else ``model.dtype``), seeded with ``config.trainer.seed``; `model`
+    may be None (evaluation needs no training copy).
     """
     name = config.rollout.backend
     check_choice("rollout.backend", name, BACKENDS)
@@ -67,8 +68,9 @@ def make_backend(
     return VLLMBackend(
         config.model.path,
         tokenizer,
-        dtype=config.model.dtype,
+        dtype=config.model.compute_dtype or config.model.dtype,
         seed=config.trainer.seed,
+        gpu_memory_utilization=config.rollout.gpu_memory_utilization,
         device=device,
     )
 
