@@ -51,6 +51,8 @@ def _one_update(policy_loss, mode, rows, mini, micro, strategy=None):
     )
     names = [n for n, _ in model.named_parameters()]
     wrapped = parallel.wrap(model, strategy) if strategy else model
+    with torch.no_grad():  # as the trainer's old log-probs: FSDP must not keep the root gathered
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     metrics, _ = update_policy(
         wrapped, opt, batch, config, generator=torch.Generator().manual_seed(0)
@@ -100,7 +102,14 @@ def _run(out_dir, steps, strategy, resume=False, **sections):
     config = small_config(
         out_dir,
         trainer={"steps": steps, "strategy": strategy, "save_every": 1},
-        algorithm={"kl_coef": 0.05},  # a reference model, sharded like the policy
+        # a reference model, sharded like the policy; overlong penalties make some groups'
+        # rewards differ, so that dynamic sampling refills a step on some rank (a joint decision)
+        algorithm={
+            "kl_coef": 0.05,
+            "dynamic_sampling": True,
+            "dynamic_sampling_max_batches": 3,
+            "overlong_buffer": 4,
+        },
         **sections,
     )
     trainer = Trainer(config, model=model, tokenizer=tok)
@@ -134,15 +143,17 @@ def _comparable(record):
 
 @pytest.mark.distributed
 def test_fsdp_trainer_matches_ddp_evaluates_and_resumes(tmp_path):
-    """Two ranks: a sharded run logs what the replicated run logs, step for step (rollouts,
-    rewards, entropy, covariance, losses, held-out accuracy); a sharded run resumed from its
-    checkpoint continues it exactly, and its checkpoint resumes under DDP too."""
+    """Two ranks: a sharded run logs what the replicated run logs, step for step (rollouts and
+    their refills, rewards, entropy, covariance, losses, held-out accuracy); a sharded run resumed
+    from its checkpoint continues it exactly, and its checkpoint resumes under DDP too."""
     mp.spawn(_trainer_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
     fsdp = read_metrics(tmp_path / "fsdp" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in fsdp] == [0, 1, 2, 3, 4]
     assert "val-core/countdown/acc/mean@2" in fsdp[2] and "actor/kl_loss" in fsdp[1]
+    assert max(r["train/num_gen_batches"] for r in fsdp[1:]) > 1
+    assert all(r["actor/grad_norm"] > 0 for r in fsdp[1:])  # the comparison below is not vacuous
     for other in (ddp, resumed):
         for r1, r2 in zip(fsdp[:4], other, strict=True):
             a, b = _comparable(r1), _comparable(r2)

@@ -7,7 +7,7 @@ import torch
 
 from entroprl import losses
 from entroprl.config import config_from_dict
-from entroprl.rollout import HFBackend, response_mask_from_ids
+from entroprl.rollout import HFBackend, concat_batches, response_mask_from_ids
 from entroprl.rundir import read_metrics
 from entroprl.tasks.base import Example, RewardError, Task
 from entroprl.trainer import Trainer, TrainingError, UpdateBatch, forward_log_probs, update_policy
@@ -268,3 +268,111 @@ def test_dynamic_sampling_run(tiny_policy, tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert all(0.0 <= r["batch/kept_fraction"] <= 1.0 for r in records)
+
+
+def test_concat_and_rows_keep_every_row_intact(tiny_policy):
+    """Rows of differently padded batches, joined and then picked, keep their tokens, their
+    masks and their log-probs; groups stay apart; columns no picked row uses are dropped."""
+    model, tok = tiny_policy
+    backend = HFBackend(model, tok)
+    torch.manual_seed(0)
+    a = backend.generate(["1 2>3="], n=2, temperature=1.0, top_p=1.0, max_new_tokens=3)
+    b = backend.generate(
+        ["10 20 30>60=", "4>4="], n=2, temperature=1.0, top_p=1.0, max_new_tokens=7
+    )
+    both = concat_batches([a, b], tok.pad_token_id)
+    assert both.group_ids.tolist() == [0, 0, 1, 1, 2, 2]
+    assert both.texts == a.texts + b.texts
+    assert both.prompt_len == max(a.prompt_len, b.prompt_len)
+
+    def alone(batch, i):
+        """Row i's prompt and response tokens, padding removed."""
+        prompt = batch.input_ids[i, : batch.prompt_len][
+            batch.attention_mask[i, : batch.prompt_len] == 1
+        ]
+        return prompt.tolist(), batch.response_ids[i][batch.response_mask[i] == 1].tolist()
+
+    originals = [alone(a, 0), alone(a, 1), *(alone(b, i) for i in range(4))]
+    assert [alone(both, i) for i in range(6)] == originals
+    picked = both.rows(torch.tensor([0, 1]))  # the short prompt's group only
+    assert picked.prompt_len == a.prompt_len
+    assert picked.response_mask.shape[1] == int(a.response_lengths.max())
+    assert [alone(picked, i) for i in range(2)] == originals[:2]
+    full, _ = forward_log_probs(
+        model, both.input_ids, both.attention_mask, both.response_mask.shape[1]
+    )
+    part, _ = forward_log_probs(
+        model, picked.input_ids, picked.attention_mask, picked.response_mask.shape[1]
+    )
+    width = picked.response_mask.shape[1]
+    torch.testing.assert_close(
+        part * picked.response_mask,
+        (full[:2, :width] * both.response_mask[:2, :width]),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_dynamic_sampling_refills_until_every_group_is_informative(tiny_policy, tmp_path):
+    """Batches are drawn until the step holds prompts_per_step groups whose rewards differ, at
+    most dynamic_sampling_max_batches; all-equal groups fill what is still empty; the groups kept
+    stay in sampling order, and the accuracy logged is that of everything sampled."""
+    model, tok = tiny_policy
+    config = small_config(
+        tmp_path,
+        algorithm={"dynamic_sampling": True, "dynamic_sampling_max_batches": 3},
+        trainer={"steps": 1, "eval_every": 0},
+    )
+    trainer = Trainer(config, model=model, tokenizer=tok)
+    # prompts_per_step 4, n 4: per batch, groups 0-3 get these rewards
+    scripted = [
+        [[0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]],  # one informative group
+        [[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]],  # two more
+        [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],  # none: still one short
+    ]
+    seen = []
+
+    def score(batch, answers):
+        seen.append(batch.texts)
+        r = torch.tensor(scripted[len(seen) - 1], dtype=torch.float32).flatten()
+        return r.clone(), r
+
+    trainer.score = score
+    batch, rewards, metrics = trainer.sample(1)
+    assert metrics["train/num_gen_batches"] == 3
+    assert metrics["train/acc"] == pytest.approx(torch.tensor(scripted).float().mean().item())
+    want = [scripted[0][0], scripted[0][2], scripted[1][1], scripted[1][3]]
+    assert rewards.tolist() == [float(x) for g in want for x in g]
+    texts = [t for b in seen for t in b]
+    assert batch.texts == [texts[i] for g in (0, 2, 5, 7) for i in range(4 * g, 4 * g + 4)]
+    assert batch.group_ids.unique().numel() == 4
+    # each batch of a step draws different prompts
+    assert len({tuple(trainer.prompts_for(1, k)) for k in range(3)}) == 3
+    assert trainer.prompts_for(1, 0) == trainer.prompts_for(1)
+
+    # enough after the first batch: no refill
+    seen.clear()
+    scripted[0] = [[0, 1, 0, 0]] * 4
+    batch, rewards, metrics = trainer.sample(1)
+    assert metrics["train/num_gen_batches"] == 1 and len(seen) == 1
+    assert rewards.tolist() == [0.0, 1.0, 0.0, 0.0] * 4
+
+
+def test_dynamic_sampling_refills_in_a_run(tiny_policy, tmp_path):
+    """The untrained policy solves nothing; overlong penalties make some groups' rewards
+    differ, few enough that the first step needs a refill."""
+    model, tok = tiny_policy
+    config = small_config(
+        tmp_path,
+        algorithm={
+            "dynamic_sampling": True,
+            "dynamic_sampling_max_batches": 3,
+            "overlong_buffer": 4,
+        },
+        trainer={"steps": 2, "eval_every": 0},
+    )
+    Trainer(config, model=model, tokenizer=tok).train()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(1 <= r["train/num_gen_batches"] <= 3 for r in records)
+    assert records[0]["train/num_gen_batches"] > 1
+    assert all(r["batch/kept_fraction"] == 1.0 and r["actor/grad_norm"] > 0 for r in records)

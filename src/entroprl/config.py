@@ -106,6 +106,12 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"
     high_entropy_rho: float | None = None
     dynamic_sampling: bool = False
+    """DAPO: groups whose rewards are all equal leave the loss (SPEC 6)."""
+    dynamic_sampling_max_batches: int = 1
+    """With dynamic_sampling: sample up to this many batches of prompts_per_step prompts per step,
+    keeping groups whose rewards differ, until every rank has its share (DAPO's
+    max_num_gen_batches); places still empty after the last are masked out of the loss. 1: one
+    batch, filtered groups masked out."""
     overlong_buffer: int = 0
     overlong_factor: float = 1.0
     ppl_shaping_alpha: float = 0.0
@@ -213,6 +219,16 @@ class Config:
         need(0 <= a.low_prob_alpha <= 1, "algorithm.low_prob_alpha", "must be in [0, 1]")
         need(r.backend in ("hf", "vllm"), "rollout.backend", "hf or vllm")
         need(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "in (0, 1)")
+        need(
+            a.dynamic_sampling_max_batches >= 1,
+            "algorithm.dynamic_sampling_max_batches",
+            "must be >= 1",
+        )
+        need(
+            a.dynamic_sampling or a.dynamic_sampling_max_batches == 1,
+            "algorithm.dynamic_sampling_max_batches",
+            "more than one batch needs algorithm.dynamic_sampling=true",
+        )
         need(r.n >= 1, "rollout.n", "must be >= 1")
         need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
         need(r.temperature > 0, "rollout.temperature", "must be > 0")

@@ -67,7 +67,11 @@ def shard(model: torch.nn.Module, *, compute_dtype: torch.dtype | None = None) -
     )
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    # By default FSDP2 keeps the root's parameters (embeddings, final norm, head) gathered after
+    # a forward. After a no_grad forward (sampling, old log-probs) the next forward with grad
+    # would then reuse them without the hook that reduce-scatters their gradient, and they would
+    # get none: an explicit True regathers them each forward.
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
     return model
 
 

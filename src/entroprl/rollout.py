@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -34,6 +35,43 @@ class RolloutBatch:
     @property
     def response_lengths(self) -> Tensor:
         return self.response_mask.sum(-1)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    def rows(self, index: Tensor) -> RolloutBatch:
+        """The rows `index` (a 1-D tensor of positions), padding columns no row uses removed."""
+        index = index.to(self.input_ids.device)
+        P = self.prompt_len
+        prompt = self.attention_mask[index, :P]
+        response = self.response_mask[index]
+        left = P - int(prompt.sum(-1).max().item()) if len(index) else P
+        width = int(response.sum(-1).max().item()) if len(index) else 0
+        return RolloutBatch(
+            input_ids=self.input_ids[index, left : P + width],
+            attention_mask=self.attention_mask[index, left : P + width],
+            response_mask=response[:, :width],
+            group_ids=self.group_ids[index],
+            texts=[self.texts[i] for i in index.tolist()],
+        )
+
+
+def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+    """One batch of all rows, prompts left-padded and responses right-padded to the longest;
+    each batch's group ids are offset past the previous ones so that groups stay apart."""
+    P = max(b.prompt_len for b in batches)
+    R = max(b.response_mask.shape[1] for b in batches)
+    ids, attn, resp, groups, texts, offset = [], [], [], [], [], 0
+    for b in batches:
+        left, right = P - b.prompt_len, R - b.response_mask.shape[1]
+        ids.append(F.pad(b.input_ids, (left, right), value=pad_token_id))
+        attn.append(F.pad(b.attention_mask, (left, right), value=0))
+        resp.append(F.pad(b.response_mask, (0, right), value=0.0))
+        groups.append(b.group_ids + offset)
+        offset += int(b.group_ids.max().item()) + 1 if len(b.group_ids) else 0
+        texts += b.texts
+    return RolloutBatch(torch.cat(ids), torch.cat(attn), torch.cat(resp), torch.cat(groups), texts)
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from entroprl.config import Config
 from entroprl.entropy import batch_entropy, logprobs_and_entropy
 from entroprl.evaluation import evaluate, score_samples
 from entroprl.law import detect_stages
-from entroprl.rollout import RolloutBatch, position_ids
+from entroprl.rollout import RolloutBatch, concat_batches, position_ids
 from entroprl.rundir import RunDir, load_checkpoint_state, load_optimizer_state
 from entroprl.tasks.base import Task
 from entroprl.vllm_backend import make_backend
@@ -439,28 +439,86 @@ class Trainer:
 
     # -- the algorithm -------------------------------------------------------------------------
 
-    def prompts_for(self, step: int) -> list[int]:
-        """This rank's prompt indices for `step`: a seeded draw, the same whether resumed or not."""
-        c = self.config
+    def prompts_for(self, step: int, batch: int = 0) -> list[int]:
+        """This rank's prompt indices for the `batch`-th sample of `step`: a seeded draw, the same
+        whether resumed or not; further batches of a step (dynamic sampling) take the next
+        prompts of the same permutation."""
+        c, size = self.config, self.config.rollout.prompts_per_step
         g = torch.Generator().manual_seed(c.trainer.seed * 1_000_003 + step)
         picks = torch.randperm(len(self.task.train), generator=g)
-        picks = picks.repeat(math.ceil(c.rollout.prompts_per_step / len(picks)))
-        picks = picks[: c.rollout.prompts_per_step]
+        picks = picks.repeat(math.ceil(size * (batch + 1) / len(picks)))
+        picks = picks[size * batch : size * (batch + 1)]
         return picks.tensor_split(self.world)[self.rank].tolist()
 
-    def rollout(self, step: int) -> tuple[RolloutBatch, list[Any]]:
+    def rollout(self, step: int, batch: int = 0) -> tuple[RolloutBatch, list[Any]]:
         r = self.config.rollout
-        examples = [self.task.train[i] for i in self.prompts_for(step)]
-        self.backend.sync_weights(self.model)
-        torch.manual_seed(self.config.trainer.seed * 7919 + step * 104729 + self.rank)
-        batch = self.backend.generate(
+        examples = [self.task.train[i] for i in self.prompts_for(step, batch)]
+        if batch == 0:
+            self.backend.sync_weights(self.model)
+        seed = self.config.trainer.seed * 7919 + step * 104729 + self.rank
+        torch.manual_seed(seed + batch * 1_000_033)
+        out = self.backend.generate(
             [e.prompt for e in examples],
             n=r.n,
             temperature=r.temperature,
             top_p=r.top_p,
             max_new_tokens=r.max_new_tokens,
         )
-        return batch, [examples[g].answer for g in batch.group_ids.tolist()]
+        return out, [examples[g].answer for g in out.group_ids.tolist()]
+
+    def score(self, batch: RolloutBatch, answers: list[Any]) -> tuple[Tensor, Tensor]:
+        """Verifier scores (1 for a correct answer) and rewards (scores plus the overlong
+        penalty, SPEC 6)."""
+        c, a = self.config, self.config.algorithm
+        correct = torch.tensor(self.task.score(batch.texts, answers), device=self.device)
+        rewards = correct.clone()
+        if a.overlong_buffer > 0:
+            rewards = rewards + adv_lib.overlong_penalty(
+                batch.response_lengths,
+                max_length=c.rollout.max_new_tokens,
+                buffer=a.overlong_buffer,
+                factor=a.overlong_factor,
+            )
+        return correct, rewards
+
+    def sample(self, step: int) -> tuple[RolloutBatch, Tensor, dict[str, float]]:
+        """Rollout and reward: one batch of prompts_per_step prompts, or, with dynamic sampling
+        refills (SPEC 6), batches until every rank holds prompts_per_step / world groups whose
+        rewards differ or `dynamic_sampling_max_batches` batches have been sampled.
+
+        Returns this rank's share of groups (with refills: the informative ones, then all-equal
+        ones for places still empty, in sampling order), their rewards, and the
+        rollout metrics of everything sampled (the policy's accuracy is that of all its samples,
+        not of the groups kept) with the time spent scoring."""
+        c, n = self.config, self.config.rollout.n
+        share = c.rollout.prompts_per_step // self.world
+        batch, answers = self.rollout(step)
+        start = time.perf_counter()
+        correct, rewards = self.score(batch, answers)
+        scoring = time.perf_counter() - start
+        sampled = 1
+        while sampled < c.algorithm.dynamic_sampling_max_batches:
+            informative = adv_lib.dynamic_sampling_mask(rewards, batch.group_ids).view(-1, n)[:, 0]
+            short = max(share - int(informative.sum().item()), 0)
+            if distributed.all_reduce_sum(torch.tensor(short)).item() == 0:
+                break
+            more, more_answers = self.rollout(step, sampled)
+            start = time.perf_counter()
+            more_correct, more_rewards = self.score(more, more_answers)
+            scoring += time.perf_counter() - start
+            batch = concat_batches([batch, more], self.tokenizer.pad_token_id)
+            correct = torch.cat([correct, more_correct])
+            rewards = torch.cat([rewards, more_rewards])
+            sampled += 1
+        metrics = self.rollout_metrics(batch, rewards, correct)
+        metrics |= {"train/num_gen_batches": sampled, "timing_s/reward": scoring}
+        if sampled == 1:
+            return batch, rewards, metrics
+        informative = adv_lib.dynamic_sampling_mask(rewards, batch.group_ids).view(-1, n)[:, 0]
+        # a stable sort ranks informative groups first, each kind in sampling order
+        groups = torch.sort((~informative).int(), stable=True).indices[:share].sort().values
+        rows = (groups[:, None] * n + torch.arange(n, device=groups.device)).flatten()
+        return batch.rows(rows), rewards[rows], metrics
 
     def position_shaping_active(self, step: int) -> bool:
         a = self.config.algorithm
@@ -493,20 +551,10 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         c, a = self.config, self.config.algorithm
         t0 = time.perf_counter()
-        # rollout
-        batch, answers = self.rollout(step)
-        t_gen = time.perf_counter()
-        # reward
-        correct = torch.tensor(self.task.score(batch.texts, answers), device=self.device)
-        rewards = correct.clone()
-        if a.overlong_buffer > 0:
-            rewards = rewards + adv_lib.overlong_penalty(
-                batch.response_lengths,
-                max_length=c.rollout.max_new_tokens,
-                buffer=a.overlong_buffer,
-                factor=a.overlong_factor,
-            )
-        metrics = self.rollout_metrics(batch, rewards, correct)
+        # rollout and reward
+        batch, rewards, metrics = self.sample(step)
+        t_reward = time.perf_counter()
+        t_gen = t_reward - metrics["timing_s/reward"]
         keep = torch.ones_like(rewards, dtype=torch.bool)
         if a.dynamic_sampling:
             # Filtered groups leave the loss mask rather than the batch: with global denominators
@@ -517,7 +565,6 @@ class Trainer:
             if kept == 0:
                 metrics["actor/skipped_updates"] = 1
                 return metrics | {"timing_s/gen": t_gen - t0}
-        t_reward = time.perf_counter()
         # old log-probs and entropy, once per rollout step
         old_log_prob, entropy = batched_log_probs(
             self.model, batch, c.optim.micro_batch_size, c.rollout.temperature
