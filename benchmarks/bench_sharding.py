@@ -7,13 +7,16 @@ Each (strategy, world size) case spawns its ranks (gloo on CPU, NCCL with one GP
 there are enough GPUs), builds the same Qwen2 model, wraps it with `parallel.wrap`, and runs AdamW
 steps on random tokens (forward, backward, gradient clipping, step). It then counts the bytes each
 rank holds, from the tensors themselves (the local shards of sharded parameters): weights,
-gradients and AdamW state, and reports the largest rank. The time is the median step over the
-repeats after one warm-up step. Prints a markdown table.
+gradients and AdamW state, and reports the largest rank. The step time is the median over the
+repeats after one warm-up step. Last, greedy generation of `--gen-tokens` tokens for 8 prompts,
+timed once with parameters gathered at every forward and once gathered for the whole call
+(`parallel.gathered`, what `HFBackend` does). Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -38,6 +41,20 @@ def _local_bytes(tensors) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
         total += t.numel() * t.element_size()
     return total
+
+
+def _generate(model, args, device, synced: bool, gather: bool) -> float:
+    """Seconds to sample `--gen-tokens` tokens for 8 prompts of 16 random tokens (KV cache on),
+    with the parameters gathered once for the call (`parallel.gathered`) or at every forward."""
+    prompts = torch.randint(args.vocab, (8, 16), generator=torch.Generator().manual_seed(0))
+    prompts = prompts.to(device)
+    n = args.gen_tokens
+    start = time.perf_counter()
+    with parallel.gathered(model) if gather else contextlib.nullcontext(), torch.no_grad():
+        model.generate(
+            prompts, do_sample=False, max_new_tokens=n, min_new_tokens=n, synced_gpus=synced
+        )
+    return time.perf_counter() - start
 
 
 def _case(rank, world, tmp, args, strategy):
@@ -75,6 +92,9 @@ def _case(rank, world, tmp, args, strategy):
             if gpu:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+        generation = [
+            _generate(model, args, device, strategy == "fsdp", gather) for gather in (0, 1)
+        ]
         params = list(model.parameters())
         held = torch.tensor(
             [
@@ -87,6 +107,7 @@ def _case(rank, world, tmp, args, strategy):
                     if torch.is_tensor(v) and v.dim()
                 ),
                 statistics.median(times[1:]),
+                *generation,
             ],
             dtype=torch.float64,
             device=device,
@@ -106,23 +127,27 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gen-tokens", type=int, default=32)
     args = parser.parse_args()
 
     mb = 2**20
     print(
         "| strategy | ranks | parameters | weights MB/rank | grads MB/rank | AdamW MB/rank "
-        "| total MB/rank | bytes/param/rank | step s |"
+        "| total MB/rank | bytes/param/rank | step s | generate s | generate s, gathered |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for world in args.worlds:
         for strategy in parallel.STRATEGIES:
             with tempfile.TemporaryDirectory() as tmp:
                 mp.spawn(_case, args=(world, tmp, args, strategy), nprocs=world)
-                n, weights, grads, adam, step = json.loads((Path(tmp) / "result.json").read_text())
+                n, weights, grads, adam, step, gen, gen_gathered = json.loads(
+                    (Path(tmp) / "result.json").read_text()
+                )
             total = weights + grads + adam
             print(
                 f"| {strategy} | {world} | {n / 1e6:.1f}M | {weights / mb:.1f} | {grads / mb:.1f} "
-                f"| {adam / mb:.1f} | {total / mb:.1f} | {total / n:.2f} | {step:.3f} |"
+                f"| {adam / mb:.1f} | {total / mb:.1f} | {total / n:.2f} | {step:.3f} | {gen:.2f} "
+                f"| {gen_gathered:.2f} |"
             )
 
 

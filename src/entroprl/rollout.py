@@ -15,6 +15,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from entroprl import parallel
+
 
 @dataclass
 class RolloutBatch:
@@ -123,8 +125,9 @@ class HFBackend:
 
     `temperature=0` decodes greedily. With `progress`, a bar follows the chunks of calls that need
     more than one. `synced` is for a model sharded over ranks (FSDP): every rank keeps stepping
-    until all ranks' sequences have stopped, since each step's forward gathers parameters from
-    all of them; every rank must then make the same calls with the same number of prompts.
+    until all ranks' sequences have stopped; every rank must then make the same calls with the
+    same number of prompts. A sharded model is gathered once for each call (a whole copy in its
+    compute dtype on every rank, as verl's Hugging Face rollout does), not for every token.
     """
 
     def __init__(
@@ -177,15 +180,16 @@ class HFBackend:
             leave=False,
             disable=not self.progress or len(starts) == 1,
         )
-        for start in bar:
-            rows = slice(start, start + self.batch_size)
-            out = self.model.generate(
-                input_ids=prompt_ids[rows],
-                attention_mask=prompt_mask[rows],
-                generation_config=config,
-                synced_gpus=self.synced,
-            )
-            chunks.append(out[:, prompt_ids.shape[1] :])
+        with parallel.gathered(self.model):  # a sharded model: gathered once, not every token
+            for start in bar:
+                rows = slice(start, start + self.batch_size)
+                out = self.model.generate(
+                    input_ids=prompt_ids[rows],
+                    attention_mask=prompt_mask[rows],
+                    generation_config=config,
+                    synced_gpus=self.synced,
+                )
+                chunks.append(out[:, prompt_ids.shape[1] :])
         self.model.train(was_training)
         width = max(c.shape[1] for c in chunks)
         response = torch.cat(
