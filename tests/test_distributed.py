@@ -170,7 +170,8 @@ def test_fsdp_trainer_matches_ddp_evaluates_and_resumes(tmp_path):
 @pytest.mark.distributed
 def test_command_line_fsdp_under_torchrun_and_alone(tmp_path):
     """`entroprl train` with trainer.strategy=fsdp from a checkpoint directory: under torchrun on
-    two ranks, and as a plain process (a group of one, for bf16 mixed precision)."""
+    two ranks, and as a plain process (a group of one), in bf16 mixed precision with gradient
+    checkpointing."""
     model, tok = make_tiny_policy()
     model_dir = save_model(model, tok, tmp_path / "model")
     config = tmp_path / "fsdp.yaml"
@@ -185,7 +186,11 @@ def test_command_line_fsdp_under_torchrun_and_alone(tmp_path):
     }
     for name, launch in launches.items():
         out = tmp_path / name
-        overrides = [f"trainer.out_dir={out}", "model.compute_dtype=bfloat16"]
+        overrides = [
+            f"trainer.out_dir={out}",
+            "model.compute_dtype=bfloat16",
+            "model.gradient_checkpointing=true",
+        ]
         done = subprocess.run(
             [*launch, "train", str(config), *overrides],
             env=env,
