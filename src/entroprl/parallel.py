@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -55,9 +56,17 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard(model: torch.nn.Module, *, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+def shard(
+    model: torch.nn.Module,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> torch.nn.Module:
     """FSDP2 over the default process group: each decoder layer, then the root (embeddings, final
-    norm and head, tied weights included). The model is sharded in place and returned."""
+    norm and head, tied weights included). The model is sharded in place and returned.
+
+    Each unit is moved to `device` (default: the current CUDA device, else the CPU) as it is
+    sharded, so a model still on the CPU never needs a whole copy on the GPU."""
     if not dist.is_initialized():
         raise RuntimeError(
             "trainer.strategy=fsdp shards over torch.distributed ranks: launch with torchrun "
@@ -66,25 +75,32 @@ def shard(model: torch.nn.Module, *, compute_dtype: torch.dtype | None = None) -
     policy = MixedPrecisionPolicy(
         param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None
     )
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
     # By default FSDP2 keeps the root's parameters (embeddings, final norm, head) gathered after
     # a forward. After a no_grad forward (sampling, old log-probs) the next forward with grad
     # would then reuse them without the hook that reduce-scatters their gradient, and they would
     # get none: an explicit True regathers them each forward.
-    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     return model
 
 
 def wrap(
-    model: torch.nn.Module, strategy: str, *, compute_dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    strategy: str,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
 ) -> torch.nn.Module:
-    """The module the update runs through: `model` sharded in place (``fsdp``), a
+    """The module the update runs through: `model` sharded in place (``fsdp``, see `shard`), a
     DistributedDataParallel wrapper around it (``ddp`` on several ranks), or `model` itself."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; known: {STRATEGIES}")
     if strategy == "fsdp":
-        return shard(model, compute_dtype=compute_dtype)
+        return shard(model, compute_dtype=compute_dtype, device=device)
     if compute_dtype is not None:
         raise ValueError("a compute dtype (mixed precision) needs strategy='fsdp'")
     if distributed.world_size() > 1:

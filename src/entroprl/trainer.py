@@ -342,7 +342,9 @@ class Trainer:
             model, tokenizer = load_policy(c)
         self.task = task or build_task(c.data, tokenizer)
         self.tokenizer = tokenizer
-        self.model = model.to(self.device)
+        sharded = c.trainer.strategy == "fsdp"
+        # FSDP moves each layer to the device as it shards it: no whole copy on the GPU first
+        self.model = model if sharded else model.to(self.device)
         self.model.train()
         self.ref_model = None
         compute_dtype = c.model.compute_dtype and getattr(torch, c.model.compute_dtype)
@@ -350,10 +352,12 @@ class Trainer:
             import copy
 
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-            if c.trainer.strategy == "fsdp":
-                parallel.shard(self.ref_model, compute_dtype=compute_dtype)
+            if sharded:
+                parallel.shard(self.ref_model, compute_dtype=compute_dtype, device=self.device)
         # the module updates run through: self.model itself when sharded (FSDP shards in place)
-        self.wrapped = parallel.wrap(self.model, c.trainer.strategy, compute_dtype=compute_dtype)
+        self.wrapped = parallel.wrap(
+            self.model, c.trainer.strategy, compute_dtype=compute_dtype, device=self.device
+        )
         o = c.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
