@@ -330,16 +330,18 @@ def test_dynamic_sampling_refills_until_every_group_is_informative(tiny_policy, 
         [[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]],  # two more
         [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],  # none: still one short
     ]
-    seen = []
+    seen, sampled_tokens = [], []
 
     def score(batch, answers):
         seen.append(batch.texts)
+        sampled_tokens.append(int(batch.response_mask.sum()))
         r = torch.tensor(scripted[len(seen) - 1], dtype=torch.float32).flatten()
         return r.clone(), r
 
     trainer.score = score
-    batch, rewards, metrics = trainer.sample(1)
+    batch, rewards, tokens, metrics = trainer.sample(1)
     assert metrics["train/num_gen_batches"] == 3
+    assert tokens == sum(sampled_tokens)  # all three batches, not only the groups kept
     assert metrics["train/acc"] == pytest.approx(torch.tensor(scripted).float().mean().item())
     want = [scripted[0][0], scripted[0][2], scripted[1][1], scripted[1][3]]
     assert rewards.tolist() == [float(x) for g in want for x in g]
@@ -353,7 +355,7 @@ def test_dynamic_sampling_refills_until_every_group_is_informative(tiny_policy, 
     # enough after the first batch: no refill
     seen.clear()
     scripted[0] = [[0, 1, 0, 0]] * 4
-    batch, rewards, metrics = trainer.sample(1)
+    batch, rewards, _, metrics = trainer.sample(1)
     assert metrics["train/num_gen_batches"] == 1 and len(seen) == 1
     assert rewards.tolist() == [0.0, 1.0, 0.0, 0.0] * 4
 

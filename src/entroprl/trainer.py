@@ -485,15 +485,16 @@ class Trainer:
             )
         return correct, rewards
 
-    def sample(self, step: int) -> tuple[RolloutBatch, Tensor, dict[str, float]]:
+    def sample(self, step: int) -> tuple[RolloutBatch, Tensor, int, dict[str, float]]:
         """Rollout and reward: one batch of prompts_per_step prompts, or, with dynamic sampling
         refills (SPEC 6), batches until every rank holds prompts_per_step / world groups whose
         rewards differ or `dynamic_sampling_max_batches` batches have been sampled.
 
         Returns this rank's share of groups (with refills: the informative ones, then all-equal
-        ones for places still empty, in sampling order), their rewards, and the
-        rollout metrics of everything sampled (the policy's accuracy is that of all its samples,
-        not of the groups kept) with the time spent scoring."""
+        ones for places still empty, in sampling order), their rewards, the number of response
+        tokens this rank sampled, and the rollout metrics of everything sampled (the policy's
+        accuracy is that of all its samples, not of the groups kept) with the time spent scoring.
+        """
         c, n = self.config, self.config.rollout.n
         share = c.rollout.prompts_per_step // self.world
         batch, answers = self.rollout(step)
@@ -516,13 +517,14 @@ class Trainer:
             sampled += 1
         metrics = self.rollout_metrics(batch, rewards, correct)
         metrics |= {"train/num_gen_batches": sampled, "timing_s/reward": scoring}
+        tokens = int(batch.response_mask.sum().item())
         if sampled == 1:
-            return batch, rewards, metrics
+            return batch, rewards, tokens, metrics
         informative = adv_lib.dynamic_sampling_mask(rewards, batch.group_ids).view(-1, n)[:, 0]
         # a stable sort ranks informative groups first, each kind in sampling order
         groups = torch.sort((~informative).int(), stable=True).indices[:share].sort().values
         rows = (groups[:, None] * n + torch.arange(n, device=groups.device)).flatten()
-        return batch.rows(rows), rewards[rows], metrics
+        return batch.rows(rows), rewards[rows], tokens, metrics
 
     def position_shaping_active(self, step: int) -> bool:
         a = self.config.algorithm
@@ -556,7 +558,7 @@ class Trainer:
         c, a = self.config, self.config.algorithm
         t0 = time.perf_counter()
         # rollout and reward
-        batch, rewards, metrics = self.sample(step)
+        batch, rewards, sampled_tokens, metrics = self.sample(step)
         t_reward = time.perf_counter()
         t_gen = t_reward - metrics["timing_s/reward"]
         keep = torch.ones_like(rewards, dtype=torch.bool)
@@ -642,7 +644,7 @@ class Trainer:
             "timing_s/old_log_prob": t_old - t_reward,
             "timing_s/update_actor": t_update - t_old,
             "timing_s/step": t_end - t0,
-            "perf/rollout_tokens_per_s": tokens / max(t_gen - t0, 1e-9),
+            "perf/rollout_tokens_per_s": sampled_tokens * self.world / max(t_gen - t0, 1e-9),
             "perf/update_tokens_per_s": tokens * c.optim.epochs / max(t_update - t_old, 1e-9),
             "perf/throughput": tokens / max(t_end - t0, 1e-9),
         }
