@@ -725,7 +725,7 @@ class Trainer:
         self.backend.sync_weights(self.model)
         test = self.task.test
         share = math.ceil(len(test) / self.world)
-        mine = [(self.rank * share + i) % len(test) for i in range(share)]
+        indices = [(self.rank * share + i) % len(test) for i in range(share)]
         _, correct = evaluate(
             self.backend,
             self.task,
@@ -733,7 +733,7 @@ class Trainer:
             temperature=c.trainer.eval_temperature,
             max_new_tokens=c.rollout.max_new_tokens,
             top_p=c.rollout.top_p,
-            problems=[test[i] for i in mine],
+            problems=[test[i] for i in indices],
         )
         mine = torch.as_tensor(correct, dtype=torch.float32, device=self.device)
         everyone, _ = distributed.all_gather_cat(mine)
