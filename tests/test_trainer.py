@@ -378,3 +378,10 @@ def test_dynamic_sampling_refills_in_a_run(tiny_policy, tmp_path):
     assert all(1 <= r["train/num_gen_batches"] <= 3 for r in records)
     assert records[0]["train/num_gen_batches"] > 1
     assert all(r["batch/kept_fraction"] == 1.0 and r["actor/grad_norm"] > 0 for r in records)
+
+
+def test_fsdp_without_a_process_group_says_how_to_launch(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+    config = small_config(tmp_path, trainer={"strategy": "fsdp"})
+    with pytest.raises(RuntimeError, match="torchrun"):
+        Trainer(config, model=model, tokenizer=tok)
