@@ -39,6 +39,7 @@ def test_int_accepted_for_float_and_none_for_optional():
         ("rollout.temperature=0", "rollout.temperature"),
         ("algorithm.clip_ratio_c=1", "algorithm.clip_ratio_c"),
         ("trainer.strategy=zero3", "trainer.strategy"),
+        ("optim.log_prob_micro_batch_size=0", "optim.log_prob_micro_batch_size"),
         ("model.compute_dtype=bfloat16", "model.compute_dtype"),  # needs strategy=fsdp
         ("model.compute_dtype=int8", "model.compute_dtype"),
         ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization"),

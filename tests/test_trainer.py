@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 from dataclasses import replace
@@ -385,3 +386,36 @@ def test_fsdp_without_a_process_group_says_how_to_launch(tiny_policy, tmp_path):
     config = small_config(tmp_path, trainer={"strategy": "fsdp"})
     with pytest.raises(RuntimeError, match="torchrun"):
         Trainer(config, model=model, tokenizer=tok)
+
+
+def test_no_grad_passes_use_their_own_micro_batch(tiny_policy, tmp_path, monkeypatch):
+    """Old, reference and selection log-probs run in log_prob_micro_batch_size rows; the
+    backward passes keep micro_batch_size; and the step logs what it does with the default."""
+    import entroprl.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.batched_log_probs
+
+    def recording(model, batch, micro_batch_size, temperature):
+        calls.append(micro_batch_size)
+        return real(model, batch, micro_batch_size, temperature)
+
+    monkeypatch.setattr(trainer_module, "batched_log_probs", recording)
+    model, tok = tiny_policy
+    runs = {}
+    for name, size in [("default", None), ("large", 16)]:
+        config = small_config(
+            tmp_path / name,
+            optim={"log_prob_micro_batch_size": size},
+            algorithm={"kl_coef": 0.05, "policy_loss": "clip_cov"},
+            trainer={"steps": 1, "eval_every": 0},
+        )
+        calls.clear()
+        trainer = Trainer(config, model=copy.deepcopy(model), tokenizer=tok)
+        trainer.train()
+        # old and reference log-probs, a selection pass for each of the 2 mini-batches, and
+        # the entropy after the update (measure_entropy_change)
+        assert calls == [size or 4] * 5, name
+        runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")[0]
+    for key in ("actor/entropy", "actor/kl_loss", "actor/pg_loss", "actor/grad_norm"):
+        assert runs["large"][key] == pytest.approx(runs["default"][key], rel=1e-4, abs=1e-6), key

@@ -138,6 +138,14 @@ class OptimConfig:
     """Responses per optimizer step (per rank); the rollout batch is split into mini-batches."""
     micro_batch_size: int = 32
     """Responses per forward/backward; gradients accumulate over a mini-batch."""
+    log_prob_micro_batch_size: int | None = None
+    """Responses per forward of the no-grad passes (old, reference and selection log-probs,
+    verl's log_prob_micro_batch_size); None: micro_batch_size. They keep no activations for a
+    backward, so they can take several times more."""
+
+    @property
+    def log_prob_rows(self) -> int:
+        return self.log_prob_micro_batch_size or self.micro_batch_size
 
 
 @dataclass
@@ -242,6 +250,11 @@ class Config:
         )
         need(o.epochs >= 1, "optim.epochs", "must be >= 1")
         need(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
+        need(
+            o.log_prob_micro_batch_size is None or o.log_prob_micro_batch_size >= 1,
+            "optim.log_prob_micro_batch_size",
+            "must be >= 1 (or null: optim.micro_batch_size)",
+        )
         need(
             o.mini_batch_size >= o.micro_batch_size,
             "optim.mini_batch_size",

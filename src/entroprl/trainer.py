@@ -199,7 +199,7 @@ def update_policy(
             if a.policy_loss in COV_LOSSES and a.cov_scope == "minibatch":
                 if a.cov_logp == "exact":
                     sel_logp, _ = batched_log_probs(
-                        model, mini, o.micro_batch_size, config.rollout.temperature
+                        model, mini, o.log_prob_rows, config.rollout.temperature
                     )
                 else:
                     sel_logp = mini.old_log_prob
@@ -572,11 +572,10 @@ class Trainer:
                 metrics["actor/skipped_updates"] = 1
                 return metrics | {"timing_s/gen": t_gen - t0}
         # old log-probs and entropy, once per rollout step
-        old_log_prob, entropy = batched_log_probs(
-            self.model, batch, c.optim.micro_batch_size, c.rollout.temperature
-        )
+        rows = c.optim.log_prob_rows
+        old_log_prob, entropy = batched_log_probs(self.model, batch, rows, c.rollout.temperature)
         if c.rollout.temperature != 1.0:  # the paper's entropy is at temperature 1
-            _, entropy = batched_log_probs(self.model, batch, c.optim.micro_batch_size, 1.0)
+            _, entropy = batched_log_probs(self.model, batch, rows, 1.0)
         mask = batch.response_mask
         ent = batch_entropy(entropy, mask)
         self.entropy_history.append(ent["seq_mean_token_mean"])
@@ -593,9 +592,7 @@ class Trainer:
             )
         ref = None
         if self.ref_model is not None:
-            ref, _ = batched_log_probs(
-                self.ref_model, batch, c.optim.micro_batch_size, c.rollout.temperature
-            )
+            ref, _ = batched_log_probs(self.ref_model, batch, rows, c.rollout.temperature)
         update_batch = UpdateBatch(
             batch.input_ids, batch.attention_mask, loss_mask, old_log_prob, advantages, ref
         )
@@ -633,7 +630,7 @@ class Trainer:
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
         t_update = time.perf_counter()
         if c.trainer.measure_entropy_change:
-            _, entropy_after = batched_log_probs(self.model, batch, c.optim.micro_batch_size, 1.0)
+            _, entropy_after = batched_log_probs(self.model, batch, rows, 1.0)
             after = batch_entropy(entropy_after, mask)["seq_mean_token_mean"]
             metrics["dynamics/entropy_change"] = after - ent["seq_mean_token_mean"]
         t_end = time.perf_counter()
