@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type; the message names the key."""
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+STRATEGIES = ("ddp", "fsdp")
+"""How the policy is laid out over ranks (`entroprl.parallel`): replicated or sharded."""
+
+
 @dataclass
 class ModelConfig:
     path: str | None = None
@@ -267,16 +272,12 @@ class Config:
         )
         need(t.steps >= 1, "trainer.steps", "must be >= 1")
         need(t.eval_samples >= 1, "trainer.eval_samples", "must be >= 1")
+        need(self.model.dtype in DTYPES, "model.dtype", " or ".join(DTYPES))
+        need(t.strategy in STRATEGIES, "trainer.strategy", " or ".join(STRATEGIES))
         need(
-            self.model.dtype in ("float32", "bfloat16", "float16"),
-            "model.dtype",
-            "float32, bfloat16 or float16",
-        )
-        need(t.strategy in ("ddp", "fsdp"), "trainer.strategy", "ddp or fsdp")
-        need(
-            self.model.compute_dtype in (None, "float32", "bfloat16", "float16"),
+            self.model.compute_dtype in (None, *DTYPES),
             "model.compute_dtype",
-            "float32, bfloat16 or float16 (or null for model.dtype)",
+            f"{' or '.join(DTYPES)} (or null for model.dtype)",
         )
         need(
             self.model.compute_dtype is None or t.strategy == "fsdp",

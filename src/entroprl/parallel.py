@@ -36,8 +36,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from entroprl import distributed
-
-STRATEGIES = ("ddp", "fsdp")
+from entroprl.checks import check_choice
+from entroprl.config import STRATEGIES
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Full tensors on rank 0's CPU, one at a time (never a whole unsharded model on a GPU)."""
@@ -97,8 +97,7 @@ def wrap(
 ) -> torch.nn.Module:
     """The module the update runs through: `model` sharded in place (``fsdp``, see `shard`), a
     DistributedDataParallel wrapper around it (``ddp`` on several ranks), or `model` itself."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; known: {STRATEGIES}")
+    check_choice("strategy", strategy, STRATEGIES)
     if strategy == "fsdp":
         return shard(model, compute_dtype=compute_dtype, device=device)
     if compute_dtype is not None:
