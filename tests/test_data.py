@@ -416,6 +416,9 @@ CUI = {
     "algorithm.kl_coef": 0.0,
     "algorithm.entropy_coef": 0.0,
     "algorithm.dynamic_sampling": True,
+    "algorithm.dynamic_sampling_metric": "score",
+    "algorithm.dynamic_sampling_max_batches": 10,
+    "algorithm.dynamic_sampling_gen_prompts": 3 * 256,
     "optim.epochs": 1,
 }
 DENG = {
@@ -427,6 +430,9 @@ DENG = {
     "optim.lr": 1e-6,
     "algorithm.loss_agg_mode": "token-mean",
     "algorithm.dynamic_sampling": True,
+    "algorithm.dynamic_sampling_metric": "score",
+    "algorithm.dynamic_sampling_max_batches": 10,
+    "algorithm.dynamic_sampling_gen_prompts": 3 * 512,
 }
 RECIPES = {
     "qwen2.5-7b-grpo": CUI | {"algorithm.policy_loss": "ppo", "algorithm.clip_high": 0.2},

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from entroprl import parallel
+from entroprl.advantages import compute_advantages
 from entroprl.config import config_from_dict
 from entroprl.models import save_model
 from entroprl.rundir import read_metrics
@@ -29,9 +30,12 @@ CASES = [
 ]
 
 
-def _one_update(policy_loss, mode, rows, mini, micro, strategy=None):
+def _one_update(policy_loss, mode, rows, mini, micro, strategy=None, keep=None):
     model, tok = make_tiny_policy()
-    batch = _update_batch(tok, n=8).rows(rows)
+    batch = _update_batch(tok, n=8)
+    if keep is not None:  # rows whose mask is all 0 enter no loss (filtered groups)
+        batch.response_mask = batch.response_mask * keep.any(-1, keepdim=True)
+    batch = batch.rows(rows)
     config = config_from_dict(
         {
             # clip_cov: a ratio of 1 picks every candidate (the positive-covariance tokens), so
@@ -61,6 +65,17 @@ def _one_update(policy_loss, mode, rows, mini, micro, strategy=None):
     return {n: state[n].clone() for n in names if n in state}, metrics
 
 
+def _whitening_inputs():
+    """Eight responses in four groups, the last two filtered out (their mask rows all 0): on two
+    ranks, rank 1 holds no token that enters the loss."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.0])
+    groups = torch.arange(4).repeat_interleave(2)
+    mask = torch.ones(8, 5)
+    mask[1, 3:] = 0
+    mask[4:] = 0
+    return rewards, groups, mask
+
+
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -71,6 +86,17 @@ def _worker(rank, world, init_file, out_dir):
                 params, _ = _one_update(policy_loss, mode, rows, mini=4, micro=2, strategy=strategy)
                 if rank == 0:
                     save_file(params, f"{out_dir}/{strategy}-{policy_loss}-{mode}.safetensors")
+        # rank 1's rows are all filtered out: REINFORCE++ whitens over the kept tokens of both
+        # ranks, and the update keeps or skips a mini-batch by its global token count
+        rewards, groups, mask = _whitening_inputs()
+        adv = compute_advantages(
+            "reinforce_pp_baseline", rewards[rows], groups[rows], mask[rows], across_ranks=True
+        )
+        params, metrics = _one_update("ppo", "token-mean", rows, 4, 2, "ddp", keep=mask)
+        save_file({"adv": adv, **params}, f"{out_dir}/whitening-{rank}.safetensors")
+        _, nothing = _one_update("ppo", "token-mean", rows, 4, 2, "ddp", keep=torch.zeros(8, 5))
+        empty = [metrics["actor/empty_minibatches"], nothing["actor/empty_minibatches"]]
+        torch.save(empty, f"{out_dir}/empty-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -95,6 +121,16 @@ def test_two_ranks_match_one_process(tmp_path):
                 )
                 moved += (value - dict(initial.named_parameters())[name]).abs().sum().item()
             assert moved > 1e-3, f"{policy_loss}/{mode}: the update changed nothing"
+    rewards, groups, mask = _whitening_inputs()
+    whole = compute_advantages("reinforce_pp_baseline", rewards, groups, mask)
+    halves = [load_file(tmp_path / f"whitening-{rank}.safetensors") for rank in (0, 1)]
+    torch.testing.assert_close(torch.cat([h["adv"] for h in halves]), whole)
+    single, _ = _one_update("ppo", "token-mean", torch.arange(8), 8, 4, keep=mask)
+    for name, value in single.items():
+        torch.testing.assert_close(halves[0][name], value, atol=1e-5, rtol=1e-5)
+    # rank 1's empty mini-batches are not empty globally; an all-filtered batch is, on both
+    # ranks, in both epochs
+    assert [torch.load(tmp_path / f"empty-{rank}.pt") for rank in (0, 1)] == [[0, 2], [0, 2]]
 
 
 def _run(out_dir, steps, strategy, resume=False, **sections):
@@ -107,6 +143,7 @@ def _run(out_dir, steps, strategy, resume=False, **sections):
         algorithm={
             "kl_coef": 0.05,
             "dynamic_sampling": True,
+            "dynamic_sampling_metric": "reward",
             "dynamic_sampling_max_batches": 3,
             "overlong_buffer": 4,
         },

@@ -340,12 +340,12 @@ def test_dynamic_sampling_refills_until_every_group_is_informative(tiny_policy, 
         return r.clone(), r
 
     trainer.score = score
-    batch, rewards, tokens, metrics = trainer.sample(1)
+    batch, rewards, scores, tokens, metrics = trainer.sample(1)
     assert metrics["train/num_gen_batches"] == 3
     assert tokens == sum(sampled_tokens)  # all three batches, not only the groups kept
     assert metrics["train/acc"] == pytest.approx(torch.tensor(scripted).float().mean().item())
     want = [scripted[0][0], scripted[0][2], scripted[1][1], scripted[1][3]]
-    assert rewards.tolist() == [float(x) for g in want for x in g]
+    assert rewards.tolist() == scores.tolist() == [float(x) for g in want for x in g]
     texts = [t for b in seen for t in b]
     assert batch.texts == [texts[i] for g in (0, 2, 5, 7) for i in range(4 * g, 4 * g + 4)]
     assert batch.group_ids.unique().numel() == 4
@@ -356,19 +356,21 @@ def test_dynamic_sampling_refills_until_every_group_is_informative(tiny_policy, 
     # enough after the first batch: no refill
     seen.clear()
     scripted[0] = [[0, 1, 0, 0]] * 4
-    batch, rewards, _, metrics = trainer.sample(1)
+    batch, rewards, _, _, metrics = trainer.sample(1)
     assert metrics["train/num_gen_batches"] == 1 and len(seen) == 1
     assert rewards.tolist() == [0.0, 1.0, 0.0, 0.0] * 4
 
 
 def test_dynamic_sampling_refills_in_a_run(tiny_policy, tmp_path):
     """The untrained policy solves nothing; overlong penalties make some groups' rewards
-    differ, few enough that the first step needs a refill."""
+    differ (filtering on the reward, not the score), few enough that the first step needs a
+    refill."""
     model, tok = tiny_policy
     config = small_config(
         tmp_path,
         algorithm={
             "dynamic_sampling": True,
+            "dynamic_sampling_metric": "reward",
             "dynamic_sampling_max_batches": 3,
             "overlong_buffer": 4,
         },

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from entroprl import distributed
 from entroprl.checks import check_choice, check_finite, check_nonempty, check_same_shape
 
 # The std floor below which PPL shaping's group std is replaced by 1 (SPEC 7).
@@ -109,7 +110,12 @@ def rloo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
 
 
 def reinforce_pp_baseline_advantages(
-    rewards: Tensor, group_ids: Tensor, response_mask: Tensor | None = None, *, eps: float = 1e-8
+    rewards: Tensor,
+    group_ids: Tensor,
+    response_mask: Tensor | None = None,
+    *,
+    eps: float = 1e-8,
+    across_ranks: bool = False,
 ) -> Tensor:
     """REINFORCE++ with baseline (SPEC 6): subtract the group mean, then whiten over the batch.
 
@@ -118,8 +124,13 @@ def reinforce_pp_baseline_advantages(
 
     Without `response_mask` the whitening is over the B responses and the result is (B,). With it,
     as verl's `masked_whiten`, `s_i` is copied to each valid token and mean and variance are
-    token-weighted over the valid tokens; the result is (B, T), 0 at padding. With a single element
-    to whiten over, the variance is taken as 0 (instead of 0/0) and the advantage is 0.
+    token-weighted over the valid tokens; the result is (B, T), 0 at padding. Rows whose mask is
+    all 0 (groups filtered out by dynamic sampling) take no part in the whitening, as in verl,
+    where they have left the batch before advantages are computed. With `across_ranks` and
+    torch.distributed running, the mean and variance are over every rank's valid tokens, so the
+    advantages do not depend on how the batch is split over ranks (group means need no collective:
+    a group never spans ranks). With a single element to whiten over, the variance is taken as 0
+    (instead of 0/0) and the advantage is 0.
     """
     _check_rewards(rewards, group_ids)
     inverse, counts = _groups(group_ids)
@@ -135,19 +146,27 @@ def reinforce_pp_baseline_advantages(
             )
         weights = valid.to(torch.float64)
         scores = scores[:, None] * weights
-    n = check_nonempty(weights, "response_mask (over the whitening scope)")
-    mean = (scores * weights).sum() / n
-    var = (((scores - mean) * weights) ** 2).sum() / max(n - 1, 1)
+
+    def total(x: Tensor) -> Tensor:
+        x = x.sum()
+        return distributed.all_reduce_sum(x) if across_ranks else x
+
+    n = check_nonempty(total(weights), "response_mask (over the whitening scope)")
+    mean = total(scores * weights) / n
+    var = total(((scores - mean) * weights) ** 2) / max(n - 1, 1)
     return ((scores - mean) * torch.rsqrt(var + eps) * weights).to(rewards.dtype)
 
 
-TokenEstimator = Callable[[Tensor, Tensor, Tensor], Tensor]
+TokenEstimator = Callable[..., Tensor]
 
 
 def _per_token(estimator: Callable[[Tensor, Tensor], Tensor]) -> TokenEstimator:
-    """A response-level estimator as a token-level one: its scalar on every valid token."""
+    """A response-level estimator as a token-level one: its scalar on every valid token. Group
+    statistics need no collective (a group never spans ranks), so `across_ranks` changes nothing."""
 
-    def token_level(rewards: Tensor, group_ids: Tensor, response_mask: Tensor) -> Tensor:
+    def token_level(
+        rewards: Tensor, group_ids: Tensor, response_mask: Tensor, *, across_ranks: bool = False
+    ) -> Tensor:
         return estimator(rewards, group_ids)[:, None] * response_mask.to(rewards.dtype)
 
     token_level.__name__ = estimator.__name__
@@ -155,7 +174,8 @@ def _per_token(estimator: Callable[[Tensor, Tensor], Tensor]) -> TokenEstimator:
     return token_level
 
 
-# name -> fn(rewards, group_ids, response_mask) -> (B, T) token-level advantages, 0 at padding.
+# name -> fn(rewards, group_ids, response_mask, *, across_ranks) -> (B, T) token-level advantages,
+# 0 at padding.
 ADVANTAGE_ESTIMATORS: dict[str, TokenEstimator] = {
     "grpo": _per_token(grpo_advantages),
     "dr_grpo": _per_token(dr_grpo_advantages),
@@ -165,11 +185,18 @@ ADVANTAGE_ESTIMATORS: dict[str, TokenEstimator] = {
 
 
 def compute_advantages(
-    name: str, rewards: Tensor, group_ids: Tensor, response_mask: Tensor
+    name: str,
+    rewards: Tensor,
+    group_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    across_ranks: bool = False,
 ) -> Tensor:
     """Token-level (B, T) advantages from the estimator `name` of `ADVANTAGE_ESTIMATORS` (SPEC 6).
 
-    Response-level advantages are copied to every valid token; padding gets 0.
+    Response-level advantages are copied to every valid token; padding gets 0. Pass the mask of
+    the responses that enter the loss (filtered groups' rows all 0): batch statistics such as
+    REINFORCE++'s whitening are over those only, and with `across_ranks` over every rank's.
     """
     check_choice("advantage estimator", name, ADVANTAGE_ESTIMATORS)
     _check_rewards(rewards, group_ids)
@@ -178,7 +205,7 @@ def compute_advantages(
         raise ValueError(
             f"response_mask has {valid.shape[0]} rows but rewards has {rewards.shape[0]}"
         )
-    return ADVANTAGE_ESTIMATORS[name](rewards, group_ids, valid)
+    return ADVANTAGE_ESTIMATORS[name](rewards, group_ids, valid, across_ranks=across_ranks)
 
 
 def dynamic_sampling_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+DYNAMIC_SAMPLING_METRICS = ("score", "reward")
 STRATEGIES = ("ddp", "fsdp")
 """How the policy is laid out over ranks (`entroprl.parallel`): replicated or sharded."""
 
@@ -111,12 +112,20 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"
     high_entropy_rho: float | None = None
     dynamic_sampling: bool = False
-    """DAPO: groups whose rewards are all equal leave the loss (SPEC 6)."""
+    """DAPO: groups whose scores are all equal leave the loss (SPEC 6)."""
+    dynamic_sampling_metric: str = "score"
+    """What must differ within a group for it to stay: `score`, the verifier's (DAPO's
+    filter_groups.metric=acc), or `reward`, the score with the overlong penalty added (with which
+    an all-wrong group of different lengths stays)."""
     dynamic_sampling_max_batches: int = 1
-    """With dynamic_sampling: sample up to this many batches of prompts_per_step prompts per step,
-    keeping groups whose rewards differ, until every rank has its share (DAPO's
+    """With dynamic_sampling: sample up to this many batches per step, keeping groups whose
+    scores differ, until every rank has its share of prompts_per_step (DAPO's
     max_num_gen_batches); places still empty after the last are masked out of the loss. 1: one
     batch, filtered groups masked out."""
+    dynamic_sampling_gen_prompts: int | None = None
+    """With dynamic_sampling: prompts per sampled batch (DAPO's data.gen_batch_size, 3 x the
+    train batch in the papers' scripts); the step keeps prompts_per_step of their groups,
+    informative ones first. None: rollout.prompts_per_step."""
     overlong_buffer: int = 0
     overlong_factor: float = 1.0
     ppl_shaping_alpha: float = 0.0
@@ -124,6 +133,10 @@ class AlgorithmConfig:
     position_shaping_start: int | None = None
     """First step of position shaping; None detects the plateau stage from the run's entropy."""
     position_shaping_end: int | None = None
+    plateau_window: int = 15
+    """Steps of the moving average and of the slope window with which the trainer detects the
+    plateau stage online (`law.detect_plateau_online`; odd, >= 3). Once found, the plateau stays:
+    position shaping is on from then to the end of the run."""
     low_prob_alpha: float = 0.0
     lopti_eta: float | None = None
 
@@ -241,6 +254,22 @@ class Config:
             a.dynamic_sampling or a.dynamic_sampling_max_batches == 1,
             "algorithm.dynamic_sampling_max_batches",
             "more than one batch needs algorithm.dynamic_sampling=true",
+        )
+        need(
+            a.dynamic_sampling_metric in DYNAMIC_SAMPLING_METRICS,
+            "algorithm.dynamic_sampling_metric",
+            " or ".join(DYNAMIC_SAMPLING_METRICS),
+        )
+        need(
+            a.dynamic_sampling_gen_prompts is None
+            or (a.dynamic_sampling and a.dynamic_sampling_gen_prompts >= r.prompts_per_step),
+            "algorithm.dynamic_sampling_gen_prompts",
+            "needs algorithm.dynamic_sampling=true and must be >= rollout.prompts_per_step",
+        )
+        need(
+            a.plateau_window >= 3 and a.plateau_window % 2 == 1,
+            "algorithm.plateau_window",
+            "must be an odd number >= 3",
         )
         need(r.n >= 1, "rollout.n", "must be >= 1")
         need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")

@@ -30,6 +30,14 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return out
 
 
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """Elementwise maximum of `tensor` over all ranks (a new tensor; the input is untouched)."""
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def all_gather_cat(values: Tensor) -> tuple[Tensor, int]:
     """Concatenate 1-D `values` of possibly different lengths from all ranks, in rank order.
 

@@ -130,7 +130,12 @@ def response_mean_logp(logp: Tensor, mask: Tensor) -> Tensor:
 
 
 def response_covariance(
-    response_logp: Tensor, advantages: Tensor, group_ids: Tensor, *, weighted: bool = False
+    response_logp: Tensor,
+    advantages: Tensor,
+    group_ids: Tensor,
+    *,
+    weighted: bool = False,
+    across_ranks: bool = False,
 ) -> float:
     """Response-level covariance behind the paper's Fig. 8 check (SPEC 2).
 
@@ -145,11 +150,12 @@ def response_covariance(
     The covariance is the population one (1/G): it is taken under the distribution of the sampled
     responses. A group of one response has covariance 0 and counts as such in the mean. All inputs
     are (B,); `group_ids` are integer prompt ids (any values, responses need not be contiguous).
+    With `across_ranks` and torch.distributed running, the mean is over every rank's groups (a
+    group never spans ranks), and a rank may hold none.
     """
     check_same_shape(response_logp=response_logp, advantages=advantages, group_ids=group_ids)
     if response_logp.dim() != 1:
         raise ValueError(f"response_logp must be (B,), got {list(response_logp.shape)}")
-    check_nonempty(torch.tensor(response_logp.numel()), "response batch")
     if group_ids.is_floating_point() or group_ids.is_complex():
         raise ValueError(f"group_ids must hold integer ids, got {group_ids.dtype}")
     check_finite("response_logp", response_logp)
@@ -166,4 +172,8 @@ def response_covariance(
 
     dx = x - group_mean(x)[group]
     dy = y - group_mean(y)[group]
-    return float(group_mean(dx * dy).mean())
+    totals = torch.stack([group_mean(dx * dy).sum(), torch.tensor(float(sizes.numel()))])
+    if across_ranks:
+        totals = distributed.all_reduce_sum(totals)
+    check_nonempty(totals[1], "response batch")
+    return float(totals[0] / totals[1])

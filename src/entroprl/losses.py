@@ -147,8 +147,12 @@ class LossDenominators:
 
 
 def loss_denominators(
-    response_mask: Tensor, *, norm_constant: float | None = None, across_ranks: bool = True
-) -> LossDenominators:
+    response_mask: Tensor,
+    *,
+    norm_constant: float | None = None,
+    across_ranks: bool = True,
+    allow_empty: bool = False,
+) -> LossDenominators | None:
     """Denominators of SPEC 5 for the whole mini-batch `response_mask` (B, T).
 
         tokens = sum(m),   sequences = #{i : sum_t m[i,t] > 0},   norm_constant = C or T
@@ -157,12 +161,16 @@ def loss_denominators(
     A `norm_constant` of None is resolved to this mask's padded length T, so that micro-batches
     trimmed to shorter padding keep the mini-batch's constant (the trainer should pass the
     configured maximum response length instead, which makes the loss independent of padding).
+    A mask with no token (on any rank) raises, or gives None with `allow_empty`: a trainer skips
+    such a mini-batch, and since the count is global every rank skips it together.
     """
     mask = _bool_mask(response_mask)
     counts = torch.stack([mask.sum(), mask.any(dim=-1).sum()])
     if across_ranks:
         counts = distributed.all_reduce_sum(counts)
     tokens, sequences = (int(c) for c in counts.tolist())
+    if tokens == 0 and allow_empty:
+        return None
     if tokens == 0:
         raise ValueError(
             "response_mask selects no token over the whole mini-batch: nothing to average"
@@ -367,6 +375,12 @@ def high_entropy_mask(
 
 PolicyLoss = Callable[..., tuple[Tensor, dict[str, float]]]
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+SUMMED_METRICS = frozenset({"pg_loss", "kl_cov_selected"})
+"""Metrics that add up over the micro-batches and ranks of a mini-batch: loss values computed with
+the whole mini-batch's denominators, and counts. Every other loss metric is a mean over the valid
+tokens passed, which a trainer weights by their number; either way the mini-batch's value does
+not depend on how it was split."""
 
 
 def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:

@@ -29,7 +29,7 @@ from entroprl import distributed, dynamics, losses, parallel
 from entroprl.config import Config
 from entroprl.entropy import batch_entropy, logprobs_and_entropy
 from entroprl.evaluation import evaluate, score_samples
-from entroprl.law import detect_stages
+from entroprl.law import detect_plateau_online
 from entroprl.rollout import RolloutBatch, concat_batches, position_ids
 from entroprl.rundir import RunDir, load_checkpoint_state, load_optimizer_state
 from entroprl.tasks.base import Task
@@ -166,8 +166,12 @@ def update_policy(
     Each mini-batch is split into micro-batches whose losses use the whole mini-batch's
     denominators (and covariance selection), so the accumulated gradient equals that of the
     mini-batch in one piece. DDP and FSDP average the gradient over ranks, hence the loss is
-    scaled by the world size to make it the global sum. Returns metrics and the number of
-    updates skipped because the loss or gradient was not finite.
+    scaled by the world size to make it the global sum. The logged metrics are the mini-batch's
+    own (summed or token-weighted over micro-batches and ranks, `losses.SUMMED_METRICS`), averaged
+    over the optimizer steps, so they do not depend on the split either. A mini-batch in which no
+    token enters the loss on any rank (dynamic sampling or high-entropy masking can leave one
+    empty) is skipped by every rank and counted in `actor/empty_minibatches`. Returns metrics and
+    the number of updates skipped because the loss or gradient was not finite.
     """
     a, o = config.algorithm, config.optim
     loss_fn = losses.get_policy_loss(a.policy_loss)
@@ -176,8 +180,9 @@ def update_policy(
     R = batch.response_mask.shape[1]
     norm_constant = config.rollout.max_new_tokens
     params = [p for p in model.parameters() if p.requires_grad]
+    summed = losses.SUMMED_METRICS | {"kl_loss"}
     metrics: dict[str, list[float]] = defaultdict(list)
-    skipped = 0
+    skipped = empty = 0
     n = batch.input_ids.shape[0]
     per_epoch = math.ceil(n / o.mini_batch_size)
     bar = tqdm(
@@ -193,8 +198,11 @@ def update_policy(
             bar.update()
             mini = batch.rows(mini_rows)
             denominators = losses.loss_denominators(
-                mini.response_mask, norm_constant=norm_constant, across_ranks=True
+                mini.response_mask, norm_constant=norm_constant, across_ranks=True, allow_empty=True
             )
+            if denominators is None:  # the count is global: every rank skips together
+                empty += 1
+                continue
             selected = None
             if a.policy_loss in COV_LOSSES and a.cov_scope == "minibatch":
                 if a.cov_logp == "exact":
@@ -204,17 +212,23 @@ def update_policy(
                 else:
                     sel_logp = mini.old_log_prob
                 selected = select_cov_tokens(config, sel_logp, mini, generator)
-            extra = (
-                {}
-                if a.policy_loss != "clip_cov" or selected is not None
-                else {"generator": generator}
-            )
             optimizer.zero_grad(set_to_none=True)
             finite = True
+            step_sums: dict[str, float] = defaultdict(float)
             micro_starts = range(0, mini_rows.numel(), o.micro_batch_size)
             for i, start in enumerate(micro_starts):
                 rows = slice(start, start + o.micro_batch_size)
                 mb = mini.rows(torch.arange(mini_rows.numel())[rows])
+                tokens = mb.response_mask.sum().item()
+                if selected is not None:
+                    extra = {"selected": selected[rows]}
+                elif a.policy_loss in COV_LOSSES and tokens == 0:
+                    # the per-micro-batch (reference) scope: nothing to select from
+                    extra = {"selected": torch.zeros_like(mb.response_mask, dtype=torch.bool)}
+                elif a.policy_loss == "clip_cov":
+                    extra = {"generator": generator}
+                else:
+                    extra = {}
                 # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch
                 # (it has no no_sync), which keeps its gradients sharded
                 sync = i == len(micro_starts) - 1 or not hasattr(model, "no_sync")
@@ -227,8 +241,6 @@ def update_policy(
                         temperature=config.rollout.temperature,
                         entropy_grad=entropy_coef > 0,
                     )
-                    if selected is not None:
-                        extra = {"selected": selected[rows]}
                     loss, m = loss_fn(
                         log_prob,
                         mb.old_log_prob,
@@ -256,7 +268,17 @@ def update_policy(
                     finite = finite and bool(torch.isfinite(loss))
                     (loss * world).backward()
                 for key, value in m.items():
-                    metrics[key].append(value)
+                    step_sums[key] += value if key in summed else value * tokens
+            # one collective for all of the mini-batch's metrics, in the same key order on every
+            # rank: they are the mini-batch's, whatever its split over micro-batches and ranks
+            keys = sorted(step_sums)
+            totals = distributed.all_reduce_sum(
+                torch.tensor(
+                    [step_sums[k] for k in keys], dtype=torch.float64, device=params[0].device
+                )
+            )
+            for key, total in zip(keys, totals.tolist(), strict=True):
+                metrics[key].append(total if key in summed else total / denominators.tokens)
             grad_norm = parallel.global_grad_norm(
                 torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             )
@@ -271,6 +293,7 @@ def update_policy(
     bar.close()
     out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
     out["actor/skipped_updates"] = skipped
+    out["actor/empty_minibatches"] = empty
     return out, skipped
 
 
@@ -380,6 +403,8 @@ class Trainer:
         )
         self.step = 0
         self.entropy_history: list[float] = []
+        self.plateau_start: int | None = None
+        """The step at which the plateau stage began, once detected (then kept to the end)."""
         self.nonfinite_in_a_row = 0
         self.run = RunDir(c.trainer.out_dir) if self.rank == 0 else None
 
@@ -399,6 +424,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "entropy_history": self.entropy_history,
+            "plateau_start": self.plateau_start,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "entropy_coef": self.entropy_coef.state_dict() if self.entropy_coef else None,
         }
@@ -436,6 +462,7 @@ class Trainer:
         state = load_checkpoint_state(path)
         self.step = state["step"]
         self.entropy_history = state["entropy_history"]
+        self.plateau_start = state.get("plateau_start")  # absent from checkpoints before it
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         if self.entropy_coef and state["entropy_coef"]:
             self.entropy_coef.load_state_dict(state["entropy_coef"])
@@ -446,8 +473,9 @@ class Trainer:
     def prompts_for(self, step: int, batch: int = 0) -> list[int]:
         """This rank's prompt indices for the `batch`-th sample of `step`: a seeded draw, the same
         whether resumed or not; further batches of a step (dynamic sampling) take the next
-        prompts of the same permutation."""
-        c, size = self.config, self.config.rollout.prompts_per_step
+        prompts of the same permutation, `dynamic_sampling_gen_prompts` of them per batch."""
+        c = self.config
+        size = c.algorithm.dynamic_sampling_gen_prompts or c.rollout.prompts_per_step
         g = torch.Generator().manual_seed(c.trainer.seed * 1_000_003 + step)
         picks = torch.randperm(len(self.task.train), generator=g)
         picks = picks.repeat(math.ceil(size * (batch + 1) / len(picks)))
@@ -485,46 +513,66 @@ class Trainer:
             )
         return correct, rewards
 
-    def sample(self, step: int) -> tuple[RolloutBatch, Tensor, int, dict[str, float]]:
+    def sample(self, step: int) -> tuple[RolloutBatch, Tensor, Tensor, int, dict[str, float]]:
         """Rollout and reward: one batch of prompts_per_step prompts, or, with dynamic sampling
-        refills (SPEC 6), batches until every rank holds prompts_per_step / world groups whose
-        rewards differ or `dynamic_sampling_max_batches` batches have been sampled.
+        (SPEC 6), batches of `dynamic_sampling_gen_prompts` prompts until every rank holds
+        prompts_per_step / world groups whose scores differ or `dynamic_sampling_max_batches`
+        batches have been sampled.
 
-        Returns this rank's share of groups (with refills: the informative ones, then all-equal
-        ones for places still empty, in sampling order), their rewards, the number of response
-        tokens this rank sampled, and the rollout metrics of everything sampled (the policy's
-        accuracy is that of all its samples, not of the groups kept) with the time spent scoring.
+        Returns this rank's share of groups (with dynamic sampling: the informative ones, then
+        all-equal ones for places still empty, in sampling order), their rewards and verifier
+        scores, the number of response tokens this rank sampled, and the rollout metrics of
+        everything sampled (the policy's accuracy is that of all its samples, not of the groups
+        kept) with the time spent scoring.
         """
         c, n = self.config, self.config.rollout.n
         share = c.rollout.prompts_per_step // self.world
         batch, answers = self.rollout(step)
         start = time.perf_counter()
-        correct, rewards = self.score(batch, answers)
+        scores, rewards = self.score(batch, answers)
         scoring = time.perf_counter() - start
         sampled = 1
         while sampled < c.algorithm.dynamic_sampling_max_batches:
-            informative = adv_lib.dynamic_sampling_mask(rewards, batch.group_ids).view(-1, n)[:, 0]
+            informative = self.informative(batch, scores, rewards).view(-1, n)[:, 0]
             short = max(share - int(informative.sum().item()), 0)
             if distributed.all_reduce_sum(torch.tensor(short)).item() == 0:
                 break
             more, more_answers = self.rollout(step, sampled)
             start = time.perf_counter()
-            more_correct, more_rewards = self.score(more, more_answers)
+            more_scores, more_rewards = self.score(more, more_answers)
             scoring += time.perf_counter() - start
             batch = concat_batches([batch, more], self.tokenizer.pad_token_id)
-            correct = torch.cat([correct, more_correct])
+            scores = torch.cat([scores, more_scores])
             rewards = torch.cat([rewards, more_rewards])
             sampled += 1
-        metrics = self.rollout_metrics(batch, rewards, correct)
+        metrics = self.rollout_metrics(batch, rewards, scores)
         metrics |= {"train/num_gen_batches": sampled, "timing_s/reward": scoring}
         tokens = int(batch.response_mask.sum().item())
-        if sampled == 1:
-            return batch, rewards, tokens, metrics
-        informative = adv_lib.dynamic_sampling_mask(rewards, batch.group_ids).view(-1, n)[:, 0]
+        if batch.group_ids.numel() == share * n:  # exactly one batch of the step's size
+            return batch, rewards, scores, tokens, metrics
+        informative = self.informative(batch, scores, rewards).view(-1, n)[:, 0]
         # a stable sort ranks informative groups first, each kind in sampling order
         groups = torch.sort((~informative).int(), stable=True).indices[:share].sort().values
         rows = (groups[:, None] * n + torch.arange(n, device=groups.device)).flatten()
-        return batch.rows(rows), rewards[rows], tokens, metrics
+        return batch.rows(rows), rewards[rows], scores[rows], tokens, metrics
+
+    def informative(self, batch: RolloutBatch, scores: Tensor, rewards: Tensor) -> Tensor:
+        """Dynamic sampling's filter (SPEC 6): True for responses whose group's scores differ (or
+        rewards, with `algorithm.dynamic_sampling_metric=reward`)."""
+        values = scores if self.config.algorithm.dynamic_sampling_metric == "score" else rewards
+        return adv_lib.dynamic_sampling_mask(values, batch.group_ids)
+
+    def detect_plateau(self, step: int) -> None:
+        """Latch the plateau stage the first time the entropy curve so far shows it (SPEC 9
+        Choice): position shaping applies from the plateau on, as in Deng et al., and a noisy
+        later step must not switch it off again."""
+        if self.plateau_start is not None:
+            return
+        index = detect_plateau_online(
+            self.entropy_history, window=self.config.algorithm.plateau_window
+        )
+        if index is not None:
+            self.plateau_start = step - len(self.entropy_history) + 1 + index
 
     def position_shaping_active(self, step: int) -> bool:
         a = self.config.algorithm
@@ -534,16 +582,16 @@ class Trainer:
             return a.position_shaping_start <= step and (
                 a.position_shaping_end is None or step < a.position_shaping_end
             )
-        try:
-            return detect_stages(self.entropy_history).plateau_start is not None
-        except ValueError:  # too short a history to tell: still rising
-            return False
+        return self.plateau_start is not None
 
     def shaped_advantages(
-        self, batch: RolloutBatch, rewards: Tensor, old_log_prob: Tensor, step: int
+        self, batch: RolloutBatch, mask: Tensor, rewards: Tensor, old_log_prob: Tensor, step: int
     ) -> Tensor:
-        a, mask = self.config.algorithm, batch.response_mask
-        advantages = adv_lib.compute_advantages(a.advantage, rewards, batch.group_ids, mask)
+        """Advantages (SPEC 6) of the responses `mask` keeps, shaped (SPEC 7, 8); 0 elsewhere."""
+        a = self.config.algorithm
+        advantages = adv_lib.compute_advantages(
+            a.advantage, rewards, batch.group_ids, mask, across_ranks=True
+        )
         if a.ppl_shaping_alpha > 0:
             advantages = adv_lib.ppl_shaping(
                 advantages, old_log_prob, mask, batch.group_ids, alpha=a.ppl_shaping_alpha
@@ -558,17 +606,18 @@ class Trainer:
         c, a = self.config, self.config.algorithm
         t0 = time.perf_counter()
         # rollout and reward
-        batch, rewards, sampled_tokens, metrics = self.sample(step)
+        batch, rewards, scores, sampled_tokens, metrics = self.sample(step)
         t_reward = time.perf_counter()
         t_gen = t_reward - metrics["timing_s/reward"]
         keep = torch.ones_like(rewards, dtype=torch.bool)
         if a.dynamic_sampling:
             # Filtered groups leave the loss mask rather than the batch: with global denominators
             # that is the same update as dropping them, and every rank keeps the same shapes.
-            keep = adv_lib.dynamic_sampling_mask(rewards, batch.group_ids)
+            keep = self.informative(batch, scores, rewards)
             kept = distributed.all_reduce_sum(keep.sum()).item()
             metrics["batch/kept_fraction"] = kept / (keep.numel() * self.world)
             if kept == 0:
+                self.entropy_history.append(math.nan)  # keeps one value per step
                 metrics["actor/skipped_updates"] = 1
                 return metrics | {"timing_s/gen": t_gen - t0}
         # old log-probs and entropy, once per rollout step
@@ -576,16 +625,24 @@ class Trainer:
         old_log_prob, entropy = batched_log_probs(self.model, batch, rows, c.rollout.temperature)
         if c.rollout.temperature != 1.0:  # the paper's entropy is at temperature 1
             _, entropy = batched_log_probs(self.model, batch, rows, 1.0)
-        mask = batch.response_mask
-        ent = batch_entropy(entropy, mask)
+        # the training batch: the groups kept, as verl's batch after its filter
+        train_mask = batch.response_mask * keep[:, None]
+        ent = batch_entropy(entropy, train_mask)
         self.entropy_history.append(ent["seq_mean_token_mean"])
+        self.detect_plateau(step)
         t_old = time.perf_counter()
-        # advantage
-        advantages = self.shaped_advantages(batch, rewards, old_log_prob, step)
+        # advantage: statistics over the groups kept, on all ranks
+        advantages = self.shaped_advantages(batch, train_mask, rewards, old_log_prob, step)
         # a collective over ranks: computed on all of them, also for rank 0's rollout samples
-        cov = dynamics.token_covariance(old_log_prob, advantages, mask)
-        metrics |= self.dynamics_metrics(batch, old_log_prob, advantages, cov, ent)
-        loss_mask = mask * keep[:, None]
+        cov = dynamics.token_covariance(old_log_prob, advantages, train_mask)
+        metrics |= self.dynamics_metrics(batch, train_mask, old_log_prob, advantages, cov, ent)
+        if a.dynamic_sampling:
+            everything = batch_entropy(entropy, batch.response_mask)
+            metrics["sampled/entropy"] = everything["token_mean"]
+            metrics["sampled/entropy_seq_mean"] = everything["seq_mean_token_mean"]
+        if self.plateau_start is not None:
+            metrics["stages/plateau_start"] = self.plateau_start
+        loss_mask = train_mask
         if a.high_entropy_rho is not None:
             loss_mask = loss_mask * losses.high_entropy_mask(
                 entropy, loss_mask, rho=a.high_entropy_rho, across_ranks=True
@@ -631,10 +688,10 @@ class Trainer:
         t_update = time.perf_counter()
         if c.trainer.measure_entropy_change:
             _, entropy_after = batched_log_probs(self.model, batch, rows, 1.0)
-            after = batch_entropy(entropy_after, mask)["seq_mean_token_mean"]
+            after = batch_entropy(entropy_after, train_mask)["seq_mean_token_mean"]
             metrics["dynamics/entropy_change"] = after - ent["seq_mean_token_mean"]
         t_end = time.perf_counter()
-        tokens = mask.sum().item() * self.world
+        tokens = train_mask.sum().item() * self.world
         metrics |= {
             "timing_s/gen": t_gen - t0,
             "timing_s/reward": t_reward - t_gen,
@@ -670,25 +727,39 @@ class Trainer:
     def dynamics_metrics(
         self,
         batch: RolloutBatch,
+        mask: Tensor,
         old_log_prob: Tensor,
         advantages: Tensor,
         cov: Tensor,
         ent: dict[str, float],
     ) -> dict[str, float]:
         """Entropy (both definitions), the log-prob/advantage covariances, and the first-order
-        entropy change they predict (SPEC 2, 3)."""
-        mask = batch.response_mask
+        entropy change they predict (SPEC 2, 3), over the responses of the training batch
+        (`mask`: the groups dynamic sampling keeps)."""
         summary = dynamics.covariance_summary(cov, mask)
-        seq_logp = dynamics.response_mean_logp(old_log_prob, mask)
-        seq_adv = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        kept = mask.any(-1)  # a rank's rows may all be filtered out: these are global
+        seq_logp = dynamics.response_mean_logp(old_log_prob[kept], mask[kept])
+        seq_adv = (advantages * mask).sum(-1)[kept] / mask.sum(-1)[kept]
+        valid = mask.bool()
+        adv_sum = distributed.all_reduce_sum(
+            torch.stack([(advantages * mask).sum(), mask.sum()]).to(torch.float64)
+        )
+        extremes = distributed.all_reduce_max(
+            torch.stack(
+                [
+                    torch.where(valid, advantages, -math.inf).max(),
+                    torch.where(valid, -advantages, -math.inf).max(),
+                ]
+            )
+        )
         out = {
             "actor/entropy": ent["token_mean"],
             "actor/entropy_seq_mean": ent["seq_mean_token_mean"],
-            "critic/advantages/mean": (advantages * mask).sum().item() / mask.sum().item(),
-            "critic/advantages/max": advantages[mask.bool()].max().item(),
-            "critic/advantages/min": advantages[mask.bool()].min().item(),
+            "critic/advantages/mean": (adv_sum[0] / adv_sum[1]).item(),
+            "critic/advantages/max": extremes[0].item(),
+            "critic/advantages/min": -extremes[1].item(),
             "dynamics/response_cov": dynamics.response_covariance(
-                seq_logp, seq_adv, batch.group_ids
+                seq_logp, seq_adv, batch.group_ids[kept], across_ranks=True
             ),
             "dynamics/predicted_entropy_change": -summary["all"],
         }

@@ -1,0 +1,253 @@
+"""Regression tests for the places where the trainer's wiring departed from the papers: the plateau
+latch of position shaping, REINFORCE++ whitening over the groups kept, empty mini-batches, the
+samples each logged entropy and covariance is taken over, and metrics that do not depend on how a
+batch is split."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from entroprl import losses
+from entroprl.config import config_from_dict
+from entroprl.law import detect_plateau_online
+from entroprl.rundir import read_metrics
+from entroprl.trainer import Trainer, UpdateBatch, forward_log_probs, update_policy
+from tests.policies import make_tiny_policy
+from tests.test_trainer import _update_batch, small_config
+
+# -- position shaping: the plateau, once found, stays ----------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_position_shaping_latches_once_the_plateau_is_found(tiny_policy, tmp_path, seed):
+    """Fed a noisy entropy decay step by step, the trainer switches position shaping on once,
+    when the decay has slowed to under a fifth of its peak rate, and never off again."""
+    model, tok = tiny_policy
+    config = small_config(tmp_path, algorithm={"position_shaping_alpha": 0.05})
+    trainer = Trainer(config, model=model, tokenizer=tok)
+    tau, t = 20.0, np.arange(200)
+    curve = 0.3 + 0.7 * np.exp(-t / tau) + 0.1 * np.random.default_rng(seed).standard_normal(200)
+    active = []
+    for step in range(1, 201):
+        trainer.entropy_history.append(float(curve[step - 1]))
+        trainer.detect_plateau(step)
+        active.append(trainer.position_shaping_active(step))
+    first = active.index(True) + 1
+    assert all(active[first - 1 :]), "position shaping switched off again"
+    assert math.exp(-(first - 1) / tau) <= 0.2  # the decay had slowed before it switched on
+    assert trainer.plateau_start == detect_plateau_online(curve[:first]) + 1
+    assert trainer.state()["plateau_start"] == trainer.plateau_start
+
+
+def test_plateau_start_is_logged_and_kept_on_resume(tmp_path):
+    model, tok = make_tiny_policy()
+    config = small_config(
+        tmp_path,
+        algorithm={"position_shaping_alpha": 0.05},
+        trainer={"steps": 2, "save_every": 1, "eval_every": 0},
+    )
+    trainer = Trainer(config, model=model, tokenizer=tok)
+    trainer.plateau_start = 1  # as if found at step 1
+    trainer.train()
+    assert [r["stages/plateau_start"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 1]
+    model, tok = make_tiny_policy()
+    config = small_config(
+        tmp_path,
+        algorithm={"position_shaping_alpha": 0.05},
+        trainer={"steps": 3, "save_every": 1, "eval_every": 0},
+    )
+    resumed = Trainer(config, model=model, tokenizer=tok)
+    assert resumed.resume()
+    assert resumed.plateau_start == 1 and resumed.position_shaping_active(3)
+
+
+# -- dynamic sampling: the training batch is the groups kept ---------------------------------------
+
+# prompts_per_step 4, n 4: groups 0 and 2 are informative, 1 and 3 all-equal in score
+SCORES = [[0, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 1], [1, 1, 1, 1]]
+
+
+def _scripted_step(tmp_path, advantage="grpo", **algorithm):
+    """One train_step with the scores above; returns its metrics, the batch, the policy before the
+    update and the UpdateBatch the update received."""
+    model, tok = make_tiny_policy()
+    config = small_config(
+        tmp_path,
+        algorithm={"dynamic_sampling": True, "advantage": advantage, **algorithm},
+        trainer={"steps": 1, "eval_every": 0},
+    )
+    trainer = Trainer(config, model=model, tokenizer=tok)
+    scores = torch.tensor(SCORES, dtype=torch.float32).flatten()
+
+    def score(batch, answers):
+        # rewards differ within every group (an overlong-like shaping): only the score filters
+        return scores.clone(), scores + 0.01 * torch.arange(16.0)
+
+    trainer.score = score
+    seen = {}
+    real_sample = trainer.sample
+
+    def sample(step):
+        out = real_sample(step)
+        seen["batch"], seen["rewards"] = out[0], out[1]
+        seen["before"] = copy.deepcopy(trainer.model)
+        return out
+
+    trainer.sample = sample
+    import entroprl.trainer as trainer_module
+
+    real_update = trainer_module.update_policy
+
+    def update(model, optimizer, batch, config, **kwargs):
+        seen["update"] = batch
+        return real_update(model, optimizer, batch, config, **kwargs)
+
+    trainer_module_update = trainer_module.update_policy
+    trainer_module.update_policy = update
+    try:
+        metrics = trainer.train_step(1)
+    finally:
+        trainer_module.update_policy = trainer_module_update
+    return metrics, seen
+
+
+def test_dynamic_sampling_filters_on_the_score_not_the_shaped_reward(tmp_path):
+    metrics, seen = _scripted_step(tmp_path)
+    kept = seen["update"].response_mask.any(-1).view(4, 4).all(-1)
+    assert kept.tolist() == [True, False, True, False]
+    assert metrics["batch/kept_fraction"] == 0.5
+    metrics, seen = _scripted_step(tmp_path / "reward", dynamic_sampling_metric="reward")
+    assert metrics["batch/kept_fraction"] == 1.0
+
+
+def test_reinforce_pp_whitens_over_the_groups_kept(tmp_path):
+    """Filtered groups' zeros must not enter the whitening (verl whitens the filtered batch)."""
+    _, seen = _scripted_step(tmp_path, advantage="reinforce_pp_baseline")
+    batch, rewards = seen["batch"], seen["rewards"].double().numpy()
+    mask = batch.response_mask.numpy()
+    kept = np.repeat([True, False, True, False], 4)
+    # independent computation: group baseline, then token-weighted whitening over kept tokens
+    s = rewards - np.repeat(rewards.reshape(4, 4).mean(1), 4)
+    weights = mask[kept]
+    scores = np.repeat(s[kept, None], mask.shape[1], 1)
+    n = weights.sum()
+    mean = (scores * weights).sum() / n
+    var = (((scores - mean) * weights) ** 2).sum() / (n - 1)
+    expected = (scores - mean) / np.sqrt(var + 1e-8) * weights
+    got = seen["update"].advantages.double().numpy()
+    np.testing.assert_allclose(got[kept], expected, rtol=1e-5, atol=1e-6)
+    assert np.all(got[~kept] == 0)
+
+
+def test_entropy_and_covariance_are_logged_over_the_training_batch(tmp_path):
+    metrics, seen = _scripted_step(tmp_path)
+    batch, before = seen["batch"], seen["before"]
+    R = batch.response_mask.shape[1]
+    with torch.no_grad():
+        logp, entropy = forward_log_probs(before, batch.input_ids, batch.attention_mask, R)
+    mask = batch.response_mask.bool()
+    kept = torch.tensor([True, False, True, False]).repeat_interleave(4)
+
+    def token_mean(rows):
+        return entropy[rows][mask[rows]].mean().item()
+
+    def seq_mean(rows):
+        m = mask[rows].float()
+        return ((entropy[rows] * m).sum(-1) / m.sum(-1)).mean().item()
+
+    assert metrics["actor/entropy"] == pytest.approx(token_mean(kept), rel=1e-4)
+    assert metrics["actor/entropy_seq_mean"] == pytest.approx(seq_mean(kept), rel=1e-4)
+    everything = torch.ones(16, dtype=torch.bool)
+    assert metrics["sampled/entropy"] == pytest.approx(token_mean(everything), rel=1e-4)
+    assert metrics["sampled/entropy_seq_mean"] == pytest.approx(seq_mean(everything), rel=1e-4)
+    # cov/all: the mean of (logp - mean)(A - mean) over the kept tokens only
+    adv = seen["update"].advantages
+    lp, a = logp[kept][mask[kept]].double(), adv[kept][mask[kept]].double()
+    cov = ((lp - lp.mean()) * (a - a.mean())).mean().item()
+    assert metrics["cov/all"] == pytest.approx(cov, rel=1e-4, abs=1e-7)
+    assert metrics["dynamics/predicted_entropy_change"] == pytest.approx(-cov, rel=1e-4, abs=1e-7)
+
+
+# -- mini-batches with nothing in the loss ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy_loss", "cov_scope"),
+    [("ppo", "minibatch"), ("kl_cov", "minibatch"), ("kl_cov", "micro"), ("clip_cov", "micro")],
+)
+def test_empty_minibatch_is_skipped_and_counted(policy_loss, cov_scope):
+    """Only row 0 enters the loss: of the two random mini-batches of four, one is empty each
+    epoch; it is skipped (not a crash), and in the per-micro-batch scope so are empty
+    micro-batches' selections."""
+    model, tok = make_tiny_policy()
+    batch = _update_batch(tok)
+    only_row_0 = torch.zeros(8, 1)
+    only_row_0[0] = 1
+    with torch.no_grad():  # on-policy, so that PPO's clip leaves row 0 a gradient
+        old, _ = forward_log_probs(model, batch.input_ids, batch.attention_mask, 6)
+    batch = UpdateBatch(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.response_mask * only_row_0,
+        old,
+        batch.advantages,
+    )
+    config = config_from_dict(
+        {
+            "algorithm": {"policy_loss": policy_loss, "cov_scope": cov_scope},
+            "rollout": {"max_new_tokens": 6},
+            "optim": {"mini_batch_size": 4, "micro_batch_size": 2, "epochs": 2},
+        }
+    )
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics, skipped = update_policy(
+        model, opt, batch, config, generator=torch.Generator().manual_seed(0)
+    )
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert metrics["actor/empty_minibatches"] == 2 and skipped == 0
+    assert not torch.equal(before, after)
+
+
+# -- metrics that do not depend on the split ------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy_loss", ["ppo", "clip_cov", "kl_cov"])
+def test_logged_metrics_do_not_depend_on_the_micro_batch_split(policy_loss):
+    """pg_loss, kl_loss and the selection counts are the mini-batch's, not a mean over its
+    micro-batches (which shrank with their number)."""
+    runs = []
+    for micro in (8, 4, 2):
+        model, tok = make_tiny_policy()
+        batch = _update_batch(tok)
+        batch.ref_log_prob = batch.old_log_prob - 0.1
+        config = config_from_dict(
+            {
+                "algorithm": {
+                    "policy_loss": policy_loss,
+                    "kl_cov_ratio": 0.1,
+                    "clip_cov_ratio": 0.1,
+                    "clip_cov_lb": -10.0,
+                    "clip_cov_ub": 10.0,
+                    "kl_coef": 0.1,
+                },
+                "rollout": {"max_new_tokens": 6},
+                "optim": {"mini_batch_size": 8, "micro_batch_size": micro, "epochs": 2},
+            }
+        )
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        metrics, _ = update_policy(
+            model, opt, batch, config, generator=torch.Generator().manual_seed(0)
+        )
+        runs.append(metrics)
+    assert runs[0]["actor/pg_loss"] != 0
+    for other in runs[1:]:
+        assert other.keys() == runs[0].keys()
+        for key, value in runs[0].items():
+            assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+    if policy_loss == "kl_cov":
+        assert runs[0]["actor/kl_cov_selected"] == math.floor(0.1 * 40)  # 40 valid tokens
+    assert set(losses.SUMMED_METRICS) & {k.removeprefix("actor/") for k in runs[0]}
