@@ -37,7 +37,15 @@ def test_int_accepted_for_float_and_none_for_optional():
         ("algorithm.loss_agg_mode=mean", "algorithm.loss_agg_mode"),
         ("optim.micro_batch_size=48", "optim.mini_batch_size"),
         ("rollout.temperature=0", "rollout.temperature"),
-        ("algorithm.clip_ratio_c=1", "algorithm.clip_ratio_c"),
+        ("algorithm.loss.ppo.clip_ratio_c=1", "algorithm.loss.ppo.clip_ratio_c"),
+        (
+            "algorithm.clip_ratio_c=3",
+            r"algorithm.clip_ratio_c: now algorithm.loss.ppo.clip_ratio_c",
+        ),
+        ("algorithm.loss.nope.ratio=1", r"algorithm.loss.nope: unknown loss"),
+        ("algorithm.loss.kl_cov.ratio=0", r"algorithm.loss.kl_cov.ratio"),
+        ("algorithm.loss.clip_cov.lb=9", r"algorithm.loss.clip_cov.lb"),
+        ("algorithm.plugins=[no_such_module_x]", r"algorithm.plugins\[0\]: cannot import"),
         ("trainer.strategy=zero3", "trainer.strategy"),
         ("optim.log_prob_micro_batch_size=0", "optim.log_prob_micro_batch_size"),
         ("model.compute_dtype=bfloat16", "model.compute_dtype"),  # needs strategy=fsdp

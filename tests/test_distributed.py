@@ -13,21 +13,25 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file, save_file
 
-from entroprl import parallel
+from entroprl import losses, parallel
 from entroprl.advantages import compute_advantages
 from entroprl.config import config_from_dict
 from entroprl.models import save_model
 from entroprl.rundir import read_metrics
 from entroprl.trainer import Trainer, update_policy
+from tests import toy_loss  # noqa: F401  (registers a plug-in loss: the tests run it too)
 from tests.policies import make_tiny_policy
 from tests.test_trainer import TIMING, _update_batch, small_config
 
-CASES = [
-    ("ppo", "token-mean"),
-    ("ppo", "seq-mean-token-mean"),
-    ("kl_cov", "seq-mean-token-sum"),
-    ("clip_cov", "seq-mean-token-sum-norm"),
-]
+# Every registered loss (the plug-in of tests/toy_loss.py included), each with an aggregation mode,
+# and PPO with all of them.
+CASES = sorted(
+    {("ppo", mode) for mode in losses.LOSS_AGG_MODES}
+    | {
+        (name, losses.LOSS_AGG_MODES[i % len(losses.LOSS_AGG_MODES)])
+        for i, name in enumerate(sorted(losses.POLICY_LOSSES))
+    }
+)
 
 
 def _one_update(policy_loss, mode, rows, mini, micro, strategy=None, keep=None):
@@ -44,10 +48,10 @@ def _one_update(policy_loss, mode, rows, mini, micro, strategy=None, keep=None):
             "algorithm": {
                 "policy_loss": policy_loss,
                 "loss_agg_mode": mode,
-                "kl_cov_ratio": 0.1,
-                "clip_cov_ratio": 1.0,
-                "clip_cov_lb": 0.0,
-                "clip_cov_ub": 10.0,
+                "loss": {
+                    "kl_cov": {"ratio": 0.1},
+                    "clip_cov": {"ratio": 1.0, "lb": 0.0, "ub": 10.0},
+                },
             },
             "rollout": {"max_new_tokens": 6},
             "optim": {"mini_batch_size": mini, "micro_batch_size": micro, "epochs": 2},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
 from fractions import Fraction
@@ -443,7 +445,7 @@ def _call(name, log_prob, old, adv, mask, mode, selected, denominators):
     kwargs = {"loss_agg_mode": mode, "denominators": denominators}
     if name != "ppo":
         kwargs["selected"] = selected
-    return get_policy_loss(name)(log_prob, old, adv, mask, **kwargs)
+    return get_policy_loss(name).fn(log_prob, old, adv, mask, **kwargs)
 
 
 def _whole_selection(name, log_prob, old, adv, mask):
@@ -590,12 +592,18 @@ def test_high_entropy_mask_count_is_not_fooled_by_float_rounding():
 
 
 def test_registry():
-    assert dict(POLICY_LOSSES) == {
-        "ppo": ppo_loss,
-        "clip_cov": clip_cov_loss,
-        "kl_cov": kl_cov_loss,
-    }
-    assert get_policy_loss("kl_cov") is kl_cov_loss
+    builtin = {"ppo": ppo_loss, "clip_cov": clip_cov_loss, "kl_cov": kl_cov_loss}
+    assert {name: POLICY_LOSSES[name].fn for name in builtin} == builtin
+    assert get_policy_loss("kl_cov").fn is kl_cov_loss
+    # each loss's settings are exactly its function's keyword arguments, with the same defaults
+    for name, fn in builtin.items():
+        spec = get_policy_loss(name)
+        defaults = inspect.signature(fn).parameters
+        for field in dataclasses.fields(spec.settings):
+            assert defaults[field.name].default == field.default, (name, field.name)
+    assert get_policy_loss("ppo").select is None
+    assert get_policy_loss("kl_cov").summed_metrics == {"pg_loss", "kl_cov_selected"}
+    assert get_policy_loss("kl_cov").on_policy_note and not get_policy_loss("ppo").on_policy_note
     with pytest.raises(ValueError, match=r"unknown policy loss 'grpo'.*clip_cov.*kl_cov.*ppo"):
         get_policy_loss("grpo")
     with pytest.raises(ValueError, match="already registered"):
@@ -606,7 +614,8 @@ def test_registry():
         return log_prob.sum(), {}
 
     try:
-        assert get_policy_loss("custom_test_loss") is custom
+        assert get_policy_loss("custom_test_loss").fn is custom
+        assert get_policy_loss("custom_test_loss").settings().validate() is None
     finally:
         del POLICY_LOSSES["custom_test_loss"]
 
@@ -620,7 +629,7 @@ def _bad_input_batch():
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_losses_reject_bad_input(name):
-    fn = get_policy_loss(name)
+    fn = get_policy_loss(name).fn
     lp, old, adv, mask = _bad_input_batch()
     with pytest.raises(ValueError, match="shape mismatch"):
         fn(lp, old[:, :2], adv, mask)

@@ -16,7 +16,7 @@ from entroprl.law import detect_plateau_online
 from entroprl.rundir import read_metrics
 from entroprl.trainer import Trainer, UpdateBatch, forward_log_probs, update_policy
 from tests.policies import make_tiny_policy
-from tests.test_trainer import _update_batch, small_config
+from tests.test_trainer import SPLIT_TEST_SETTINGS, _update_batch, small_config
 
 # -- position shaping: the plateau, once found, stays ----------------------------------------------
 
@@ -215,7 +215,7 @@ def test_empty_minibatch_is_skipped_and_counted(policy_loss, cov_scope):
 # -- metrics that do not depend on the split ------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy_loss", ["ppo", "clip_cov", "kl_cov"])
+@pytest.mark.parametrize("policy_loss", sorted(losses.POLICY_LOSSES))
 def test_logged_metrics_do_not_depend_on_the_micro_batch_split(policy_loss):
     """pg_loss, kl_loss and the selection counts are the mini-batch's, not a mean over its
     micro-batches (which shrank with their number)."""
@@ -228,10 +228,7 @@ def test_logged_metrics_do_not_depend_on_the_micro_batch_split(policy_loss):
             {
                 "algorithm": {
                     "policy_loss": policy_loss,
-                    "kl_cov_ratio": 0.1,
-                    "clip_cov_ratio": 0.1,
-                    "clip_cov_lb": -10.0,
-                    "clip_cov_ub": 10.0,
+                    "loss": SPLIT_TEST_SETTINGS,
                     "kl_coef": 0.1,
                 },
                 "rollout": {"max_new_tokens": 6},
@@ -250,4 +247,25 @@ def test_logged_metrics_do_not_depend_on_the_micro_batch_split(policy_loss):
             assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
     if policy_loss == "kl_cov":
         assert runs[0]["actor/kl_cov_selected"] == math.floor(0.1 * 40)  # 40 valid tokens
-    assert set(losses.SUMMED_METRICS) & {k.removeprefix("actor/") for k in runs[0]}
+    summed = losses.get_policy_loss(policy_loss).summed_metrics
+    assert summed <= {k.removeprefix("actor/") for k in runs[0]}
+
+
+def test_lopti_logs_both_passes(tmp_path, monkeypatch):
+    """Lopti updates twice per step; the second pass's metrics used to overwrite the first's."""
+    import entroprl.trainer as trainer_module
+
+    passes = iter(
+        [
+            {"actor/pg_loss": 1.0, "actor/skipped_updates": 1, "actor/empty_minibatches": 0},
+            {"actor/pg_loss": 3.0, "actor/skipped_updates": 0, "actor/empty_minibatches": 2},
+        ]
+    )
+    monkeypatch.setattr(
+        trainer_module, "update_policy", lambda *args, **kwargs: (next(passes), None)
+    )
+    model, tok = make_tiny_policy()
+    config = small_config(tmp_path, algorithm={"lopti_eta": 0.5}, trainer={"eval_every": 0})
+    metrics = Trainer(config, model=model, tokenizer=tok).train_step(1)
+    assert metrics["actor/pg_loss"] == 2.0
+    assert (metrics["actor/skipped_updates"], metrics["actor/empty_minibatches"]) == (1, 2)

@@ -7,6 +7,7 @@ name, so a typo never silently runs the default.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import types
 import typing
@@ -16,15 +17,36 @@ from typing import Any
 
 import yaml
 
+from entroprl import advantages, data, losses
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type; the message names the key."""
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-DYNAMIC_SAMPLING_METRICS = ("score", "reward")
 STRATEGIES = ("ddp", "fsdp")
 """How the policy is laid out over ranks (`entroprl.parallel`): replicated or sharded."""
+BACKENDS = ("hf", "vllm")
+"""Rollout engines (`entroprl.backends.make_backend`)."""
+COV_SCOPES = ("minibatch", "micro")
+COV_LOGPS = ("exact", "old")
+SCHEDULES = ("constant", "cosine", "linear")
+DYNAMIC_SAMPLING_METRICS = ("score", "reward")
+MOVED_KEYS = {
+    f"algorithm.{old}": f"algorithm.loss.{new}"
+    for old, new in {
+        "clip_low": "<ppo|clip_cov>.clip_low",
+        "clip_high": "<ppo|clip_cov>.clip_high",
+        "clip_ratio_c": "ppo.clip_ratio_c",
+        "clip_cov_ratio": "clip_cov.ratio",
+        "clip_cov_lb": "clip_cov.lb",
+        "clip_cov_ub": "clip_cov.ub",
+        "kl_cov_ratio": "kl_cov.ratio",
+        "kl_cov_coef": "kl_cov.coef",
+    }.items()
+}
+"""Keys of earlier versions, named in the error that rejects them."""
 
 
 @dataclass
@@ -58,11 +80,11 @@ class DataConfig:
     test_limit: int | None = None
     reward: str | None = None
     """`math` or `gsm8k`; None: the task's own (gsm8k for gsm8k, math for math and jsonl)."""
-    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    instruction: str = data.DEFAULT_INSTRUCTION
     """Appended to every question on a new line; empty for none."""
     chat_template: bool = True
     """Render prompts with the tokenizer's chat template when it has one."""
-    plain_template: str = "Question: {message}\nAnswer:"
+    plain_template: str = data.DEFAULT_PLAIN_TEMPLATE
     """Prompt without a chat template; `{message}` is the question and the instruction."""
     seed: int = 0
 
@@ -84,20 +106,22 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported before the rest of the configuration is read: they register policy
+    losses (`entroprl.losses.register_policy_loss`) or advantage estimators under new names.
+    Each must be importable (installed, or on PYTHONPATH)."""
     advantage: str = "grpo"
     policy_loss: str = "ppo"
+    """A registered policy loss (`entroprl.losses.POLICY_LOSSES`): ppo, clip_cov, kl_cov, or a
+    plug-in's."""
+    loss: dict[str, Any] = field(default_factory=dict)
+    """Each loss's own settings, `loss.<name>.<setting>` (e.g. `loss.clip_cov.ratio`); the
+    settings of `policy_loss` not given here take their defaults (`losses.PPOSettings`,
+    `ClipCovSettings`, `KLCovSettings`)."""
     loss_agg_mode: str = "token-mean"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    clip_ratio_c: float = 3.0
-    clip_cov_ratio: float = 2e-4
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    kl_cov_ratio: float = 2e-3
-    kl_cov_coef: float = 1.0
     cov_scope: str = "minibatch"
-    """`minibatch`: covariance selection over the whole optimizer mini-batch on all ranks (SPEC 3
-    Choice); `micro`: per micro-batch per rank, the reference behaviour."""
+    """Scope of a loss's token selection (Clip-Cov, KL-Cov): `minibatch`, the whole optimizer
+    mini-batch on all ranks (SPEC 3 Choice); `micro`, per micro-batch per rank, the reference."""
     cov_logp: str = "exact"
     """`exact`: select with current log-probs from a no-grad forward over the mini-batch first;
     `old`: select with the rollout-time log-probs (no extra forward; exact on the first
@@ -202,9 +226,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def loss_settings(self) -> Any:
+        """The settings of `algorithm.policy_loss` (a `PolicyLossSpec.settings` instance)."""
+        return self.algorithm.loss[self.algorithm.policy_loss]
+
     def validate(self) -> Config:
         """Check value ranges and names; raise ConfigError naming the key at fault."""
-        from entroprl import advantages, data, losses
 
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
@@ -226,16 +253,19 @@ class Config:
             "algorithm.loss_agg_mode",
             f"unknown mode {a.loss_agg_mode!r}; known: {sorted(losses.LOSS_AGG_MODES)}",
         )
-        need(a.cov_scope in ("minibatch", "micro"), "algorithm.cov_scope", "minibatch or micro")
-        need(a.cov_logp in ("exact", "old"), "algorithm.cov_logp", "exact or old")
+        a.loss.setdefault(a.policy_loss, losses.POLICY_LOSSES[a.policy_loss].settings())
+        for name, settings in a.loss.items():
+            try:
+                settings.validate()
+            except losses.SettingError as e:
+                raise ConfigError(f"algorithm.loss.{name}.{e.key}: {e.why}") from None
+        need(a.cov_scope in COV_SCOPES, "algorithm.cov_scope", " or ".join(COV_SCOPES))
+        need(a.cov_logp in COV_LOGPS, "algorithm.cov_logp", " or ".join(COV_LOGPS))
         need(
-            a.kl_estimator in ("k1", "k2", "k3", "low_var_kl"),
+            a.kl_estimator in losses.KL_ESTIMATORS,
             "algorithm.kl_estimator",
-            "k1, k2, k3 or low_var_kl",
+            " or ".join(losses.KL_ESTIMATORS),
         )
-        need(a.clip_ratio_c > 1, "algorithm.clip_ratio_c", "must be > 1")
-        need(a.clip_low >= 0 and a.clip_high >= 0, "algorithm.clip_low/high", "must be >= 0")
-        need(a.clip_cov_lb < a.clip_cov_ub, "algorithm.clip_cov_lb", "must be < clip_cov_ub")
         need(
             a.high_entropy_rho is None or 0 < a.high_entropy_rho <= 1,
             "algorithm.high_entropy_rho",
@@ -243,7 +273,7 @@ class Config:
         )
         need(a.lopti_eta is None or 0 < a.lopti_eta < 1, "algorithm.lopti_eta", "in (0, 1)")
         need(0 <= a.low_prob_alpha <= 1, "algorithm.low_prob_alpha", "must be in [0, 1]")
-        need(r.backend in ("hf", "vllm"), "rollout.backend", "hf or vllm")
+        need(r.backend in BACKENDS, "rollout.backend", " or ".join(BACKENDS))
         need(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "in (0, 1)")
         need(
             a.dynamic_sampling_max_batches >= 1,
@@ -277,11 +307,7 @@ class Config:
         need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         need(o.lr > 0, "optim.lr", "must be > 0")
-        need(
-            o.schedule in ("constant", "cosine", "linear"),
-            "optim.schedule",
-            "constant, cosine or linear",
-        )
+        need(o.schedule in SCHEDULES, "optim.schedule", " or ".join(SCHEDULES))
         need(o.epochs >= 1, "optim.epochs", "must be >= 1")
         need(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
         need(
@@ -347,6 +373,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool) and type(value) is annotation:
@@ -362,14 +393,51 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
+            if dotted in MOVED_KEYS:
+                raise ConfigError(f"{dotted}: now {MOVED_KEYS[dotted]}")
             raise ConfigError(f"{dotted}: unknown key; known keys here: {sorted(names)}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if dataclasses.is_dataclass(current) or dotted == "algorithm.loss":
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
-            _apply(current, value, f"{dotted}.")
+            if dotted == "algorithm.loss":
+                _apply_loss_settings(current, value)
+            else:
+                _apply(current, value, f"{dotted}.")
         else:
             setattr(obj, key, _coerce(dotted, value, hints[key]))
+
+
+def _apply_loss_settings(store: dict[str, Any], values: dict[str, Any]) -> None:
+    """`algorithm.loss.<name>.<setting>`: each registered loss's own settings dataclass."""
+    for name, settings in values.items():
+        if name not in losses.POLICY_LOSSES:
+            raise ConfigError(
+                f"algorithm.loss.{name}: unknown loss; known: {sorted(losses.POLICY_LOSSES)} "
+                "(a plug-in's loss needs its module in algorithm.plugins)"
+            )
+        if not isinstance(settings, dict):
+            raise ConfigError(f"algorithm.loss.{name}: expected a mapping, got {settings!r}")
+        target = store.setdefault(name, losses.POLICY_LOSSES[name].settings())
+        _apply(target, settings, f"algorithm.loss.{name}.")
+
+
+def _import_plugins(values: dict[str, Any]) -> None:
+    """Import the modules of `algorithm.plugins` first: the losses they register may be named
+    anywhere else in the configuration."""
+    section = values.get("algorithm")
+    modules = section.get("plugins") if isinstance(section, dict) else None
+    for i, name in enumerate(_coerce("algorithm.plugins", modules or [], list[str])):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"algorithm.plugins[{i}]: cannot import {name!r}: {e}") from None
+
+
+def _apply_all(config: Config, values: dict[str, Any]) -> None:
+    values = _fix_yaml_floats(values)
+    _import_plugins(values)
+    _apply(config, values)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -410,13 +478,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        _apply(config, _fix_yaml_floats(values))
+        _apply_all(config, values)
     if overrides:
-        _apply(config, parse_overrides(overrides))
+        _apply_all(config, parse_overrides(overrides))
     return config.validate()
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     config = Config()
-    _apply(config, _fix_yaml_floats(values))
+    _apply_all(config, values)
     return config.validate()

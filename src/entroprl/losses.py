@@ -57,10 +57,19 @@ def _bool_mask(mask: Tensor, what: str = "response_mask") -> Tensor:
     return mask != 0
 
 
+class SettingError(ValueError):
+    """A loss setting out of range; `key` names it, so that a configuration can name the whole
+    dotted key (`algorithm.loss.clip_cov.ratio`)."""
+
+    def __init__(self, key: str, why: str):
+        super().__init__(f"{key} {why}")
+        self.key, self.why = key, why
+
+
 def _check_fraction(name: str, value: float, *, upper: float | None = None) -> None:
     if not (math.isfinite(value) and value > 0 and (upper is None or value <= upper)):
         bound = f" and <= {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must be a finite number > 0{bound}, got {value}")
+        raise SettingError(name, f"must be a finite number > 0{bound}, got {value}")
 
 
 def _check_loss_inputs(
@@ -244,6 +253,23 @@ def _top_valid(
     return out.view_as(mask)
 
 
+def top_fraction(
+    scores: Tensor, response_mask: Tensor, fraction: float, *, across_ranks: bool = False
+) -> Tensor:
+    """The `max(floor(fraction * N), 1)` valid tokens with the largest `scores`, as a bool mask
+    (B, T); N is the number of valid tokens in the scope (every rank's, in rank order, with
+    `across_ranks`). Ties go to the lowest row-major index; padding is never picked. A building
+    block for selections (`PolicyLossSpec.select`): KL-Cov's is this over the covariance."""
+    mask = _bool_mask(response_mask)
+    _check_fraction("fraction", fraction, upper=1.0)
+    return _top_valid(
+        scores,
+        mask,
+        lambda n: max(_fraction_count(fraction, n, round_up=False), 1),
+        across_ranks=across_ranks,
+    )
+
+
 def _ppo_clipped(
     log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_low: float, clip_high: float
 ) -> Tensor:
@@ -256,11 +282,16 @@ def _ppo_clipped(
 
 def _check_clip_range(clip_low: float, clip_high: float) -> None:
     if not (math.isfinite(clip_low) and 0 <= clip_low <= 1):
-        raise ValueError(
-            f"clip_low must be in [0, 1] (ratio clamped to [1 - clip_low, ...]), got {clip_low}"
+        raise SettingError(
+            "clip_low", f"must be in [0, 1] (ratio clamped to [1 - clip_low, ...]), got {clip_low}"
         )
     if not (math.isfinite(clip_high) and clip_high >= 0):
-        raise ValueError(f"clip_high must be a finite number >= 0, got {clip_high}")
+        raise SettingError("clip_high", f"must be a finite number >= 0, got {clip_high}")
+
+
+def _check_bounds(lb: float, ub: float) -> None:
+    if not (math.isfinite(lb) and math.isfinite(ub) and lb < ub):
+        raise SettingError("lb", f"and ub: need finite lb < ub, got lb={lb}, ub={ub}")
 
 
 def clip_cov_select(
@@ -296,8 +327,7 @@ def clip_cov_select(
     mask = _bool_mask(response_mask)
     _check_fraction("ratio", ratio, upper=1.0)
     _check_clip_range(clip_low, clip_high)
-    if not (math.isfinite(lb) and math.isfinite(ub) and lb < ub):
-        raise ValueError(f"need finite lb < ub, got lb={lb}, ub={ub}")
+    _check_bounds(lb, ub)
     check_finite("log_prob", log_prob, mask)
     check_finite("old_log_prob", old_log_prob, mask)
     check_finite("advantages", advantages, mask)
@@ -344,12 +374,7 @@ def kl_cov_select(
     check_finite("advantages", advantages, mask)
     logp, adv = _zero_padding(log_prob, mask), _zero_padding(advantages, mask)
     cov = token_covariance(logp, adv, mask, across_ranks=across_ranks)
-    return _top_valid(
-        cov,
-        mask,
-        lambda n: max(_fraction_count(ratio, n, round_up=False), 1),
-        across_ranks=across_ranks,
-    )
+    return top_fraction(cov, mask, ratio, across_ranks=across_ranks)
 
 
 def high_entropy_mask(
@@ -374,31 +399,158 @@ def high_entropy_mask(
 # Policy losses (SPEC 4)
 
 PolicyLoss = Callable[..., tuple[Tensor, dict[str, float]]]
-POLICY_LOSSES: dict[str, PolicyLoss] = {}
-
-SUMMED_METRICS = frozenset({"pg_loss", "kl_cov_selected"})
-"""Metrics that add up over the micro-batches and ranks of a mini-batch: loss values computed with
-the whole mini-batch's denominators, and counts. Every other loss metric is a mean over the valid
-tokens passed, which a trainer weights by their number; either way the mini-batch's value does
-not depend on how it was split."""
+"""``fn(log_prob, old_log_prob, advantages, response_mask, *, loss_agg_mode, denominators,
+**settings[, selected]) -> (loss, metrics)``: the one signature of every registered loss."""
+Selection = Callable[..., Tensor]
+"""``select(log_prob, old_log_prob, advantages, response_mask, settings, *, generator,
+across_ranks) -> (B, T) bool``: the tokens a loss treats apart, chosen over a whole scope."""
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-    """Decorator registering a policy loss under `name` (a name already taken raises)."""
+@dataclass
+class NoSettings:
+    """The settings of a loss that has none."""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PolicyLossSpec:
+    """A registered policy loss: what a trainer needs to call it without knowing which it is.
+
+    fn: the loss (`PolicyLoss`); it receives `loss_agg_mode`, `denominators` and every field of
+        `settings` as keyword arguments, and `selected` when the loss has a selection.
+    settings: a dataclass of the loss's own settings (each field a keyword argument of `fn`, with
+        its default and a docstring), whose `validate()` raises `SettingError` naming a field. A
+        configuration holds them under ``algorithm.loss.<name>.<field>``.
+    select: an optional selection (`Selection`) the trainer makes over the whole mini-batch on all
+        ranks (or per micro-batch, the reference scope) and passes to `fn` as `selected`.
+    summed_metrics: metrics of `fn` that add up over the micro-batches and ranks of a mini-batch
+        (loss values computed with whole-mini-batch denominators, counts); the others are means
+        over the valid tokens passed, which a trainer weights by their number. Either way the
+        mini-batch's value does not depend on how it was split.
+    on_policy_note: set when the loss degenerates while the update is fully on-policy (one
+        mini-batch, one epoch: logp == old_logp); a trainer warns with it.
+    """
+
+    name: str
+    fn: PolicyLoss
+    settings: type = NoSettings
+    select: Selection | None = None
+    summed_metrics: frozenset[str] = frozenset({"pg_loss"})
+    on_policy_note: str | None = None
+
+
+POLICY_LOSSES: dict[str, PolicyLossSpec] = {}
+
+
+def register_policy_loss(
+    name: str,
+    *,
+    settings: type = NoSettings,
+    select: Selection | None = None,
+    summed_metrics: tuple[str, ...] = (),
+    on_policy_note: str | None = None,
+) -> Callable[[PolicyLoss], PolicyLoss]:
+    """Decorator registering a policy loss under `name` with its settings and optional selection
+    (`PolicyLossSpec`); a name already taken raises. "pg_loss" is always summed."""
 
     def register(fn: PolicyLoss) -> PolicyLoss:
-        if name in POLICY_LOSSES and POLICY_LOSSES[name] is not fn:
+        if name in POLICY_LOSSES and POLICY_LOSSES[name].fn is not fn:
             raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSSES[name] = fn
+        POLICY_LOSSES[name] = PolicyLossSpec(
+            name=name,
+            fn=fn,
+            settings=settings,
+            select=select,
+            summed_metrics=frozenset({"pg_loss", *summed_metrics}),
+            on_policy_note=on_policy_note,
+        )
         return fn
 
     return register
 
 
-def get_policy_loss(name: str) -> PolicyLoss:
+def get_policy_loss(name: str) -> PolicyLossSpec:
     """The policy loss registered as `name`; an unknown name raises, listing the known ones."""
     check_choice("policy loss", name, POLICY_LOSSES)
     return POLICY_LOSSES[name]
+
+
+@dataclass
+class PPOSettings:
+    clip_low: float = 0.2
+    """Lower clip: the ratio is clamped to [1 - clip_low, ...]; in [0, 1]."""
+    clip_high: float = 0.2
+    """Upper clip: [..., 1 + clip_high]; DAPO's clip-higher is 0.28."""
+    clip_ratio_c: float = 3.0
+    """Dual clip for negative advantages: the loss is at most -A*clip_ratio_c; > 1."""
+
+    def validate(self) -> None:
+        _check_clip_range(self.clip_low, self.clip_high)
+        if not (math.isfinite(self.clip_ratio_c) and self.clip_ratio_c > 1):
+            raise SettingError(
+                "clip_ratio_c", f"(dual clip) must be a finite number > 1, got {self.clip_ratio_c}"
+            )
+
+
+@dataclass
+class ClipCovSettings:
+    ratio: float = 2e-4
+    """Fraction of the valid tokens of the scope detached: n = max(floor(ratio * N), 1)."""
+    lb: float = 1.0
+    """Candidates have lb < cov < ub (absolute values: they depend on the advantage scale)."""
+    ub: float = 5.0
+    clip_low: float = 0.2
+    """PPO clip range of the loss and of the candidate filter (the authors' runs use 1 and 1)."""
+    clip_high: float = 0.2
+
+    def validate(self) -> None:
+        _check_fraction("ratio", self.ratio, upper=1.0)
+        _check_bounds(self.lb, self.ub)
+        _check_clip_range(self.clip_low, self.clip_high)
+
+
+@dataclass
+class KLCovSettings:
+    ratio: float = 2e-3
+    """Fraction of the valid tokens of the scope penalised: k = max(floor(ratio * N), 1)
+    (2e-3 for 7B models, 2e-4 for 32B in the paper)."""
+    coef: float = 1.0
+    """Weight of |logp - old_logp| on the selected tokens; >= 0."""
+
+    def validate(self) -> None:
+        _check_fraction("ratio", self.ratio, upper=1.0)
+        if not (math.isfinite(self.coef) and self.coef >= 0):
+            raise SettingError("coef", f"must be a finite number >= 0, got {self.coef}")
+
+
+def _clip_cov_selection(
+    log_prob, old_log_prob, advantages, response_mask, s, *, generator, across_ranks
+) -> Tensor:
+    """Clip-Cov's `Selection`: `clip_cov_select` with the loss's settings."""
+    return clip_cov_select(
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        ratio=s.ratio,
+        lb=s.lb,
+        ub=s.ub,
+        clip_low=s.clip_low,
+        clip_high=s.clip_high,
+        generator=generator,
+        across_ranks=across_ranks,
+    )
+
+
+def _kl_cov_selection(
+    log_prob, old_log_prob, advantages, response_mask, s, *, generator, across_ranks
+) -> Tensor:
+    """KL-Cov's `Selection`: `kl_cov_select` (deterministic, no generator)."""
+    return kl_cov_select(
+        log_prob, advantages, response_mask, ratio=s.ratio, across_ranks=across_ranks
+    )
 
 
 def _metrics(mask: Tensor, **per_token: Tensor) -> dict[str, float]:
@@ -410,7 +562,7 @@ def _metrics(mask: Tensor, **per_token: Tensor) -> dict[str, float]:
     return dict(zip(per_token, values.tolist(), strict=True))
 
 
-@register_policy_loss("ppo")
+@register_policy_loss("ppo", settings=PPOSettings)
 def ppo_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
@@ -436,11 +588,7 @@ def ppo_loss(
     log_prob, old_log_prob, advantages, mask = _check_loss_inputs(
         log_prob, old_log_prob, advantages, response_mask, loss_agg_mode
     )
-    _check_clip_range(clip_low, clip_high)
-    if not (math.isfinite(clip_ratio_c) and clip_ratio_c > 1):
-        raise ValueError(
-            f"clip_ratio_c (dual clip) must be a finite number > 1, got {clip_ratio_c}"
-        )
+    PPOSettings(clip_low, clip_high, clip_ratio_c).validate()
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(torch.clamp(log_ratio, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
     l1 = -advantages * ratio
@@ -459,7 +607,7 @@ def ppo_loss(
     return loss, {"pg_loss": loss.item(), **metrics}
 
 
-@register_policy_loss("clip_cov")
+@register_policy_loss("clip_cov", settings=ClipCovSettings, select=_clip_cov_selection)
 def clip_cov_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
@@ -527,7 +675,17 @@ def clip_cov_loss(
     }
 
 
-@register_policy_loss("kl_cov")
+@register_policy_loss(
+    "kl_cov",
+    settings=KLCovSettings,
+    select=_kl_cov_selection,
+    summed_metrics=("kl_cov_selected",),
+    on_policy_note=(
+        "KL-Cov with one mini-batch and one epoch is plain policy gradient: on the first update "
+        "logp == old_logp, so |logp - old_logp| and its gradient are 0 (SPEC 4). Use several "
+        "mini-batches or epochs."
+    ),
+)
 def kl_cov_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
@@ -556,7 +714,7 @@ def kl_cov_loss(
         log_prob, old_log_prob, advantages, response_mask, loss_agg_mode
     )
     if not (math.isfinite(coef) and coef >= 0):
-        raise ValueError(f"coef must be a finite number >= 0, got {coef}")
+        raise SettingError("coef", f"must be a finite number >= 0, got {coef}")
     if selected is None:
         selected = kl_cov_select(log_prob, advantages, mask, ratio=ratio)
     selected = _check_selected(selected, mask)

@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,6 @@ from entroprl.rollout import RolloutBatch, concat_batches, position_ids
 from entroprl.rundir import RunDir, load_checkpoint_state, load_optimizer_state
 from entroprl.tasks.base import Task
 from entroprl.vllm_backend import make_backend
-
-COV_LOSSES = ("clip_cov", "kl_cov")
 
 
 class TrainingError(RuntimeError):
@@ -105,52 +103,6 @@ def batched_log_probs(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def policy_loss_kwargs(config: Config) -> dict[str, Any]:
-    a = config.algorithm
-    common = {"loss_agg_mode": a.loss_agg_mode}
-    if a.policy_loss == "ppo":
-        return common | {
-            "clip_low": a.clip_low,
-            "clip_high": a.clip_high,
-            "clip_ratio_c": a.clip_ratio_c,
-        }
-    if a.policy_loss == "clip_cov":
-        return common | {
-            "ratio": a.clip_cov_ratio,
-            "lb": a.clip_cov_lb,
-            "ub": a.clip_cov_ub,
-            "clip_low": a.clip_low,
-            "clip_high": a.clip_high,
-        }
-    if a.policy_loss == "kl_cov":
-        return common | {"ratio": a.kl_cov_ratio, "coef": a.kl_cov_coef}
-    return common
-
-
-def select_cov_tokens(
-    config: Config, log_prob: Tensor, batch: UpdateBatch, generator: torch.Generator
-) -> Tensor:
-    """Clip-Cov / KL-Cov token selection over a whole mini-batch on all ranks (SPEC 3 Choice)."""
-    kw = policy_loss_kwargs(config)
-    if config.algorithm.policy_loss == "clip_cov":
-        return losses.clip_cov_select(
-            log_prob,
-            batch.old_log_prob,
-            batch.advantages,
-            batch.response_mask,
-            ratio=kw["ratio"],
-            lb=kw["lb"],
-            ub=kw["ub"],
-            clip_low=kw["clip_low"],
-            clip_high=kw["clip_high"],
-            generator=generator,
-            across_ranks=True,
-        )
-    return losses.kl_cov_select(
-        log_prob, batch.advantages, batch.response_mask, ratio=kw["ratio"], across_ranks=True
-    )
-
-
 def update_policy(
     model,
     optimizer: torch.optim.Optimizer,
@@ -174,13 +126,14 @@ def update_policy(
     the number of updates skipped because the loss or gradient was not finite.
     """
     a, o = config.algorithm, config.optim
-    loss_fn = losses.get_policy_loss(a.policy_loss)
-    kwargs = policy_loss_kwargs(config)
+    spec = losses.get_policy_loss(a.policy_loss)
+    settings = config.loss_settings()
+    kwargs = {"loss_agg_mode": a.loss_agg_mode, **asdict(settings)}
     world = distributed.world_size()
     R = batch.response_mask.shape[1]
     norm_constant = config.rollout.max_new_tokens
     params = [p for p in model.parameters() if p.requires_grad]
-    summed = losses.SUMMED_METRICS | {"kl_loss"}
+    summed = spec.summed_metrics | {"kl_loss"}
     metrics: dict[str, list[float]] = defaultdict(list)
     skipped = empty = 0
     n = batch.input_ids.shape[0]
@@ -204,14 +157,22 @@ def update_policy(
                 empty += 1
                 continue
             selected = None
-            if a.policy_loss in COV_LOSSES and a.cov_scope == "minibatch":
+            if spec.select is not None and a.cov_scope == "minibatch":
                 if a.cov_logp == "exact":
                     sel_logp, _ = batched_log_probs(
                         model, mini, o.log_prob_rows, config.rollout.temperature
                     )
                 else:
                     sel_logp = mini.old_log_prob
-                selected = select_cov_tokens(config, sel_logp, mini, generator)
+                selected = spec.select(
+                    sel_logp,
+                    mini.old_log_prob,
+                    mini.advantages,
+                    mini.response_mask,
+                    settings,
+                    generator=generator,
+                    across_ranks=True,
+                )
             optimizer.zero_grad(set_to_none=True)
             finite = True
             step_sums: dict[str, float] = defaultdict(float)
@@ -220,15 +181,6 @@ def update_policy(
                 rows = slice(start, start + o.micro_batch_size)
                 mb = mini.rows(torch.arange(mini_rows.numel())[rows])
                 tokens = mb.response_mask.sum().item()
-                if selected is not None:
-                    extra = {"selected": selected[rows]}
-                elif a.policy_loss in COV_LOSSES and tokens == 0:
-                    # the per-micro-batch (reference) scope: nothing to select from
-                    extra = {"selected": torch.zeros_like(mb.response_mask, dtype=torch.bool)}
-                elif a.policy_loss == "clip_cov":
-                    extra = {"generator": generator}
-                else:
-                    extra = {}
                 # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch
                 # (it has no no_sync), which keeps its gradients sharded
                 sync = i == len(micro_starts) - 1 or not hasattr(model, "no_sync")
@@ -241,7 +193,23 @@ def update_policy(
                         temperature=config.rollout.temperature,
                         entropy_grad=entropy_coef > 0,
                     )
-                    loss, m = loss_fn(
+                    extra = {}
+                    if selected is not None:
+                        extra["selected"] = selected[rows]
+                    elif spec.select is not None and tokens == 0:
+                        # the per-micro-batch (reference) scope, with nothing to select from
+                        extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
+                    elif spec.select is not None:
+                        extra["selected"] = spec.select(
+                            log_prob.detach(),
+                            mb.old_log_prob,
+                            mb.advantages,
+                            mb.response_mask,
+                            settings,
+                            generator=generator,
+                            across_ranks=False,
+                        )
+                    loss, m = spec.fn(
                         log_prob,
                         mb.old_log_prob,
                         mb.advantages,
@@ -346,17 +314,13 @@ class Trainer:
                 f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be "
                 f"divisible by the number of ranks ({self.world})"
             )
+        note = losses.get_policy_loss(c.algorithm.policy_loss).on_policy_note
         if (
-            c.algorithm.policy_loss == "kl_cov"
+            note
             and c.optim.epochs == 1
             and c.optim.mini_batch_size >= c.rollout.prompts_per_step // self.world * c.rollout.n
         ):
-            warnings.warn(
-                "KL-Cov with one mini-batch and one epoch is plain policy gradient: on the first "
-                "update logp == old_logp, so |logp - old_logp| and its gradient are 0 (SPEC 4). "
-                "Use several mini-batches or epochs.",
-                stacklevel=2,
-            )
+            warnings.warn(note, stacklevel=2)
         torch.manual_seed(c.trainer.seed)
         self.device = pick_device(c.trainer.device)
         if self.device.type == "cuda":
@@ -666,9 +630,8 @@ class Trainer:
             ]
         else:
             parts = [update_batch]
-        skipped = 0
-        for part in parts:
-            update_metrics, s = update_policy(
+        updates = [
+            update_policy(
                 self.wrapped,
                 self.optimizer,
                 part,
@@ -676,10 +639,15 @@ class Trainer:
                 generator=generator,
                 entropy_coef=coef,
                 progress=c.trainer.progress and self.rank == 0,
-            )
-            skipped += s
-            metrics |= update_metrics
-        metrics["actor/skipped_updates"] = skipped
+            )[0]
+            for part in parts
+        ]
+        # Lopti's two passes: counts add up, the rest is the mean over both
+        for key in dict.fromkeys(k for u in updates for k in u):
+            values = [u[key] for u in updates if key in u]
+            counted = key in ("actor/skipped_updates", "actor/empty_minibatches")
+            metrics[key] = sum(values) if counted else sum(values) / len(values)
+        skipped = metrics["actor/skipped_updates"]
         metrics["actor/lr"] = self.lr_at(step - 1)
         metrics["actor/entropy_coef"] = coef
         if self.entropy_coef:
