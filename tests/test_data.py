@@ -427,6 +427,7 @@ DENG = {
     "rollout.max_new_tokens": 8192,
     "algorithm.loss.ppo.clip_low": 0.2,
     "algorithm.loss.ppo.clip_high": 0.28,
+    "algorithm.loss.ppo.clip_ratio_c": 10.0,
     "optim.lr": 1e-6,
     "algorithm.loss_agg_mode": "token-mean",
     "algorithm.dynamic_sampling": True,
@@ -435,7 +436,12 @@ DENG = {
     "algorithm.dynamic_sampling_gen_prompts": 3 * 512,
 }
 RECIPES = {
-    "qwen2.5-7b-grpo": CUI | {"algorithm.policy_loss": "ppo", "algorithm.loss.ppo.clip_high": 0.2},
+    "qwen2.5-7b-grpo": CUI
+    | {
+        "algorithm.policy_loss": "ppo",
+        "algorithm.loss.ppo.clip_high": 0.2,
+        "algorithm.loss.ppo.clip_ratio_c": 10.0,
+    },
     "qwen2.5-7b-clip-cov": CUI
     | {
         "algorithm.policy_loss": "clip_cov",
