@@ -3,6 +3,7 @@
     RUN/config.yaml                   the resolved configuration
     RUN/metrics.jsonl                 one JSON object per step, appended and flushed
     RUN/tb/                           TensorBoard events
+    RUN/wandb/                        the Weights & Biases run, when trainer.wandb is set
     RUN/rollouts/step_000010.jsonl    rollouts with per-token log-prob, entropy, advantage, cov
     RUN/checkpoints/step_000010/      model/ (HF format, safetensors), optimizer.safetensors,
                                       state.json, rng.safetensors
@@ -45,31 +46,37 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsLog:
-    """`metrics.jsonl` (append, flush per line) mirrored to TensorBoard."""
+    """`metrics.jsonl` (append, flush per line) mirrored to TensorBoard and to a Weights & Biases
+    run, under the same metric names."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, wandb_run=None):
         self.file = open(path, "a")  # noqa: SIM115 - held open for the whole run, closed in close()
         self.writer = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(tensorboard_dir))
+        self.wandb_run = wandb_run
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and value is not None:
-                    self.writer.add_scalar(key, value, step)
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, step)
             self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(numbers, step=step)
 
     def close(self) -> None:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def read_json_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, dict[str, Any]]]:
@@ -148,12 +155,37 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.path / "checkpoints"
+        self.config: dict[str, Any] = {}
 
     def write_config(self, config: dict[str, Any]) -> None:
+        self.config = config
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def metrics_log(self, tensorboard: bool) -> MetricsLog:
-        return MetricsLog(self.path / "metrics.jsonl", self.path / "tb" if tensorboard else None)
+        """The run's metrics log; with a W&B run when the config written asks for one
+        (`trainer.wandb`; `WANDB_MODE=offline` keeps it on disk)."""
+        return MetricsLog(
+            self.path / "metrics.jsonl",
+            self.path / "tb" if tensorboard else None,
+            wandb_run=self._wandb_run(),
+        )
+
+    def _wandb_run(self):
+        trainer = self.config.get("trainer", {})
+        if not trainer.get("wandb"):
+            return None
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError(
+                "trainer.wandb=true needs Weights & Biases: pip install 'entroprl[wandb]'"
+            ) from None
+        return wandb.init(
+            project=trainer.get("wandb_project", "entroprl"),
+            name=self.path.name,
+            dir=self.path,
+            config=self.config,
+        )
 
     def write_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
         folder = self.path / "rollouts"
