@@ -39,10 +39,11 @@ def test_trainer_logs_the_same_names_to_wandb_offline(tmp_path, monkeypatch):
     for (_, data), record in zip(calls, records, strict=True):
         assert data == {k: v for k, v in record.items() if k != "step"}
     assert {"cov/all", "actor/entropy_seq_mean", "dynamics/predicted_entropy_change"} <= set(data)
-    # and W&B wrote them to its offline run under those names
+    # and W&B wrote them to its offline run under those names (the first step's: its record is
+    # on disk long before the run finishes)
     (history,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     stored = history.read_bytes()
-    assert all(key.encode() in stored for key in data)
+    assert [key for key in calls[0][1] if key.encode() not in stored] == []
 
 
 def test_wandb_is_off_by_default(tmp_path):

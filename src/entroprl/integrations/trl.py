@@ -210,7 +210,7 @@ class CovGRPOTrainer(GRPOTrainer):
             base_inputs = {**inputs, "advantages": advantages}
         with self._base_loss():
             loss = super()._compute_loss(model, base_inputs)
-        logps, entropies, _ = self._forward
+        (logps, entropies, _), self._forward = self._forward, None
         mask = loss_mask(inputs)
         if selected is not None:
             penalty_sum = 0.0
