@@ -29,8 +29,9 @@ from entroprl.rundir import read_json_lines, read_metrics
 FORMATS = ("entroprl", "trl", "verl", "wandb")
 
 # In order of preference. The paper's H is the sequence-mean of token-mean entropy, which only
-# entroprl logs; the others log the token-weighted mean. verl before 0.4 named its entropy
-# "actor/entropy_loss" (the value of the entropy, not a loss).
+# entroprl logs (its trainer, and TRL's with entroprl.integrations.trl: "entropy_seq_mean"); the
+# others log the token-weighted mean. verl before 0.4 named its entropy "actor/entropy_loss" (the
+# value of the entropy, not a loss).
 ENTROPY_KEYS = (
     "actor/entropy_seq_mean",
     "entropy_seq_mean",

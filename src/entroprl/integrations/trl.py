@@ -166,11 +166,11 @@ class CovGRPOTrainer(GRPOTrainer):
                 "gradient. Raise num_iterations or steps_per_generation.",
                 stacklevel=2,
             )
-        super().__init__(model, reward_funcs, args, **kwargs)
         self._selected: dict[int, Tensor] = {}  # step -> its micro-batch's selection
         self._capture = False
         self._forward: tuple[Tensor, Tensor | None, Tensor | None] | None = None
         self._window: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        super().__init__(model, reward_funcs, args, **kwargs)
 
     # -- the loss ------------------------------------------------------------------------------
 
