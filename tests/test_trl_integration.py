@@ -2,10 +2,15 @@
 
 import json
 import math
+import os
+import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.trl
 pytest.importorskip(
@@ -219,6 +224,73 @@ def test_selection_spans_the_optimizer_step(tmp_path, loss_type):
     if loss_type == "kl_cov":
         alone = losses.kl_cov_select(logp[:4], adv[:4], mask[:4], ratio=0.2)
         assert not torch.equal(alone, first)
+
+
+def _rank_selection(rank, world, port, out_dir):
+    """One of `world` data-parallel ranks (accelerate's own process group, gloo on CPU): its two
+    micro-batches of an optimizer step, and the selections each loss type makes for them."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    out = {}
+    for loss_type in ("clip_cov", "kl_cov"):
+        trainer = make_trainer(
+            Path(out_dir) / f"rank{rank}",
+            loss_type=loss_type,
+            clip_cov_ratio=0.2,
+            kl_cov_ratio=0.2,
+            gradient_accumulation_steps=2,
+            **WIDE,
+        )
+        assert trainer.accelerator.num_processes == world
+        parts = [make_inputs(trainer, seed=20 + 2 * rank + i) for i in range(2)]
+        trainer._buffered_inputs, trainer._step = parts, 0
+        trainer.model.train()
+        selected = [trainer._step_selection(trainer.model)]
+        trainer._step = 1
+        selected.append(trainer._step_selection(trainer.model))
+        out[loss_type] = {"parts": parts, "selected": selected}
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_selection_is_global_over_data_parallel_ranks(tmp_path):
+    """Two ranks select as one process over all four micro-batches of the step (rank order)."""
+    world = 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_selection, args=(world, port, str(tmp_path)), nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    trainer = make_trainer(tmp_path, gradient_accumulation_steps=2)  # the same initial weights
+    trainer.model.train()
+    for loss_type in ("clip_cov", "kl_cov"):
+        ranks = [r[loss_type] for r in results]
+        parts = [part for r in ranks for part in r["parts"]]
+        with torch.no_grad():
+            logp = torch.cat([trainer._policy_logps(trainer.model, x) for x in parts])
+        adv = torch.cat([token_advantages(x) for x in parts])
+        mask = torch.cat([loss_mask(x) for x in parts])
+        if loss_type == "clip_cov":
+            expected = losses.clip_cov_select(
+                logp,
+                torch.cat([x["old_per_token_logps"] for x in parts]),
+                adv,
+                mask,
+                ratio=0.2,
+                generator=torch.Generator().manual_seed(0),
+                **{k.removeprefix("clip_cov_"): v for k, v in WIDE.items()},
+            )
+        else:
+            expected = losses.kl_cov_select(logp, adv, mask, ratio=0.2)
+        selected = torch.cat([s for r in ranks for s in r["selected"]])
+        torch.testing.assert_close(selected, expected)
 
 
 def test_kl_cov_warns_when_on_policy(tmp_path):
