@@ -535,6 +535,55 @@ def test_wandb_history_export_merges_rows_by_trainer_step(tmp_path):
     assert law.a == pytest.approx(-sxy / sxx, rel=1e-12)
 
 
+def test_integration_keys_under_logger_prefixes(tmp_path):
+    """verl logs what entroprl's policy loss returns under "actor/"; W&B's Hugging Face callback
+    logs TRL's metrics under "train/": both reach the covariance and dynamics sections."""
+    cov = {g: [0.01 * (6 - i) * s for s in range(1, 6)] for i, g in enumerate(GROUPS)}
+    change = [-0.5 * v + 0.001 * (-1) ** s for s, v in enumerate(cov["all"])]
+    verl = tmp_path / "verl.jsonl"
+    verl.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "step": s + 1,
+                    "data": {
+                        "actor/entropy": 1.0 / (s + 1),
+                        **{f"actor/cov/{g}": cov[g][s] for g in GROUPS},
+                        "actor/dynamics/predicted_entropy_change": -cov["all"][s],
+                        "dynamics/entropy_change": change[s],
+                    },
+                }
+            )
+            + "\n"
+            for s in range(5)
+        )
+    )
+    wandb = tmp_path / "trl.csv"
+    with open(wandb, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["train/global_step", "train/entropy_seq_mean", *[f"train/cov/{g}" for g in GROUPS]]
+        )
+        for s in range(5):
+            w.writerow([s + 1, 1.0 / (s + 1), *[cov[g][s] for g in GROUPS]])
+    for path in (verl, wandb):
+        result = analyze(load_run(path))
+        assert [row["group"] for row in result.covariance] == list(GROUPS)
+        for row in result.covariance:
+            assert row["mean"] == pytest.approx(np.mean(cov[row["group"]]))
+            assert (row["first"], row["last"], row["n"]) == (
+                cov[row["group"]][0],
+                cov[row["group"]][-1],
+                5,
+            )
+    assert load_run(wandb).keys.entropy == "train/entropy_seq_mean"
+    assert not load_run(wandb).keys.notes  # the paper's H: no token-weighted note
+    dynamics = analyze(load_run(verl)).dynamics
+    assert dynamics.x_key == "actor/dynamics/predicted_entropy_change"
+    np.testing.assert_allclose(dynamics.x, [-v for v in cov["all"]])
+    assert "dynamics/entropy_change" in analyze(load_run(wandb)).omitted["dynamics"]
+
+
 def test_wandb_csv_with_two_runs_is_an_error(tmp_path):
     path = tmp_path / "two.csv"
     path.write_text("Step,a - actor/entropy,b - actor/entropy\n1,1.0,2.0\n")

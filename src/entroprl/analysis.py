@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from entroprl.foreign import KeyMap, MetricsTable, map_keys, mapped_series, read_log
+from entroprl.foreign import (
+    KeyMap,
+    MetricsTable,
+    find_metric,
+    map_keys,
+    mapped_series,
+    read_log,
+)
 from entroprl.law import Forecast, LawFit, StageSplit, detect_stages, fit_law, forecast
 
 COV_GROUPS = ("top_0.02%", "top_0.2%", "top_2%", "top_20%", "top_50%", "all")
@@ -202,21 +209,23 @@ def dynamics_correlation(table: MetricsTable) -> Dynamics:
     """The covariance-predicted entropy change against the measured one, per step (Fig. 8 analogue).
 
     x = "dynamics/predicted_entropy_change" (= -cov/all), or -"cov/all" when only that is logged;
-    y = "dynamics/entropy_change". Returns the Pearson correlation and the least-squares line
-    ``y = slope*x + intercept`` over the steps that logged both. Raises ValueError when either is
-    missing or the correlation is undefined (see `pearson`).
+    y = "dynamics/entropy_change"; each under a logger's prefix too (`foreign.find_metric`).
+    Returns the Pearson correlation and the least-squares line ``y = slope*x + intercept`` over the
+    steps that logged both. Raises ValueError when either is missing or the correlation is
+    undefined (see `pearson`).
     """
     cols = table.columns
-    y_key = "dynamics/entropy_change"
-    if y_key not in cols:
-        raise ValueError(f"no {y_key} in the log (entroprl's trainer.measure_entropy_change)")
-    if "dynamics/predicted_entropy_change" in cols:
-        x_key, x_all = (
-            "dynamics/predicted_entropy_change",
-            cols["dynamics/predicted_entropy_change"],
+    y_key = find_metric(table, "dynamics/entropy_change")
+    if y_key is None:
+        raise ValueError(
+            "no dynamics/entropy_change in the log (entroprl's trainer.measure_entropy_change)"
         )
-    elif "cov/all" in cols:
-        x_key, x_all = "-cov/all", -cols["cov/all"]
+    predicted = find_metric(table, "dynamics/predicted_entropy_change")
+    cov_all = find_metric(table, "cov/all")
+    if predicted is not None:
+        x_key, x_all = predicted, cols[predicted]
+    elif cov_all is not None:
+        x_key, x_all = f"-{cov_all}", -cols[cov_all]
     else:
         raise ValueError("no dynamics/predicted_entropy_change or cov/all in the log")
     both = ~(np.isnan(x_all) | np.isnan(cols[y_key]))
@@ -240,17 +249,18 @@ def dynamics_correlation(table: MetricsTable) -> Dynamics:
 
 
 def covariance_table(table: MetricsTable) -> list[dict[str, Any]]:
-    """Per covariance group ("cov/top_0.02%" ... "cov/all"): mean over the logged steps, first
-    and last value, and the number of steps. Raises ValueError when no group is logged or a
-    logged value is infinite."""
+    """Per covariance group ("cov/top_0.02%" ... "cov/all", also under a logger's prefix, see
+    `foreign.find_metric`): mean over the logged steps, first and last value, and the number of
+    steps. Raises ValueError when no group is logged or a logged value is infinite."""
     rows = []
     for group in COV_GROUPS:
-        values = table.columns.get(f"cov/{group}")
-        if values is None:
+        key = find_metric(table, f"cov/{group}")
+        if key is None:
             continue
+        values = table.columns[key]
         present = values[~np.isnan(values)]
         if not np.isfinite(present).all():
-            raise ValueError(f"cov/{group} contains inf")
+            raise ValueError(f"{key} contains inf")
         rows.append(
             {
                 "group": group,

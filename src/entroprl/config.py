@@ -211,6 +211,10 @@ class TrainerConfig:
     measure_entropy_change: bool = True
     """After each update, recompute the entropy on the same rollouts (one no-grad forward)."""
     tensorboard: bool = True
+    wandb: bool = False
+    """Also log the metrics to a Weights & Biases run (`pip install 'entroprl[wandb]'`), named
+    after out_dir, under the same names; `WANDB_MODE=offline` keeps it on disk in out_dir/wandb."""
+    wandb_project: str = "entroprl"
     progress: bool = True
 
 

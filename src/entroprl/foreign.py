@@ -29,16 +29,23 @@ from entroprl.rundir import read_json_lines, read_metrics
 FORMATS = ("entroprl", "trl", "verl", "wandb")
 
 # In order of preference. The paper's H is the sequence-mean of token-mean entropy, which only
-# entroprl logs; the others log the token-weighted mean. verl before 0.4 named its entropy
-# "actor/entropy_loss" (the value of the entropy, not a loss).
+# entroprl logs (its trainer, and TRL's with entroprl.integrations.trl: "entropy_seq_mean"); the
+# others log the token-weighted mean. verl before 0.4 named its entropy "actor/entropy_loss" (the
+# value of the entropy, not a loss).
 ENTROPY_KEYS = (
     "actor/entropy_seq_mean",
+    "entropy_seq_mean",
+    "train/entropy_seq_mean",
     "actor/entropy",
     "entropy",
     "train/entropy",
     "actor/entropy_loss",
 )
 REWARD_KEYS = ("critic/score/mean", "critic/rewards/mean", "reward", "train/reward")
+# entroprl's own names with a logger's prefix: verl prefixes "actor/" to what a policy loss returns
+# (entroprl.integrations.verl); W&B's Hugging Face callback prefixes "train/" to TRL's metrics
+# (entroprl.integrations.trl, which logs the plain names to trainer_state.json).
+METRIC_PREFIXES = ("", "actor/", "train/")
 # W&B's step counts `log` calls; the trainer's own step comes first where both were logged.
 STEP_KEYS = ("train/global_step", "global_step", "step", "Step", "_step")
 
@@ -277,6 +284,12 @@ def read_log(path: str | Path) -> MetricsTable:
     return READERS[detect_format(path)](path)
 
 
+def find_metric(table: MetricsTable, name: str) -> str | None:
+    """The column holding entroprl's metric `name` (such as "cov/all"), logged as is or under one
+    of METRIC_PREFIXES; None when the log has none."""
+    return next((p + name for p in METRIC_PREFIXES if p + name in table.columns), None)
+
+
 def _accuracy_keys(columns: list[str]) -> tuple[tuple[str, ...], str | None]:
     """The accuracy columns to average, and a note on the choice when there was one."""
     by_var: dict[str, dict[str, tuple[int, str]]] = {}
@@ -322,7 +335,7 @@ def map_keys(
         entropy = _require("entropy", entropy_key, columns)
     else:
         entropy = next((k for k in ENTROPY_KEYS if k in table.columns), None)
-        if entropy is not None and entropy != "actor/entropy_seq_mean":
+        if entropy is not None and not entropy.endswith("entropy_seq_mean"):
             notes.append(
                 f"entropy from {entropy!r}: a token-weighted mean, not the paper's sequence-mean"
             )

@@ -3,6 +3,7 @@
     RUN/config.yaml                   the resolved configuration
     RUN/metrics.jsonl                 one JSON object per step, appended and flushed
     RUN/tb/                           TensorBoard events
+    RUN/wandb/                        the Weights & Biases run, when trainer.wandb is set
     RUN/rollouts/step_000010.jsonl    rollouts with per-token log-prob, entropy, advantage, cov
     RUN/checkpoints/step_000010/      model/ (HF format, safetensors), optimizer.safetensors,
                                       state.json, rng.safetensors
@@ -45,31 +46,37 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsLog:
-    """`metrics.jsonl` (append, flush per line) mirrored to TensorBoard."""
+    """`metrics.jsonl` (append, flush per line) mirrored to TensorBoard and to a Weights & Biases
+    run, under the same metric names."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, wandb_run=None):
         self.file = open(path, "a")  # noqa: SIM115 - held open for the whole run, closed in close()
         self.writer = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(tensorboard_dir))
+        self.wandb_run = wandb_run
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and value is not None:
-                    self.writer.add_scalar(key, value, step)
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, step)
             self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(numbers, step=step)
 
     def close(self) -> None:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def read_json_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, dict[str, Any]]]:
@@ -152,8 +159,30 @@ class RunDir:
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
-    def metrics_log(self, tensorboard: bool) -> MetricsLog:
-        return MetricsLog(self.path / "metrics.jsonl", self.path / "tb" if tensorboard else None)
+    def metrics_log(
+        self,
+        tensorboard: bool,
+        *,
+        wandb_project: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> MetricsLog:
+        """The run's metrics log, mirrored to TensorBoard, and to a W&B run of `wandb_project`
+        (named after the run directory, holding `config`) when one is given; `WANDB_MODE=offline`
+        keeps that run on disk in RUN/wandb."""
+        return MetricsLog(
+            self.path / "metrics.jsonl",
+            self.path / "tb" if tensorboard else None,
+            wandb_run=None if wandb_project is None else self._wandb_run(wandb_project, config),
+        )
+
+    def _wandb_run(self, project: str, config: dict[str, Any] | None):
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError(
+                "trainer.wandb=true needs Weights & Biases: pip install 'entroprl[wandb]'"
+            ) from None
+        return wandb.init(project=project, name=self.path.name, dir=self.path, config=config)
 
     def write_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
         folder = self.path / "rollouts"

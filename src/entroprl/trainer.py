@@ -787,7 +787,11 @@ class Trainer:
         log = None
         if self.run is not None:
             self.run.write_config(c.to_dict())
-            log = self.run.metrics_log(c.trainer.tensorboard)
+            log = self.run.metrics_log(
+                c.trainer.tensorboard,
+                wandb_project=c.trainer.wandb_project if c.trainer.wandb else None,
+                config=c.to_dict(),
+            )
         if self.step == 0 and c.trainer.eval_every > 0:
             initial = self.evaluate()
             if log is not None:

@@ -1,0 +1,250 @@
+"""entroprl's Clip-Cov and KL-Cov in verl's policy-loss registry (docs/verl.md).
+
+Importing this module registers `entroprl_clip_cov` and `entroprl_kl_cov`. verl imports it into its
+workers when its model config names it:
+
+    actor_rollout_ref.model.external_lib=entroprl.integrations.verl
+    actor_rollout_ref.actor.policy_loss.loss_mode=entroprl_kl_cov
+
+The settings are verl's own: `policy_loss.clip_cov_ratio`, `clip_cov_lb`, `clip_cov_ub`,
+`kl_cov_ratio`, `ppo_kl_coef`, `actor.clip_ratio(_low|_high)`, `actor.loss_agg_mode`.
+
+What differs from verl's `clip_cov` / `kl_cov`:
+
+- Scope: verl selects per micro-batch per GPU. Here the selection is made over the micro-batch of
+  every data-parallel rank together (verl runs the same number of micro-batches on each), when
+  verl's data-parallel group is the whole process group (no sequence, tensor or pipeline
+  parallelism). verl gives its loss wrapper the group but not the policy loss; otherwise the
+  selection stays per rank, as verl's, with a warning.
+- The losses are entroprl's (`entroprl.losses`), with verl's aggregation (`global_batch_info`) and
+  rollout importance weights: on one rank they equal verl's on the same inputs (tested), except
+  where verl is arbitrary (ties in KL-Cov's top-k go to the lowest index; `ratio * N` within 1e-9 of
+  an integer counts as that integer).
+- KL-Cov warns once when it runs fully on-policy: its penalty |logp - old_logp| was zero over the
+  first two optimizer steps, as it is when each step uses one mini-batch of a fresh rollout.
+- Metrics (verl prefixes "actor/"): pg_clipfrac (PPO's clip fraction; verl's clip_cov reports the
+  detached fraction there), ppo_kl (the mean log-ratio; verl's kl_cov reports its mean absolute
+  value there), clip_cov_frac or kl_cov_frac (fraction selected), kl_cov_abs_diff, and the
+  diagnostics cov/all, cov/top_0.02% ... cov/top_50% and dynamics/predicted_entropy_change
+  (-cov/all) of the rollout policy's log-probs over the selection scope.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from verl.trainer.ppo.core_algos import register_policy_loss
+
+from entroprl import distributed, dynamics, losses
+
+# Mean |logp - old_logp| over a mini-batch's tokens below which KL-Cov's penalty counts as zero
+ON_POLICY_TOLERANCE = 1e-6
+
+
+def global_scope(config) -> bool:
+    """Whether the selection can span verl's data-parallel group: when that group is the default
+    process group, the only one a policy loss can reach."""
+    if not distributed.is_distributed():
+        return False
+    dp_size = config.global_batch_info.get("dp_size", 1)
+    if dp_size == distributed.world_size():
+        return True
+    warnings.warn(
+        f"verl's data-parallel group ({dp_size} ranks) is not the whole process group "
+        f"({distributed.world_size()} ranks: sequence, tensor or pipeline parallelism), which a "
+        "policy loss cannot reach: entroprl selects per rank, as verl does",
+        stacklevel=3,
+    )
+    return False
+
+
+# One seed per call, the same on every rank (the ranks call the loss in step): Clip-Cov's draw
+# over all ranks needs the same generator everywhere.
+_CALLS = itertools.count()
+
+
+def _aggregation(
+    loss_agg_mode: str, mask: Tensor, config
+) -> tuple[str, losses.LossDenominators, int]:
+    """entroprl's aggregation mode and denominators, and the factor, that give verl's `agg_loss`
+    with `config.global_batch_info` (verl's sum over the data-parallel ranks is of losses already
+    multiplied by dp_size, to undo the gradient average)."""
+    info = config.global_batch_info
+    dp_size = info.get("dp_size") or 1
+    tokens = info.get("batch_num_tokens") or int(mask.sum())
+    sequences = info.get("global_batch_size") or int(mask.any(dim=-1).sum())
+    if loss_agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        return loss_agg_mode, losses.LossDenominators(int(tokens), int(sequences)), dp_size
+    if loss_agg_mode == "token-sum":
+        constant = 1.0
+    elif loss_agg_mode == "seq-mean-token-sum-norm":
+        constant = sequences * (info.get("loss_scale_factor") or mask.shape[-1])
+    else:
+        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
+    denominators = losses.LossDenominators(int(tokens), int(sequences), float(constant))
+    return "seq-mean-token-sum-norm", denominators, dp_size
+
+
+def _clip_range(config) -> tuple[float, float]:
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    return low, high
+
+
+def _diagnostics(old_log_prob: Tensor, advantages: Tensor, mask: Tensor, across: bool) -> dict:
+    cov = dynamics.token_covariance(old_log_prob, advantages, mask, across_ranks=across)
+    summary = dynamics.covariance_summary(cov, mask, across_ranks=across)
+    metrics = {f"actor/cov/{group}": value for group, value in summary.items()}
+    metrics["actor/dynamics/predicted_entropy_change"] = -summary["all"]
+    return metrics
+
+
+@register_policy_loss("entroprl_clip_cov")
+def compute_policy_loss_entroprl_clip_cov(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Clip-Cov (`losses.clip_cov_select`, `losses.clip_cov_loss`) with verl's signature."""
+    policy = config.policy_loss
+    low, high = _clip_range(config)
+    mask = response_mask.bool()
+    across = global_scope(config)
+    # verl draws with the global RNG, per rank; a draw over all ranks needs a shared generator
+    generator = torch.Generator().manual_seed(next(_CALLS)) if across else None
+    selected = losses.clip_cov_select(
+        log_prob,
+        old_log_prob,
+        advantages,
+        mask,
+        ratio=policy.clip_cov_ratio,
+        lb=policy.clip_cov_lb,
+        ub=policy.clip_cov_ub,
+        clip_low=low,
+        clip_high=high,
+        generator=generator,
+        across_ranks=across,
+    )
+    # verl multiplies the per-token loss by the (non-negative) importance weights; for PPO's
+    # max(-A*r, -A*clip(r)) that is the loss of the weighted advantages.
+    weighted = advantages if rollout_is_weights is None else advantages * rollout_is_weights
+    mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
+    loss, m = losses.clip_cov_loss(
+        log_prob,
+        old_log_prob,
+        weighted,
+        mask,
+        clip_low=low,
+        clip_high=high,
+        loss_agg_mode=mode,
+        selected=selected,
+        denominators=denominators,
+    )
+    metrics = {
+        "actor/pg_clipfrac": m["pg_clipfrac"],
+        "actor/pg_clipfrac_lower": m["pg_clipfrac_lower"],
+        "actor/ppo_kl": m["ppo_kl"],
+        "actor/clip_cov_frac": m["clip_cov_frac"],
+    }
+    return loss * dp_size, metrics | _diagnostics(old_log_prob, advantages, mask, across)
+
+
+@register_policy_loss("entroprl_kl_cov")
+def compute_policy_loss_entroprl_kl_cov(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """KL-Cov (`losses.kl_cov_select`, `losses.kl_cov_loss`) with verl's signature."""
+    policy = config.policy_loss
+    mask = response_mask.bool()
+    across = global_scope(config)
+    selected = losses.kl_cov_select(
+        log_prob, advantages, mask, ratio=policy.kl_cov_ratio, across_ranks=across
+    )
+    mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
+    kwargs = {"loss_agg_mode": mode, "selected": selected, "denominators": denominators}
+    if rollout_is_weights is None:
+        loss, m = losses.kl_cov_loss(
+            log_prob, old_log_prob, advantages, mask, coef=policy.ppo_kl_coef, **kwargs
+        )
+    else:
+        # verl weights the whole per-token loss, penalty included: the policy-gradient term
+        # through the advantages, the penalty here
+        loss, m = losses.kl_cov_loss(
+            log_prob, old_log_prob, advantages * rollout_is_weights, mask, coef=0.0, **kwargs
+        )
+        penalty = policy.ppo_kl_coef * rollout_is_weights * (log_prob - old_log_prob).abs()
+        loss = loss + losses.aggregate_loss(
+            torch.where(selected, penalty, 0.0), mask, mode, denominators=denominators
+        )
+    _ON_POLICY.observe(log_prob, old_log_prob, mask, config, across)
+    metrics = {
+        "actor/pg_clipfrac": m["pg_clipfrac"],
+        "actor/pg_clipfrac_lower": m["pg_clipfrac_lower"],
+        "actor/ppo_kl": m["ppo_kl"],
+        "actor/kl_cov_abs_diff": m["kl_cov_abs_diff"],
+        "actor/kl_cov_frac": m["kl_cov_selected"] / max(int(mask.sum()), 1),
+    }
+    return loss * dp_size, metrics | _diagnostics(old_log_prob, advantages, mask, across)
+
+
+@dataclass
+class OnPolicyCheck:
+    """Warns once when KL-Cov's penalty was zero over the first two optimizer steps.
+
+    A mini-batch (one optimizer step) ends when the calls have covered verl's
+    `global_batch_info["batch_num_tokens"]` tokens over the data-parallel ranks. The first
+    mini-batch after a rollout always has logp == old_logp; a run whose second mini-batch has it
+    too updates on fresh rollouts only, where |logp - old_logp| and its gradient are 0.
+    """
+
+    tokens: float = 0.0
+    abs_diff: float = 0.0
+    zero_steps: int = 0
+    done: bool = False
+
+    def observe(self, log_prob: Tensor, old_log_prob: Tensor, mask: Tensor, config, across: bool):
+        info = config.global_batch_info
+        total = info.get("batch_num_tokens")
+        # counted over the same ranks as verl's total: all of them, or a single one
+        if self.done or total is None or not (across or info.get("dp_size", 1) == 1):
+            return
+        diff = torch.where(mask, (log_prob.detach() - old_log_prob).abs(), 0.0)
+        counts = torch.stack([mask.sum().to(torch.float64), diff.sum().to(torch.float64)])
+        if across:
+            counts = distributed.all_reduce_sum(counts)
+        tokens, abs_diff = counts.tolist()
+        self.tokens += tokens
+        self.abs_diff += abs_diff
+        if self.tokens < total:
+            return
+        if self.abs_diff > ON_POLICY_TOLERANCE * self.tokens:
+            self.done = True
+            return
+        self.zero_steps, self.tokens, self.abs_diff = self.zero_steps + 1, 0.0, 0.0
+        if self.zero_steps == 2:
+            self.done = True
+            warnings.warn(
+                "KL-Cov on-policy: logp == old_logp over the first two optimizer steps, so the "
+                "|logp - old_logp| penalty and its gradient are 0 and this is plain policy "
+                "gradient. Use several mini-batches per step (actor.ppo_mini_batch_size < "
+                "data.train_batch_size) or actor.ppo_epochs > 1 (or the learning rate was 0).",
+                stacklevel=3,
+            )
+
+
+_ON_POLICY = OnPolicyCheck()

@@ -1,0 +1,244 @@
+"""entroprl.integrations.verl against verl's own policy losses (in .venv-verl: scripts/test.sh).
+
+On CPU, without Ray: verl's registry and loss functions are called as verl's `ppo_loss` calls them
+(micro-batch tensors, the actor config with `global_batch_info`); two gloo processes stand in for
+verl's data-parallel ranks.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.verl
+pytest.importorskip(
+    "verl",
+    reason="verl is not installed in this environment; scripts/test.sh runs these in .venv-verl",
+)
+
+from verl.trainer.ppo import core_algos  # noqa: E402
+from verl.workers.config import FSDPActorConfig, PolicyLossConfig  # noqa: E402
+
+from entroprl import dynamics, losses  # noqa: E402
+from entroprl.integrations import verl as ours  # noqa: E402
+
+MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum")
+MODES += ("seq-mean-token-sum-norm",)
+# verl's policy_loss settings: lb/ub such that some tokens are candidates and the draw matters
+POLICY = {"clip_cov_ratio": 0.05, "clip_cov_lb": 0.5, "clip_cov_ub": 4.0, "kl_cov_ratio": 0.05}
+
+
+def actor_config(global_batch_info=None, **policy) -> FSDPActorConfig:
+    config = FSDPActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=2,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        policy_loss=PolicyLossConfig(**(POLICY | {"ppo_kl_coef": 0.7} | policy)),
+    )
+    config.global_batch_info.update(global_batch_info or {})
+    return config
+
+
+def micro_batch(seed: int, rows: int = 6, length: int = 24):
+    """verl's tensors for one micro-batch: off-policy log-probs, GRPO-like advantages, padding."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(rows, length, generator=g) * 3
+    log_prob = old + 0.3 * torch.randn(rows, length, generator=g)
+    advantages = (2 * torch.randn(rows, 1, generator=g)).expand(rows, length).clone()
+    advantages += 0.5 * torch.randn(rows, length, generator=g)
+    mask = torch.ones(rows, length, dtype=torch.bool)
+    for i in range(rows):
+        mask[i, int(torch.randint(length // 2, length + 1, (1,), generator=g)) :] = False
+    weights = torch.rand(rows, length, generator=g) * 2
+    return old, log_prob, advantages, mask, weights
+
+
+def run(fn, old, log_prob, advantages, mask, mode, config, weights, seed=0):
+    log_prob = log_prob.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # verl's Clip-Cov draws with the global RNG
+    loss, metrics = fn(
+        old_log_prob=old,
+        log_prob=log_prob,
+        advantages=advantages,
+        response_mask=mask,
+        loss_agg_mode=mode,
+        config=config,
+        rollout_is_weights=weights,
+    )
+    loss.backward()
+    return loss.detach(), log_prob.grad, metrics
+
+
+def test_registry_returns_ours_by_name():
+    assert core_algos.get_policy_loss_fn("entroprl_clip_cov") is (
+        ours.compute_policy_loss_entroprl_clip_cov
+    )
+    assert core_algos.get_policy_loss_fn("entroprl_kl_cov") is (
+        ours.compute_policy_loss_entroprl_kl_cov
+    )
+    # verl's own stay where they were
+    assert core_algos.get_policy_loss_fn("kl_cov") is core_algos.compute_policy_loss_kl_cov
+
+
+GLOBAL_INFO = {"dp_size": 1, "batch_num_tokens": 200, "global_batch_size": 10}
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-is", "rollout-is"])
+@pytest.mark.parametrize(
+    "info", [{}, GLOBAL_INFO | {"loss_scale_factor": 32}], ids=["local", "global"]
+)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
+def test_micro_batch_scope_equals_verl(name, mode, info, weighted):
+    """One rank: ours equals verl's own clip_cov / kl_cov on the same inputs, loss and gradient."""
+    old, log_prob, advantages, mask, weights = micro_batch(seed=11)
+    config = actor_config(info)
+    weights = weights if weighted else None
+    verl_fn = core_algos.get_policy_loss_fn(name)
+    our_fn = core_algos.get_policy_loss_fn(f"entroprl_{name}")
+    theirs = run(verl_fn, old, log_prob, advantages, mask, mode, config, weights)
+    mine = run(our_fn, old, log_prob, advantages, mask, mode, config, weights)
+    torch.testing.assert_close(mine[0], theirs[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mine[1], theirs[1], rtol=1e-6, atol=1e-8)
+    if name == "clip_cov":  # the draw matters: another seed detaches other tokens
+        other = run(our_fn, old, log_prob, advantages, mask, mode, config, weights, seed=1)
+        assert not torch.equal(other[1], mine[1])
+    # verl's ppo_kl is the signed mean for Clip-Cov and the mean absolute value for KL-Cov
+    key = "actor/ppo_kl" if name == "clip_cov" else "actor/kl_cov_abs_diff"
+    assert mine[2][key] == pytest.approx(theirs[2]["actor/ppo_kl"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
+def test_metrics_come_back(name):
+    old, log_prob, advantages, mask, _ = micro_batch(seed=12)
+    _, _, metrics = run(
+        core_algos.get_policy_loss_fn(f"entroprl_{name}"),
+        old,
+        log_prob,
+        advantages,
+        mask,
+        "token-mean",
+        actor_config(),
+        None,
+    )
+    summary = dynamics.covariance_summary(dynamics.token_covariance(old, advantages, mask), mask)
+    for group, value in summary.items():
+        assert metrics[f"actor/cov/{group}"] == pytest.approx(value)
+    assert metrics["actor/dynamics/predicted_entropy_change"] == pytest.approx(-summary["all"])
+    n_valid = int(mask.sum())
+    if name == "kl_cov":
+        assert metrics["actor/kl_cov_frac"] == pytest.approx(int(0.05 * n_valid) / n_valid)
+    else:
+        assert 0 < metrics["actor/clip_cov_frac"] <= 0.05
+    assert all(k.startswith("actor/") and isinstance(v, float) for k, v in metrics.items())
+
+
+def _kl_cov_steps(check, drifts: list[float], tokens_per_call: int):
+    """Feed KL-Cov two calls per mini-batch; each mini-batch's log-probs drift by `drift`."""
+    old, _, advantages, _, _ = micro_batch(seed=13, rows=4, length=8)
+    mask = torch.ones_like(old, dtype=torch.bool)
+    config = actor_config({"batch_num_tokens": 2 * tokens_per_call})
+    for drift in drifts:
+        for _ in range(2):
+            ours.compute_policy_loss_entroprl_kl_cov(
+                old, (old + drift).requires_grad_(), advantages, mask, config=config
+            )
+
+
+def test_kl_cov_warns_when_fully_on_policy(monkeypatch):
+    monkeypatch.setattr(ours, "_ON_POLICY", ours.OnPolicyCheck())
+    with pytest.warns(UserWarning, match="KL-Cov on-policy"):
+        _kl_cov_steps(ours._ON_POLICY, [0.0, 0.0], tokens_per_call=32)
+    # several mini-batches per rollout: the second one is off-policy, no warning ever
+    monkeypatch.setattr(ours, "_ON_POLICY", ours.OnPolicyCheck())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="KL-Cov on-policy")
+        _kl_cov_steps(ours._ON_POLICY, [0.0, 0.1, 0.0, 0.0, 0.0], tokens_per_call=32)
+
+
+# -- two data-parallel ranks (gloo) ------------------------------------------------------------
+
+
+def _rank(rank, world, init_file, out_dir, rows_per_rank):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        old, log_prob, advantages, mask, _ = micro_batch(seed=14, rows=rows_per_rank * world)
+        mine = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)
+        info = {
+            "dp_size": world,
+            "batch_num_tokens": int(mask.sum()),
+            "global_batch_size": mask.shape[0],
+        }
+        out = {}
+        for name in ("clip_cov", "kl_cov"):
+            fn = core_algos.get_policy_loss_fn(f"entroprl_{name}")
+            loss, grad, metrics = run(
+                fn,
+                old[mine],
+                log_prob[mine],
+                advantages[mine],
+                mask[mine],
+                "token-mean",
+                actor_config(info),
+                None,
+            )
+            out[name] = {"loss": loss, "grad": grad, "cov_all": metrics["actor/cov/all"]}
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_selection_is_global_over_data_parallel_ranks(tmp_path):
+    """Two ranks select as one process over both micro-batches: the summed gradient equals the
+    single-process one (verl averages gradients over ranks and scales each loss by dp_size)."""
+    world, rows = 2, 4
+    mp.spawn(_rank, args=(world, str(tmp_path / "init"), str(tmp_path), rows), nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    old, log_prob, advantages, mask, _ = micro_batch(seed=14, rows=rows * world)
+    den = losses.loss_denominators(mask, across_ranks=False)
+    for name in ("clip_cov", "kl_cov"):
+        logp = log_prob.clone().requires_grad_(True)
+        if name == "kl_cov":
+            selected = losses.kl_cov_select(logp, advantages, mask, ratio=0.05)
+            loss, _ = losses.kl_cov_loss(
+                logp, old, advantages, mask, coef=0.7, selected=selected, denominators=den
+            )
+        else:
+            # the first call of a process draws with seed 0, the same on both ranks
+            selected = losses.clip_cov_select(
+                logp,
+                old,
+                advantages,
+                mask,
+                ratio=0.05,
+                lb=0.5,
+                ub=4.0,
+                clip_low=0.2,
+                clip_high=0.28,
+                generator=torch.Generator().manual_seed(0),
+            )
+            loss, _ = losses.clip_cov_loss(
+                logp,
+                old,
+                advantages,
+                mask,
+                clip_low=0.2,
+                clip_high=0.28,
+                selected=selected,
+                denominators=den,
+            )
+        loss.backward()
+        grads = torch.cat([r[name]["grad"] for r in results]) / world
+        torch.testing.assert_close(grads, logp.grad, rtol=1e-6, atol=1e-8)
+        total = sum(r[name]["loss"] for r in results) / world
+        torch.testing.assert_close(total, loss.detach(), rtol=1e-6, atol=1e-7)
+        cov_all = dynamics.covariance_summary(
+            dynamics.token_covariance(old, advantages, mask), mask
+        )["all"]
+        assert [r[name]["cov_all"] for r in results] == [pytest.approx(cov_all)] * world
