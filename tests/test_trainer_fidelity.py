@@ -204,11 +204,11 @@ def test_empty_minibatch_is_skipped_and_counted(policy_loss, cov_scope):
     )
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    metrics, skipped = update_policy(
+    metrics, _ = update_policy(
         model, opt, batch, config, generator=torch.Generator().manual_seed(0)
     )
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
-    assert metrics["actor/empty_minibatches"] == 2 and skipped == 0
+    assert metrics["actor/empty_minibatches"] == 2 and metrics["actor/skipped_updates"] == 0
     assert not torch.equal(before, after)
 
 
@@ -269,3 +269,69 @@ def test_lopti_logs_both_passes(tmp_path, monkeypatch):
     metrics = Trainer(config, model=model, tokenizer=tok).train_step(1)
     assert metrics["actor/pg_loss"] == 2.0
     assert (metrics["actor/skipped_updates"], metrics["actor/empty_minibatches"]) == (1, 2)
+
+
+# -- every forward once --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy_loss", sorted(losses.POLICY_LOSSES))
+@pytest.mark.parametrize("micro", [16, 4])
+def test_on_policy_update_reuses_the_training_forward(tmp_path, policy_loss, micro):
+    """With one mini-batch and one epoch, the old log-probs and the entropy come from the training
+    forward, detached (no pass of their own): the same update and the same logged values as with
+    the separate no-grad pass, and one forward fewer."""
+    import entroprl.trainer as trainer_module
+
+    results = []
+    for on_policy in (True, False):
+        model, tok = make_tiny_policy()
+        config = small_config(
+            tmp_path / str(on_policy),
+            algorithm={"policy_loss": policy_loss, "loss": SPLIT_TEST_SETTINGS},
+            optim={"mini_batch_size": 16, "micro_batch_size": micro},
+            trainer={"eval_every": 0},
+        )
+        trainer = Trainer(config, model=model, tokenizer=tok)
+        assert trainer.on_policy
+        trainer.on_policy = on_policy
+        passes = []
+        real = trainer_module.batched_log_probs
+
+        def counting(*args, _real=real, _passes=passes, **kwargs):
+            _passes.append(1)
+            return _real(*args, **kwargs)
+
+        trainer_module.batched_log_probs = counting
+        try:
+            metrics = trainer.train_step(1)
+        finally:
+            trainer_module.batched_log_probs = real
+        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        results.append((metrics, weights, len(passes)))
+    (fused, w_fused, n_fused), (separate, w_separate, n_separate) = results
+    torch.testing.assert_close(w_fused, w_separate, atol=1e-6, rtol=1e-5)
+    for key, value in separate.items():
+        if not key.startswith(("timing_s/", "perf/")):
+            assert fused[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    has_selection = losses.get_policy_loss(policy_loss).select is not None
+    # the separate path's old-log-prob pass; with a selection over several micro-batches the
+    # on-policy path needs one no-grad pass for it (that pass then serves as nothing else)
+    assert n_separate - n_fused == (0 if has_selection and micro < 16 else 1)
+
+
+def test_on_policy_needs_nothing_before_the_update(tmp_path):
+    model, tok = make_tiny_policy()
+    one_minibatch = {"mini_batch_size": 16, "micro_batch_size": 4}
+    for algorithm in (
+        {"ppl_shaping_alpha": 0.01},
+        {"low_prob_alpha": 0.1},
+        {"lopti_eta": 0.5},
+        {"high_entropy_rho": 0.2},
+        {"position_shaping_alpha": 0.05},
+    ):
+        config = small_config(tmp_path, algorithm=algorithm, optim=one_minibatch)
+        assert not Trainer(config, model=model, tokenizer=tok).on_policy, algorithm
+    config = small_config(tmp_path, optim=one_minibatch | {"epochs": 2})
+    assert not Trainer(config, model=model, tokenizer=tok).on_policy
+    config = small_config(tmp_path)  # two mini-batches
+    assert not Trainer(config, model=model, tokenizer=tok).on_policy

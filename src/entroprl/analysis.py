@@ -218,7 +218,7 @@ def dynamics_correlation(table: MetricsTable) -> Dynamics:
     y_key = find_metric(table, "dynamics/entropy_change")
     if y_key is None:
         raise ValueError(
-            "no dynamics/entropy_change in the log (entroprl's trainer.measure_entropy_change)"
+            "no dynamics/entropy_change in the log (entroprl's trainer.entropy_change_every)"
         )
     predicted = find_metric(table, "dynamics/predicted_entropy_change")
     cov_all = find_metric(table, "cov/all")

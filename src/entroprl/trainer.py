@@ -48,7 +48,9 @@ class UpdateBatch:
     attention_mask: Tensor
     response_mask: Tensor
     """(B, R) tokens that enter the loss (high-entropy masking already applied)."""
-    old_log_prob: Tensor
+    old_log_prob: Tensor | None
+    """None: the update is on-policy (one mini-batch, one epoch), so the old log-probs are the
+    training forward's own, detached, and need no pass of their own."""
     advantages: Tensor
     ref_log_prob: Tensor | None = None
 
@@ -112,31 +114,43 @@ def update_policy(
     generator: torch.Generator,
     entropy_coef: float = 0.0,
     progress: bool = False,
-) -> tuple[dict[str, float], int]:
+) -> tuple[dict[str, float], tuple[Tensor, Tensor]]:
     """`epochs x mini-batches` optimizer steps on one rollout batch (this rank's rows).
 
     Each mini-batch is split into micro-batches whose losses use the whole mini-batch's
-    denominators (and covariance selection), so the accumulated gradient equals that of the
-    mini-batch in one piece. DDP and FSDP average the gradient over ranks, hence the loss is
-    scaled by the world size to make it the global sum. The logged metrics are the mini-batch's
-    own (summed or token-weighted over micro-batches and ranks, `losses.SUMMED_METRICS`), averaged
-    over the optimizer steps, so they do not depend on the split either. A mini-batch in which no
-    token enters the loss on any rank (dynamic sampling or high-entropy masking can leave one
-    empty) is skipped by every rank and counted in `actor/empty_minibatches`. Returns metrics and
-    the number of updates skipped because the loss or gradient was not finite.
+    denominators (and selection), so the accumulated gradient equals that of the mini-batch in one
+    piece. DDP and FSDP average the gradient over ranks, hence the loss is scaled by the world size
+    to make it the global sum. The logged metrics are the mini-batch's own (summed or
+    token-weighted over micro-batches and ranks, `PolicyLossSpec.summed_metrics`), averaged over
+    the optimizer steps, so they do not depend on the split either. A mini-batch in which no token
+    enters the loss on any rank (dynamic sampling or high-entropy masking can leave one empty) is
+    skipped by every rank and counted in `actor/empty_minibatches`; an update whose loss or
+    gradient is not finite is skipped and counted in `actor/skipped_updates`.
+
+    Every forward runs once: with `batch.old_log_prob` None (on-policy: one mini-batch, one
+    epoch) the old log-probs are the training forward's, detached, so the ratio is exactly 1; a
+    whole-mini-batch selection uses the old log-probs while the weights have not moved yet (the
+    first mini-batch), and the training forward's own when the mini-batch is one micro-batch.
+    Returns the metrics and the log-probs and entropies (detached, (B, R)) that the first epoch's
+    training forwards computed for every row, before any update touched them on-policy.
     """
     a, o = config.algorithm, config.optim
     spec = losses.get_policy_loss(a.policy_loss)
     settings = config.loss_settings()
     kwargs = {"loss_agg_mode": a.loss_agg_mode, **asdict(settings)}
     world = distributed.world_size()
-    R = batch.response_mask.shape[1]
+    n, R = batch.response_mask.shape
+    on_policy = batch.old_log_prob is None
+    if on_policy and (o.epochs > 1 or n > o.mini_batch_size):
+        raise ValueError("old_log_prob=None (on-policy) needs one mini-batch and one epoch")
     norm_constant = config.rollout.max_new_tokens
     params = [p for p in model.parameters() if p.requires_grad]
     summed = spec.summed_metrics | {"kl_loss"}
     metrics: dict[str, list[float]] = defaultdict(list)
+    seen_log_prob = batch.response_mask.new_zeros(n, R)
+    seen_entropy = batch.response_mask.new_zeros(n, R)
     skipped = empty = 0
-    n = batch.input_ids.shape[0]
+    moved = False  # whether an optimizer step has changed the weights since the rollout
     per_epoch = math.ceil(n / o.mini_batch_size)
     bar = tqdm(
         total=o.epochs * per_epoch,
@@ -145,7 +159,7 @@ def update_policy(
         leave=False,
         disable=not progress or o.epochs * per_epoch == 1,
     )
-    for _ in range(o.epochs):
+    for epoch in range(o.epochs):
         order = torch.randperm(n, generator=generator)
         for mini_rows in order.split(o.mini_batch_size):
             bar.update()
@@ -156,27 +170,31 @@ def update_policy(
             if denominators is None:  # the count is global: every rank skips together
                 empty += 1
                 continue
+            micro_starts = range(0, mini_rows.numel(), o.micro_batch_size)
             selected = None
             if spec.select is not None and a.cov_scope == "minibatch":
-                if a.cov_logp == "exact":
+                if not on_policy and (a.cov_logp == "old" or not moved):
+                    # the rollout's log-probs: exact while no update has moved the weights
+                    sel_logp = mini.old_log_prob
+                elif len(micro_starts) > 1:
                     sel_logp, _ = batched_log_probs(
                         model, mini, o.log_prob_rows, config.rollout.temperature
                     )
-                else:
-                    sel_logp = mini.old_log_prob
-                selected = spec.select(
-                    sel_logp,
-                    mini.old_log_prob,
-                    mini.advantages,
-                    mini.response_mask,
-                    settings,
-                    generator=generator,
-                    across_ranks=True,
-                )
+                else:  # the training forward of the single micro-batch gives them, below
+                    sel_logp = None
+                if sel_logp is not None:
+                    selected = spec.select(
+                        sel_logp,
+                        mini.old_log_prob if not on_policy else sel_logp,
+                        mini.advantages,
+                        mini.response_mask,
+                        settings,
+                        generator=generator,
+                        across_ranks=True,
+                    )
             optimizer.zero_grad(set_to_none=True)
             finite = True
             step_sums: dict[str, float] = defaultdict(float)
-            micro_starts = range(0, mini_rows.numel(), o.micro_batch_size)
             for i, start in enumerate(micro_starts):
                 rows = slice(start, start + o.micro_batch_size)
                 mb = mini.rows(torch.arange(mini_rows.numel())[rows])
@@ -193,25 +211,30 @@ def update_policy(
                         temperature=config.rollout.temperature,
                         entropy_grad=entropy_coef > 0,
                     )
+                    if epoch == 0:
+                        seen_log_prob[mini_rows[rows]] = log_prob.detach()
+                        seen_entropy[mini_rows[rows]] = entropy.detach()
+                    old = log_prob.detach() if on_policy else mb.old_log_prob
                     extra = {}
                     if selected is not None:
                         extra["selected"] = selected[rows]
-                    elif spec.select is not None and tokens == 0:
-                        # the per-micro-batch (reference) scope, with nothing to select from
-                        extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
-                    elif spec.select is not None:
+                    elif spec.select is not None and (a.cov_scope == "minibatch" or tokens > 0):
+                        # the whole mini-batch in this one micro-batch on every rank, or the
+                        # per-micro-batch (reference) scope
                         extra["selected"] = spec.select(
                             log_prob.detach(),
-                            mb.old_log_prob,
+                            old,
                             mb.advantages,
                             mb.response_mask,
                             settings,
                             generator=generator,
-                            across_ranks=False,
+                            across_ranks=a.cov_scope == "minibatch",
                         )
+                    elif spec.select is not None:  # an empty micro-batch: nothing to select
+                        extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
                     loss, m = spec.fn(
                         log_prob,
-                        mb.old_log_prob,
+                        old,
                         mb.advantages,
                         mb.response_mask,
                         denominators=denominators,
@@ -257,12 +280,13 @@ def update_policy(
                 skipped += 1
                 continue
             optimizer.step()
+            moved = True
             metrics["grad_norm"].append(grad_norm.item())
     bar.close()
     out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
     out["actor/skipped_updates"] = skipped
     out["actor/empty_minibatches"] = empty
-    return out, skipped
+    return out, (seen_log_prob, seen_entropy)
 
 
 def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
@@ -365,12 +389,34 @@ class Trainer:
             if a.entropy_target is not None
             else None
         )
+        self.on_policy = self.update_is_on_policy()
+        """Whether the training forward gives the old log-probs and the entropy (no pass of their
+        own); `self.seen` holds them after each update."""
+        self.seen: tuple[Tensor, Tensor] | None = None
         self.step = 0
         self.entropy_history: list[float] = []
         self.plateau_start: int | None = None
         """The step at which the plateau stage began, once detected (then kept to the end)."""
         self.nonfinite_in_a_row = 0
         self.run = RunDir(c.trainer.out_dir) if self.rank == 0 else None
+
+    def update_is_on_policy(self) -> bool:
+        """One mini-batch and one epoch per step, and nothing before the update needs the step's
+        log-probs or entropy (PPL shaping, low-probability reweighting, Lopti, high-entropy
+        masking, plateau detection for position shaping, entropy at another temperature than the
+        sampling one): then the old log-probs are the training forward's own, as in TRL."""
+        c, a, o = self.config, self.config.algorithm, self.config.optim
+        rows = c.rollout.prompts_per_step // self.world * c.rollout.n
+        return (
+            o.epochs == 1
+            and o.mini_batch_size >= rows
+            and c.rollout.temperature == 1.0
+            and a.ppl_shaping_alpha == 0
+            and a.low_prob_alpha == 0
+            and a.lopti_eta is None
+            and a.high_entropy_rho is None
+            and not (a.position_shaping_alpha > 0 and a.position_shaping_start is None)
+        )
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -584,19 +630,38 @@ class Trainer:
                 self.entropy_history.append(math.nan)  # keeps one value per step
                 metrics["actor/skipped_updates"] = 1
                 return metrics | {"timing_s/gen": t_gen - t0}
-        # old log-probs and entropy, once per rollout step
-        rows = c.optim.log_prob_rows
-        old_log_prob, entropy = batched_log_probs(self.model, batch, rows, c.rollout.temperature)
-        if c.rollout.temperature != 1.0:  # the paper's entropy is at temperature 1
-            _, entropy = batched_log_probs(self.model, batch, rows, 1.0)
         # the training batch: the groups kept, as verl's batch after its filter
         train_mask = batch.response_mask * keep[:, None]
-        ent = batch_entropy(entropy, train_mask)
-        self.entropy_history.append(ent["seq_mean_token_mean"])
-        self.detect_plateau(step)
+        # old log-probs and entropy: a pass of their own, unless the update is on-policy and its
+        # training forward gives them
+        old_log_prob = entropy = None
+        if not self.on_policy:
+            old_log_prob, entropy = self.log_probs_and_entropy(batch)
+            self.record_entropy(entropy, train_mask, step)
         t_old = time.perf_counter()
         # advantage: statistics over the groups kept, on all ranks
         advantages = self.shaped_advantages(batch, train_mask, rewards, old_log_prob, step)
+        loss_mask = train_mask
+        if a.high_entropy_rho is not None:
+            loss_mask = loss_mask * losses.high_entropy_mask(
+                entropy, loss_mask, rho=a.high_entropy_rho, across_ranks=True
+            )
+        ref = None
+        if self.ref_model is not None:
+            ref, _ = batched_log_probs(
+                self.ref_model, batch, c.optim.log_prob_rows, c.rollout.temperature
+            )
+        # update
+        update_batch = UpdateBatch(
+            batch.input_ids, batch.attention_mask, loss_mask, old_log_prob, advantages, ref
+        )
+        metrics |= self.update(update_batch, step)
+        if self.on_policy:
+            old_log_prob, entropy = self.seen
+            self.record_entropy(entropy, train_mask, step)
+        t_update = time.perf_counter()
+        # log: entropy, covariance and the entropy change they predict, over the training batch
+        ent = batch_entropy(entropy, train_mask)
         # a collective over ranks: computed on all of them, also for rank 0's rollout samples
         cov = dynamics.token_covariance(old_log_prob, advantages, train_mask)
         metrics |= self.dynamics_metrics(batch, train_mask, old_log_prob, advantages, cov, ent)
@@ -606,56 +671,11 @@ class Trainer:
             metrics["sampled/entropy_seq_mean"] = everything["seq_mean_token_mean"]
         if self.plateau_start is not None:
             metrics["stages/plateau_start"] = self.plateau_start
-        loss_mask = train_mask
-        if a.high_entropy_rho is not None:
-            loss_mask = loss_mask * losses.high_entropy_mask(
-                entropy, loss_mask, rho=a.high_entropy_rho, across_ranks=True
-            )
-        ref = None
-        if self.ref_model is not None:
-            ref, _ = batched_log_probs(self.ref_model, batch, rows, c.rollout.temperature)
-        update_batch = UpdateBatch(
-            batch.input_ids, batch.attention_mask, loss_mask, old_log_prob, advantages, ref
-        )
-        # update
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step - 1)
-        coef = self.entropy_coef.alpha if self.entropy_coef else a.entropy_coef
-        generator = torch.Generator().manual_seed(c.trainer.seed * 15_485_863 + step)
-        if a.lopti_eta is not None:
-            low, high = adv_lib.lopti_split(old_log_prob, loss_mask, eta=a.lopti_eta)
-            parts = [
-                replace(update_batch, advantages=advantages * low),
-                replace(update_batch, advantages=advantages * high),
-            ]
-        else:
-            parts = [update_batch]
-        updates = [
-            update_policy(
-                self.wrapped,
-                self.optimizer,
-                part,
-                c,
-                generator=generator,
-                entropy_coef=coef,
-                progress=c.trainer.progress and self.rank == 0,
-            )[0]
-            for part in parts
-        ]
-        # Lopti's two passes: counts add up, the rest is the mean over both
-        for key in dict.fromkeys(k for u in updates for k in u):
-            values = [u[key] for u in updates if key in u]
-            counted = key in ("actor/skipped_updates", "actor/empty_minibatches")
-            metrics[key] = sum(values) if counted else sum(values) / len(values)
-        skipped = metrics["actor/skipped_updates"]
-        metrics["actor/lr"] = self.lr_at(step - 1)
-        metrics["actor/entropy_coef"] = coef
         if self.entropy_coef:
             self.entropy_coef.update(ent["seq_mean_token_mean"])
-        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
-        t_update = time.perf_counter()
-        if c.trainer.measure_entropy_change:
-            _, entropy_after = batched_log_probs(self.model, batch, rows, 1.0)
+        every = c.trainer.entropy_change_every
+        if every and step % every == 0:
+            _, entropy_after = batched_log_probs(self.model, batch, c.optim.log_prob_rows, 1.0)
             after = batch_entropy(entropy_after, train_mask)["seq_mean_token_mean"]
             metrics["dynamics/entropy_change"] = after - ent["seq_mean_token_mean"]
         t_end = time.perf_counter()
@@ -675,6 +695,64 @@ class Trainer:
                 step, self.rollout_records(batch, rewards, old_log_prob, entropy, advantages, cov)
             )
         return metrics
+
+    def log_probs_and_entropy(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """The rollout's log-probs under the current policy (at the sampling temperature) and
+        its token entropies (at temperature 1, the paper's), from one no-grad pass (two when the
+        temperature is not 1)."""
+        c = self.config
+        rows, temperature = c.optim.log_prob_rows, c.rollout.temperature
+        log_prob, entropy = batched_log_probs(self.model, batch, rows, temperature)
+        if temperature != 1.0:
+            _, entropy = batched_log_probs(self.model, batch, rows, 1.0)
+        return log_prob, entropy
+
+    def record_entropy(self, entropy: Tensor, mask: Tensor, step: int) -> None:
+        """Append the step's entropy (the paper's H over the training batch) to the history the
+        plateau detection reads."""
+        self.entropy_history.append(batch_entropy(entropy, mask)["seq_mean_token_mean"])
+        self.detect_plateau(step)
+
+    def update(self, batch: UpdateBatch, step: int) -> dict[str, float]:
+        """The policy update of one step (Lopti's two passes with `lopti_eta`); keeps the training
+        forwards' log-probs and entropies in `self.seen`."""
+        c, a = self.config, self.config.algorithm
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step - 1)
+        coef = self.entropy_coef.alpha if self.entropy_coef else a.entropy_coef
+        generator = torch.Generator().manual_seed(c.trainer.seed * 15_485_863 + step)
+        parts = [batch]
+        if a.lopti_eta is not None:
+            low, high = adv_lib.lopti_split(
+                batch.old_log_prob, batch.response_mask, eta=a.lopti_eta
+            )
+            parts = [
+                replace(batch, advantages=batch.advantages * low),
+                replace(batch, advantages=batch.advantages * high),
+            ]
+        results = [
+            update_policy(
+                self.wrapped,
+                self.optimizer,
+                part,
+                c,
+                generator=generator,
+                entropy_coef=coef,
+                progress=c.trainer.progress and self.rank == 0,
+            )
+            for part in parts
+        ]
+        self.seen = results[0][1]  # the first pass's forwards, before any update
+        updates = [part_metrics for part_metrics, _ in results]
+        # Lopti's two passes: counts add up, the rest is the mean over both
+        metrics = {}
+        for key in dict.fromkeys(k for u in updates for k in u):
+            values = [u[key] for u in updates if key in u]
+            counted = key in ("actor/skipped_updates", "actor/empty_minibatches")
+            metrics[key] = sum(values) if counted else sum(values) / len(values)
+        skipped = metrics["actor/skipped_updates"]
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        return metrics | {"actor/lr": self.lr_at(step - 1), "actor/entropy_coef": coef}
 
     # -- measurement -----------------------------------------------------------------------------
 
