@@ -24,8 +24,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from entroprl import advantages as adv_lib
 from entroprl import distributed, dynamics, losses, parallel
+from entroprl.advantages import (
+    compute_advantages,
+    dynamic_sampling_mask,
+    lopti_split,
+    low_prob_reweight,
+    overlong_penalty,
+    position_shaping,
+    ppl_shaping,
+)
 from entroprl.config import Config
 from entroprl.entropy import batch_entropy, logprobs_and_entropy
 from entroprl.evaluation import evaluate, score_samples
@@ -378,7 +386,7 @@ class Trainer:
         )
         self.backend = make_backend(c, self.model, tokenizer)
         a = c.algorithm
-        self.entropy_coef = (
+        self.entropy_controller = (
             losses.AdaptiveEntropyCoef(
                 alpha=a.entropy_coef,
                 target=a.entropy_target,
@@ -436,7 +444,9 @@ class Trainer:
             "entropy_history": self.entropy_history,
             "plateau_start": self.plateau_start,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "entropy_coef": self.entropy_coef.state_dict() if self.entropy_coef else None,
+            "entropy_coef": self.entropy_controller.state_dict()
+            if self.entropy_controller
+            else None,
         }
 
     def save(self) -> None:
@@ -474,8 +484,8 @@ class Trainer:
         self.entropy_history = state["entropy_history"]
         self.plateau_start = state.get("plateau_start")  # absent from checkpoints before it
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
-        if self.entropy_coef and state["entropy_coef"]:
-            self.entropy_coef.load_state_dict(state["entropy_coef"])
+        if self.entropy_controller and state["entropy_coef"]:
+            self.entropy_controller.load_state_dict(state["entropy_coef"])
         return True
 
     # -- the algorithm -------------------------------------------------------------------------
@@ -515,7 +525,7 @@ class Trainer:
         correct = torch.tensor(self.task.score(batch.texts, answers), device=self.device)
         rewards = correct.clone()
         if a.overlong_buffer > 0:
-            rewards = rewards + adv_lib.overlong_penalty(
+            rewards = rewards + overlong_penalty(
                 batch.response_lengths,
                 max_length=c.rollout.max_new_tokens,
                 buffer=a.overlong_buffer,
@@ -537,6 +547,7 @@ class Trainer:
         """
         c, n = self.config, self.config.rollout.n
         share = c.rollout.prompts_per_step // self.world
+        begin = time.perf_counter()
         batch, answers = self.rollout(step)
         start = time.perf_counter()
         scores, rewards = self.score(batch, answers)
@@ -556,7 +567,11 @@ class Trainer:
             rewards = torch.cat([rewards, more_rewards])
             sampled += 1
         metrics = self.rollout_metrics(batch, rewards, scores)
-        metrics |= {"train/num_gen_batches": sampled, "timing_s/reward": scoring}
+        metrics |= {
+            "train/num_gen_batches": sampled,
+            "timing_s/gen": time.perf_counter() - begin - scoring,
+            "timing_s/reward": scoring,
+        }
         tokens = int(batch.response_mask.sum().item())
         if batch.group_ids.numel() == share * n:  # exactly one batch of the step's size
             return batch, rewards, scores, tokens, metrics
@@ -570,7 +585,7 @@ class Trainer:
         """Dynamic sampling's filter (SPEC 6): True for responses whose group's scores differ (or
         rewards, with `algorithm.dynamic_sampling_metric=reward`)."""
         values = scores if self.config.algorithm.dynamic_sampling_metric == "score" else rewards
-        return adv_lib.dynamic_sampling_mask(values, batch.group_ids)
+        return dynamic_sampling_mask(values, batch.group_ids)
 
     def detect_plateau(self, step: int) -> None:
         """Latch the plateau stage the first time the entropy curve so far shows it (SPEC 9
@@ -599,17 +614,17 @@ class Trainer:
     ) -> Tensor:
         """Advantages (SPEC 6) of the responses `mask` keeps, shaped (SPEC 7, 8); 0 elsewhere."""
         a = self.config.algorithm
-        advantages = adv_lib.compute_advantages(
+        advantages = compute_advantages(
             a.advantage, rewards, batch.group_ids, mask, across_ranks=True
         )
         if a.ppl_shaping_alpha > 0:
-            advantages = adv_lib.ppl_shaping(
+            advantages = ppl_shaping(
                 advantages, old_log_prob, mask, batch.group_ids, alpha=a.ppl_shaping_alpha
             )
         if self.position_shaping_active(step):
-            advantages = adv_lib.position_shaping(advantages, mask, alpha=a.position_shaping_alpha)
+            advantages = position_shaping(advantages, mask, alpha=a.position_shaping_alpha)
         if a.low_prob_alpha > 0:
-            advantages = adv_lib.low_prob_reweight(advantages, old_log_prob, alpha=a.low_prob_alpha)
+            advantages = low_prob_reweight(advantages, old_log_prob, alpha=a.low_prob_alpha)
         return advantages
 
     def train_step(self, step: int) -> dict[str, Any]:
@@ -617,8 +632,7 @@ class Trainer:
         t0 = time.perf_counter()
         # rollout and reward
         batch, rewards, scores, sampled_tokens, metrics = self.sample(step)
-        t_reward = time.perf_counter()
-        t_gen = t_reward - metrics["timing_s/reward"]
+        t_sampled = time.perf_counter()
         keep = torch.ones_like(rewards, dtype=torch.bool)
         if a.dynamic_sampling:
             # Filtered groups leave the loss mask rather than the batch: with global denominators
@@ -629,7 +643,7 @@ class Trainer:
             if kept == 0:
                 self.entropy_history.append(math.nan)  # keeps one value per step
                 metrics["actor/skipped_updates"] = 1
-                return metrics | {"timing_s/gen": t_gen - t0}
+                return metrics
         # the training batch: the groups kept, as verl's batch after its filter
         train_mask = batch.response_mask * keep[:, None]
         # old log-probs and entropy: a pass of their own, unless the update is on-policy and its
@@ -671,8 +685,8 @@ class Trainer:
             metrics["sampled/entropy_seq_mean"] = everything["seq_mean_token_mean"]
         if self.plateau_start is not None:
             metrics["stages/plateau_start"] = self.plateau_start
-        if self.entropy_coef:
-            self.entropy_coef.update(ent["seq_mean_token_mean"])
+        if self.entropy_controller:
+            self.entropy_controller.update(ent["seq_mean_token_mean"])
         every = c.trainer.entropy_change_every
         if every and step % every == 0:
             _, entropy_after = batched_log_probs(self.model, batch, c.optim.log_prob_rows, 1.0)
@@ -680,13 +694,12 @@ class Trainer:
             metrics["dynamics/entropy_change"] = after - ent["seq_mean_token_mean"]
         t_end = time.perf_counter()
         tokens = train_mask.sum().item() * self.world
+        generation = max(metrics["timing_s/gen"], 1e-9)
         metrics |= {
-            "timing_s/gen": t_gen - t0,
-            "timing_s/reward": t_reward - t_gen,
-            "timing_s/old_log_prob": t_old - t_reward,
+            "timing_s/old_log_prob": t_old - t_sampled,
             "timing_s/update_actor": t_update - t_old,
             "timing_s/step": t_end - t0,
-            "perf/rollout_tokens_per_s": sampled_tokens * self.world / max(t_gen - t0, 1e-9),
+            "perf/rollout_tokens_per_s": sampled_tokens * self.world / generation,
             "perf/update_tokens_per_s": tokens * c.optim.epochs / max(t_update - t_old, 1e-9),
             "perf/throughput": tokens / max(t_end - t0, 1e-9),
         }
@@ -719,13 +732,11 @@ class Trainer:
         c, a = self.config, self.config.algorithm
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step - 1)
-        coef = self.entropy_coef.alpha if self.entropy_coef else a.entropy_coef
+        coef = self.entropy_controller.alpha if self.entropy_controller else a.entropy_coef
         generator = torch.Generator().manual_seed(c.trainer.seed * 15_485_863 + step)
         parts = [batch]
         if a.lopti_eta is not None:
-            low, high = adv_lib.lopti_split(
-                batch.old_log_prob, batch.response_mask, eta=a.lopti_eta
-            )
+            low, high = lopti_split(batch.old_log_prob, batch.response_mask, eta=a.lopti_eta)
             parts = [
                 replace(batch, advantages=batch.advantages * low),
                 replace(batch, advantages=batch.advantages * high),
@@ -832,7 +843,7 @@ class Trainer:
             )
         return records
 
-    def evaluate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
         """Held-out accuracy, every rank sampling an equal share of the problems (the last share
         padded with repeats, so that sharded models run the same forwards on every rank)."""
         c = self.config
@@ -871,7 +882,7 @@ class Trainer:
                 config=c.to_dict(),
             )
         if self.step == 0 and c.trainer.eval_every > 0:
-            initial = self.evaluate()
+            initial = self.validate()
             if log is not None:
                 log.log(0, initial)
         bar = tqdm(
@@ -888,7 +899,7 @@ class Trainer:
                 if c.trainer.eval_every > 0 and (
                     step % c.trainer.eval_every == 0 or step == c.trainer.steps
                 ):
-                    metrics |= self.evaluate()
+                    metrics |= self.validate()
                 if log is not None:
                     log.log(step, metrics)
                 if self.nonfinite_in_a_row >= c.trainer.max_nonfinite_updates:
