@@ -419,3 +419,62 @@ def test_no_grad_passes_use_their_own_micro_batch(tiny_policy, tmp_path, monkeyp
         runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")[0]
     for key in ("actor/entropy", "actor/kl_loss", "actor/pg_loss", "actor/grad_norm"):
         assert runs["large"][key] == pytest.approx(runs["default"][key], rel=1e-4, abs=1e-6), key
+
+
+def test_nonfinite_logits_stop_the_run_at_once_naming_the_step(tiny_policy, tmp_path):
+    """NaN logits in the log-prob passes (here from step 2 on) stop the run at that step with a
+    hint, not with a bare error, and not after max_nonfinite_updates: no later update can mend the
+    model that produced them."""
+    model, tok = tiny_policy
+    config = small_config(tmp_path, trainer={"steps": 5, "eval_every": 0, "save_every": 1})
+    trainer = Trainer(config, model=model, tokenizer=tok)
+
+    def poison(module, args, kwargs, output):
+        if trainer.step >= 1 and kwargs.get("use_cache") is False:  # not in generation
+            output.logits = output.logits * float("nan")
+        return output
+
+    model.register_forward_hook(poison, with_kwargs=True)
+    with pytest.raises(TrainingError, match=r"step 2: logits contain NaN.*step 1.*--resume"):
+        trainer.train()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000001"
+
+
+@pytest.mark.parametrize("measure", [True, False])
+def test_nonfinite_weights_stop_at_once_and_are_never_saved(tmp_path, measure):
+    """An update that makes the weights NaN (an infinite learning rate at step 2) stops the run at
+    that step with a hint; the checkpoint of step 1 stays the newest, and resumes."""
+    model, tok = make_tiny_policy()
+    config = small_config(
+        tmp_path,
+        trainer={"steps": 3, "save_every": 1, "eval_every": 0, "measure_entropy_change": measure},
+    )
+    trainer = Trainer(config, model=model, tokenizer=tok)
+    trainer.lr_at = lambda step: math.inf if step >= 1 else 1e-3
+    with pytest.raises(TrainingError, match=r"step 2\b.*weights.*optim\.lr") as caught:
+        trainer.train()
+    assert "step 1" in str(caught.value).split("weights", 1)[1]  # the newest checkpoint
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_000001"
+    assert not (checkpoints / "step_000002").exists()
+    model, tok = make_tiny_policy()
+    Trainer(config, model=model, tokenizer=tok).train(resume=True)
+    assert (checkpoints / "latest").read_text() == "step_000003"
+
+
+def test_nonfinite_initial_weights_are_named_before_the_first_step(tmp_path):
+    model, tok = make_tiny_policy()
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    config = small_config(tmp_path, trainer={"steps": 1, "eval_every": 0})
+    with pytest.raises(TrainingError, match=r"step 0\b.*weights"):
+        Trainer(config, model=model, tokenizer=tok).train()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_without_a_gpu_says_so(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+    with pytest.raises(TrainingError, match=r"trainer\.device=cuda.*no CUDA"):
+        Trainer(small_config(tmp_path, trainer={"device": "cuda"}), model=model, tokenizer=tok)
