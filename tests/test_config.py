@@ -70,7 +70,6 @@ def test_malformed_override_and_missing_file(tmp_path):
         ("optim.grad_clip=-1", "optim.grad_clip"),
         ("optim.beta2=1", "optim.beta2"),
         ("optim.weight_decay=1e30", "optim.weight_decay"),
-        ("model.dtype=float16", "model.dtype"),
         ("algorithm.entropy_coef=.inf", "algorithm.entropy_coef"),
         ("algorithm.entropy_target=.nan", "algorithm.entropy_target"),
         ("algorithm.overlong_factor=.nan", "algorithm.overlong_factor"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from entroprl import losses
-from entroprl.config import config_from_dict
+from entroprl.config import ConfigError, config_from_dict
 from entroprl.rollout import HFBackend, concat_batches, response_mask_from_ids
 from entroprl.rundir import read_metrics
 from entroprl.tasks.base import Example, RewardError, Task
@@ -471,6 +471,14 @@ def test_nonfinite_initial_weights_are_named_before_the_first_step(tmp_path):
     with pytest.raises(TrainingError, match=r"step 0\b.*weights"):
         Trainer(config, model=model, tokenizer=tok).train()
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_float16_weights_are_refused_for_training(tiny_policy, tmp_path):
+    """float16 weights turn NaN on the first AdamW step; evaluation in float16 stays possible."""
+    model, tok = tiny_policy
+    config = small_config(tmp_path, model={"dtype": "float16"})
+    with pytest.raises(ConfigError, match=r"model\.dtype: float16"):
+        Trainer(config, model=model, tokenizer=tok)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")

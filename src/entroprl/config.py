@@ -325,12 +325,6 @@ class Config:
             f"unknown device {t.device!r}; expected auto, cpu, cuda, cuda:N or mps",
         )
         need(self.model.dtype in DTYPES, "model.dtype", " or ".join(DTYPES))
-        need(
-            self.model.dtype != "float16",
-            "model.dtype",
-            "float16 weights cannot train: AdamW's epsilon and small updates vanish in float16 "
-            "and the first step turns the weights to NaN; use bfloat16 or float32",
-        )
         need(t.strategy in STRATEGIES, "trainer.strategy", " or ".join(STRATEGIES))
         need(
             self.model.compute_dtype in (None, *DTYPES),

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from entroprl import advantages as adv_lib
 from entroprl import checkpoint, distributed, dynamics, losses, parallel
 from entroprl.checks import NonFiniteError
-from entroprl.config import Config
+from entroprl.config import Config, ConfigError
 from entroprl.entropy import batch_entropy, logprobs_and_entropy
 from entroprl.evaluation import evaluate, score_samples
 from entroprl.law import detect_stages
@@ -321,6 +321,12 @@ class Trainer:
 
         self.config = config
         c = config
+        if c.model.dtype == "float16":  # fine for evaluation, which shares the config
+            raise ConfigError(
+                "model.dtype: float16 weights cannot train: AdamW's epsilon and small updates "
+                "vanish in float16 and the first step turns the weights to NaN; use bfloat16 or "
+                "float32"
+            )
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if c.rollout.prompts_per_step % self.world:
             raise TrainingError(
@@ -505,7 +511,7 @@ class Trainer:
         if int(distributed.all_reduce_sum(stop)):
             raise TrainingError(problem or "rank 0 stopped the run (its message says why)")
 
-    def _nonfinite_error(self, step: int, error: Exception) -> TrainingError:
+    def _nonfinite_error(self, step: int, error: str | Exception) -> TrainingError:
         """The message that stops a run whose numbers went NaN or infinite at `step`."""
         newest = (
             f"the newest checkpoint, step {self.saved_step}, holds finite weights: continue from "
