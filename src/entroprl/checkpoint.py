@@ -88,8 +88,6 @@ def save(
         # Only a damaged checkpoint of this step can be here: resuming skipped it for an older one.
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _sync(folder)
-        atomic_write_text(folder / LATEST, name)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         code = _errno(e)
@@ -99,6 +97,8 @@ def save(
             "(the checkpoints before it are intact)",
             str(final),
         ) from e
+    _sync(folder)
+    atomic_write_text(folder / LATEST, name)
     prune(folder, keep, step)
     return final
 
