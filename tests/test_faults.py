@@ -239,6 +239,18 @@ def test_disk_full(setup, tmp_path):
 
 
 @needs_mounts
+def test_disk_full_for_tensorboard(setup, tmp_path):
+    """TensorBoard writes from a thread of its own: its failure is one line too, not the
+    thread's traceback."""
+    config, _ = setup
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    run = shlex.join([*command(config, disk / "run"), "trainer.tensorboard=true"])
+    message = one_line_error(in_namespace(f"mount -t tmpfs -o size=4k tmpfs {disk} && {run}"))
+    assert "No space left on device" in message, message
+
+
+@needs_mounts
 def test_read_only_file_system(setup, tmp_path):
     config, _ = setup
     fresh = tmp_path / "readonly"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 
 from entroprl.config import ConfigError, load_config
@@ -44,6 +45,14 @@ def _init_distributed(strategy: str) -> None:
 
         store = Path(tempfile.mkdtemp(prefix="entroprl-pg-")) / "store"
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+
+
+def _quiet_thread_os_error(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard writes from a thread of its own; on a full or read-only disk that thread dies
+    with an OSError, which the writer raises again in the main thread, reported there in one
+    line: the thread's own traceback would only repeat it."""
+    if not issubclass(args.exc_type, OSError):
+        threading.__excepthook__(args)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     args = parser.parse_args(argv)
+    threading.excepthook = _quiet_thread_os_error
     try:
         args.func(args)
     except ConfigError as e:

@@ -112,14 +112,15 @@ class MetricsLog:
     def __init__(self, path: Path, tensorboard_dir: Path | None = None, first_step: int = 0):
         """Append to `path` from `first_step` on (`trim_metrics` first drops what comes after)."""
         trim_metrics(path, first_step)
-        self.path = path
+        self.path, self.tensorboard_dir = path, tensorboard_dir
         self.file = open(path, "a")  # noqa: SIM115 - held open for the whole run, closed in close()
         self.writer = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             # TensorBoard hides the events of the steps a resumed run logs again
-            self.writer = SummaryWriter(str(tensorboard_dir), purge_step=first_step or None)
+            with naming(tensorboard_dir):
+                self.writer = SummaryWriter(str(tensorboard_dir), purge_step=first_step or None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -131,12 +132,14 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float) and value is not None:
                     self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+            with naming(self.tensorboard_dir):  # the writer's thread's error surfaces here
+                self.writer.flush()
 
     def close(self) -> None:
         self.file.close()
         if self.writer is not None:
-            self.writer.close()
+            with naming(self.tensorboard_dir):
+                self.writer.close()
 
 
 def read_json_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, dict[str, Any]]]:
