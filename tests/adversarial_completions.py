@@ -8,6 +8,7 @@ Every completion is wrong against `GOLD` ("42") and must score 0.0, quickly, wit
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 GOLD = "42"
@@ -129,3 +130,25 @@ def raising_reward(completion: str, ground_truth: str) -> float:
 def pid_reward(completion: str, ground_truth: str) -> float:
     """The id of the process that scored the item (to see where `score_batch` ran it)."""
     return float(os.getpid())
+
+
+class _MakeDirectory:
+    """Unpickling this calls os.mkdir(path): code run by whoever loads the pickle."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def hijacking_reward(completion: str, ground_truth: str) -> float:
+    """A reward function gone bad inside a sandbox (as a sympy exploit would be): it writes a
+    pickle to the reply pipe (file descriptor `sys.argv[3]` of the helper) that creates the
+    directory `completion` when unpickled, then scores 1.0."""
+    from multiprocessing.connection import Connection
+
+    reply = Connection(os.dup(int(sys.argv[3])), readable=False)
+    reply.send(("ok", _MakeDirectory(completion)))
+    reply.close()
+    return 1.0

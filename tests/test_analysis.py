@@ -793,3 +793,34 @@ def test_non_integer_steps_are_named(tmp_path, step):
     path.write_text(f'{{"step": {step}, "data": {{"actor/entropy": 1.0}}}}\n')
     with pytest.raises(ValueError, match="is not an integer"):
         read_log(path)
+
+
+def test_a_csv_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("_step,actor/entropy\n1,1.5\n2,1.0\n".encode("utf-8-sig"))
+    table = read_log(path)
+    assert table.steps.tolist() == [1, 2]
+    np.testing.assert_array_equal(table.columns["actor/entropy"], [1.5, 1.0])
+
+
+def test_a_csv_not_in_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("_step,actor/entropy,note\n1,1.5,ok\n2,1.0,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: not UTF-8")):
+        read_log(path)
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("h.csv", "_step,actor/entropy\n1,1.0\n1e20,0.5\n"),
+        ("m.jsonl", '{"step": 1, "data": {"actor/entropy": 1.0}}\n{"step": 1e20, "data": {}}\n'),
+        ("metrics.jsonl", '{"step": 1, "actor/entropy": 1.0}\n{"step": 100000000000000000000}\n'),
+    ],
+)
+def test_a_step_out_of_range_is_named(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"step 1e\+?20|step 100000000000000000000") as caught:
+        read_log(tmp_path if name == "metrics.jsonl" else path)
+    assert "out of range" in str(caught.value)

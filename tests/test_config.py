@@ -67,3 +67,48 @@ def test_malformed_override_and_missing_file(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.lr=100", "optim.lr"),
+        ("optim.grad_clip=-1", "optim.grad_clip"),
+        ("optim.beta2=1", "optim.beta2"),
+        ("optim.weight_decay=1e30", "optim.weight_decay"),
+        ("algorithm.entropy_coef=.inf", "algorithm.entropy_coef"),
+        ("algorithm.entropy_target=.nan", "algorithm.entropy_target"),
+        ("algorithm.overlong_factor=.nan", "algorithm.overlong_factor"),
+        ("algorithm.overlong_factor=-1", "algorithm.overlong_factor"),
+        ("algorithm.overlong_buffer=64", "algorithm.overlong_buffer"),
+        ("algorithm.kl_coef=-0.1", "algorithm.kl_coef"),
+        ("rollout.temperature=1e-30", "rollout.temperature"),
+        ("rollout.temperature=1e30", "rollout.temperature"),
+        ("trainer.eval_temperature=1e30", "trainer.eval_temperature"),
+        ("trainer.eval_temperature=-1", "trainer.eval_temperature"),
+        ("trainer.save_every=0", "trainer.save_every"),
+        ("trainer.save_every=-1", "trainer.save_every"),
+        ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints"),
+        ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints"),
+        ("trainer.max_nonfinite_updates=0", "trainer.max_nonfinite_updates"),
+        ("trainer.eval_every=-1", "trainer.eval_every"),
+        ("trainer.out_dir=''", "trainer.out_dir"),
+        ("trainer.device=gpu", "trainer.device"),
+        ("data.train_size=0", "data.train_size"),
+        ("data.test_size=0", "data.test_size"),
+        ("data.task=gsm9k", "data.task"),
+        ("data.max_prompt_chars=0", "data.max_prompt_chars"),
+    ],
+)
+def test_nonfinite_and_absurd_values_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override", ["trainer.device=cpu", "trainer.device=cuda:1", "trainer.eval_temperature=0"]
+)
+def test_sensible_values_pass(override):
+    load_config(None, [override])

@@ -482,3 +482,32 @@ def test_recipe_loads_with_the_papers_settings(name):
     assert config.model.path and config.data.task == "math"
     assert config.rollout.backend == "vllm" and config.model.dtype == "float32"
     assert config.trainer.strategy == "fsdp" and config.model.compute_dtype == "bfloat16"
+
+
+def test_overlong_questions_are_left_out_and_reported(tmp_path):
+    """A 10 MB question once aborted the process inside the tokenizer: questions over
+    max_chars are dropped before any tokenizer sees them, and their lines reported."""
+    rows = [{"question": "q" * n, "answer": "1"} for n in (10, 10_000_000, 50, 201)]
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    with pytest.warns(DataWarning, match=r"2 question\(s\) over 200 characters.*lines 2, 4"):
+        problems = load_problems(path, "jsonl", max_chars=200)
+    assert [p.line for p in problems] == [1, 3]
+    assert DataConfig().max_prompt_chars == data.MAX_PROMPT_CHARS
+
+
+def test_the_prompt_length_limit_is_a_config_key(tmp_path):
+    rows = [{"question": "q" * n, "answer": "1"} for n in (10, 300)]
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    cfg = DataConfig(task="jsonl", train_file=str(path), max_prompt_chars=100)
+    with pytest.warns(DataWarning, match="over 100 characters"):
+        task = build_task(cfg)
+    assert len(task.train) == 1
+
+
+def test_a_json_array_file_says_which_formats_are_read(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"question": "q", "answer": "1"}], indent=2))
+    with pytest.raises(ValueError, match="JSON array") as caught:
+        read_rows(path)
+    message = str(caught.value)
+    assert str(path) in message and "JSON lines" in message and "Parquet" in message

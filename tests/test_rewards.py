@@ -37,6 +37,7 @@ from tests.adversarial_completions import (
     ADVERSARIAL,
     GOLD,
     crashing_reward,
+    hijacking_reward,
     pid_reward,
     raising_reward,
     sleepy_reward,
@@ -508,3 +509,12 @@ def test_score_batch_names_a_reward_fn_the_workers_cannot_load(monkeypatch):
     monkeypatch.setitem(sys.modules, ghost.__name__, ghost)
     with pytest.raises(ValueError, match="could not be loaded"):
         score_batch(ghost_reward, ["a", "b"], ["a", "b"], num_workers=2)
+
+
+def test_a_compromised_helper_cannot_run_code_in_the_caller(tmp_path):
+    """Helpers reply in JSON: a pickle sent by a hijacked helper is never loaded by the caller
+    (loading it would create the directory), and the item scores 0.0."""
+    markers = [str(tmp_path / "pwned-a"), str(tmp_path / "pwned-b")]
+    assert score_batch(hijacking_reward, markers, ["x", "y"], num_workers=2) == [0.0, 0.0]
+    assert rewards._run_bounded(hijacking_reward, (str(tmp_path / "pwned-c"), "x"), 5.0) == 0.0
+    assert list(tmp_path.iterdir()) == []

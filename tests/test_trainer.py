@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from entroprl import losses
-from entroprl.config import config_from_dict
+from entroprl.config import ConfigError, config_from_dict
 from entroprl.rollout import HFBackend, concat_batches, response_mask_from_ids
 from entroprl.rundir import read_metrics
 from entroprl.tasks.base import Example, RewardError, Task
@@ -473,3 +473,70 @@ def test_a_plugin_loss_trains_from_a_yaml_config(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["algorithm"]["loss"] == {
         "toy_scaled": {"fraction": 0.5, "weight": 0.0}
     }
+
+
+def test_nonfinite_logits_stop_the_run_at_once_naming_the_step(tiny_policy, tmp_path):
+    """NaN logits in the log-prob passes (here from step 2 on) stop the run at that step with a
+    hint, not with a bare error, and not after max_nonfinite_updates: no later update can mend the
+    model that produced them."""
+    model, tok = tiny_policy
+    config = small_config(tmp_path, trainer={"steps": 5, "eval_every": 0, "save_every": 1})
+    trainer = Trainer(config, model=model, tokenizer=tok)
+
+    def poison(module, args, kwargs, output):
+        if trainer.step >= 1 and kwargs.get("use_cache") is False:  # not in generation
+            output.logits = output.logits * float("nan")
+        return output
+
+    model.register_forward_hook(poison, with_kwargs=True)
+    with pytest.raises(TrainingError, match=r"step 2: logits contain NaN.*step 1.*--resume"):
+        trainer.train()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000001"
+
+
+@pytest.mark.parametrize("measure", [1, 0])
+def test_nonfinite_weights_stop_at_once_and_are_never_saved(tmp_path, measure):
+    """An update that makes the weights NaN (an infinite learning rate at step 2) stops the run at
+    that step with a hint; the checkpoint of step 1 stays the newest, and resumes."""
+    model, tok = make_tiny_policy()
+    config = small_config(
+        tmp_path,
+        trainer={"steps": 3, "save_every": 1, "eval_every": 0, "entropy_change_every": measure},
+    )
+    trainer = Trainer(config, model=model, tokenizer=tok)
+    trainer.lr_at = lambda step: math.inf if step >= 1 else 1e-3
+    with pytest.raises(TrainingError, match=r"step 2\b.*weights.*optim\.lr") as caught:
+        trainer.train()
+    assert "step 1" in str(caught.value).split("weights", 1)[1]  # the newest checkpoint
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_000001"
+    assert not (checkpoints / "step_000002").exists()
+    model, tok = make_tiny_policy()
+    Trainer(config, model=model, tokenizer=tok).train(resume=True)
+    assert (checkpoints / "latest").read_text() == "step_000003"
+
+
+def test_nonfinite_initial_weights_are_named_before_the_first_step(tmp_path):
+    model, tok = make_tiny_policy()
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    config = small_config(tmp_path, trainer={"steps": 1, "eval_every": 0})
+    with pytest.raises(TrainingError, match=r"step 0\b.*weights"):
+        Trainer(config, model=model, tokenizer=tok).train()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_float16_weights_are_refused_for_training(tiny_policy, tmp_path):
+    """float16 weights turn NaN on the first AdamW step; evaluation in float16 stays possible."""
+    model, tok = tiny_policy
+    config = small_config(tmp_path, model={"dtype": "float16"})
+    with pytest.raises(ConfigError, match=r"model\.dtype: float16"):
+        Trainer(config, model=model, tokenizer=tok)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_without_a_gpu_says_so(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+    with pytest.raises(TrainingError, match=r"trainer\.device=cuda.*no CUDA"):
+        Trainer(small_config(tmp_path, trainer={"device": "cuda"}), model=model, tokenizer=tok)

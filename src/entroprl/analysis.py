@@ -26,6 +26,7 @@ from entroprl.foreign import (
     read_log,
 )
 from entroprl.law import Forecast, LawFit, StageSplit, detect_stages, fit_law, forecast
+from entroprl.rundir import read_text
 
 COV_GROUPS = ("top_0.02%", "top_0.2%", "top_2%", "top_20%", "top_50%", "all")
 SECTIONS = ("stages", "law", "forecast", "dynamics", "covariance", "position_entropy", "perplexity")
@@ -66,7 +67,7 @@ def read_rollouts(folder: str | Path) -> list[dict[str, Any]]:
             step = int(file.stem.removeprefix("step_"))
         except ValueError:
             raise ValueError(f"{file}: name is not step_<number>.jsonl") from None
-        for number, line in enumerate(file.read_text().splitlines(), 1):
+        for number, line in enumerate(read_text(file).splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{file}:{number}"

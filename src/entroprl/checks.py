@@ -14,14 +14,18 @@ def check_same_shape(**tensors: Tensor) -> None:
         raise ValueError(f"shape mismatch: {listed} must all have the same shape")
 
 
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or inf where numbers are needed; the message says which and where."""
+
+
 def check_finite(name: str, tensor: Tensor, mask: Tensor | None = None) -> None:
-    """Raise if `tensor` holds NaN or inf (only where `mask` is set, when given)."""
+    """Raise NonFiniteError if `tensor` holds NaN or inf (only where `mask` is set, when given)."""
     bad = ~torch.isfinite(tensor)
     if mask is not None:
         bad = bad & mask.bool()
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
-        raise ValueError(f"{name} contains NaN or inf (first at index {where})")
+        raise NonFiniteError(f"{name} contains NaN or inf (first at index {where})")
 
 
 def check_nonempty(mask: Tensor, what: str = "response_mask") -> int:

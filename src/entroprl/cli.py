@@ -1,6 +1,6 @@
 """The `entroprl` command: train, eval, demo.
 
-    entroprl train CONFIG.yaml [key=value ...] [--resume]
+    entroprl train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     entroprl eval --model DIR --bench [NAME=]FORMAT:PATH [--bench ...]
     entroprl demo [--out DIR]
     entroprl analyze RUN [--out DIR]
@@ -9,6 +9,9 @@
 Under `torchrun`, `train` runs on every rank (NCCL on GPUs, gloo on CPU), the model replicated
 (`trainer.strategy=ddp`) or sharded (`trainer.strategy=fsdp`). FSDP without torchrun runs as a
 single-rank process group, for its mixed precision alone.
+
+Every failure the user can act on (configuration, input files, the file system, a diverged run)
+ends the command with one line naming the problem and a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 
 from entroprl.config import ConfigError, load_config
@@ -43,12 +47,20 @@ def _init_distributed(strategy: str) -> None:
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
 
 
+def _quiet_thread_os_error(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard writes from a thread of its own; on a full or read-only disk that thread dies
+    with an OSError, which the writer raises again in the main thread, reported there in one
+    line: the thread's own traceback would only repeat it."""
+    if not issubclass(args.exc_type, OSError):
+        threading.__excepthook__(args)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from entroprl.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
     _init_distributed(config.trainer.strategy)
-    out = Trainer(config).train(resume=args.resume)
+    out = Trainer(config).train(resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {out}")
 
 
@@ -93,7 +105,17 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train", help="RL-train a policy from a YAML config")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-6")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in trainer.out_dir from its newest valid checkpoint",
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run in trainer.out_dir, if there is one, and start again",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model on benchmark files or a task's test set")
@@ -132,14 +154,18 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     args = parser.parse_args(argv)
+    threading.excepthook = _quiet_thread_os_error
     try:
         args.func(args)
     except ConfigError as e:
         sys.exit(f"entroprl: configuration error: {e}")
     except ValueError as e:  # bad input files (metrics, logs, datasets) name what is wrong
         sys.exit(f"entroprl: {e}")
-    except (FileNotFoundError, ImportError) as e:
+    except ImportError as e:
         sys.exit(f"entroprl: {e}")
+    except OSError as e:  # disk full, read-only, a file where a directory goes, ...
+        where = f"{e.filename}: " if e.filename else ""
+        sys.exit(f"entroprl: {where}{e.strerror or e}")
     except RuntimeError as e:
         from entroprl.tasks.base import RewardError
         from entroprl.trainer import TrainingError

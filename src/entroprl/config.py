@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import re
 import types
 import typing
@@ -25,6 +26,10 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+TEMPERATURES = (1e-2, 1e2)
+"""The sampling temperatures accepted (and 0, greedy, for evaluation): beyond them logits /
+temperature is an overflow or a uniform draw, never a sensible run."""
+DEVICE = re.compile(r"auto|(cpu|cuda|mps|xpu)(:\d+)?")
 STRATEGIES = ("ddp", "fsdp")
 """How the policy is laid out over ranks (`entroprl.parallel`): replicated or sharded."""
 BACKENDS = ("hf", "vllm")
@@ -86,6 +91,9 @@ class DataConfig:
     """Render prompts with the tokenizer's chat template when it has one."""
     plain_template: str = data.DEFAULT_PLAIN_TEMPLATE
     """Prompt without a chat template; `{message}` is the question and the instruction."""
+    max_prompt_chars: int = 16_000
+    """File tasks: questions longer than this (in characters) are left out, and reported, before
+    any tokenizer sees them (a 10 MB question exhausted memory inside the tokenizer)."""
     seed: int = 0
 
 
@@ -205,9 +213,12 @@ class TrainerConfig:
     eval_temperature: float = 1.0
     save_every: int = 50
     keep_checkpoints: int = 2
+    """Checkpoints kept: the newest and the ones before it (`entroprl.checkpoint.prune`)."""
     rollout_samples: int = 8
     """Rollouts per step saved with per-token log-prob, entropy, advantage and covariance."""
     max_nonfinite_updates: int = 5
+    """Steps in a row with an update skipped for a NaN or infinite loss or gradient that stop the
+    run (see `Trainer.train` for the whole NaN policy)."""
     entropy_change_every: int = 10
     """Every this many steps, recompute the entropy on the same rollouts after the update (one
     no-grad forward) and log the measured change, `dynamics/entropy_change`; 0: never. Every 10
@@ -238,12 +249,20 @@ class Config:
 
     def validate(self) -> Config:
         """Check value ranges and names; raise ConfigError naming the key at fault."""
+        from entroprl.tasks.registry import TASKS
 
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
                 raise ConfigError(f"{key}: {why}")
 
+        for section in dataclasses.fields(self):
+            values = getattr(self, section.name)
+            for f in dataclasses.fields(values):
+                value = getattr(values, f.name)
+                if isinstance(value, float):
+                    need(math.isfinite(value), f"{section.name}.{f.name}", "must be finite")
         a, r, o, t = self.algorithm, self.rollout, self.optim, self.trainer
+        low, high = TEMPERATURES
         need(
             a.policy_loss in losses.POLICY_LOSSES,
             "algorithm.policy_loss",
@@ -279,6 +298,13 @@ class Config:
         )
         need(a.lopti_eta is None or 0 < a.lopti_eta < 1, "algorithm.lopti_eta", "in (0, 1)")
         need(0 <= a.low_prob_alpha <= 1, "algorithm.low_prob_alpha", "must be in [0, 1]")
+        need(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+        need(a.overlong_factor >= 0, "algorithm.overlong_factor", "must be >= 0")
+        need(
+            0 <= a.overlong_buffer <= r.max_new_tokens,
+            "algorithm.overlong_buffer",
+            "must be in [0, rollout.max_new_tokens]",
+        )
         need(r.backend in BACKENDS, "rollout.backend", " or ".join(BACKENDS))
         need(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "in (0, 1)")
         need(
@@ -309,10 +335,25 @@ class Config:
         )
         need(r.n >= 1, "rollout.n", "must be >= 1")
         need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
-        need(r.temperature > 0, "rollout.temperature", "must be > 0")
+        need(low <= r.temperature <= high, "rollout.temperature", f"must be in [{low}, {high}]")
+        need(
+            t.eval_temperature == 0 or low <= t.eval_temperature <= high,
+            "trainer.eval_temperature",
+            f"must be 0 (greedy) or in [{low}, {high}]",
+        )
         need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-        need(o.lr > 0, "optim.lr", "must be > 0")
+        need(0 < o.lr <= 1, "optim.lr", "must be in (0, 1]")
+        need(
+            o.weight_decay >= 0 and o.lr * o.weight_decay < 1,
+            "optim.weight_decay",
+            "must be >= 0, with lr * weight_decay < 1 (AdamW scales the weights by "
+            "1 - lr * weight_decay every step)",
+        )
+        need(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+        need(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+        need(o.grad_clip > 0, "optim.grad_clip", "must be > 0 (the largest gradient norm)")
+        need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         need(o.schedule in SCHEDULES, "optim.schedule", " or ".join(SCHEDULES))
         need(o.epochs >= 1, "optim.epochs", "must be >= 1")
         need(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
@@ -334,6 +375,17 @@ class Config:
         need(t.steps >= 1, "trainer.steps", "must be >= 1")
         need(t.entropy_change_every >= 0, "trainer.entropy_change_every", "must be >= 0")
         need(t.eval_samples >= 1, "trainer.eval_samples", "must be >= 1")
+        need(t.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0: no evaluation)")
+        need(t.save_every >= 1, "trainer.save_every", "must be >= 1")
+        need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
+        need(t.max_nonfinite_updates >= 1, "trainer.max_nonfinite_updates", "must be >= 1")
+        need(t.rollout_samples >= 0, "trainer.rollout_samples", "must be >= 0")
+        need(t.out_dir.strip() != "", "trainer.out_dir", "must name a directory")
+        need(
+            DEVICE.fullmatch(t.device) is not None,
+            "trainer.device",
+            f"unknown device {t.device!r}; expected auto, cpu, cuda, cuda:N or mps",
+        )
         need(self.model.dtype in DTYPES, "model.dtype", " or ".join(DTYPES))
         need(t.strategy in STRATEGIES, "trainer.strategy", " or ".join(STRATEGIES))
         need(
@@ -347,6 +399,10 @@ class Config:
             "mixed precision runs under trainer.strategy=fsdp",
         )
         d = self.data
+        need(d.task in TASKS, "data.task", f"unknown task {d.task!r}; known: {sorted(TASKS)}")
+        need(d.train_size >= 1, "data.train_size", "must be >= 1")
+        need(d.test_size >= 1, "data.test_size", "must be >= 1")
+        need(d.max_prompt_chars >= 1, "data.max_prompt_chars", "must be >= 1")
         file_task = d.task in data.FORMATS
         need(
             not file_task or t.eval_every == 0 or d.test_file is not None,

@@ -1,8 +1,9 @@
 """Math datasets: questions with reference answers, read from files and rendered as prompts.
 
-Rows come from JSON lines (``.jsonl``, ``.json``), Parquet (``.parquet``, ``.pq``; needs pyarrow,
-the ``data`` extra) or a directory written by ``datasets.Dataset.save_to_disk`` (needs
-``datasets``, the same extra). A format says where the question and the reference answer are:
+Rows come from JSON lines (``.jsonl``, ``.json``: one object per line, not a JSON array), Parquet
+(``.parquet``, ``.pq``; needs pyarrow, the ``data`` extra) or a directory written by
+``datasets.Dataset.save_to_disk`` (needs ``datasets``, the same extra). A format says where the
+question and the reference answer are:
 
 - ``gsm8k``: the question is ``question``; the answer is the number after the last ``####`` of
   ``answer`` (a field holding just a number is accepted too), commas removed.
@@ -11,7 +12,8 @@ the ``data`` extra) or a directory written by ``datasets.Dataset.save_to_disk`` 
 - ``jsonl``: the question is ``question`` and the answer ``answer``, taken as they are.
 
 ``prompt_key`` and ``answer_key`` replace those field names; a dotted name reaches into nested
-objects (``reward_model.ground_truth``). A row without a usable question or answer is never used:
+objects (``reward_model.ground_truth``). A row without a usable question or answer is never used,
+nor one whose question is longer than `MAX_PROMPT_CHARS` characters (``data.max_prompt_chars``):
 the rows left out are counted and the first of their line numbers reported in a `DataWarning`.
 
 Each format comes with its reward: ``gsm8k`` scores with `gsm8k_reward`, ``math`` and ``jsonl``
@@ -61,6 +63,15 @@ REWARD_WORKERS: dict[str, int | None] = {"math": None, "gsm8k": 0}
 (None: its default, up to 4), `gsm8k_reward` (string work, microseconds) in the caller."""
 
 MAX_REPORTED_LINES = 10
+
+MAX_PROMPT_CHARS = 16_000
+"""Longest question used, in characters (MATH and GSM8K questions stay under 5,000): a 10 MB
+question once exhausted memory inside the tokenizer, which aborts the process."""
+
+ACCEPTED_FILES = (
+    "JSON lines (.jsonl or .json, one object per line), Parquet (.parquet, .pq), or a directory "
+    "saved with datasets.save_to_disk"
+)
 
 _BARE_NUMBER = re.compile(r"\$?\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s*\.?", re.ASCII)
 _LOOSE_SPACE = re.compile(r"\s+")
@@ -117,10 +128,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         return _read_parquet(path)
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path)
-    raise ValueError(
-        f"{path}: unknown data file type {suffix!r}; expected .jsonl, .json (JSON "
-        "lines), .parquet, or a directory saved with datasets.save_to_disk"
-    )
+    raise ValueError(f"{path}: unknown data file type {suffix!r}; expected {ACCEPTED_FILES}")
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -134,6 +142,11 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 raise ValueError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
+            if not rows and line.lstrip().startswith("["):
+                raise ValueError(
+                    f"{path}: a JSON array, not JSON lines; data files are {ACCEPTED_FILES}. "
+                    f"Convert it with: jq -c '.[]' {path.name} > {path.stem}.jsonl"
+                )
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -228,11 +241,13 @@ def load_problems(
     prompt_key: str | None = None,
     answer_key: str | None = None,
     limit: int | None = None,
+    max_chars: int = MAX_PROMPT_CHARS,
 ) -> list[Problem]:
     """The first `limit` (None: all) usable problems of a data file in format `fmt`.
 
-    Rows without a question or a reference answer are left out with a `DataWarning` giving their
-    count and first line numbers; a file with no usable row raises ValueError.
+    Rows without a question or a reference answer, and rows whose question is longer than
+    `max_chars` characters, are left out with a `DataWarning` giving their count and first line
+    numbers; a file with no usable row raises ValueError.
     """
     check_choice("data format", fmt, FORMATS)
     if limit is not None and limit < 1:
@@ -241,31 +256,39 @@ def load_problems(
     rows = read_rows(path)
     problems: list[Problem] = []
     left_out: list[int] = []
+    too_long: list[int] = []
     for number, row in rows:
         question = _as_text(get_field(row, question_key))
         answer = reference_answer(row, fmt, answer_key)
         if question is None or answer is None:
             left_out.append(number)
             continue
+        if len(question) > max_chars:
+            too_long.append(number)
+            continue
         problems.append(Problem(question, answer, number))
         if len(problems) == limit:
             break
     unit = "lines" if Path(path).suffix.lower() in (".jsonl", ".json") else "rows"
-    if left_out:
-        shown = ", ".join(map(str, left_out[:MAX_REPORTED_LINES]))
-        more = ", ..." if len(left_out) > MAX_REPORTED_LINES else ""
-        warnings.warn(
-            DataWarning(
-                f"{path}: left out {len(left_out)} row(s) with a missing or empty question "
-                f"({question_key!r}) or answer ({_answer_source(fmt, answer_key)}); {unit} "
-                f"{shown}{more}"
-            ),
-            stacklevel=2,
-        )
+
+    def report(numbers: list[int], what: str) -> None:
+        if numbers:
+            shown = ", ".join(map(str, numbers[:MAX_REPORTED_LINES]))
+            more = ", ..." if len(numbers) > MAX_REPORTED_LINES else ""
+            message = f"{path}: left out {len(numbers)} {what}; {unit} {shown}{more}"
+            warnings.warn(DataWarning(message), stacklevel=3)
+
+    report(
+        left_out,
+        f"row(s) with a missing or empty question ({question_key!r}) or answer "
+        f"({_answer_source(fmt, answer_key)})",
+    )
+    report(too_long, f"question(s) over {max_chars} characters (data.max_prompt_chars)")
     if not problems:
         raise ValueError(
             f"{path}: none of its {len(rows)} rows has both a question "
-            f"({question_key!r}) and an answer ({_answer_source(fmt, answer_key)})"
+            f"({question_key!r}) of at most {max_chars} characters and an answer "
+            f"({_answer_source(fmt, answer_key)})"
         )
     return problems
 
@@ -315,12 +338,15 @@ def load_examples(
     prompt_key: str | None = None,
     answer_key: str | None = None,
     limit: int | None = None,
+    max_chars: int = MAX_PROMPT_CHARS,
     instruction: str = DEFAULT_INSTRUCTION,
     use_chat_template: bool = True,
     plain_template: str = DEFAULT_PLAIN_TEMPLATE,
 ) -> list[Example]:
     """`load_problems`, each rendered by `render_prompt` into an `Example(prompt, answer)`."""
-    problems = load_problems(path, fmt, prompt_key=prompt_key, answer_key=answer_key, limit=limit)
+    problems = load_problems(
+        path, fmt, prompt_key=prompt_key, answer_key=answer_key, limit=limit, max_chars=max_chars
+    )
     return [
         Example(
             render_prompt(
@@ -350,6 +376,7 @@ def load_configured_examples(
         prompt_key=cfg.prompt_key,
         answer_key=cfg.answer_key,
         limit=limit,
+        max_chars=cfg.max_prompt_chars,
         instruction=cfg.instruction,
         use_chat_template=cfg.chat_template,
         plain_template=cfg.plain_template,

@@ -19,7 +19,7 @@ import yaml
 
 from entroprl.config import config_from_dict
 from entroprl.law import fit_law
-from entroprl.rundir import atomic_write_text, read_metrics
+from entroprl.rundir import atomic_write_text, make_dir, read_metrics
 
 METHODS: dict[str, dict[str, Any]] = {
     "grpo": {"algorithm": {"policy_loss": "ppo"}},
@@ -119,7 +119,7 @@ def run_demo(
 
     # A 133k-parameter model runs fastest on one thread: more only adds synchronisation.
     torch.set_num_threads(1)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     t0 = time.perf_counter()
     print("warm start (supervised, cached after the first run) ...", flush=True)
     start = warm_start(warm_start_config or WarmStartConfig(), default_cache_dir())
@@ -135,7 +135,7 @@ def run_demo(
         )
         t = time.perf_counter()
         print(f"{name}: training ...", flush=True)
-        Trainer(config_from_dict(values)).train()
+        Trainer(config_from_dict(values)).train(overwrite=True)  # the demo owns its folders
         summary[name] = summarize_run(out / name)
         print(f"  {name} done in {time.perf_counter() - t:.0f} s", flush=True)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from entroprl import distributed
-from entroprl.checks import check_finite, check_nonempty, check_same_shape
+from entroprl.checks import NonFiniteError, check_finite, check_nonempty, check_same_shape
 
 
 def row_slices(n_rows: int, chunk_rows: int) -> Iterator[slice]:
@@ -180,7 +180,7 @@ def logprobs_and_entropy(
     bad = ~(torch.isfinite(logp.detach()) & torch.isfinite(entropy.detach()))
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
-        raise ValueError(f"logits contain NaN or inf (first at (b, t) = {where})")
+        raise NonFiniteError(f"logits contain NaN or inf (first at (b, t) = {where})")
     return logp, entropy
 
 

@@ -15,6 +15,7 @@ its training entry, a W&B history row per `log` call) are merged, a later presen
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from entroprl.rundir import read_json_lines, read_metrics
+from entroprl.rundir import read_json_lines, read_metrics, read_text
 
 FORMATS = ("entroprl", "trl", "verl", "wandb")
 
@@ -95,10 +96,17 @@ def _number(value: Any) -> float | None:
     return None
 
 
+MAX_STEP = 2**53
+"""Largest step read: CSV steps are read as floats, which hold integers exactly up to here (and
+the table's steps are 64-bit integers)."""
+
+
 def _step(value: Any, where: str) -> int:
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if not (is_number and math.isfinite(value) and value == int(value)):
         raise ValueError(f"{where}: step {value!r} is not an integer")
+    if abs(value) > MAX_STEP:
+        raise ValueError(f"{where}: step {value!r} is out of range (over 2**53)")
     return int(value)
 
 
@@ -131,8 +139,8 @@ def read_entroprl(path: str | Path) -> MetricsTable:
     """An entroprl run directory (or its metrics.jsonl), through `rundir.read_metrics`."""
     path = Path(path)
     file = path / "metrics.jsonl" if path.is_dir() else path
-    records = read_metrics(file)
-    return _table("entroprl", file, [(r["step"], _without(r, "step")) for r in records])
+    records = [(_step(r["step"], str(file)), _without(r, "step")) for r in read_metrics(file)]
+    return _table("entroprl", file, records)
 
 
 def read_trl(path: str | Path) -> MetricsTable:
@@ -140,7 +148,7 @@ def read_trl(path: str | Path) -> MetricsTable:
     path = Path(path)
     file = path / "trainer_state.json" if path.is_dir() else path
     try:
-        state = json.loads(file.read_text())
+        state = json.loads(read_text(file))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
     history = state.get("log_history") if isinstance(state, dict) else None
@@ -182,8 +190,7 @@ def _csv_name(column: str) -> str:
 def read_wandb_csv(path: str | Path) -> MetricsTable:
     """A CSV exported from one W&B run (history export or chart export)."""
     file = Path(path)
-    with open(file, newline="") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text(file), newline="")))
     if not rows or not any(cell.strip() for cell in rows[0]):
         raise ValueError(f"{file}: empty CSV file")
     header = rows[0]
@@ -216,9 +223,10 @@ def read_wandb_csv(path: str | Path) -> MetricsTable:
         if not raw_step:
             continue
         try:
-            step = _step(float(raw_step), f"{file}:{number}")
+            value = float(raw_step)
         except ValueError:
             raise ValueError(f"{file}:{number}: step {raw_step!r} is not an integer") from None
+        step = _step(value, f"{file}:{number}")
         records.append((step, {k: _csv_float(v) for k, v in cells.items()}))
     return _table("wandb", file, records)
 
@@ -254,7 +262,7 @@ def detect_format(path: str | Path) -> str:
     if suffix == ".json":
         return "trl"
     if suffix == ".jsonl":
-        first = next((line for line in path.read_text().splitlines() if line.strip()), None)
+        first = next((line for line in read_text(path).splitlines() if line.strip()), None)
         if first is None:
             raise ValueError(f"{path}: empty file")
         try:

@@ -18,7 +18,7 @@ run saved under one strategy or world size resumes under another.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -167,6 +167,18 @@ def full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     the iteration to its end when the model is sharded."""
     for name, value in unwrapped(model).state_dict().items():
         yield name, value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether no element of `tensors` is NaN or inf on any rank, each rank checking its own shard
+    of a sharded tensor; every rank must call it. One sum per tensor tells, without a copy of it:
+    NaN and inf carry through a sum, and weights never come near float32's overflow."""
+    sums = [
+        (t.to_local() if isinstance(t, DTensor) else t).detach().sum(dtype=torch.float32)
+        for t in tensors
+    ]
+    bad = (~torch.isfinite(torch.stack(sums))).sum()
+    return int(distributed.all_reduce_sum(bad).item()) == 0
 
 
 def global_grad_norm(norm: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from entroprl.analysis import RunAnalysis, analyze, load_run
-from entroprl.rundir import atomic_write_text
+from entroprl.rundir import atomic_write_text, make_dir
 
 _TITLES = {
     "stages": "Training stages",
@@ -384,7 +384,7 @@ def analyze_run(
     result = analyze(
         load_run(run, entropy_key=entropy_key, accuracy_key=accuracy_key), fit_fraction=fit_fraction
     )
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     body = [
         _source_html(result),
         "<h2>Entropy, accuracy and reward</h2>",
@@ -492,7 +492,7 @@ def compare_runs(
         for p, n in zip(paths, _unique_names(paths), strict=True)
     ]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     summaries = [_summary(r) for r in results]
     head = [
         "run",

@@ -420,16 +420,19 @@ def _score_in_workers(
                 lost = False
                 if worker.inbox.poll():
                     try:
-                        status, value = worker.inbox.recv()
-                    except (EOFError, OSError):
+                        status, value = worker.reply()
+                    except (EOFError, OSError, ValueError):
                         lost = True
                     else:
                         if status == "ready":
                             worker.ready = True
                         elif status == "load_error":
                             raise ValueError(f"reward_fn could not be loaded in a worker: {value}")
-                        else:
-                            scores[running.pop(worker)[0]] = value if status == "ok" else 0.0
+                        elif worker in running:
+                            item = running.pop(worker)[0]
+                            scores[item] = _to_reward(value) if status == "ok" else 0.0
+                        else:  # a reply nobody asked for: a helper not to be trusted
+                            lost = True
                 elif worker in running and now >= running[worker][1]:
                     logger.warning("reward item timed out after %.1f s; scoring 0.0", timeout)
                     lost = True
@@ -469,13 +472,13 @@ def _run_bounded(fn: Callable[..., float], args: tuple[Any, ...], timeout: float
         _give_back(_Worker())  # start the replacement now, so the next call finds it warm
         return 0.0
     try:
-        status, value = worker.inbox.recv()
-    except (EOFError, OSError):
-        logger.warning("reward helper process crashed; scoring 0.0")
+        status, value = worker.reply()
+    except (EOFError, OSError, ValueError):
+        logger.warning("reward helper process crashed or sent a malformed reply; scoring 0.0")
         worker.kill()
         return 0.0
     _give_back(worker)
-    return value if status == "ok" else 0.0
+    return _to_reward(value) if status == "ok" else 0.0
 
 
 class _Worker:
@@ -508,10 +511,17 @@ class _Worker:
     def wait_ready(self, timeout: float) -> bool:
         if not self.ready and self.inbox.poll(timeout):
             try:
-                self.ready = self.inbox.recv()[0] == "ready"
-            except (EOFError, OSError):
+                self.ready = self.reply()[0] == "ready"
+            except (EOFError, OSError, ValueError):
                 return False
         return self.ready
+
+    def reply(self) -> tuple[str, Any]:
+        """The helper's next ``(status, value)``, read as JSON: never unpickled, so that a helper
+        taken over by what it parses cannot run code in this process. Raises EOFError or OSError
+        if the helper is gone, ValueError if the reply is not a JSON pair."""
+        status, value = json.loads(self.inbox.recv_bytes())
+        return status, value
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> bool:
         try:
@@ -572,11 +582,16 @@ os.register_at_fork(after_in_child=_forget_workers_after_fork)
 def _serve(read_fd: int, write_fd: int) -> None:
     """Main loop of a sandbox process: receive ``(fn, args, timeout)``, send back a reward.
 
-    Replies are ``("ready", None)`` once, then ``("ok", reward)``, ``("error", name)`` (the reward
-    function raised: scored 0.0) or ``("load_error", message)`` (the request could not be
+    Requests come pickled from the parent, which trusts them; replies go back as JSON pairs (see
+    `_Worker.reply`): ``["ready", null]`` once, then ``["ok", reward]``, ``["error", name]`` (the
+    reward function raised: scored 0.0) or ``["load_error", message]`` (the request could not be
     unpickled). A CPU-time limit per request kills the process if it outlives its parent; an
     address-space limit turns memory bombs into MemoryError.
     """
+
+    def send(status: str, value: Any) -> None:
+        outbox.send_bytes(json.dumps([status, value]).encode())
+
     import resource  # POSIX only, and only sandboxes need it
 
     from math_verify.errors import TimeoutException
@@ -592,7 +607,7 @@ def _serve(read_fd: int, write_fd: int) -> None:
     inbox = Connection(read_fd, writable=False)
     outbox = Connection(write_fd, readable=False)
     _math_equal("1", "1")  # load sympy and compile math-verify's patterns before accepting work
-    outbox.send(("ready", None))
+    send("ready", None)
     while True:
         try:
             request = inbox.recv_bytes()
@@ -601,7 +616,7 @@ def _serve(read_fd: int, write_fd: int) -> None:
         try:
             fn, args, timeout = pickle.loads(request)
         except Exception as exc:
-            outbox.send(("load_error", f"{type(exc).__name__}: {exc}"))
+            send("load_error", f"{type(exc).__name__}: {exc}")
             continue
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu_cap = math.ceil(usage.ru_utime + usage.ru_stime + timeout) + _CPU_SLACK_S
@@ -609,6 +624,6 @@ def _serve(read_fd: int, write_fd: int) -> None:
             cpu_cap = min(cpu_cap, cpu_hard)
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_cap, cpu_hard))
         try:
-            outbox.send(("ok", _to_reward(fn(*args))))
+            send("ok", _to_reward(fn(*args)))
         except (Exception, TimeoutException) as exc:
-            outbox.send(("error", type(exc).__name__))
+            send("error", type(exc).__name__)

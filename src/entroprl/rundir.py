@@ -5,32 +5,71 @@
     RUN/tb/                           TensorBoard events
     RUN/wandb/                        the Weights & Biases run, when trainer.wandb is set
     RUN/rollouts/step_000010.jsonl    rollouts with per-token log-prob, entropy, advantage, cov
-    RUN/checkpoints/step_000010/      model/ (HF format, safetensors), optimizer.safetensors,
-                                      state.json, rng.safetensors
-    RUN/checkpoints/latest            name of the newest complete checkpoint
+    RUN/checkpoints/                  see `entroprl.checkpoint`
 
 Everything a resumed run reads is written to a temporary name and renamed into place, so a run
-killed at any moment leaves either the old or the new file, never half of one. Nothing is pickled.
+killed at any moment leaves either the old or the new file, never half of one; the one exception,
+metrics.jsonl, is appended a line at a time, and a resumed run first cuts it back to the whole
+lines of the steps before the ones it runs (`trim_metrics`). Reading the metrics needs no torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
+"""A directory holding any of these holds a run."""
+RUN_ENTRIES = (*RUN_MARKERS, "rollouts", "tb", "analysis")
+"""What a run (and its default analysis) writes in its directory: what `RunDir.clear` deletes."""
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Give an OSError raised inside without a file name (a failed write: disk full) `path` as
+    its file name, so that the message says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def make_dir(path: Path) -> None:
+    """`mkdir -p path`; a file in the way is a NotADirectoryError naming it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # exist_ok accepts a directory only
+        raise NotADirectoryError(
+            errno.ENOTDIR, "exists and is not a directory", str(path)
+        ) from None
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of `path`, a byte-order mark dropped; ValueError naming the file and line
+    where it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (save or export it as UTF-8)") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w") as f, naming(tmp):
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -38,43 +77,80 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.item()
+    item = getattr(value, "item", None)  # a tensor or numpy scalar
+    if item is not None:
+        value = item()
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN; a missing value reads back as null
     return value
+
+
+def trim_metrics(path: Path, first_step: int) -> None:
+    """Make metrics file `path` hold only the whole records of steps before `first_step`: a
+    cut-off last line (a run killed mid-write) goes, and so do the records of the steps a resumed
+    run logs again, so that the file holds each step once. Rewritten atomically, and only when
+    something goes; a bad line other than the last raises ValueError naming it."""
+    if not path.is_file():
+        return
+    lines = read_text(path).splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.endswith("\n"):
+            break  # cut off: only the last line can be
+        try:
+            step = json.loads(line)["step"] if line.strip() else None
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}:{number}: not a metrics record: {line[:80]!r}") from None
+        if isinstance(step, int) and step < first_step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
 
 
 class MetricsLog:
     """`metrics.jsonl` (append, flush per line) mirrored to TensorBoard and to a Weights & Biases
     run, under the same metric names."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, wandb_run=None):
+    def __init__(
+        self,
+        path: Path,
+        tensorboard_dir: Path | None = None,
+        first_step: int = 0,
+        wandb_run=None,
+    ):
+        """Append to `path` from `first_step` on (`trim_metrics` first drops what comes after)."""
+        trim_metrics(path, first_step)
+        self.path, self.tensorboard_dir = path, tensorboard_dir
         self.file = open(path, "a")  # noqa: SIM115 - held open for the whole run, closed in close()
         self.writer = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(tensorboard_dir))
+            # TensorBoard hides the events of the steps a resumed run logs again
+            with naming(tensorboard_dir):
+                self.writer = SummaryWriter(str(tensorboard_dir), purge_step=first_step or None)
         self.wandb_run = wandb_run
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        with naming(self.path):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
         if self.writer is not None:
             for key, value in numbers.items():
                 self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+            with naming(self.tensorboard_dir):  # the writer's thread's error surfaces here
+                self.writer.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(numbers, step=step)
 
     def close(self) -> None:
         self.file.close()
         if self.writer is not None:
-            self.writer.close()
+            with naming(self.tensorboard_dir):
+                self.writer.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
@@ -82,7 +158,7 @@ class MetricsLog:
 def read_json_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each line of a JSON-lines file. A truncated last line (a run killed
     mid-write) is skipped with a warning; any other bad line raises ValueError naming it."""
-    lines = path.read_text().splitlines()
+    lines = read_text(path).splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -105,9 +181,10 @@ def read_json_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, dict[
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Read `metrics.jsonl`: one record per step, the last written wins (a resumed run re-logs the
-    steps after its checkpoint). A truncated last line (a run killed mid-write) is skipped with a
-    warning; an empty file or one with no step records raises ValueError."""
+    """Read `metrics.jsonl`: one record per step, the last written wins (files written before
+    resumed runs trimmed them hold some steps twice). A truncated last line (a run killed
+    mid-write) is skipped with a warning; an empty file or one with no step records raises
+    ValueError."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such metrics file")
@@ -121,40 +198,23 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split a name-keyed optimizer state dict (`parallel.optimizer_state`) into safetensors
-    tensors ``"<parameter name>.<slot>"`` and the JSON rest."""
-    tensors, scalars = {}, {}
-    for param, slots in state["state"].items():
-        for slot, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{param}.{slot}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{param}.{slot}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[str, dict[str, Any]] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        param, slot = key.rsplit(".", 1)  # parameter names have dots, slot names do not
-        state.setdefault(param, {})[slot] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"cuda{i}"] = s
-    return states
-
-
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path)
         self.checkpoints = self.path / "checkpoints"
+
+    def holds_run(self) -> bool:
+        return any((self.path / name).exists() for name in RUN_MARKERS)
+
+    def clear(self) -> None:
+        """Delete the run held here (`RUN_ENTRIES`); other files stay."""
+        for name in RUN_ENTRIES:
+            path = self.path / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
@@ -162,16 +222,18 @@ class RunDir:
     def metrics_log(
         self,
         tensorboard: bool,
+        first_step: int = 0,
         *,
         wandb_project: str | None = None,
         config: dict[str, Any] | None = None,
     ) -> MetricsLog:
-        """The run's metrics log, mirrored to TensorBoard, and to a W&B run of `wandb_project`
-        (named after the run directory, holding `config`) when one is given; `WANDB_MODE=offline`
-        keeps that run on disk in RUN/wandb."""
+        """The run's metrics log from `first_step` on, mirrored to TensorBoard, and to a W&B run
+        of `wandb_project` (named after the run directory, holding `config`) when one is given;
+        `WANDB_MODE=offline` keeps that run on disk in RUN/wandb."""
         return MetricsLog(
             self.path / "metrics.jsonl",
             self.path / "tb" if tensorboard else None,
+            first_step,
             wandb_run=None if wandb_project is None else self._wandb_run(wandb_project, config),
         )
 
@@ -189,61 +251,3 @@ class RunDir:
         folder.mkdir(exist_ok=True)
         text = "".join(json.dumps(r) + "\n" for r in records)
         atomic_write_text(folder / f"step_{step:06d}.jsonl", text)
-
-    def save_checkpoint(
-        self,
-        step: int,
-        model,
-        tokenizer,
-        model_state: dict[str, torch.Tensor],
-        optimizer_state: dict[str, Any],
-        state: dict[str, Any],
-        keep: int = 2,
-    ) -> Path:
-        """Write checkpoint `step` completely under a temporary name, then rename it into place.
-
-        `model_state` and `optimizer_state` are full state dicts (`parallel.model_state`,
-        `parallel.optimizer_state`); `model` gives the Hugging Face config and save format."""
-        self.checkpoints.mkdir(exist_ok=True)
-        name = f"step_{step:06d}"
-        tmp = self.checkpoints / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        model.save_pretrained(tmp / "model", state_dict=model_state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "model")
-        tensors, meta = _optimizer_to_tensors(optimizer_state)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
-        save_file(_rng_tensors(), tmp / "rng.safetensors")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
-        final = self.checkpoints / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(self.checkpoints / "latest", name)
-        for old in sorted(self.checkpoints.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def latest_checkpoint(self) -> Path | None:
-        pointer = self.checkpoints / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.checkpoints / pointer.read_text().strip()
-        return path if (path / "state.json").is_file() else None
-
-
-def load_optimizer_state(path: Path) -> dict[str, Any]:
-    """The full optimizer state dict of checkpoint `path`, keyed by parameter name."""
-    meta = json.loads((path / "optimizer.json").read_text())
-    return _optimizer_from_tensors(load_file(path / "optimizer.safetensors"), meta)
-
-
-def load_checkpoint_state(path: Path) -> dict[str, Any]:
-    """Restore every RNG from checkpoint `path`; return its state.json."""
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    return json.loads((path / "state.json").read_text())

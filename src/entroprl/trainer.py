@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from entroprl import distributed, dynamics, losses, parallel
+from entroprl import checkpoint, distributed, dynamics, losses, parallel
 from entroprl.advantages import (
     compute_advantages,
     dynamic_sampling_mask,
@@ -34,12 +34,13 @@ from entroprl.advantages import (
     position_shaping,
     ppl_shaping,
 )
-from entroprl.config import Config
+from entroprl.checks import NonFiniteError
+from entroprl.config import Config, ConfigError
 from entroprl.entropy import batch_entropy, logprobs_and_entropy
 from entroprl.evaluation import evaluate, score_samples
 from entroprl.law import detect_plateau_online
 from entroprl.rollout import RolloutBatch, concat_batches, position_ids
-from entroprl.rundir import RunDir, load_checkpoint_state, load_optimizer_state
+from entroprl.rundir import RunDir
 from entroprl.tasks.base import Task
 from entroprl.vllm_backend import make_backend
 
@@ -133,7 +134,8 @@ def update_policy(
     the optimizer steps, so they do not depend on the split either. A mini-batch in which no token
     enters the loss on any rank (dynamic sampling or high-entropy masking can leave one empty) is
     skipped by every rank and counted in `actor/empty_minibatches`; an update whose loss or
-    gradient is not finite is skipped and counted in `actor/skipped_updates`.
+    gradient is not finite is skipped and counted in `actor/skipped_updates`; an update that
+    leaves a weight NaN or infinite, which no later update can mend, raises NonFiniteError.
 
     Every forward runs once: with `batch.old_log_prob` None (on-policy: one mini-batch, one
     epoch) the old log-probs are the training forward's, detached, so the ratio is exactly 1; a
@@ -288,6 +290,8 @@ def update_policy(
                 skipped += 1
                 continue
             optimizer.step()
+            if not parallel.all_finite(params):
+                raise NonFiniteError("the update made the weights NaN or infinite")
             moved = True
             metrics["grad_norm"].append(grad_norm.item())
     bar.close()
@@ -340,6 +344,12 @@ class Trainer:
 
         self.config = config
         c = config
+        if c.model.dtype == "float16":  # fine for evaluation, which shares the config
+            raise ConfigError(
+                "model.dtype: float16 weights cannot train: AdamW's epsilon and small updates "
+                "vanish in float16 and the first step turns the weights to NaN; use bfloat16 or "
+                "float32"
+            )
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if c.rollout.prompts_per_step % self.world:
             raise TrainingError(
@@ -355,6 +365,13 @@ class Trainer:
             warnings.warn(note, stacklevel=2)
         torch.manual_seed(c.trainer.seed)
         self.device = pick_device(c.trainer.device)
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            gpus = torch.cuda.device_count()
+            raise TrainingError(
+                f"trainer.device={c.trainer.device}: "
+                + (f"torch sees only {gpus} CUDA GPU(s)" if gpus else "no CUDA GPU is visible")
+                + "; use trainer.device=auto (a GPU if there is one) or cpu"
+            )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # FSDP shards on the current device
         if model is None:
@@ -402,6 +419,8 @@ class Trainer:
         own); `self.seen` holds them after each update."""
         self.seen: tuple[Tensor, Tensor] | None = None
         self.step = 0
+        self.saved_step: int | None = None
+        """The step of the newest checkpoint of this run, once one is written or resumed from."""
         self.entropy_history: list[float] = []
         self.plateau_start: int | None = None
         """The step at which the plateau stage began, once detected (then kept to the end)."""
@@ -450,11 +469,13 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Checkpoint on rank 0; every rank takes part, since a sharded model is gathered."""
+        """Checkpoint on rank 0; every rank takes part, since a sharded model is gathered. Raises
+        NonFiniteError, writing nothing, if the weights or optimizer state hold NaN or inf."""
         model_state = parallel.model_state(self.model)
         optimizer_state = parallel.optimizer_state(self.model, self.optimizer)
         if self.run is not None:
-            self.run.save_checkpoint(
+            checkpoint.save(
+                self.run.checkpoints,
                 self.step,
                 self.model,
                 self.tokenizer,
@@ -463,30 +484,92 @@ class Trainer:
                 self.state(),
                 keep=self.config.trainer.keep_checkpoints,
             )
+        self.saved_step = self.step
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint in the run directory, if there is one.
+        """Continue from the valid checkpoint with the highest step in the run directory
+        (`checkpoint.find_resumable`), saying which, and why any newer one was skipped. Returns
+        False, starting at step 0, when the directory holds no checkpoint at all (a run stopped
+        before its first); raises TrainingError, changing nothing, when it holds checkpoints and
+        none of them is valid.
 
-        Every rank reads the small state files; the weights and optimizer state are read by
-        every rank under DDP and by rank 0 alone under FSDP, which scatters them."""
-        path = RunDir(self.config.trainer.out_dir).latest_checkpoint()
-        if path is None:
+        Rank 0 chooses and verifies the checkpoint. Every rank reads the small state files; the
+        weights and optimizer state are read by every rank under DDP and by rank 0 alone under
+        FSDP, which scatters them."""
+        out = self.config.trainer.out_dir
+        chosen, problem = -1, None
+        if self.run is not None:
+            path, state, skipped = checkpoint.find_resumable(self.run.checkpoints)
+            if path is not None:
+                for line in skipped:
+                    print(f"skipped checkpoint {line}")
+                chosen = state["step"]
+            elif skipped:
+                problem = (
+                    f"{out}: no usable checkpoint to resume from ({'; '.join(skipped)}). "
+                    "Restore one, or pass --overwrite to delete this run and start again"
+                )
+            else:
+                print(f"no checkpoint in {out} yet: starting at step 0")
+        self._stop_together(problem)
+        # rank 0's choice to every rank: the others add 0
+        step = int(distributed.all_reduce_sum(torch.tensor(chosen + 1, device=self.device))) - 1
+        if step < 0:
             return False
+        path = Path(out) / "checkpoints" / checkpoint.checkpoint_name(step)
         model_state, optimizer_state = {}, {}
         if self.rank == 0 or not parallel.is_sharded(self.model):
             dtype = getattr(torch, self.config.model.dtype)
             loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=dtype)
-            model_state, optimizer_state = loaded.state_dict(), load_optimizer_state(path)
+            model_state = loaded.state_dict()
+            optimizer_state = checkpoint.load_optimizer_state(path)
             del loaded
         parallel.load_state(self.model, self.optimizer, model_state, optimizer_state)
-        state = load_checkpoint_state(path)
-        self.step = state["step"]
+        checkpoint.restore_rng(path)
+        state = checkpoint.verify(path, hashes=False)  # rank 0 has checked the hashes
+        self.step = self.saved_step = state["step"]
         self.entropy_history = state["entropy_history"]
         self.plateau_start = state.get("plateau_start")  # absent from checkpoints before it
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         if self.entropy_controller and state["entropy_coef"]:
             self.entropy_controller.load_state_dict(state["entropy_coef"])
+        if self.rank == 0:
+            print(f"resumed from step {self.step} ({path})")
         return True
+
+    def _start_afresh(self, overwrite: bool) -> None:
+        """A new run: refuse a directory that holds a run, unless `overwrite`, which deletes it."""
+        problem = None
+        if self.run is not None and self.run.holds_run():
+            if overwrite:
+                self.run.clear()
+            else:
+                problem = (
+                    f"{self.config.trainer.out_dir} already holds a run: pass --resume to "
+                    "continue it, or --overwrite to delete it and start again "
+                    "(or set another trainer.out_dir)"
+                )
+        self._stop_together(problem)
+
+    def _stop_together(self, problem: str | None) -> None:
+        """Raise TrainingError on every rank when rank 0, the one that reads the run directory,
+        has a `problem`, so that no rank is left waiting for the others."""
+        stop = torch.tensor(int(problem is not None), device=self.device)
+        if int(distributed.all_reduce_sum(stop)):
+            raise TrainingError(problem or "rank 0 stopped the run (its message says why)")
+
+    def _nonfinite_error(self, step: int, error: str | Exception) -> TrainingError:
+        """The message that stops a run whose numbers went NaN or infinite at `step`."""
+        newest = (
+            f"the newest checkpoint, step {self.saved_step}, holds finite weights: continue from "
+            "it with --resume"
+            if self.saved_step is not None
+            else "no checkpoint was written: start again"
+        )
+        return TrainingError(
+            f"step {step}: {error}; stopping. {newest}, with a lower optim.lr (now "
+            f"{self.config.optim.lr:g}), or check the rewards, model.dtype and model.path"
+        )
 
     # -- the algorithm -------------------------------------------------------------------------
 
@@ -869,19 +952,38 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def train(self, *, resume: bool = False) -> Path:
+    def train(self, *, resume: bool = False, overwrite: bool = False) -> Path:
+        """Train to `trainer.steps`. With `resume`, continue the run in `trainer.out_dir` (see
+        `resume`); without, a directory already holding a run is an error unless `overwrite`,
+        which deletes that run first.
+
+        NaN policy: an update whose loss or gradient is NaN or infinite is skipped and counted,
+        and `trainer.max_nonfinite_updates` steps in a row with one stop the run; NaN or infinite
+        weights (checked before the first step and after every update) or logits stop it at
+        once, since no later update can mend them. Nothing non-finite is ever saved."""
         c = self.config
-        if resume and self.resume() and self.rank == 0:
-            print(f"resumed from step {self.step}")
+        if resume and overwrite:
+            raise TrainingError(
+                "resume and overwrite exclude each other: one continues the run in "
+                "trainer.out_dir, the other deletes it"
+            )
+        if resume:
+            self.resume()
+        else:
+            self._start_afresh(overwrite)
+        if not parallel.all_finite(self.model.parameters()):
+            raise self._nonfinite_error(self.step, "the weights hold NaN or inf")
+        initial_eval = self.step == 0 and c.trainer.eval_every > 0
         log = None
         if self.run is not None:
             self.run.write_config(c.to_dict())
             log = self.run.metrics_log(
                 c.trainer.tensorboard,
+                0 if initial_eval else self.step + 1,
                 wandb_project=c.trainer.wandb_project if c.trainer.wandb else None,
                 config=c.to_dict(),
             )
-        if self.step == 0 and c.trainer.eval_every > 0:
+        if initial_eval:
             initial = self.validate()
             if log is not None:
                 log.log(0, initial)
@@ -894,7 +996,10 @@ class Trainer:
         )
         try:
             for step in bar:
-                metrics = self.train_step(step)
+                try:
+                    metrics = self.train_step(step)
+                except NonFiniteError as e:
+                    raise self._nonfinite_error(step, e) from None
                 self.step = step
                 if c.trainer.eval_every > 0 and (
                     step % c.trainer.eval_every == 0 or step == c.trainer.steps
@@ -903,16 +1008,20 @@ class Trainer:
                 if log is not None:
                     log.log(step, metrics)
                 if self.nonfinite_in_a_row >= c.trainer.max_nonfinite_updates:
-                    raise TrainingError(
+                    raise self._nonfinite_error(
+                        step,
                         f"{self.nonfinite_in_a_row} steps in a row had a NaN or infinite loss or "
-                        f"gradient (step {step}); stopping. Lower optim.lr or check the rewards."
+                        "gradient (trainer.max_nonfinite_updates)",
                     )
                 bar.set_postfix(
                     entropy=f"{metrics.get('actor/entropy_seq_mean', float('nan')):.3f}",
                     acc=f"{metrics['train/acc']:.2f}",
                 )
                 if step % c.trainer.save_every == 0 or step == c.trainer.steps:
-                    self.save()
+                    try:
+                        self.save()
+                    except NonFiniteError as e:
+                        raise self._nonfinite_error(step, e) from None
         finally:
             if log is not None:
                 log.close()

@@ -1,0 +1,97 @@
+"""The `entroprl` command fails with one line naming the problem, never a traceback (issue 11)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from safetensors import SafetensorError
+
+from entroprl import checkpoint
+from entroprl.cli import main
+from entroprl.models import save_model
+from tests.policies import make_tiny_policy
+from tests.test_analysis import make_run
+from tests.test_trainer import small_config
+
+
+def fails(argv: list[str]) -> str:
+    """The message `entroprl ARGV` exits with; it must be one line and say it is entroprl's."""
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    message = caught.value.code
+    assert isinstance(message, str), f"exit code {message!r}, no message"
+    assert message.startswith("entroprl: ") and "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model, tok = make_tiny_policy()
+    return save_model(model, tok, tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def config_file(tmp_path, model_dir):
+    values = small_config(tmp_path / "run", model={"path": str(model_dir)}).to_dict()
+    values["trainer"] |= {"device": "cpu", "steps": 2, "save_every": 1, "eval_every": 0}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("trainer.save_every=0", "trainer.save_every"),
+        ("trainer.device=gpu", "trainer.device"),
+        ("optim.lr=.inf", "optim.lr"),
+        ("data.task=gsm9k", "data.task"),
+    ],
+)
+def test_configuration_errors_are_one_line(config_file, override, named):
+    assert named in fails(["train", str(config_file), override])
+
+
+def test_an_out_dir_that_is_a_file(config_file, tmp_path):
+    (tmp_path / "file").write_text("")
+    message = fails(["train", str(config_file), f"trainer.out_dir={tmp_path / 'file'}"])
+    assert str(tmp_path / "file") in message and "not a directory" in message
+
+
+def test_a_rerun_into_a_run_directory_and_resume_with_overwrite(config_file, tmp_path):
+    main(["train", str(config_file), "trainer.steps=1"])
+    message = fails(["train", str(config_file)])
+    assert "--resume" in message and "--overwrite" in message
+    with pytest.raises(SystemExit):  # argparse: not allowed together
+        main(["train", str(config_file), "--resume", "--overwrite"])
+    main(["train", str(config_file), "--resume"])
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000002"
+
+
+def test_disk_full_while_checkpointing(config_file, tmp_path, monkeypatch):
+    """The second checkpoint cannot be written: the message names it and the disk, its partial
+    folder is removed, and the first checkpoint stays the newest."""
+    real, calls = checkpoint.save_file, []
+
+    def save_file(tensors, path):
+        calls.append(path)
+        if len(calls) > 2:  # optimizer and RNG of step 1 go through
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+        real(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    message = fails(["train", str(config_file)])
+    assert "No space left on device" in message and "step_000002" in message
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_000001"]
+    assert (folder / "latest").read_text() == "step_000001"
+
+
+@pytest.mark.parametrize("command", ["analyze", "compare"])
+def test_an_out_that_is_a_file(tmp_path, command):
+    make_run(tmp_path / "run", steps=20, rollout_steps=())
+    (tmp_path / "file").write_text("")
+    message = fails([command, str(tmp_path / "run"), "--out", str(tmp_path / "file")])
+    assert str(tmp_path / "file") in message and "not a directory" in message

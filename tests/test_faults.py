@@ -1,0 +1,269 @@
+"""Fault injection through the `entroprl` command (issue 11).
+
+`entroprl train` is killed with SIGKILL at random moments, during checkpoint writes among them,
+its newest checkpoint then damaged in each way a disk or a copy damages one, and resumed with
+`--resume`: the final weights equal those of an uninterrupted run bit for bit, and metrics.jsonl
+holds each step once. Then the command on a full disk and on a read-only file system (small tmpfs
+and read-only mounts, in a mount namespace of its own): one line naming the problem, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from entroprl.models import save_model
+from tests.policies import make_tiny_policy
+from tests.test_trainer import small_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 5
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_bytes(path: Path) -> None:
+    """Flip 4 bytes in the tensor data, past the safetensors header: the file still loads."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 40, len(data) - 36):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "state.json missing": lambda c: (c / "state.json").unlink(),
+    "latest empty": lambda c: (c.parent / "latest").write_text(""),
+    "latest garbage": lambda c: (c.parent / "latest").write_text("\x00garbage/../x\n"),
+    "model truncated": lambda c: truncate(c / "model" / "model.safetensors"),
+    "optimizer truncated": lambda c: truncate(c / "optimizer.safetensors"),
+    "weights flipped": lambda c: flip_bytes(c / "model" / "model.safetensors"),
+}
+"""Each way of damaging the newest checkpoint `c` (the pointer `latest` beside it included)."""
+
+INVALIDATES = {"state.json missing", "model truncated", "optimizer truncated", "weights flipped"}
+
+
+def make_config(folder: Path) -> Path:
+    """A 5-step run of the tiny policy, a checkpoint every step (the last 2 kept), an evaluation
+    every 2 steps; the path of its YAML file."""
+    model, tok = make_tiny_policy()
+    model_dir = save_model(model, tok, folder / "model")
+    values = small_config(folder / "unused", model={"path": str(model_dir)}).to_dict()
+    values["trainer"] |= {"device": "cpu", "steps": STEPS, "save_every": 1}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def command(config: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "entroprl.cli", "train", str(config), f"trainer.out_dir={out}"]
+
+
+def train(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*command(config, out), *extra],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def killed(config: Path, out: Path, moment: str, step: int, rng: random.Random, *extra: str) -> str:
+    """Start a run and SIGKILL it: while it writes the checkpoint of `step` (`moment` "checkpoint
+    write"; at a random point of the write), or at a random moment up to 3 s after the checkpoint
+    of `step - 1` is complete ("random"). Returns what happened."""
+    process = subprocess.Popen(
+        [*command(config, out), *extra],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    folder = out / "checkpoints"
+    awaited = folder / (
+        f".step_{step:06d}.tmp" if moment == "checkpoint write" else f"step_{step - 1:06d}"
+    )
+    try:
+        while process.poll() is None and not awaited.exists():
+            time.sleep(0.001)
+        delay = rng.uniform(0.0, 0.05 if moment == "checkpoint write" else 3.0)
+        deadline = time.monotonic() + delay
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        finished = process.wait() == 0
+    what = "had finished" if finished else f"killed {delay:.3f} s after {awaited.name} appeared"
+    return f"{moment} of step {step}: {what}"
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+    return found[-1] if found else None
+
+
+def logged_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    name = f"step_{STEPS:06d}"
+    return load_file(out / "checkpoints" / name / "model" / "model.safetensors")
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    """The message of a failed command: one `entroprl:` line, no traceback."""
+    assert done.returncode not in (0, None), done.stdout[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("entroprl: "), done.stderr[-3000:]
+    return line
+
+
+def trial(
+    config: Path, out: Path, damage: str, moment: str, reference: dict, rng: random.Random
+) -> list[str]:
+    """Kill a run at `moment` of a random step from 2 on, damage its newest checkpoint, kill the
+    resumed run while it writes its next checkpoint, resume it to the end; check the outcome
+    against the uninterrupted `reference` weights. Returns a log of what happened."""
+    log = [killed(config, out, moment, rng.randint(2, STEPS), rng)]
+    newest = newest_checkpoint(out)
+    others = len(list((out / "checkpoints").glob("step_*"))) - 1
+    DAMAGE[damage](newest)
+    log.append(f"damaged {newest.name} ({others} older): {damage}")
+    if damage in INVALIDATES and others == 0:
+        message = one_line_error(train(config, out, "--resume"))
+        assert "no usable checkpoint" in message and "--overwrite" in message, message
+        log.append("resume refused: no usable checkpoint; --overwrite")
+        done = train(config, out, "--overwrite")
+    else:
+        resumed = int(newest.name[5:]) - (damage in INVALIDATES)
+        if resumed < STEPS:
+            log.append(
+                "resume: " + killed(config, out, "checkpoint write", resumed + 1, rng, "--resume")
+            )
+        done = train(config, out, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    log += [line for line in done.stdout.splitlines() if "checkpoint" in line or "resumed" in line]
+    assert logged_steps(out) == list(range(STEPS + 1)), logged_steps(out)
+    weights = final_weights(out)
+    assert weights.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(weights[name], value), name
+    return log
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faults")
+    config = make_config(folder)
+    done = train(config, folder / "reference")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, final_weights(folder / "reference")
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_killed_damaged_and_resumed_runs_end_like_an_uninterrupted_one(setup, tmp_path, damage):
+    config, reference = setup
+    index = sorted(DAMAGE).index(damage)
+    moment = "checkpoint write" if index % 2 else "random"
+    log = trial(config, tmp_path / "run", damage, moment, reference, random.Random(index))
+    print("\n".join(log))
+
+
+# -- file systems ----------------------------------------------------------------------------
+
+
+def _namespace() -> list[str] | None:
+    """A prefix that runs a command in a mount namespace of its own (where it may mount), or None
+    where the system allows none."""
+    if shutil.which("unshare") is None:
+        return None
+    for prefix in (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"]):
+        if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+            return prefix
+    return None
+
+
+NAMESPACE = _namespace()
+needs_mounts = pytest.mark.skipif(NAMESPACE is None, reason="no mount namespace allowed here")
+
+
+def in_namespace(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*NAMESPACE, "sh", "-c", script], env=ENV, capture_output=True, text=True, timeout=600
+    )
+
+
+@needs_mounts
+def test_disk_full(setup, tmp_path):
+    """A tmpfs with room for the first checkpoint, not the second: the run stops with one line,
+    leaves no partial checkpoint, and once there is room the first checkpoint resumes."""
+    config, _ = setup
+    disk, out = tmp_path / "disk", tmp_path / "disk" / "run"
+    disk.mkdir()
+    small = ["trainer.steps=2", "trainer.eval_every=0", "trainer.rollout_samples=0"]
+    run = shlex.join([*command(config, out), *small])
+    t = tmp_path
+    in_namespace(
+        f"mount -t tmpfs -o size=400k tmpfs {disk}; {run} >{t}/full.out 2>{t}/full.err; "
+        f"echo $? >{t}/full.rc; ls -a {out}/checkpoints >{t}/ls; "
+        f"mount -o remount,size=4m {disk}; {run} --resume >{t}/more.out 2>{t}/more.err; "
+        f"echo $? >{t}/more.rc"
+    )
+    outputs = [(t / f"full.{x}").read_text() for x in ("rc", "out", "err")]
+    full = subprocess.CompletedProcess([], int(outputs[0]), outputs[1], outputs[2])
+    message = one_line_error(full)
+    assert "No space left on device" in message and "step_000002" in message, message
+    assert (t / "ls").read_text().split() == [".", "..", "latest", "step_000001"]
+    assert (t / "more.rc").read_text().strip() == "0", (t / "more.err").read_text()[-3000:]
+    assert "resumed from step 1" in (t / "more.out").read_text()
+
+
+@needs_mounts
+def test_disk_full_for_tensorboard(setup, tmp_path):
+    """TensorBoard writes from a thread of its own: its failure is one line too, not the
+    thread's traceback."""
+    config, _ = setup
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    run = shlex.join([*command(config, disk / "run"), "trainer.tensorboard=true"])
+    message = one_line_error(in_namespace(f"mount -t tmpfs -o size=4k tmpfs {disk} && {run}"))
+    assert "No space left on device" in message, message
+
+
+@needs_mounts
+def test_read_only_file_system(setup, tmp_path):
+    config, _ = setup
+    fresh = tmp_path / "readonly"
+    fresh.mkdir()
+    done = in_namespace(
+        f"mount -t tmpfs -o ro tmpfs {fresh} && {shlex.join(command(config, fresh / 'run'))}"
+    )
+    assert "Read-only file system" in one_line_error(done)
+
+    run = tmp_path / "run"
+    assert train(config, run, "trainer.steps=1").returncode == 0
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    resume = shlex.join([*command(config, run), "--resume"])
+    done = in_namespace(f"mount --bind {run} {run} && mount -o remount,bind,ro {run} && {resume}")
+    assert "Read-only file system" in one_line_error(done)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
