@@ -358,6 +358,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "(prompt rendering, rollout.backend, rollout.max_new_tokens, ...)",
     )
     parser.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default=None,
+        help="generation backend (rollout.backend): Hugging Face generate or vLLM",
+    )
+    parser.add_argument(
         "--samples",
         type=int,
         default=32,
@@ -403,6 +409,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     overrides = [
         *([f"model.path={args.model}"] if args.model else []),
         *([f"data.task={args.task}"] if args.task else []),
+        *([f"rollout.backend={args.backend}"] if args.backend else []),
         *args.overrides,
     ]
     config = load_config(args.config, overrides)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from entroprl import advantages as adv_lib
-from entroprl import distributed, dynamics, losses, parallel
+from entroprl import distributed, dynamics, losses, mismatch, parallel
 from entroprl.config import Config
 from entroprl.entropy import batch_entropy, logprobs_and_entropy
 from entroprl.evaluation import evaluate, score_samples
@@ -53,6 +53,9 @@ class UpdateBatch:
     old_log_prob: Tensor
     advantages: Tensor
     ref_log_prob: Tensor | None = None
+    rollout_is_weights: Tensor | None = None
+    """(B, R) truncated importance weights on the rollout/training mismatch
+    (`mismatch.rollout_is_weights`), or None when the correction is off."""
 
     def rows(self, index: Tensor) -> UpdateBatch:
         take = lambda t: None if t is None else t[index]  # noqa: E731
@@ -229,10 +232,18 @@ def update_policy(
                     )
                     if selected is not None:
                         extra = {"selected": selected[rows]}
+                    # The importance weight scales each token's policy-gradient term, as verl's
+                    # pg_losses * rollout_is_weights: for w >= 0 the PPO and Clip-Cov token
+                    # losses at advantage w * A are w times those at A (clip and dual clip
+                    # included); KL-Cov's penalty stays unweighted. The covariance selections
+                    # above use the unweighted advantages.
+                    adv = mb.advantages
+                    if mb.rollout_is_weights is not None:
+                        adv = adv * mb.rollout_is_weights
                     loss, m = loss_fn(
                         log_prob,
                         mb.old_log_prob,
-                        mb.advantages,
+                        adv,
                         mb.response_mask,
                         denominators=denominators,
                         **kwargs,
@@ -579,6 +590,18 @@ class Trainer:
         mask = batch.response_mask
         ent = batch_entropy(entropy, mask)
         self.entropy_history.append(ent["seq_mean_token_mean"])
+        is_weights = None
+        if batch.rollout_log_probs is not None:
+            metrics |= mismatch.mismatch_metrics(old_log_prob, batch.rollout_log_probs, mask)
+            if a.rollout_is is not None:
+                is_weights, is_metrics = mismatch.rollout_is_weights(
+                    old_log_prob,
+                    batch.rollout_log_probs,
+                    mask,
+                    level=a.rollout_is,
+                    threshold=a.rollout_is_threshold,
+                )
+                metrics |= is_metrics
         t_old = time.perf_counter()
         # advantage
         advantages = self.shaped_advantages(batch, rewards, old_log_prob, step)
@@ -594,7 +617,13 @@ class Trainer:
         if self.ref_model is not None:
             ref, _ = batched_log_probs(self.ref_model, batch, rows, c.rollout.temperature)
         update_batch = UpdateBatch(
-            batch.input_ids, batch.attention_mask, loss_mask, old_log_prob, advantages, ref
+            batch.input_ids,
+            batch.attention_mask,
+            loss_mask,
+            old_log_prob,
+            advantages,
+            ref,
+            is_weights,
         )
         # update
         for group in self.optimizer.param_groups:
