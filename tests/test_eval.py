@@ -393,7 +393,7 @@ def test_vllm_backend_rebuilds_the_hf_batch_from_token_lists(tiny_policy, fake_v
     ]
     assert (params.n, params.temperature, params.top_p, params.max_tokens) == (4, 1.0, 0.9, 6)
     assert (params.top_k, params.min_p, params.repetition_penalty) == (-1, 0.0, 1.0)
-    assert params.logprobs == 0
+    assert params.logprobs == 0 and params.detokenize is False
     kwargs = backend.llm.kwargs
     assert (kwargs["model"], kwargs["dtype"], kwargs["seed"]) == ("/ckpt", "float32", 5)
     assert kwargs["logprobs_mode"] == "processed_logprobs"  # the distribution sampled from

@@ -215,7 +215,10 @@ class ReportingBackend(HFBackend):
 def _trainer(tmp_path, seed_policy, **algorithm):
     model, tok = seed_policy
     config = small_config(
-        tmp_path, trainer={"steps": 1, "eval_every": 0}, optim={"lr": 0.1, "grad_clip": 1e9}
+        tmp_path,
+        rollout={"prompts_per_step": 2, "max_new_tokens": 6},
+        trainer={"steps": 1, "eval_every": 0, "measure_entropy_change": False},
+        optim={"lr": 0.1, "grad_clip": 1e9},
     )
     trainer = Trainer(config, model=model, tokenizer=tok)
     trainer.backend = ReportingBackend(model, tok)
@@ -267,3 +270,18 @@ def test_trainer_logs_the_mismatch_and_applies_truncated_is(tmp_path):
     torch.testing.assert_close(runs["tis, no gap"][0], runs["plain"][0], atol=1e-6, rtol=0)
     torch.testing.assert_close(runs["tis, gap"][0], runs["plain, 2A"][0], atol=1e-6, rtol=0)
     assert not torch.allclose(runs["tis, gap"][0], runs["plain"][0])
+
+
+def test_rollout_log_probs_follow_their_rows_through_concat_and_rows():
+    from entroprl.rollout import concat_batches
+    from entroprl.tokenizer import build_char_tokenizer
+    from entroprl.vllm_backend import assemble_batch
+
+    tok = build_char_tokenizer()  # eos 1
+    a = assemble_batch([[5]], [[7, 1], [8]], 2, tok, log_probs=[[-1.0, -2.0], [-3.0]])
+    b = assemble_batch([[6, 6]], [[9, 9, 9]], 1, tok, log_probs=[[-4.0, -5.0, -6.0]])
+    both = concat_batches([a, b], tok.pad_token_id)
+    assert both.rollout_log_probs.tolist() == [[-1, -2, 0], [-3, 0, 0], [-4, -5, -6]]
+    assert both.rows(torch.tensor([1, 0])).rollout_log_probs.tolist() == [[-3, 0], [-1, -2]]
+    no_log_probs = assemble_batch([[5]], [[7]], 1, tok)
+    assert concat_batches([a, no_log_probs], tok.pad_token_id).rollout_log_probs is None

@@ -186,6 +186,7 @@ class VLLMBackend:
             repetition_penalty=1.0,
             max_tokens=max_new_tokens,
             logprobs=0,  # the sampled token's own log-prob, no alternatives
+            detokenize=False,  # the batch decodes its texts itself
         )
         outputs = self.llm.generate(
             [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
