@@ -263,14 +263,20 @@ def test_run_eval_on_a_benchmark_file(saved_policy, tmp_path, capsys):
     assert len(json.loads(generations[1])["samples"]) == 3
 
 
-def test_run_eval_on_the_configured_task(saved_policy):
+def test_run_eval_on_the_configured_task(saved_policy, tmp_path):
     args = eval_args(
         "--model", str(saved_policy), "--task", "countdown", "--samples", "2", "--limit", "3",
+        "--out", str(tmp_path / "out"),
         "data.train_size=8", "data.test_size=5", "rollout.max_new_tokens=4", "trainer.device=cpu",
     )  # fmt: skip
     report = run_eval(args)
     assert report["benchmarks"]["countdown"]["problems"] == 3
     assert report["benchmarks"]["countdown"]["source"] == "task:countdown"
+    # a Countdown answer (a dataclass) is written as its fields
+    first = json.loads(
+        (tmp_path / "out" / "generations" / "countdown.jsonl").read_text().split("\n")[0]
+    )
+    assert set(first["answer"]) == {"numbers", "target"}
     with pytest.raises(ConfigError, match=r"data\.test_file"):
         run_eval(eval_args("--model", str(saved_policy), "--task", "gsm8k"))
     with pytest.raises(ConfigError, match=r"model\.path"):
