@@ -206,3 +206,42 @@ def test_gpu_check_runs_on_the_cpu():
         assert key in values, key
     # bf16 on both sides: in sync, yet not equal
     assert 0 < float(values["|dlogp| max"]) < 1.0
+
+
+@pytest.mark.distributed
+def test_two_ranks_each_with_its_own_engine(model_dir, tmp_path):
+    """`torchrun --nproc-per-node 2` with rollout.backend=vllm: each rank holds an engine
+    (vLLM's external_launcher, one data-parallel rank per process) and samples its own prompts,
+    every rollout from the current policy."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"path": str(model_dir)},
+                "data": {"train_size": 32, "test_size": 4},
+                "rollout": {"prompts_per_step": 4, "n": 2, "max_new_tokens": 8},
+                "algorithm": {"overlong_buffer": 4},
+                "optim": {"lr": 1e-2, "mini_batch_size": 4, "micro_batch_size": 4},
+                "trainer": {
+                    "steps": 2,
+                    "out_dir": str(tmp_path / "run"),
+                    "eval_every": 0,
+                    "save_every": 10,
+                    "progress": False,
+                    "tensorboard": False,
+                },
+            }
+        )
+    )
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "-m", "entroprl.cli", "train", str(config),
+         # two engines on one NUMA node: each needs its share for its KV cache
+         *VLLM_CPU, "rollout.gpu_memory_utilization=0.08"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "external_launcher" in proc.stdout + proc.stderr
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["rollout_corr/log_prob_abs_diff_max"] < SYNC_TOLERANCE for r in records)
