@@ -93,8 +93,8 @@ def _import_vllm() -> Any:
     except ImportError as e:
         raise ImportError(
             "rollout.backend=vllm needs vLLM, which is not installed (or failed to import: "
-            f"{e}). Install it on a GPU machine with: pip install 'entroprl[vllm]'; or use "
-            "rollout.backend=hf"
+            f"{e}). Install it with pip install 'entroprl[vllm]' on a GPU machine, or "
+            "bash scripts/vllm_env.sh for vLLM's CPU build; or use rollout.backend=hf"
         ) from e
     return vllm
 
