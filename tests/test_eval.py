@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import types
+from functools import partial
 from itertools import combinations
 from pathlib import Path
 from types import SimpleNamespace
@@ -262,18 +263,24 @@ def test_run_eval_on_a_benchmark_file(saved_policy, tmp_path, capsys):
     assert len(json.loads(generations[1])["samples"]) == 3
 
 
-def test_run_eval_on_the_configured_task(saved_policy):
+def test_run_eval_on_the_configured_task(saved_policy, tmp_path):
     args = eval_args(
         "--model", str(saved_policy), "--task", "countdown", "--samples", "2", "--limit", "3",
+        "--out", str(tmp_path / "out"),
         "data.train_size=8", "data.test_size=5", "rollout.max_new_tokens=4", "trainer.device=cpu",
     )  # fmt: skip
     report = run_eval(args)
     assert report["benchmarks"]["countdown"]["problems"] == 3
     assert report["benchmarks"]["countdown"]["source"] == "task:countdown"
+    # a Countdown answer (a dataclass) is written as its fields
+    first = json.loads(
+        (tmp_path / "out" / "generations" / "countdown.jsonl").read_text().split("\n")[0]
+    )
+    assert set(first["answer"]) == {"numbers", "target"}
     with pytest.raises(ConfigError, match=r"data\.test_file"):
         run_eval(eval_args("--model", str(saved_policy), "--task", "gsm8k"))
     with pytest.raises(ConfigError, match=r"model\.path"):
-        run_eval(eval_args("--task", "countdown", "rollout.backend=vllm"))
+        run_eval(eval_args("--task", "countdown", "--backend", "vllm"))
 
 
 # -- generation backends ---------------------------------------------------------------------------
@@ -321,31 +328,40 @@ def test_hf_backend_meets_the_contract(tiny_policy, n, temperature):
 
 
 class FakeLLM:
-    """Stands in for `vllm.LLM`: records its arguments, replays scripted token lists."""
+    """Stands in for `vllm.LLM`: records its arguments, replays scripted token lists (each token's
+    log-prob -0.1 times its position), and takes weights through an in-place reload."""
 
     script: ClassVar[list[list[int]]] = []
 
     def __init__(self, **kwargs):
         self.kwargs, self.resets, self.loaded = kwargs, 0, None
-        worker_model = SimpleNamespace(
-            load_weights=lambda weights: setattr(self, "loaded", list(weights))
-        )
-        self.worker = SimpleNamespace(model_runner=SimpleNamespace(model=worker_model))
+
+        def reload_weights(weights_iterator=None, weights_path=None, is_checkpoint_format=True):
+            self.loaded = list(weights_iterator)
+
+        runner = SimpleNamespace(reload_weights=reload_weights)
+        self.worker = SimpleNamespace(model_runner=runner, reload_weights=reload_weights)
 
     def generate(self, prompts, params, use_tqdm=True):
         self.request = (prompts, params)
         n = params.n
+
+        def sample(tokens):
+            logprobs = [{t: SimpleNamespace(logprob=-0.1 * i)} for i, t in enumerate(tokens)]
+            return SimpleNamespace(token_ids=tuple(tokens), logprobs=logprobs)
+
         return [
-            SimpleNamespace(
-                outputs=[
-                    SimpleNamespace(token_ids=tuple(t)) for t in self.script[i * n : (i + 1) * n]
-                ]
-            )
+            SimpleNamespace(outputs=[sample(t) for t in self.script[i * n : (i + 1) * n]])
             for i in range(len(prompts))
         ]
 
-    def collective_rpc(self, method, args=()):
-        return [method(self.worker, *args)]
+    def collective_rpc(self, method, args=(), kwargs=None):
+        call = (
+            getattr(self.worker, method)
+            if isinstance(method, str)
+            else partial(method, self.worker)
+        )
+        return [call(*args, **(kwargs or {}))]
 
     def reset_prefix_cache(self):
         self.resets += 1
@@ -374,14 +390,19 @@ def test_vllm_backend_rebuilds_the_hf_batch_from_token_lists(tiny_policy, fake_v
     for field in ("input_ids", "attention_mask", "response_mask", "group_ids"):
         assert torch.equal(getattr(batch, field), getattr(hf, field)), field
     assert batch.texts == hf.texts
+    # the engine's log-prob of each sampled token, 0 on padding
+    position = torch.arange(batch.response_mask.shape[1], dtype=torch.float32)
+    assert torch.equal(batch.rollout_log_probs, -0.1 * position * batch.response_mask)
     prompts, params = backend.llm.request
     assert prompts == [
         {"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in PROMPTS
     ]
     assert (params.n, params.temperature, params.top_p, params.max_tokens) == (4, 1.0, 0.9, 6)
     assert (params.top_k, params.min_p, params.repetition_penalty) == (-1, 0.0, 1.0)
+    assert params.logprobs == 0 and params.detokenize is False
     kwargs = backend.llm.kwargs
     assert (kwargs["model"], kwargs["dtype"], kwargs["seed"]) == ("/ckpt", "float32", 5)
+    assert kwargs["logprobs_mode"] == "processed_logprobs"  # the distribution sampled from
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
@@ -401,6 +422,10 @@ def test_assemble_batch_by_hand(tiny_policy):
         assemble_batch([[5], [7]], [[8]], 2, tok)
     with pytest.raises(ValueError, match="empty response"):
         assemble_batch([[5]], [[]], 1, tok)
+    batch = assemble_batch([[5]], [[8, 1, 9], [9]], 2, tok, log_probs=[[-1.0, -2.0, -3.0], [-4.0]])
+    assert batch.rollout_log_probs.tolist() == [[-1.0, -2.0, 0.0], [-4.0, 0.0, 0.0]]  # 0 past EOS
+    with pytest.raises(ValueError, match="one value per response token"):
+        assemble_batch([[5]], [[8, 1], [9]], 2, tok, log_probs=[[-1.0], [-4.0]])
 
 
 def test_vllm_sync_weights_hands_over_every_tensor(tiny_policy, fake_vllm):
@@ -411,6 +436,16 @@ def test_vllm_sync_weights_hands_over_every_tensor(tiny_policy, fake_vllm):
     assert [name for name, _ in backend.llm.loaded] == list(state)
     assert all(torch.equal(t, state[name]) for name, t in backend.llm.loaded)
     assert backend.llm.resets == 1
+
+
+def test_vllm_without_in_place_reload_gives_a_clear_error(tiny_policy, fake_vllm, monkeypatch):
+    """An engine whose model runner cannot reload from tensors could not follow the policy."""
+    _, tok = tiny_policy
+    monkeypatch.setattr(
+        FakeLLM, "collective_rpc", lambda self, method, args=(), kwargs=None: [False]
+    )
+    with pytest.raises(ImportError, match="cannot reload weights in place"):
+        VLLMBackend("/ckpt", tok)
 
 
 def test_vllm_missing_gives_a_clear_error(tiny_policy, monkeypatch):
@@ -432,6 +467,7 @@ def test_make_backend_follows_the_config(tiny_policy, fake_vllm):
     assert (vllm.llm.kwargs["model"], vllm.llm.kwargs["seed"]) == ("/m", 3)
     assert vllm.llm.kwargs["dtype"] == "float32"
     assert vllm.llm.kwargs["gpu_memory_utilization"] == 0.5
+    assert vllm.llm.kwargs["enforce_eager"] is False
     assert vllm.device == torch.device("cpu")
     # samples in the dtype the policy's forward runs in, on the share of the GPU it is given
     mixed = {

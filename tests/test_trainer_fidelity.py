@@ -276,7 +276,7 @@ def test_lopti_logs_both_passes(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("policy_loss", sorted(losses.POLICY_LOSSES))
 @pytest.mark.parametrize("micro", [16, 4])
-def test_on_policy_update_reuses_the_training_forward(tmp_path, policy_loss, micro):
+def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, policy_loss, micro):
     """With one mini-batch and one epoch, the old log-probs and the entropy come from the training
     forward, detached (no pass of their own): the same update and the same logged values as with
     the separate no-grad pass, and one forward fewer."""
@@ -293,7 +293,6 @@ def test_on_policy_update_reuses_the_training_forward(tmp_path, policy_loss, mic
         )
         trainer = Trainer(config, model=model, tokenizer=tok)
         assert trainer.on_policy
-        trainer.on_policy = on_policy
         passes = []
         real = trainer_module.batched_log_probs
 
@@ -301,11 +300,11 @@ def test_on_policy_update_reuses_the_training_forward(tmp_path, policy_loss, mic
             _passes.append(1)
             return _real(*args, **kwargs)
 
-        trainer_module.batched_log_probs = counting
-        try:
+        with monkeypatch.context() as patch:
+            patch.setattr(trainer_module, "batched_log_probs", counting)
+            if not on_policy:  # today's path: the old log-probs from a pass of their own
+                patch.setattr(Trainer, "on_policy", False)
             metrics = trainer.train_step(1)
-        finally:
-            trainer_module.batched_log_probs = real
         weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         results.append((metrics, weights, len(passes)))
     (fused, w_fused, n_fused), (separate, w_separate, n_separate) = results

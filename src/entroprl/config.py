@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from entroprl import advantages, data, losses
+from entroprl import advantages, data, losses, mismatch
 
 
 class ConfigError(ValueError):
@@ -109,7 +109,11 @@ class RolloutConfig:
     generation_batch_size: int = 256
     gpu_memory_utilization: float = 0.5
     """vLLM: the fraction of each GPU its engine takes (weights and KV cache); the rest is left
-    for training."""
+    for training. On vLLM's CPU backend: the fraction of the NUMA node's memory reserved for it
+    (0.05 to 0.1 is plenty for a small model)."""
+    enforce_eager: bool = False
+    """vLLM: run the model eagerly, without torch.compile and CUDA graphs (verl's
+    ``rollout.enforce_eager``): a faster engine start, slower sampling on GPUs."""
 
 
 @dataclass
@@ -171,6 +175,13 @@ class AlgorithmConfig:
     position shaping is on from then to the end of the run."""
     low_prob_alpha: float = 0.0
     lopti_eta: float | None = None
+    rollout_is: str | None = None
+    """Truncated importance sampling on the rollout/training mismatch (`entroprl.mismatch`,
+    verl's ``rollout_correction.rollout_is``): `token` or `sequence` weights
+    min(pi_train / pi_rollout, rollout_is_threshold) on each token's policy-gradient term; None:
+    off. Needs the engine's log-probs, which rollout.backend=vllm reports."""
+    rollout_is_threshold: float = 2.0
+    """The truncation C of rollout_is."""
 
 
 @dataclass
@@ -306,6 +317,17 @@ class Config:
             "must be in [0, rollout.max_new_tokens]",
         )
         need(r.backend in BACKENDS, "rollout.backend", " or ".join(BACKENDS))
+        need(
+            a.rollout_is is None or a.rollout_is in mismatch.ROLLOUT_IS_LEVELS,
+            "algorithm.rollout_is",
+            f"{' or '.join(mismatch.ROLLOUT_IS_LEVELS)} (or null: off)",
+        )
+        need(a.rollout_is_threshold > 0, "algorithm.rollout_is_threshold", "must be > 0")
+        need(
+            a.rollout_is is None or r.backend == "vllm",
+            "algorithm.rollout_is",
+            "needs the rollout engine's log-probs, which only rollout.backend=vllm reports",
+        )
         need(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "in (0, 1)")
         need(
             a.dynamic_sampling_max_batches >= 1,

@@ -15,7 +15,7 @@ import argparse
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from math import comb
 from pathlib import Path
 from typing import Any
@@ -323,8 +323,15 @@ def write_report(
     (out / "results.md").write_text(format_table(report) + "\n")
     for name, rows in records.items():
         with open(out / "generations" / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+            f.writelines(json.dumps(row, default=_structured_answer) + "\n" for row in rows)
     return out
+
+
+def _structured_answer(value: Any) -> dict[str, Any]:
+    """A task's answer that is a dataclass (a Countdown problem) as its fields, for JSON."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 # -- the `entroprl eval` command -------------------------------------------------------------------
@@ -356,6 +363,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="YAML config for the other settings "
         "(prompt rendering, rollout.backend, rollout.max_new_tokens, ...)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default=None,
+        help="generation backend (rollout.backend): Hugging Face generate or vLLM",
     )
     parser.add_argument(
         "--samples",
@@ -403,6 +416,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     overrides = [
         *([f"model.path={args.model}"] if args.model else []),
         *([f"data.task={args.task}"] if args.task else []),
+        *([f"rollout.backend={args.backend}"] if args.backend else []),
         *args.overrides,
     ]
     config = load_config(args.config, overrides)

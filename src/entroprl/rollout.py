@@ -29,6 +29,10 @@ class RolloutBatch:
     """(B,) int64: responses to the same prompt share an id (the prompt's index in the call)."""
     texts: list[str]
     """Decoded responses, special tokens removed."""
+    rollout_log_probs: Tensor | None = None
+    """(B, R) float32: the log-probability the engine gave each sampled token when it sampled it
+    (0 at padding), where the backend reports it (vLLM); the trainer compares it with its own
+    (`entroprl.mismatch`). None: not reported (Hugging Face `generate`)."""
 
     @property
     def response_ids(self) -> Tensor:
@@ -56,15 +60,19 @@ class RolloutBatch:
             response_mask=response[:, :width],
             group_ids=self.group_ids[index],
             texts=[self.texts[i] for i in index.tolist()],
+            rollout_log_probs=None
+            if self.rollout_log_probs is None
+            else self.rollout_log_probs[index, :width],
         )
 
 
 def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
     """One batch of all rows, prompts left-padded and responses right-padded to the longest;
-    each batch's group ids are offset past the previous ones so that groups stay apart."""
+    each batch's group ids are offset past the previous ones so that groups stay apart. Rollout
+    log-probs are kept when every batch has them."""
     P = max(b.prompt_len for b in batches)
     R = max(b.response_mask.shape[1] for b in batches)
-    ids, attn, resp, groups, texts, offset = [], [], [], [], [], 0
+    ids, attn, resp, groups, texts, logps, offset = [], [], [], [], [], [], 0
     for b in batches:
         left, right = P - b.prompt_len, R - b.response_mask.shape[1]
         ids.append(F.pad(b.input_ids, (left, right), value=pad_token_id))
@@ -73,7 +81,17 @@ def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBat
         groups.append(b.group_ids + offset)
         offset += int(b.group_ids.max().item()) + 1 if len(b.group_ids) else 0
         texts += b.texts
-    return RolloutBatch(torch.cat(ids), torch.cat(attn), torch.cat(resp), torch.cat(groups), texts)
+        if b.rollout_log_probs is not None:
+            logps.append(F.pad(b.rollout_log_probs, (0, right), value=0.0))
+    rollout_log_probs = torch.cat(logps) if len(logps) == len(batches) else None
+    return RolloutBatch(
+        torch.cat(ids),
+        torch.cat(attn),
+        torch.cat(resp),
+        torch.cat(groups),
+        texts,
+        rollout_log_probs,
+    )
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -95,11 +113,14 @@ def build_batch(
     response_mask: Tensor,
     tokenizer: PreTrainedTokenizerBase,
     n: int,
+    rollout_log_probs: Tensor | None = None,
 ) -> RolloutBatch:
     """The `RolloutBatch` of left-padded prompts (each repeated `n` times, prompt-major) and their
-    right-padded responses: padding outside `response_mask` is set to the pad token and the
-    responses are decoded."""
+    right-padded responses: padding outside `response_mask` is set to the pad token (and to 0 in
+    `rollout_log_probs`, given as (B, R) like `response`) and the responses are decoded."""
     response = torch.where(response_mask.bool(), response, tokenizer.pad_token_id)
+    if rollout_log_probs is not None:
+        rollout_log_probs = torch.where(response_mask.bool(), rollout_log_probs, 0.0)
     rows = prompt_ids.shape[0]
     return RolloutBatch(
         input_ids=torch.cat([prompt_ids, response], dim=1),
@@ -107,6 +128,7 @@ def build_batch(
         response_mask=response_mask,
         group_ids=torch.arange(rows // n, device=prompt_ids.device).repeat_interleave(n),
         texts=tokenizer.batch_decode(response, skip_special_tokens=True),
+        rollout_log_probs=rollout_log_probs,
     )
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from entroprl import checkpoint, distributed, dynamics, losses, parallel
+from entroprl import checkpoint, distributed, dynamics, losses, mismatch, parallel
 from entroprl.advantages import (
     compute_advantages,
     dynamic_sampling_mask,
@@ -62,6 +62,9 @@ class UpdateBatch:
     training forward's own, detached, and need no pass of their own."""
     advantages: Tensor
     ref_log_prob: Tensor | None = None
+    rollout_is_weights: Tensor | None = None
+    """(B, R) truncated importance weights on the rollout/training mismatch
+    (`mismatch.rollout_is_weights`), or None when the correction is off."""
 
     def rows(self, index: Tensor) -> UpdateBatch:
         take = lambda t: None if t is None else t[index]  # noqa: E731
@@ -242,10 +245,18 @@ def update_policy(
                         )
                     elif spec.select is not None:  # an empty micro-batch: nothing to select
                         extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
+                    # The importance weight scales each token's policy-gradient term, as verl's
+                    # pg_losses * rollout_is_weights: for w >= 0 the PPO and Clip-Cov token
+                    # losses at advantage w * A are w times those at A (clip and dual clip
+                    # included); KL-Cov's penalty stays unweighted. The selections above use the
+                    # unweighted advantages.
+                    adv = mb.advantages
+                    if mb.rollout_is_weights is not None:
+                        adv = adv * mb.rollout_is_weights
                     loss, m = spec.fn(
                         log_prob,
                         old,
-                        mb.advantages,
+                        adv,
                         mb.response_mask,
                         denominators=denominators,
                         **kwargs,
@@ -414,10 +425,8 @@ class Trainer:
             if a.entropy_target is not None
             else None
         )
-        self.on_policy = self.update_is_on_policy()
-        """Whether the training forward gives the old log-probs and the entropy (no pass of their
-        own); `self.seen` holds them after each update."""
         self.seen: tuple[Tensor, Tensor] | None = None
+        """The log-probs and entropies the last update's training forwards computed."""
         self.step = 0
         self.saved_step: int | None = None
         """The step of the newest checkpoint of this run, once one is written or resumed from."""
@@ -427,11 +436,14 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.run = RunDir(c.trainer.out_dir) if self.rank == 0 else None
 
-    def update_is_on_policy(self) -> bool:
-        """One mini-batch and one epoch per step, and nothing before the update needs the step's
+    @property
+    def on_policy(self) -> bool:
+        """Whether the training forward gives the old log-probs and the entropy, with no pass of
+        their own (`self.seen` then holds them after each update), as in TRL: so it is with one
+        mini-batch and one epoch per step when nothing before the update needs the step's
         log-probs or entropy (PPL shaping, low-probability reweighting, Lopti, high-entropy
         masking, plateau detection for position shaping, entropy at another temperature than the
-        sampling one): then the old log-probs are the training forward's own, as in TRL."""
+        sampling one, the rollout importance weights)."""
         c, a, o = self.config, self.config.algorithm, self.config.optim
         rows = c.rollout.prompts_per_step // self.world * c.rollout.n
         return (
@@ -442,6 +454,7 @@ class Trainer:
             and a.low_prob_alpha == 0
             and a.lopti_eta is None
             and a.high_entropy_rho is None
+            and a.rollout_is is None
             and not (a.position_shaping_alpha > 0 and a.position_shaping_start is None)
         )
 
@@ -735,6 +748,16 @@ class Trainer:
         if not self.on_policy:
             old_log_prob, entropy = self.log_probs_and_entropy(batch)
             self.record_entropy(entropy, train_mask, step)
+        is_weights = None
+        if a.rollout_is is not None:  # never on-policy: old_log_prob is known here
+            is_weights, is_metrics = mismatch.rollout_is_weights(
+                old_log_prob,
+                batch.rollout_log_probs,
+                batch.response_mask,
+                level=a.rollout_is,
+                threshold=a.rollout_is_threshold,
+            )
+            metrics |= is_metrics
         t_old = time.perf_counter()
         # advantage: statistics over the groups kept, on all ranks
         advantages = self.shaped_advantages(batch, train_mask, rewards, old_log_prob, step)
@@ -750,7 +773,13 @@ class Trainer:
             )
         # update
         update_batch = UpdateBatch(
-            batch.input_ids, batch.attention_mask, loss_mask, old_log_prob, advantages, ref
+            batch.input_ids,
+            batch.attention_mask,
+            loss_mask,
+            old_log_prob,
+            advantages,
+            ref,
+            is_weights,
         )
         metrics |= self.update(update_batch, step)
         if self.on_policy:
@@ -762,6 +791,10 @@ class Trainer:
         # a collective over ranks: computed on all of them, also for rank 0's rollout samples
         cov = dynamics.token_covariance(old_log_prob, advantages, train_mask)
         metrics |= self.dynamics_metrics(batch, train_mask, old_log_prob, advantages, cov, ent)
+        if batch.rollout_log_probs is not None:
+            metrics |= mismatch.mismatch_metrics(
+                old_log_prob, batch.rollout_log_probs, batch.response_mask
+            )
         if a.dynamic_sampling:
             everything = batch_entropy(entropy, batch.response_mask)
             metrics["sampled/entropy"] = everything["token_mean"]

@@ -2,17 +2,27 @@
 
 `VLLMBackend` samples with a vLLM engine colocated with the training model and returns the same
 `RolloutBatch` layout as `HFBackend`: left-padded prompts, right-padded responses, the response
-mask 1 up to and including the token that stopped the response (EOS) and 0 after it.
+mask 1 up to and including the token that stopped the response (EOS) and 0 after it; and with it
+the log-probability the engine gave each sampled token (``rollout_log_probs``), which the trainer
+compares with its own (`entroprl.mismatch`).
 
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the user set it), so
-`sync_weights` hands the training model's tensors to vLLM's ``load_weights`` without a copy to
-another process. Under ``torchrun`` every rank holds its own engine on its own GPU (vLLM's
-``external_launcher``, one data-parallel rank per process) and samples its own prompts.
-vLLM is imported when a `VLLMBackend` is made, never before.
+`sync_weights` hands the training model's tensors to the engine without a copy to another process.
+It goes through vLLM's in-place reload (``reload_weights`` on the worker, from the
+``model_executor/model_loader/reload`` package): a plain ``model.load_weights`` on a live engine
+writes into parameters that vLLM has already turned into its kernels' format (repacked for the CPU
+kernels, quantized, padded), and on the CPU backend fails outright ("'Parameter' object has no
+attribute 'weight_loader'"). The reload restores each layer to its checkpoint layout, loads it,
+re-runs the layer's weight processing and copies the result into the original storage, so CUDA
+graphs and the engine's references stay valid; it is the same path on CPU and GPU. Under
+``torchrun`` every rank holds its own engine (vLLM's ``external_launcher``, one data-parallel rank
+per process) and samples its own prompts. vLLM is imported when a `VLLMBackend` is made, never
+before.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -44,8 +54,9 @@ def make_backend(
     ``hf``: `HFBackend` on `model`. ``vllm``: a `VLLMBackend` that loads ``config.model.path``
     (the same checkpoint as the training model; call ``sync_weights`` before each rollout so that
     it samples from the current policy) in the dtype the policy's forward runs in
-    (``model.compute_dtype``, else ``model.dtype``), seeded with ``config.trainer.seed``; `model`
-    may be None (evaluation needs no training copy).
+    (``model.compute_dtype``, else ``model.dtype``), seeded with ``config.trainer.seed``, with
+    ``rollout.gpu_memory_utilization`` and ``rollout.enforce_eager``; `model` may be None
+    (evaluation needs no training copy).
     """
     name = config.rollout.backend
     check_choice("rollout.backend", name, BACKENDS)
@@ -72,6 +83,7 @@ def make_backend(
         seed=config.trainer.seed,
         gpu_memory_utilization=config.rollout.gpu_memory_utilization,
         device=device,
+        enforce_eager=config.rollout.enforce_eager,
     )
 
 
@@ -81,15 +93,16 @@ def _import_vllm() -> Any:
     except ImportError as e:
         raise ImportError(
             "rollout.backend=vllm needs vLLM, which is not installed (or failed to import: "
-            f"{e}). Install it on a GPU machine with: pip install 'entroprl[vllm]'; or use "
-            "rollout.backend=hf"
+            f"{e}). Install it with pip install 'entroprl[vllm]' on a GPU machine, or "
+            "bash scripts/vllm_env.sh for vLLM's CPU build; or use rollout.backend=hf"
         ) from e
     return vllm
 
 
-def _load_weights(worker: Any, weights: Iterable[tuple[str, Tensor]]) -> None:
-    """Runs on vLLM's worker (in this process): copy the named tensors into its model."""
-    worker.model_runner.model.load_weights(weights=weights)
+def _reloads_in_place(worker: Any) -> bool:
+    """Runs on vLLM's worker: whether its model runner can reload weights in place from tensors."""
+    reload = getattr(worker.model_runner, "reload_weights", None)
+    return reload is not None and "weights_iterator" in inspect.signature(reload).parameters
 
 
 class VLLMBackend:
@@ -98,7 +111,9 @@ class VLLMBackend:
     Prompts are tokenized here as `HFBackend` does (no special tokens added: a chat template
     already holds them), so the training forward sees exactly the sampled token ids. Sampling is
     from the policy itself: no top-k, min-p or repetition penalty, whatever the checkpoint's
-    generation config says. ``temperature=0`` decodes greedily.
+    generation config says. ``temperature=0`` decodes greedily. The log-probs it reports are of
+    the distribution it sampled from (``logprobs_mode="processed_logprobs"``: after temperature and
+    top-p), the behaviour policy of the importance-sampling correction.
     """
 
     def __init__(
@@ -129,18 +144,31 @@ class VLLMBackend:
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
             **engine_kwargs,
         )
+        if not all(self.llm.collective_rpc(_reloads_in_place)):
+            raise ImportError(
+                f"rollout.backend=vllm: vLLM {getattr(vllm, '__version__', '?')} cannot reload "
+                "weights in place (its model runner's reload_weights takes no weights_iterator), "
+                "so the engine could not follow the policy. Install a newer one: "
+                "pip install 'entroprl[vllm]'"
+            )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
 
     def sync_weights(self, model: PreTrainedModel | torch.nn.Module) -> None:
-        """Copy the training model's current weights into the engine, and drop its prefix cache
-        (the cached keys and values were computed with the old weights)."""
-        # A generator: a sharded model is gathered one tensor at a time as vLLM loads it (the
-        # engine runs in this process, so nothing is serialised)
-        self.llm.collective_rpc(_load_weights, args=(parallel.full_tensors(model),))
+        """Copy the training model's current weights into the engine (vLLM's in-place reload, see
+        the module docstring), and drop its prefix cache (the cached keys and values were computed
+        with the old weights)."""
+        # A generator, in state-dict order (layer by layer, which the reload needs to hold only
+        # one layer's tensors at a time): a sharded model is gathered one tensor at a time as
+        # vLLM loads it, and the engine runs in this process, so nothing is serialised.
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs={"weights_iterator": parallel.full_tensors(model), "is_checkpoint_format": True},
+        )
         self.llm.reset_prefix_cache()
 
     @torch.no_grad()
@@ -157,16 +185,26 @@ class VLLMBackend:
             min_p=0.0,
             repetition_penalty=1.0,
             max_tokens=max_new_tokens,
+            logprobs=0,  # the sampled token's own log-prob, no alternatives
+            detokenize=False,  # the batch decodes its texts itself
         )
         outputs = self.llm.generate(
             [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
         )
-        responses = [list(sample.token_ids) for request in outputs for sample in request.outputs]
-        if len(responses) != len(prompts) * n:
+        samples = [sample for request in outputs for sample in request.outputs]
+        if len(samples) != len(prompts) * n:
             raise RuntimeError(
-                f"vLLM returned {len(responses)} responses for {len(prompts)} prompts x n={n}"
+                f"vLLM returned {len(samples)} responses for {len(prompts)} prompts x n={n}"
             )
-        return assemble_batch(prompt_ids, responses, n, tok, device=self.device)
+        responses = [list(sample.token_ids) for sample in samples]
+        # vLLM hands log-probs over as one dict per sampled token: there is no tensor to take
+        log_probs = [
+            [step[token].logprob for step, token in zip(s.logprobs, s.token_ids, strict=True)]
+            for s in samples
+        ]
+        return assemble_batch(
+            prompt_ids, responses, n, tok, device=self.device, log_probs=log_probs
+        )
 
 
 def assemble_batch(
@@ -176,8 +214,10 @@ def assemble_batch(
     tokenizer: PreTrainedTokenizerBase,
     *,
     device: torch.device | str = "cpu",
+    log_probs: list[list[float]] | None = None,
 ) -> RolloutBatch:
-    """The `RolloutBatch` of `n` responses per prompt, given as token lists (prompt-major).
+    """The `RolloutBatch` of `n` responses per prompt, given as token lists (prompt-major), with
+    the engine's log-prob of each token (`log_probs`, lists shaped like `responses`) if given.
 
     Row ``i`` holds prompt ``i // n`` left-padded to the longest prompt, then response ``i``
     right-padded to the longest response. A response is its tokens as the engine returned them,
@@ -192,6 +232,8 @@ def assemble_batch(
         )
     if any(len(r) == 0 for r in responses):
         raise ValueError("an empty response: the engine must return at least one token")
+    if log_probs is not None and [len(x) for x in log_probs] != [len(r) for r in responses]:
+        raise ValueError("log_probs must hold one value per response token")
     pad = tokenizer.pad_token_id
     prompts = _padded([p for p in prompt_ids for _ in range(n)], pad, "left")
     response = _padded(responses, pad, "right")
@@ -202,6 +244,9 @@ def assemble_batch(
     width = prompts.shape[1]
     prompt_mask = (torch.arange(width) >= width - prompt_lengths[:, None]).long()
     device = torch.device(device)
+    rollout_log_probs = None
+    if log_probs is not None:
+        rollout_log_probs = _padded(log_probs, 0.0, "right", torch.float32).to(device)
     return build_batch(
         prompts.to(device),
         prompt_mask.to(device),
@@ -209,12 +254,13 @@ def assemble_batch(
         response_mask.to(device),
         tokenizer,
         n,
+        rollout_log_probs,
     )
 
 
-def _padded(rows: Iterable[list[int]], pad: int, side: str) -> Tensor:
+def _padded(rows: Iterable[list], pad: float, side: str, dtype: torch.dtype = torch.long) -> Tensor:
     return pad_sequence(
-        [torch.tensor(r, dtype=torch.long) for r in rows],
+        [torch.tensor(r, dtype=dtype) for r in rows],
         batch_first=True,
         padding_value=pad,
         padding_side=side,

@@ -1,0 +1,182 @@
+"""The first-GPU check: a few GRPO steps of a Qwen2.5-0.5B-shaped policy with FSDP, bf16 compute
+and the vLLM engine colocated, nothing downloaded. Run through scripts/gpu_check.sh.
+
+The model has Qwen2.5-0.5B's architecture and vocabulary size (24 layers, hidden 896, 14 query
+and 2 key/value heads, 151,936 tokens, tied embeddings) with random weights; the prompts are the
+built-in Countdown task's, written with the project's character tokenizer (the model's other
+token ids decode to nothing). A random policy solves nothing, so every advantage is 0: the steps
+measure the cost of the work (sampling, log-probs, forward and backward, optimizer), not learning.
+
+Prints per step, then the median over the steps after the first (the warm-up): the step time
+split, rollout and update tokens/s, the update's model FLOPs utilisation (6 x parameters x tokens
+through the update / update time / the GPU's dense bf16 peak), the rollout/training log-prob
+mismatch, and the peak memory. ``--tiny`` shrinks the model (2 layers, hidden 128, the same
+vocabulary and head layout) and the batch so that the whole path runs on a CPU in a minute or
+two: the CPU test of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config
+
+from entroprl.cli import _init_distributed
+from entroprl.config import config_from_dict
+from entroprl.models import build_model, save_model
+from entroprl.tokenizer import build_char_tokenizer
+from entroprl.trainer import Trainer
+
+QWEN25_05B = {
+    "vocab_size": 151_936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32_768,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+TINY = QWEN25_05B | {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 512,
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+"""Dense bf16 peak of the SXM parts, by the name torch reports."""
+
+
+def build(shape: dict, path: Path) -> int:
+    """Save the random-weight model and the character tokenizer; return the parameter count."""
+    tok = build_char_tokenizer()
+    config = Qwen2Config(
+        **shape,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    model = build_model(config, seed=0)
+    save_model(model, tok, path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_config(args: argparse.Namespace, model_dir: Path, out_dir: Path) -> dict:
+    cpu = args.device == "cpu"
+    return {
+        "model": {"path": str(model_dir), "dtype": "float32", "compute_dtype": "bfloat16"},
+        "data": {"train_size": 2048, "test_size": 8},
+        "rollout": {
+            "backend": args.backend,
+            "prompts_per_step": args.prompts,
+            "n": args.n,
+            "max_new_tokens": args.new_tokens,
+            "gpu_memory_utilization": 0.05 if cpu else 0.3,
+            "enforce_eager": cpu,  # torch.compile's start-up is minutes on a CPU
+        },
+        "optim": {
+            "lr": 1e-6,
+            "mini_batch_size": args.prompts * args.n,
+            "micro_batch_size": args.micro_batch,
+            "log_prob_micro_batch_size": 2 * args.micro_batch,
+        },
+        "trainer": {
+            "steps": args.steps,
+            "out_dir": str(out_dir),
+            "device": args.device,
+            "strategy": "fsdp",
+            "eval_every": 0,
+            "rollout_samples": 0,
+            "progress": False,
+            "tensorboard": False,
+        },
+    }
+
+
+def peak_memory_gb(device: str) -> str:
+    if device == "cpu":
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB (process RSS)"
+    allocated = torch.cuda.max_memory_allocated() / 2**30
+    reserved = torch.cuda.max_memory_reserved() / 2**30
+    free, total = torch.cuda.mem_get_info()
+    used = (total - free) / 2**30
+    return (
+        f"{allocated:.1f} GiB allocated, {reserved:.1f} GiB reserved by torch (vLLM's weights and "
+        f"KV cache included); {used:.1f} of {total / 2**30:.0f} GiB in use on the device"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tiny", action="store_true", help="the CPU-sized model and batch")
+    parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
+    parser.add_argument("--steps", type=int, default=None, help="default: 4 (tiny: 2)")
+    parser.add_argument("--device", default=None, help="default: cuda if there is one, else cpu")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="for the MFU")
+    args = parser.parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = TINY if args.tiny else QWEN25_05B
+    args.steps = args.steps or (2 if args.tiny else 4)
+    args.prompts, args.n = (4, 2) if args.tiny else (64, 8)
+    args.new_tokens = 8 if args.tiny else 256
+    args.micro_batch = 4 if args.tiny else 32
+    peak = args.peak_tflops
+    if peak is None and args.device != "cpu":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+    work = Path(tempfile.mkdtemp(prefix="entroprl-gpu-check-"))
+    start = time.perf_counter()
+    params = build(shape, work / "model")
+    print(f"model: {params / 1e6:.1f}M parameters, built in {time.perf_counter() - start:.1f} s")
+    config = config_from_dict(run_config(args, work / "model", work / "run"))
+    _init_distributed("fsdp")  # a process group of one
+    start = time.perf_counter()
+    trainer = Trainer(config)
+    print(f"trainer and {args.backend} engine ready in {time.perf_counter() - start:.1f} s")
+    prompt_tokens = statistics.mean(
+        len(trainer.tokenizer(e.prompt, add_special_tokens=False)["input_ids"])
+        for e in trainer.task.train[:256]
+    )
+    rows = args.prompts * args.n
+    keys = ("gen", "reward", "old_log_prob", "update_actor", "step")
+    results = []
+    for step in range(1, args.steps + 1):
+        m = trainer.train_step(step)
+        tokens = rows * (prompt_tokens + m["response_length/mean"])  # through the update
+        update_s = m["timing_s/update_actor"]
+        mfu = 6 * params * tokens / update_s / (peak * 1e12) if peak else float("nan")
+        r = {k: m[f"timing_s/{k}"] for k in keys} | {
+            "rollout tok/s": m["perf/rollout_tokens_per_s"],
+            "update tok/s": m["perf/update_tokens_per_s"],
+            "MFU": mfu,
+            "|dlogp| mean": m.get("rollout_corr/log_prob_abs_diff_mean", float("nan")),
+            "|dlogp| max": m.get("rollout_corr/log_prob_abs_diff_max", float("nan")),
+            "ratio outside [1/2, 2]": m.get("rollout_corr/ratio_fraction_low", float("nan"))
+            + m.get("rollout_corr/ratio_fraction_high", float("nan")),
+            "response length": m["response_length/mean"],
+        }
+        results.append(r)
+        print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
+    measured = results[1:] or results
+    print(f"\nmedian over steps 2-{args.steps} (step 1 warms up):")
+    for key in results[0]:
+        print(f"  {key}: {statistics.median(r[key] for r in measured):.4g}")
+    print(f"  peak memory: {peak_memory_gb(args.device)}")
+    if not peak:
+        print("  (MFU: no dense bf16 peak known for this device; pass --peak-tflops)")
+    print(f"total {time.perf_counter() - start:.0f} s after the model was built")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The first-GPU check (scripts/gpu_check.py): a few GRPO steps of a Qwen2.5-0.5B-shaped policy with
+# FSDP, bf16 compute and vLLM colocated, nothing downloaded; meant to finish in under 8 minutes on
+# one H100 or H200. Needs torch, transformers and vLLM installed (entroprl itself is taken from
+# src/); without vLLM it says so and samples with Hugging Face generate instead, which measures
+# everything but the engine and the mismatch. Extra arguments go to gpu_check.py (--tiny: the
+# CPU-sized run that the vLLM tests make).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+backend=vllm
+if ! "$PY" -c "import vllm" >/dev/null 2>&1; then
+    backend=hf
+    echo "vLLM is not installed for $PY: rollout.backend=hf instead; the colocated engine and the" \
+        "rollout/training mismatch are NOT measured by this run"
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, '| device:',
+    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU, CPU')"
+exec timeout 470 "$PY" scripts/gpu_check.py --backend "$backend" "$@"
