@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entroprl import data
 from entroprl.config import ConfigError, DataConfig, load_config
-from entroprl.data import (
+from entroprl.rewards import gsm8k_reward, math_reward
+from entroprl.tasks import math_problems
+from entroprl.tasks.math_problems import (
     DataWarning,
     gsm8k_reference,
     load_examples,
@@ -23,7 +24,6 @@ from entroprl.data import (
     render_prompt,
     voted_answer,
 )
-from entroprl.rewards import gsm8k_reward, math_reward
 from entroprl.tasks.registry import build_task
 from entroprl.tokenizer import build_char_tokenizer
 
@@ -399,8 +399,8 @@ def test_file_task_that_evaluates_needs_a_test_file():
 def test_config_defaults_match_the_library():
     cfg = DataConfig()
     assert (cfg.instruction, cfg.plain_template) == (
-        data.DEFAULT_INSTRUCTION,
-        data.DEFAULT_PLAIN_TEMPLATE,
+        math_problems.DEFAULT_INSTRUCTION,
+        math_problems.DEFAULT_PLAIN_TEMPLATE,
     )
 
 
@@ -492,7 +492,7 @@ def test_overlong_questions_are_left_out_and_reported(tmp_path):
     with pytest.warns(DataWarning, match=r"2 question\(s\) over 200 characters.*lines 2, 4"):
         problems = load_problems(path, "jsonl", max_chars=200)
     assert [p.line for p in problems] == [1, 3]
-    assert DataConfig().max_prompt_chars == data.MAX_PROMPT_CHARS
+    assert DataConfig().max_prompt_chars == math_problems.MAX_PROMPT_CHARS
 
 
 def test_the_prompt_length_limit_is_a_config_key(tmp_path):

@@ -16,11 +16,12 @@ from typing import ClassVar
 import pytest
 import torch
 
+from entroprl.backends import make_backend
+from entroprl.cli import add_eval_arguments, cmd_eval
 from entroprl.config import ConfigError, DataConfig, config_from_dict
 from entroprl.evaluation import (
     Benchmark,
     Protocol,
-    add_eval_arguments,
     evaluate_benchmark,
     format_table,
     load_benchmark,
@@ -28,11 +29,10 @@ from entroprl.evaluation import (
     parse_benchmark_spec,
     pass_ks,
     run_benchmarks,
-    run_eval,
     write_report,
 )
 from entroprl.rollout import HFBackend
-from entroprl.vllm_backend import VLLMBackend, assemble_batch, make_backend
+from entroprl.vllm_backend import VLLMBackend, assemble_batch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data missing")
@@ -252,7 +252,7 @@ def test_run_eval_on_a_benchmark_file(saved_policy, tmp_path, capsys):
         "--model", str(saved_policy), "--bench", f"gsm8k:{path}", "--samples", "3",
         "--out", str(tmp_path / "out"), "rollout.max_new_tokens=4", "trainer.device=cpu",
     )  # fmt: skip
-    report = run_eval(args)
+    report = cmd_eval(args)
     assert list(report["benchmarks"]) == ["toy"]
     result = report["benchmarks"]["toy"]
     assert result["problems"] == 2 and set(result) >= {"greedy@1", "avg@3", "pass@3", "maj@3"}
@@ -269,7 +269,7 @@ def test_run_eval_on_the_configured_task(saved_policy, tmp_path):
         "--out", str(tmp_path / "out"),
         "data.train_size=8", "data.test_size=5", "rollout.max_new_tokens=4", "trainer.device=cpu",
     )  # fmt: skip
-    report = run_eval(args)
+    report = cmd_eval(args)
     assert report["benchmarks"]["countdown"]["problems"] == 3
     assert report["benchmarks"]["countdown"]["source"] == "task:countdown"
     # a Countdown answer (a dataclass) is written as its fields
@@ -278,9 +278,9 @@ def test_run_eval_on_the_configured_task(saved_policy, tmp_path):
     )
     assert set(first["answer"]) == {"numbers", "target"}
     with pytest.raises(ConfigError, match=r"data\.test_file"):
-        run_eval(eval_args("--model", str(saved_policy), "--task", "gsm8k"))
+        cmd_eval(eval_args("--model", str(saved_policy), "--task", "gsm8k"))
     with pytest.raises(ConfigError, match=r"model\.path"):
-        run_eval(eval_args("--task", "countdown", "--backend", "vllm"))
+        cmd_eval(eval_args("--task", "countdown", "--backend", "vllm"))
 
 
 # -- generation backends ---------------------------------------------------------------------------

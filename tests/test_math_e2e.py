@@ -10,12 +10,12 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from entroprl.cli import add_eval_arguments, cmd_eval
 from entroprl.config import config_from_dict
-from entroprl.data import DEFAULT_INSTRUCTION
-from entroprl.evaluation import add_eval_arguments, run_eval
 from entroprl.models import build_model, save_model, tiny_config
 from entroprl.rewards import gsm8k_reward
 from entroprl.rundir import read_metrics
+from entroprl.tasks.math_problems import DEFAULT_INSTRUCTION
 from entroprl.trainer import Trainer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -122,7 +122,7 @@ def test_gsm8k_train_then_eval(tmp_path):
             "trainer.device=cpu",
         ]
     )  # fmt: skip
-    report = run_eval(args)
+    report = cmd_eval(args)
 
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(report))

@@ -145,7 +145,7 @@ def test_local_checkpoint_path_loads(tiny_policy, tmp_path):
     trainer = Trainer(config)
     torch.testing.assert_close(trainer.model.state_dict(), model.state_dict())
     trainer.train()
-    with pytest.raises(TrainingError, match=r"no config\.json"):
+    with pytest.raises(ConfigError, match=r"model.path=.*no config\.json"):
         Trainer(small_config(tmp_path / "r2", model={"path": str(tmp_path)}))
 
 

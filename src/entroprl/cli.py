@@ -21,9 +21,9 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
-from entroprl.config import ConfigError, load_config
-from entroprl.evaluation import add_eval_arguments, run_eval
+from entroprl.errors import ConfigError, TrainingError
 
 
 def _init_distributed(strategy: str) -> None:
@@ -56,12 +56,145 @@ def _quiet_thread_os_error(args: threading.ExceptHookArgs) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from entroprl.config import load_config
     from entroprl.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
     _init_distributed(config.trainer.strategy)
     out = Trainer(config).train(resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {out}")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``entroprl eval`` (read by `cmd_eval`)."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model directory (default: model.path of the config)",
+    )
+    parser.add_argument(
+        "--bench",
+        action="append",
+        default=[],
+        metavar="[NAME=]FORMAT:PATH",
+        help="a benchmark file; FORMAT is gsm8k, math or jsonl (jsonl reads "
+        "data.prompt_key / data.answer_key). Repeat for several.",
+    )
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="also evaluate this task's held-out set "
+        "(data.test_file for gsm8k/math/jsonl); the default without --bench",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML config for the other settings "
+        "(prompt rendering, rollout.backend, rollout.max_new_tokens, ...)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default=None,
+        help="generation backend (rollout.backend): Hugging Face generate or vLLM",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=32,
+        help="samples per problem on small benchmarks; 0: greedy only",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.6, help="sampling temperature of the samples"
+    )
+    parser.add_argument(
+        "--small-max",
+        type=int,
+        default=100,
+        help="benchmarks with at most this many problems are sampled",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate the first N problems of each benchmark only",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="write results.json, results.md and the generations into this directory",
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """``entroprl eval``: load the model, evaluate the benchmarks, print the table, write `--out`.
+
+    Returns the report. Settings not on the command line come from the config: the model's
+    dtype and device, ``rollout.backend`` (hf or vllm), ``rollout.max_new_tokens``,
+    ``rollout.top_p``, ``trainer.seed`` and the prompt rendering of ``data``.
+    """
+    from transformers import AutoTokenizer
+
+    from entroprl.backends import make_backend
+    from entroprl.config import load_config
+    from entroprl.evaluation import (
+        Benchmark,
+        Protocol,
+        format_table,
+        load_benchmark,
+        run_benchmarks,
+        write_report,
+    )
+    from entroprl.policy import load_policy, pick_device
+    from entroprl.tasks import math_problems
+    from entroprl.tasks.base import Task
+    from entroprl.tasks.registry import build_task
+
+    overrides = [
+        *([f"model.path={args.model}"] if args.model else []),
+        *([f"data.task={args.task}"] if args.task else []),
+        *([f"rollout.backend={args.backend}"] if args.backend else []),
+        *args.overrides,
+    ]
+    config = load_config(args.config, overrides)
+    if config.rollout.backend == "vllm":
+        if config.model.path is None:
+            raise ConfigError("model.path: rollout.backend=vllm needs a checkpoint directory")
+        model = None
+        tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    else:
+        model, tokenizer = load_policy(config)
+        model = model.to(pick_device(config.trainer.device)).eval()
+    d = config.data
+    benchmarks = [load_benchmark(spec, d, tokenizer, limit=args.limit) for spec in args.bench]
+    if args.task or not args.bench:
+        if d.task in math_problems.FORMATS:
+            if d.test_file is None:
+                raise ValueError(f"data.test_file: set it to evaluate task {d.task!r}")
+            spec = f"{d.task}={d.task}:{d.test_file}"
+            benchmarks.append(load_benchmark(spec, d, tokenizer, limit=args.limit or d.test_limit))
+        else:
+            task = build_task(d, tokenizer)
+            test = task.test[: args.limit] if args.limit else task.test
+            held_out = Task(task.name, [], test, task.reward_fn)
+            benchmarks.append(Benchmark(task.name, held_out, None, f"task:{task.name}"))
+    protocol = Protocol(
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=config.rollout.top_p,
+        max_new_tokens=config.rollout.max_new_tokens,
+        small_max=args.small_max,
+        prompts_per_call=config.rollout.generation_batch_size,
+        seed=config.trainer.seed,
+    )
+    backend = make_backend(config, model, tokenizer)
+    report, records = run_benchmarks(backend, benchmarks, protocol)
+    report["model"] = config.model.path
+    print(format_table(report))
+    if args.out:
+        print(f"results written to {write_report(report, records, args.out)}")
+    return report
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -120,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("eval", help="evaluate a model on benchmark files or a task's test set")
     add_eval_arguments(p)
-    p.set_defaults(func=run_eval)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="watch GRPO collapse entropy and Clip-Cov/KL-Cov hold it")
     p.add_argument("--out", default="runs/demo", help="output directory")
@@ -168,7 +301,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"entroprl: {where}{e.strerror or e}")
     except RuntimeError as e:
         from entroprl.tasks.base import RewardError
-        from entroprl.trainer import TrainingError
 
         if isinstance(e, TrainingError | RewardError):
             sys.exit(f"entroprl: {e}")

@@ -18,12 +18,10 @@ from typing import Any
 
 import yaml
 
-from entroprl import advantages, data, losses, mismatch
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
-
+from entroprl import advantages, losses, mismatch
+from entroprl.errors import ConfigError
+from entroprl.tasks import math_problems
+from entroprl.tasks.registry import TASKS
 
 DTYPES = ("float32", "bfloat16", "float16")
 TEMPERATURES = (1e-2, 1e2)
@@ -71,7 +69,7 @@ class DataConfig:
     task: str = "countdown"
     """`countdown` (built in, generated) or `math` / `gsm8k` / `jsonl` (read from `train_file`)."""
     train_file: str | None = None
-    """JSON lines, Parquet, or a `datasets.save_to_disk` directory (see `entroprl.data`)."""
+    """JSON lines, Parquet, or a `datasets.save_to_disk` directory (`tasks.math_problems`)."""
     test_file: str | None = None
     prompt_key: str | None = None
     """Question field; None: the format's (`question` for gsm8k and jsonl, `problem` for math)."""
@@ -85,11 +83,11 @@ class DataConfig:
     test_limit: int | None = None
     reward: str | None = None
     """`math` or `gsm8k`; None: the task's own (gsm8k for gsm8k, math for math and jsonl)."""
-    instruction: str = data.DEFAULT_INSTRUCTION
+    instruction: str = math_problems.DEFAULT_INSTRUCTION
     """Appended to every question on a new line; empty for none."""
     chat_template: bool = True
     """Render prompts with the tokenizer's chat template when it has one."""
-    plain_template: str = data.DEFAULT_PLAIN_TEMPLATE
+    plain_template: str = math_problems.DEFAULT_PLAIN_TEMPLATE
     """Prompt without a chat template; `{message}` is the question and the instruction."""
     max_prompt_chars: int = 16_000
     """File tasks: questions longer than this (in characters) are left out, and reported, before
@@ -260,7 +258,6 @@ class Config:
 
     def validate(self) -> Config:
         """Check value ranges and names; raise ConfigError naming the key at fault."""
-        from entroprl.tasks.registry import TASKS
 
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
@@ -425,16 +422,16 @@ class Config:
         need(d.train_size >= 1, "data.train_size", "must be >= 1")
         need(d.test_size >= 1, "data.test_size", "must be >= 1")
         need(d.max_prompt_chars >= 1, "data.max_prompt_chars", "must be >= 1")
-        file_task = d.task in data.FORMATS
+        file_task = d.task in math_problems.FORMATS
         need(
             not file_task or t.eval_every == 0 or d.test_file is not None,
             "data.test_file",
             f"task {d.task!r} evaluates on a file: set it, or trainer.eval_every=0",
         )
         need(
-            d.reward is None or d.reward in data.REWARDS,
+            d.reward is None or d.reward in math_problems.REWARDS,
             "data.reward",
-            f"unknown reward {d.reward!r}; known: {sorted(data.REWARDS)}",
+            f"unknown reward {d.reward!r}; known: {sorted(math_problems.REWARDS)}",
         )
         need("{message}" in d.plain_template, "data.plain_template", "must contain {message}")
         need(d.train_limit is None or d.train_limit >= 1, "data.train_limit", "must be >= 1")

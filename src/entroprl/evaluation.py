@@ -11,7 +11,6 @@ the average is over benchmarks, as the papers report it.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from entroprl import data
+from entroprl.tasks import math_problems
 from entroprl.tasks.base import Example, Task
 
 
@@ -136,7 +135,7 @@ class Protocol:
 def parse_benchmark_spec(spec: str) -> tuple[str, str, str]:
     """``[NAME=]FORMAT:PATH`` -> (name, format, path).
 
-    FORMAT is one of `entroprl.data.FORMATS`. Without a NAME the benchmark is named after the
+    FORMAT is one of `tasks.math_problems.FORMATS`. Without a NAME the benchmark is named after the
     file, or after its folder when the file's name is generic (``math500/test.jsonl`` ->
     ``math500``).
     """
@@ -145,10 +144,10 @@ def parse_benchmark_spec(spec: str) -> tuple[str, str, str]:
     if eq and ":" not in head:
         name, fmt_path = head.strip(), tail
     fmt, colon, path = fmt_path.partition(":")
-    if not colon or not path or fmt not in data.FORMATS:
+    if not colon or not path or fmt not in math_problems.FORMATS:
         raise ValueError(
             f"benchmark {spec!r}: expected [NAME=]FORMAT:PATH with FORMAT one of "
-            f"{list(data.FORMATS)}, e.g. math500=math:data/math500/test.jsonl"
+            f"{list(math_problems.FORMATS)}, e.g. math500=math:data/math500/test.jsonl"
         )
     if not name:
         p = Path(path)
@@ -164,9 +163,9 @@ def load_benchmark(
     says (keys, instruction, chat template), its first `limit` problems (None: all), scored with
     ``cfg.reward`` or the format's reward."""
     name, fmt, path = parse_benchmark_spec(spec)
-    examples = data.load_configured_examples(path, fmt, cfg, tokenizer, limit=limit)
-    reward = cfg.reward or data.default_reward(fmt)
-    return Benchmark(name, data.make_task(name, [], examples, reward), reward, path)
+    examples = math_problems.load_configured_examples(path, fmt, cfg, tokenizer, limit=limit)
+    reward = cfg.reward or math_problems.default_reward(fmt)
+    return Benchmark(name, math_problems.make_task(name, [], examples, reward), reward, path)
 
 
 def sample_texts(
@@ -273,7 +272,7 @@ def evaluate_benchmark(
 def _vote(text: str, reward: str | None) -> str | None:
     if reward is None:
         return text.strip() or None
-    return data.voted_answer(text, reward)
+    return math_problems.voted_answer(text, reward)
 
 
 def run_benchmarks(
@@ -335,125 +334,3 @@ def _structured_answer(value: Any) -> dict[str, Any]:
 
 
 # -- the `entroprl eval` command -------------------------------------------------------------------
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``entroprl eval`` (read by `run_eval`)."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="local Hugging Face model directory (default: model.path of the config)",
-    )
-    parser.add_argument(
-        "--bench",
-        action="append",
-        default=[],
-        metavar="[NAME=]FORMAT:PATH",
-        help="a benchmark file; FORMAT is gsm8k, math or jsonl (jsonl reads "
-        "data.prompt_key / data.answer_key). Repeat for several.",
-    )
-    parser.add_argument(
-        "--task",
-        default=None,
-        help="also evaluate this task's held-out set "
-        "(data.test_file for gsm8k/math/jsonl); the default without --bench",
-    )
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="YAML config for the other settings "
-        "(prompt rendering, rollout.backend, rollout.max_new_tokens, ...)",
-    )
-    parser.add_argument(
-        "--backend",
-        choices=("hf", "vllm"),
-        default=None,
-        help="generation backend (rollout.backend): Hugging Face generate or vLLM",
-    )
-    parser.add_argument(
-        "--samples",
-        type=int,
-        default=32,
-        help="samples per problem on small benchmarks; 0: greedy only",
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=0.6, help="sampling temperature of the samples"
-    )
-    parser.add_argument(
-        "--small-max",
-        type=int,
-        default=100,
-        help="benchmarks with at most this many problems are sampled",
-    )
-    parser.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="evaluate the first N problems of each benchmark only",
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="write results.json, results.md and the generations into this directory",
-    )
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-
-
-def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    """``entroprl eval``: load the model, evaluate the benchmarks, print the table, write `--out`.
-
-    Returns the report. Settings not on the command line come from the config: the model's
-    dtype and device, ``rollout.backend`` (hf or vllm), ``rollout.max_new_tokens``,
-    ``rollout.top_p``, ``trainer.seed`` and the prompt rendering of ``data``.
-    """
-    from transformers import AutoTokenizer
-
-    from entroprl.config import ConfigError, load_config
-    from entroprl.tasks.registry import build_task
-    from entroprl.trainer import load_policy, pick_device
-    from entroprl.vllm_backend import make_backend
-
-    overrides = [
-        *([f"model.path={args.model}"] if args.model else []),
-        *([f"data.task={args.task}"] if args.task else []),
-        *([f"rollout.backend={args.backend}"] if args.backend else []),
-        *args.overrides,
-    ]
-    config = load_config(args.config, overrides)
-    if config.rollout.backend == "vllm":
-        if config.model.path is None:
-            raise ConfigError("model.path: rollout.backend=vllm needs a checkpoint directory")
-        model = None
-        tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-    else:
-        model, tokenizer = load_policy(config)
-        model = model.to(pick_device(config.trainer.device)).eval()
-    d = config.data
-    benchmarks = [load_benchmark(spec, d, tokenizer, limit=args.limit) for spec in args.bench]
-    if args.task or not args.bench:
-        if d.task in data.FORMATS:
-            if d.test_file is None:
-                raise ValueError(f"data.test_file: set it to evaluate task {d.task!r}")
-            spec = f"{d.task}={d.task}:{d.test_file}"
-            benchmarks.append(load_benchmark(spec, d, tokenizer, limit=args.limit or d.test_limit))
-        else:
-            task = build_task(d, tokenizer)
-            test = task.test[: args.limit] if args.limit else task.test
-            held_out = Task(task.name, [], test, task.reward_fn)
-            benchmarks.append(Benchmark(task.name, held_out, None, f"task:{task.name}"))
-    protocol = Protocol(
-        samples=args.samples,
-        temperature=args.temperature,
-        top_p=config.rollout.top_p,
-        max_new_tokens=config.rollout.max_new_tokens,
-        small_max=args.small_max,
-        prompts_per_call=config.rollout.generation_batch_size,
-        seed=config.trainer.seed,
-    )
-    backend = make_backend(config, model, tokenizer)
-    report, records = run_benchmarks(backend, benchmarks, protocol)
-    report["model"] = config.model.path
-    print(format_table(report))
-    if args.out:
-        print(f"results written to {write_report(report, records, args.out)}")
-    return report

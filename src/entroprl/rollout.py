@@ -7,7 +7,6 @@ and the response mask is a simple (B, R) block: 1 up to and including the first 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -130,16 +129,6 @@ def build_batch(
         texts=tokenizer.batch_decode(response, skip_special_tokens=True),
         rollout_log_probs=rollout_log_probs,
     )
-
-
-class GenerationBackend(Protocol):
-    """Anything that can sample responses for the trainer (Hugging Face here, vLLM on GPUs)."""
-
-    def generate(
-        self, prompts: list[str], *, n: int, temperature: float, top_p: float, max_new_tokens: int
-    ) -> RolloutBatch: ...
-
-    def sync_weights(self, model: PreTrainedModel) -> None: ...
 
 
 class HFBackend:

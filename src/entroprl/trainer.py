@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 import warnings
 from collections import defaultdict
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM
 
 from entroprl import checkpoint, distributed, dynamics, losses, mismatch, parallel
 from entroprl.advantages import (
@@ -34,19 +33,18 @@ from entroprl.advantages import (
     position_shaping,
     ppl_shaping,
 )
+from entroprl.backends import make_backend
 from entroprl.checks import NonFiniteError
-from entroprl.config import Config, ConfigError
+from entroprl.config import Config
 from entroprl.entropy import batch_entropy, logprobs_and_entropy
+from entroprl.errors import ConfigError, TrainingError
 from entroprl.evaluation import evaluate, score_samples
 from entroprl.law import detect_plateau_online
+from entroprl.policy import load_policy, pick_device
 from entroprl.rollout import RolloutBatch, concat_batches, position_ids
 from entroprl.rundir import RunDir
 from entroprl.tasks.base import Task
-from entroprl.vllm_backend import make_backend
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on; the message says why."""
+from entroprl.tasks.registry import build_task
 
 
 @dataclass
@@ -312,47 +310,10 @@ def update_policy(
     return out, (seen_log_prob, seen_entropy)
 
 
-def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
-    """The model and tokenizer to train: a local HF checkpoint, or the demo's warm start."""
-    dtype = getattr(torch, config.model.dtype)
-    if config.model.path is None:
-        if config.data.task != "countdown":
-            raise TrainingError(
-                "model.path is required for tasks other than the built-in countdown"
-            )
-        from entroprl.warmstart import WarmStartConfig, default_cache_dir, warm_start
-
-        path = warm_start(WarmStartConfig(), default_cache_dir())
-    else:
-        path = Path(config.model.path)
-        if not (path / "config.json").is_file():
-            raise TrainingError(
-                f"model.path={path}: not a Hugging Face model directory (no config.json)"
-            )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if config.model.gradient_checkpointing:
-        # non-reentrant: the reentrant form breaks FSDP's per-layer parameter gathering
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        # torchrun's LOCAL_RANK: this node's GPU for this rank, also when several nodes train
-        local = int(os.environ.get("LOCAL_RANK", distributed.rank()))
-        return torch.device("cuda", local % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 class Trainer:
     """GRPO-family RL on a Hugging Face causal LM; `train()` runs `config.trainer.steps` steps."""
 
     def __init__(self, config: Config, *, task: Task | None = None, model=None, tokenizer=None):
-        from entroprl.tasks.registry import build_task
-
         self.config = config
         c = config
         if c.model.dtype == "float16":  # fine for evaluation, which shares the config

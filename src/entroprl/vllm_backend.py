@@ -1,4 +1,4 @@
-"""vLLM rollout backend (the ``vllm`` extra) and `make_backend`, the trainer's backend factory.
+"""vLLM rollout backend (the ``vllm`` extra).
 
 `VLLMBackend` samples with a vLLM engine colocated with the training model and returns the same
 `RolloutBatch` layout as `HFBackend`: left-padded prompts, right-padded responses, the response
@@ -33,58 +33,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from entroprl import distributed, parallel
-from entroprl.checks import check_choice
-from entroprl.config import Config, ConfigError
-from entroprl.rollout import (
-    GenerationBackend,
-    HFBackend,
-    RolloutBatch,
-    build_batch,
-    response_mask_from_ids,
-)
-
-BACKENDS = ("hf", "vllm")
-
-
-def make_backend(
-    config: Config, model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase
-) -> GenerationBackend:
-    """The rollout backend named by ``config.rollout.backend``.
-
-    ``hf``: `HFBackend` on `model`. ``vllm``: a `VLLMBackend` that loads ``config.model.path``
-    (the same checkpoint as the training model; call ``sync_weights`` before each rollout so that
-    it samples from the current policy) in the dtype the policy's forward runs in
-    (``model.compute_dtype``, else ``model.dtype``), seeded with ``config.trainer.seed``, with
-    ``rollout.gpu_memory_utilization`` and ``rollout.enforce_eager``; `model` may be None
-    (evaluation needs no training copy).
-    """
-    name = config.rollout.backend
-    check_choice("rollout.backend", name, BACKENDS)
-    if name == "hf":
-        if model is None:
-            raise ValueError("rollout.backend=hf samples from the training model: pass it")
-        return HFBackend(
-            model,
-            tokenizer,
-            config.rollout.generation_batch_size,
-            progress=config.trainer.progress and distributed.rank() == 0,
-            synced=parallel.is_sharded(model) and distributed.world_size() > 1,
-        )
-    if config.model.path is None:
-        raise ConfigError(
-            "model.path: rollout.backend=vllm loads the model from a checkpoint "
-            "directory; set model.path"
-        )
-    device = next(model.parameters()).device if model is not None else None
-    return VLLMBackend(
-        config.model.path,
-        tokenizer,
-        dtype=config.model.compute_dtype or config.model.dtype,
-        seed=config.trainer.seed,
-        gpu_memory_utilization=config.rollout.gpu_memory_utilization,
-        device=device,
-        enforce_eager=config.rollout.enforce_eager,
-    )
+from entroprl.rollout import RolloutBatch, build_batch, response_mask_from_ids
 
 
 def _import_vllm() -> Any:

@@ -25,8 +25,14 @@ from fractions import Fraction
 from functools import cache
 from itertools import combinations_with_replacement, permutations
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from entroprl.checks import check_choice
+from entroprl.errors import ConfigError
+from entroprl.tasks.base import Example, Task
+
+if TYPE_CHECKING:
+    from entroprl.config import DataConfig
 
 MAX_EXPRESSION_CHARS = 64
 """Longer answers are rejected before parsing (bounds the parser's work on adversarial text)."""
@@ -303,3 +309,21 @@ def load_jsonl(path: str | Path) -> list[CountdownProblem]:
             except ValueError as err:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{lineno}: invalid Countdown problem: {err}") from None
     return problems
+
+
+def countdown_task(cfg: DataConfig, tokenizer: Any = None) -> Task:
+    """The Countdown task of the `data` section: problems generated (`train_size`, `test_size`,
+    `seed`) or read from `train_file` / `test_file`. Its prompts are the model's own short
+    format: the tokenizer plays no part."""
+
+    def problems(file: str | None, size: int, split: str, key: str):
+        if file is None:
+            return generate_problems(size, seed=cfg.seed, split=split)
+        if not Path(file).is_file():
+            raise ConfigError(f"data.{key}: file not found: {file}")
+        return load_jsonl(file)
+
+    train = problems(cfg.train_file, cfg.train_size, "train", "train_file")
+    test = problems(cfg.test_file, cfg.test_size, "test", "test_file")
+    as_examples = lambda ps: [Example(p.prompt, p) for p in ps]  # noqa: E731
+    return Task("countdown", as_examples(train), as_examples(test), countdown_reward)

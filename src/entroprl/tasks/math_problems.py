@@ -30,9 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from entroprl.checks import check_choice
+from entroprl.errors import ConfigError
 from entroprl.rewards import (
     extract_boxed,
     extract_gsm8k_answer,
@@ -41,6 +42,9 @@ from entroprl.rewards import (
     score_batch,
 )
 from entroprl.tasks.base import Example, Task
+
+if TYPE_CHECKING:
+    from entroprl.config import DataConfig
 
 FORMATS = ("gsm8k", "math", "jsonl")
 
@@ -366,7 +370,7 @@ def load_examples(
 
 
 def load_configured_examples(
-    path: str | Path, fmt: str, cfg: Any, tokenizer: Any = None, *, limit: int | None = None
+    path: str | Path, fmt: str, cfg: DataConfig, tokenizer: Any = None, *, limit: int | None = None
 ) -> list[Example]:
     """`load_examples` with the keys and prompt rendering of a `DataConfig` `cfg`."""
     return load_examples(
@@ -402,3 +406,25 @@ def voted_answer(completion: str, reward: str) -> str | None:
     except InvalidOperation:
         return None
     return "0" if value == 0 else format(value.normalize(), "f")
+
+
+def file_examples(cfg: DataConfig, key: str, tokenizer: Any = None) -> list[Example]:
+    """The examples of `data.<key>` (train_file or test_file) for a file task, prompts rendered
+    with `tokenizer`'s chat template when it has one. A bad file raises ConfigError naming the
+    key; rows left out are reported by a `DataWarning` naming the file."""
+    path = getattr(cfg, key)
+    if path is None:
+        raise ConfigError(f"data.{key}: task {cfg.task!r} reads its problems from a file; set it")
+    limit = cfg.train_limit if key == "train_file" else cfg.test_limit
+    try:
+        return load_configured_examples(path, cfg.task, cfg, tokenizer, limit=limit)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"data.{key}: {e}") from e
+
+
+def file_task(cfg: DataConfig, tokenizer: Any = None) -> Task:
+    """The gsm8k / math / jsonl task of the `data` section: problems from `train_file` and
+    `test_file`, scored with `data.reward` or the format's own reward."""
+    train = file_examples(cfg, "train_file", tokenizer)
+    test = [] if cfg.test_file is None else file_examples(cfg, "test_file", tokenizer)
+    return make_task(cfg.task, train, test, cfg.reward or default_reward(cfg.task))
