@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from entroprl import distributed
-from entroprl.checks import check_choice, check_finite, check_nonempty, check_same_shape
+from entroprl.checks import check_choice, check_finite, check_mask, check_nonempty, check_same_shape
 
 # The std floor below which PPL shaping's group std is replaced by 1 (SPEC 7).
 _PPL_MIN_STD = 1e-6
@@ -39,15 +39,6 @@ def _check_rewards(rewards: Tensor, group_ids: Tensor) -> None:
 def _check_group_ids(group_ids: Tensor) -> None:
     if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
         raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
-
-
-def _check_mask(mask: Tensor) -> Tensor:
-    """Validate a (B, T) 0/1 response mask and return it as bool."""
-    if mask.ndim != 2:
-        raise ValueError(f"response_mask must be 2-D (B, T), got shape {list(mask.shape)}")
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("response_mask must hold only 0 and 1")
-    return mask.bool()
 
 
 def _groups(group_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,7 +130,7 @@ def reinforce_pp_baseline_advantages(
     if response_mask is None:
         weights = torch.ones_like(scores)
     else:
-        valid = _check_mask(response_mask)
+        valid = check_mask(response_mask)
         if valid.shape[0] != rewards.shape[0]:
             raise ValueError(
                 f"response_mask has {valid.shape[0]} rows but rewards has {rewards.shape[0]}"
@@ -200,7 +191,7 @@ def compute_advantages(
     """
     check_choice("advantage estimator", name, ADVANTAGE_ESTIMATORS)
     _check_rewards(rewards, group_ids)
-    valid = _check_mask(response_mask)
+    valid = check_mask(response_mask)
     if valid.shape[0] != rewards.shape[0]:
         raise ValueError(
             f"response_mask has {valid.shape[0]} rows but rewards has {rewards.shape[0]}"
@@ -304,7 +295,7 @@ def ppl_shaping(
     perplexity: they are left out of the statistics and get weight 1. Padding is returned unchanged.
     """
     check_same_shape(advantages=advantages, old_log_prob=old_log_prob, response_mask=response_mask)
-    valid = _check_mask(response_mask)
+    valid = check_mask(response_mask)
     if group_ids.shape != (valid.shape[0],):
         raise ValueError(
             f"group_ids must have shape [{valid.shape[0]}], got {list(group_ids.shape)}"
@@ -343,7 +334,7 @@ def position_shaping(advantages: Tensor, response_mask: Tensor, *, alpha: float 
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0 (the bonus is capped at 0.5*|A|), got {alpha}")
     check_same_shape(advantages=advantages, response_mask=response_mask)
-    valid = _check_mask(response_mask)
+    valid = check_mask(response_mask)
     check_finite("advantages", advantages, valid)
     m = valid.to(torch.float64)
     count = torch.cumsum(m, dim=1)
@@ -384,7 +375,7 @@ def lopti_split(
     if not 0.0 < eta <= 1.0:
         raise ValueError(f"eta must be in (0, 1], got {eta}")
     check_same_shape(old_log_prob=old_log_prob, response_mask=response_mask)
-    valid = _check_mask(response_mask)
+    valid = check_mask(response_mask)
     check_finite("old_log_prob", old_log_prob, valid)
     low = valid & (torch.exp(old_log_prob.detach()) < eta)
     return low, valid & ~low

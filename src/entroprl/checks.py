@@ -18,6 +18,17 @@ class NonFiniteError(ValueError):
     """A tensor holds NaN or inf where numbers are needed; the message says which and where."""
 
 
+def check_mask(mask: Tensor, what: str = "response_mask") -> Tensor:
+    """Validate a 0/1 (bool or numeric) (B, T) mask and return it as bool."""
+    if mask.dim() != 2:
+        raise ValueError(f"{what} must be 2-D (batch, length), got shape {list(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{what} must hold only 0 and 1")
+    return mask != 0
+
+
 def check_finite(name: str, tensor: Tensor, mask: Tensor | None = None) -> None:
     """Raise NonFiniteError if `tensor` holds NaN or inf (only where `mask` is set, when given)."""
     bad = ~torch.isfinite(tensor)

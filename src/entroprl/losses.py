@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from entroprl import distributed
-from entroprl.checks import check_choice, check_finite, check_same_shape
+from entroprl.checks import check_choice, check_finite, check_mask, check_same_shape
 from entroprl.dynamics import token_covariance
 
 LOSS_AGG_MODES = (
@@ -44,17 +44,6 @@ _LOG_RATIO_CLAMP = 20.0
 
 # --------------------------------------------------------------------------------------------------
 # Input validation
-
-
-def _bool_mask(mask: Tensor, what: str = "response_mask") -> Tensor:
-    """Validate a 0/1 (bool or numeric) (B, T) mask and return it as bool."""
-    if mask.dim() != 2:
-        raise ValueError(f"{what} must be 2-D (batch, length), got shape {list(mask.shape)}")
-    if mask.dtype == torch.bool:
-        return mask
-    if bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError(f"{what} must hold only 0 and 1")
-    return mask != 0
 
 
 class SettingError(ValueError):
@@ -87,7 +76,7 @@ def _check_loss_inputs(
         advantages=advantages,
         response_mask=response_mask,
     )
-    mask = _bool_mask(response_mask)
+    mask = check_mask(response_mask)
     check_finite("log_prob", log_prob, mask)
     check_finite("old_log_prob", old_log_prob, mask)
     check_finite("advantages", advantages, mask)
@@ -99,7 +88,7 @@ def _check_loss_inputs(
 
 def _check_selected(selected: Tensor, mask: Tensor) -> Tensor:
     check_same_shape(selected=selected, response_mask=mask)
-    selected = _bool_mask(selected, "selected")
+    selected = check_mask(selected, "selected")
     if bool((selected & ~mask).any()):
         raise ValueError(
             "selected marks padding tokens (response_mask = 0); was it built for this batch?"
@@ -173,7 +162,7 @@ def loss_denominators(
     A mask with no token (on any rank) raises, or gives None with `allow_empty`: a trainer skips
     such a mini-batch, and since the count is global every rank skips it together.
     """
-    mask = _bool_mask(response_mask)
+    mask = check_mask(response_mask)
     counts = torch.stack([mask.sum(), mask.any(dim=-1).sum()])
     if across_ranks:
         counts = distributed.all_reduce_sum(counts)
@@ -209,7 +198,7 @@ def aggregate_loss(
     """
     check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
     check_same_shape(loss_mat=loss_mat, response_mask=response_mask)
-    mask = _bool_mask(response_mask)
+    mask = check_mask(response_mask)
     if denominators is None:
         denominators = loss_denominators(mask, across_ranks=False)
     masked = torch.where(
@@ -260,7 +249,7 @@ def top_fraction(
     (B, T); N is the number of valid tokens in the scope (every rank's, in rank order, with
     `across_ranks`). Ties go to the lowest row-major index; padding is never picked. A building
     block for selections (`PolicyLossSpec.select`): KL-Cov's is this over the covariance."""
-    mask = _bool_mask(response_mask)
+    mask = check_mask(response_mask)
     _check_fraction("fraction", fraction, upper=1.0)
     return _top_valid(
         scores,
@@ -324,7 +313,7 @@ def clip_cov_select(
         advantages=advantages,
         response_mask=response_mask,
     )
-    mask = _bool_mask(response_mask)
+    mask = check_mask(response_mask)
     _check_fraction("ratio", ratio, upper=1.0)
     _check_clip_range(clip_low, clip_high)
     _check_bounds(lb, ub)
@@ -368,7 +357,7 @@ def kl_cov_select(
     tensors passed, or every rank's (in rank order) with `across_ranks` and torch.distributed on.
     """
     check_same_shape(log_prob=log_prob, advantages=advantages, response_mask=response_mask)
-    mask = _bool_mask(response_mask)
+    mask = check_mask(response_mask)
     _check_fraction("ratio", ratio, upper=1.0)
     check_finite("log_prob", log_prob, mask)
     check_finite("advantages", advantages, mask)
@@ -387,7 +376,7 @@ def high_entropy_mask(
     so the policy-gradient mean runs over the kept tokens only.
     """
     check_same_shape(entropy=entropy, response_mask=response_mask)
-    mask = _bool_mask(response_mask)
+    mask = check_mask(response_mask)
     _check_fraction("rho", rho, upper=1.0)
     check_finite("entropy", entropy, mask)
     return _top_valid(
@@ -758,7 +747,7 @@ def entropy_bonus(
             "entropy has no gradient (computed under no_grad, or detached?): "
             "the bonus would do nothing"
         )
-    mask = _bool_mask(response_mask)
+    mask = check_mask(response_mask)
     check_finite("entropy", entropy, mask)
     return -alpha * aggregate_loss(entropy, mask, loss_agg_mode, denominators=denominators)
 
