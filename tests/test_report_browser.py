@@ -42,7 +42,7 @@ _FLAGS = [
 _RECORD_ERRORS = """<script>
 window.__errors = [];
 window.addEventListener("error", (e) => window.__errors.push(
-  e.message ? String(e.message) : "failed to load " + String(e.target && e.target.src).slice(0, 80)
+  e.message ? String(e.message) : "failed to load " + String(e.target && e.target.src).slice(-120)
 ), true);
 const __consoleError = console.error;
 console.error = (...args) => { window.__errors.push("console.error: " + args.join(" "));

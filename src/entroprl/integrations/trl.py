@@ -320,18 +320,15 @@ class CovGRPOTrainer(GRPOTrainer):
             )
         # one seed per scope, the same on every rank, as the global selection needs
         generator = torch.Generator().manual_seed(a.seed * 15_485_863 + first_step)
-        return losses.clip_cov_select(
-            logp,
-            old_logp,
-            advantages,
-            mask,
+        settings = losses.ClipCovSettings(
             ratio=a.clip_cov_ratio,
             lb=a.clip_cov_lb,
             ub=a.clip_cov_ub,
             clip_low=self.epsilon_low,
             clip_high=self.epsilon_high,
-            generator=generator,
-            across_ranks=True,
+        )
+        return losses.get_policy_loss("clip_cov").select(
+            logp, old_logp, advantages, mask, settings, generator=generator, across_ranks=True
         )
 
     def _policy_logps(self, model, inputs: dict[str, Any]) -> Tensor:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -121,16 +121,20 @@ def compute_policy_loss_entroprl_clip_cov(
     across = global_scope(config)
     # verl draws with the global RNG, per rank; a draw over all ranks needs a shared generator
     generator = torch.Generator().manual_seed(next(_CALLS)) if across else None
-    selected = losses.clip_cov_select(
-        log_prob,
-        old_log_prob,
-        advantages,
-        mask,
+    spec = losses.get_policy_loss("clip_cov")
+    settings = losses.ClipCovSettings(
         ratio=policy.clip_cov_ratio,
         lb=policy.clip_cov_lb,
         ub=policy.clip_cov_ub,
         clip_low=low,
         clip_high=high,
+    )
+    selected = spec.select(
+        log_prob,
+        old_log_prob,
+        advantages,
+        mask,
+        settings,
         generator=generator,
         across_ranks=across,
     )
@@ -138,16 +142,15 @@ def compute_policy_loss_entroprl_clip_cov(
     # max(-A*r, -A*clip(r)) that is the loss of the weighted advantages.
     weighted = advantages if rollout_is_weights is None else advantages * rollout_is_weights
     mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
-    loss, m = losses.clip_cov_loss(
+    loss, m = spec.fn(
         log_prob,
         old_log_prob,
         weighted,
         mask,
-        clip_low=low,
-        clip_high=high,
         loss_agg_mode=mode,
         selected=selected,
         denominators=denominators,
+        **asdict(settings),
     )
     metrics = {
         "actor/pg_clipfrac": m["pg_clipfrac"],
