@@ -1,5 +1,5 @@
 """Time training steps of the demo configuration: rollout and update throughput, and the cost of
-the exact covariance selection (one extra no-grad forward per mini-batch, SPEC 3) against
+the exact covariance selection (one extra no-grad forward per mini-batch, algorithms.md §3) against
 `cov_logp=old`.
 
     python benchmarks/bench_train_step.py [--steps 5] [--untrained]

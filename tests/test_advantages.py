@@ -1,4 +1,4 @@
-"""Advantages, sampling filters and advantage shaping (SPEC 6, 7, 8).
+"""Advantages, sampling filters and advantage shaping (algorithms.md §6, §7, §8).
 
 Expected values are worked out by hand or by plain numpy loops written here, never by the code under
 test.
@@ -132,7 +132,7 @@ def ref_position(adv, mask, alpha):
     return out
 
 
-# ---------------------------------------------------------------- SPEC 6: estimators
+# ---------------------------------------------------------------- algorithms.md §6: estimators
 
 
 def test_grpo_hand_groups_unbiased_std_and_group_of_one():
@@ -216,7 +216,8 @@ def test_compute_advantages_broadcasts_to_valid_tokens():
     assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"}
 
 
-# ---------------------------------------------------------------- SPEC 6: sampling and overlong
+# ---------------------------------------------------------------- algorithms.md §6: sampling and
+# overlong
 
 
 def test_dynamic_sampling_ties_and_groups_of_one():
@@ -259,7 +260,7 @@ def test_overlong_penalty_rejects_bad_lengths():
         overlong_penalty(torch.tensor([-1]), max_length=20, buffer=4)
 
 
-# ---------------------------------------------------------------- SPEC 7: PPL shaping
+# ---------------------------------------------------------------- algorithms.md §7: PPL shaping
 
 
 def make_ppl_batch(lps, lengths, pad_value=0.0):
@@ -366,12 +367,14 @@ def test_iqr_inliers_hand():
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.integers(-40, 40), min_size=1, max_size=9))
 def test_iqr_fences_always_keep_someone(values):
-    # Why SPEC 7's "all left out" fallback cannot trigger on finite values (see _iqr_inliers).
+    # Why algorithms.md §7's "all left out" fallback cannot trigger on finite values (see
+    # _iqr_inliers).
     padded = t([[v / 8 for v in values] + [math.nan]])
     assert bool(_iqr_inliers(padded).any())
 
 
-# ---------------------------------------------------------------- SPEC 7: position shaping
+# ---------------------------------------------------------------- algorithms.md §7: position
+# shaping
 
 
 def test_position_shaping_hand_left_pad_holes_zero_advantage_and_cap():
@@ -409,7 +412,7 @@ def test_position_shaping_single_token_and_rejects_negative_alpha():
         position_shaping(t([[1.0]]), torch.tensor([[1]]), alpha=-0.1)
 
 
-# ---------------------------------------------------------------- SPEC 8
+# ---------------------------------------------------------------- algorithms.md §8
 
 
 def test_low_prob_reweight_hand():

@@ -406,7 +406,7 @@ def test_config_defaults_match_the_library():
 
 # -- recipes ---------------------------------------------------------------------------------------
 
-# The papers' settings (SPEC 10), written out here independently of the recipe files.
+# The papers' settings (algorithms.md §10), written out here independently of the recipe files.
 CUI = {
     "rollout.prompts_per_step": 256,
     "rollout.n": 8,

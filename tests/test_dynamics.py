@@ -1,4 +1,5 @@
-"""SPEC 2 and 3: first-order entropy change, covariance groups, response and token covariances."""
+"""algorithms.md §2 and 3: first-order entropy change, covariance groups, response and token
+covariances."""
 
 from __future__ import annotations
 

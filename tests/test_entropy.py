@@ -1,4 +1,5 @@
-"""SPEC 1: chunked per-token log-prob and entropy, and the two batch-entropy conventions."""
+"""algorithms.md §1: chunked per-token log-prob and entropy, and the two batch-entropy
+conventions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the entropy-performance law, its forecast and stage detection (SPEC 9)."""
+"""Tests for the entropy-performance law, its forecast and stage detection (algorithms.md §9)."""
 
 from __future__ import annotations
 

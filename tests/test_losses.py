@@ -1,4 +1,5 @@
-"""Tests of entroprl.losses against hand values and numpy loops written here (SPEC 3, 4, 5)."""
+"""Tests of entroprl.losses against hand values and numpy loops written here (algorithms.md §3, §4,
+5)."""
 
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ FIXED_MASK = np.array(
 
 
 # --------------------------------------------------------------------------------------------------
-# Aggregation (SPEC 5)
+# Aggregation (algorithms.md §5)
 
 
 def test_aggregate_modes_by_hand():
@@ -208,7 +209,7 @@ def test_aggregate_micro_batches_sum_to_mini_batch(mask, seed, mode):
 
 
 # --------------------------------------------------------------------------------------------------
-# PPO (SPEC 4)
+# PPO (algorithms.md §4)
 
 
 def test_ppo_by_hand():
@@ -269,7 +270,7 @@ def test_ppo_matches_numpy(mask, seed, mode):
 
 
 # --------------------------------------------------------------------------------------------------
-# Clip-Cov (SPEC 4)
+# Clip-Cov (algorithms.md §4)
 
 
 def test_clip_cov_loss_by_hand():
@@ -363,7 +364,7 @@ def test_clip_cov_select_reproducible_with_seeded_generator():
 
 
 # --------------------------------------------------------------------------------------------------
-# KL-Cov (SPEC 4)
+# KL-Cov (algorithms.md §4)
 
 
 @PROPERTY
@@ -438,7 +439,7 @@ def test_kl_cov_penalty_has_no_gradient_on_the_first_mini_batch():
 
 
 # --------------------------------------------------------------------------------------------------
-# All losses: split invariance (SPEC 5) and empty-row edge cases
+# All losses: split invariance (algorithms.md §5) and empty-row edge cases
 
 
 def _call(name, log_prob, old, adv, mask, mode, selected, denominators):

@@ -1,6 +1,6 @@
 """Advantage estimators, sampling filters and advantage shaping.
 
-SPEC sections 6 (advantages and sampling), 7 (perplexity and position shaping) and 8
+algorithms.md §6 (advantages and sampling), §7 (perplexity and position shaping) and §8
 (low-probability tokens).
 
 Conventions: `rewards` is a (B,) float tensor, one reward per response; `group_ids` a (B,) integer
@@ -20,7 +20,7 @@ from torch import Tensor
 from entroprl import distributed
 from entroprl.checks import check_choice, check_finite, check_mask, check_nonempty, check_same_shape
 
-# The std floor below which PPL shaping's group std is replaced by 1 (SPEC 7).
+# The std floor below which PPL shaping's group std is replaced by 1 (algorithms.md §7).
 _PPL_MIN_STD = 1e-6
 
 
@@ -61,7 +61,7 @@ def _group_baseline(r: Tensor, inverse: Tensor, counts: Tensor) -> Tensor:
 
 
 def grpo_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6) -> Tensor:
-    """GRPO advantages (SPEC 6): per group, `A = (r - mean) / (std + eps)`, std unbiased.
+    """GRPO advantages (algorithms.md §6): per group, `A = (r - mean) / (std + eps)`, std unbiased.
 
     A group of one gets mean 0 and std 1, so its advantage is `r / (1 + eps)` (verl's convention).
     Returns (B,).
@@ -76,7 +76,7 @@ def grpo_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6) ->
 
 
 def dr_grpo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """Dr. GRPO advantages (SPEC 6): `A = r - mean` per group, no std.
+    """Dr. GRPO advantages (algorithms.md §6): `A = r - mean` per group, no std.
 
     A group of one has mean 0 as in GRPO, so its advantage is `r`. Returns (B,).
     """
@@ -87,7 +87,8 @@ def dr_grpo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
 
 
 def rloo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """RLOO advantages (SPEC 6): `A_i = r_i - mean_{j != i} r_j` over the other G-1 of the group.
+    """RLOO advantages (algorithms.md §6): `A_i = r_i - mean_{j != i} r_j` over the other G-1 of the
+    group.
 
     A group of one has no other response to form a baseline and gets 0. Returns (B,).
     """
@@ -108,7 +109,8 @@ def reinforce_pp_baseline_advantages(
     eps: float = 1e-8,
     across_ranks: bool = False,
 ) -> Tensor:
-    """REINFORCE++ with baseline (SPEC 6): subtract the group mean, then whiten over the batch.
+    """REINFORCE++ with baseline (algorithms.md §6): subtract the group mean, then whiten over the
+    batch.
 
         s_i = r_i - mean_group(i)       (mean 0 for a group of one, as in GRPO)
         A   = (s - mean(s)) / sqrt(var(s) + eps),   var unbiased
@@ -183,7 +185,8 @@ def compute_advantages(
     *,
     across_ranks: bool = False,
 ) -> Tensor:
-    """Token-level (B, T) advantages from the estimator `name` of `ADVANTAGE_ESTIMATORS` (SPEC 6).
+    """Token-level (B, T) advantages from the estimator `name` of `ADVANTAGE_ESTIMATORS`
+    (algorithms.md §6).
 
     Response-level advantages are copied to every valid token; padding gets 0. Pass the mask of
     the responses that enter the loss (filtered groups' rows all 0): batch statistics such as
@@ -200,7 +203,8 @@ def compute_advantages(
 
 
 def dynamic_sampling_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """DAPO dynamic sampling filter (SPEC 6): True for responses whose group's rewards differ.
+    """DAPO dynamic sampling filter (algorithms.md §6): True for responses whose group's rewards
+    differ.
 
     Groups whose rewards are all equal carry no GRPO signal and are dropped; a group of one is
     all-equal and dropped too. Returns a (B,) bool tensor.
@@ -217,7 +221,7 @@ def dynamic_sampling_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:
 def overlong_penalty(
     lengths: Tensor, *, max_length: int, buffer: int, factor: float = 1.0
 ) -> Tensor:
-    """DAPO soft overlong punishment (SPEC 6), the term to add to each response's reward:
+    """DAPO soft overlong punishment (algorithms.md §6), the term to add to each response's reward:
 
         min(-(len - (Lmax - Lbuf)) / Lbuf * factor, 0)
 
@@ -265,7 +269,8 @@ def _iqr_inliers(padded: Tensor) -> Tensor:
 def _kept_moments(padded: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row mean and population std over the kept entries, std below 1e-6 replaced by 1.
 
-    A row that keeps nothing uses all its non-NaN entries (SPEC 7); a row with none gets mean 0.
+    A row that keeps nothing uses all its non-NaN entries (algorithms.md §7); a row with none gets
+    mean 0.
     """
     keep = torch.where(keep.any(dim=1, keepdim=True), keep, ~torch.isnan(padded))
     n = keep.sum(dim=1).clamp(min=1)
@@ -283,7 +288,7 @@ def ppl_shaping(
     *,
     alpha: float = 0.01,
 ) -> Tensor:
-    """Perplexity-based advantage shaping of Deng et al. (SPEC 7).
+    """Perplexity-based advantage shaping of Deng et al. (algorithms.md §7).
 
         lp_i  = -mean_t old_logp[i,t]                  (log-perplexity over valid tokens)
         w_i   = (lp_i - mean) / std                    (per group, robust statistics below)
@@ -321,7 +326,7 @@ def ppl_shaping(
 
 
 def position_shaping(advantages: Tensor, response_mask: Tensor, *, alpha: float = 0.05) -> Tensor:
-    """Position-based advantage shaping of Deng et al. for the plateau stage (SPEC 7).
+    """Position-based advantage shaping of Deng et al. for the plateau stage (algorithms.md §7).
 
         c_t = number of valid tokens at positions <= t,   L = number of valid tokens
         p_t = (c_t - 1) / L                               (0 at the first response token)
@@ -347,7 +352,7 @@ def position_shaping(advantages: Tensor, response_mask: Tensor, *, alpha: float 
 
 
 def low_prob_reweight(advantages: Tensor, old_log_prob: Tensor, *, alpha: float = 0.3) -> Tensor:
-    """Low-probability token advantage reweighting of Yang et al. (SPEC 8).
+    """Low-probability token advantage reweighting of Yang et al. (algorithms.md §8).
 
         A'[i,t] = (alpha * exp(old_logp[i,t]) + 1 - alpha) * A[i,t]
 
@@ -367,7 +372,7 @@ def low_prob_reweight(advantages: Tensor, old_log_prob: Tensor, *, alpha: float 
 def lopti_split(
     old_log_prob: Tensor, response_mask: Tensor, *, eta: float = 0.5
 ) -> tuple[Tensor, Tensor]:
-    """Lopti's token split (SPEC 8): (low, rest) bool masks within the response mask.
+    """Lopti's token split (algorithms.md §8): (low, rest) bool masks within the response mask.
 
     `low` holds the valid tokens with `exp(old_logp) < eta` (updated first), `rest` the other valid
     tokens (updated second); together they partition the valid tokens.

@@ -1,7 +1,8 @@
 """The numbers of `entroprl analyze` (issue 4): training stages, the entropy-performance law and its
-forecast (SPEC 9), the covariance against the measured entropy change (SPEC 2, the paper's Fig. 8),
-the covariance groups (SPEC 3), and two statistics of the rollout samples behind PPL and position
-shaping (SPEC 7). Figures and the HTML report are in `entroprl.report`.
+forecast (algorithms.md §9), the covariance against the measured entropy change (algorithms.md §2,
+the paper's Fig. 8), the covariance groups (algorithms.md §3), and two statistics of the rollout
+samples behind PPL and position shaping (algorithms.md §7). Figures and the HTML report are in
+`entroprl.report`.
 
 A section whose inputs a run lacks is not an error: `analyze` records a one-line reason for it in
 `RunAnalysis.omitted` and carries on.
@@ -184,7 +185,8 @@ def law_grid(
 
 @dataclass(frozen=True, eq=False)
 class Dynamics:
-    """Per-step covariance prediction `x` against the measured entropy change `y` (SPEC 2)."""
+    """Per-step covariance prediction `x` against the measured entropy change `y` (algorithms.md
+    §2)."""
 
     x_key: str
     y_key: str
@@ -305,11 +307,11 @@ class PositionProfile:
 
 
 def position_entropy(samples: list[dict[str, Any]], *, bins: int = 10) -> PositionProfile:
-    """Token entropy against relative position in the response, as a binned mean (SPEC 7).
+    """Token entropy against relative position in the response, as a binned mean (algorithms.md §7).
 
-    A token at index t of a response of L tokens has relative position ``p = t / L`` (SPEC 7's
-    ``(c_t - 1)/L``), in [0, 1); it falls in bin ``floor(p * bins)`` of equal-width bins, and each
-    bin holds the mean entropy of its tokens (every token of every response weighs the same).
+    A token at index t of a response of L tokens has relative position ``p = t / L`` (algorithms.md
+    §7's ``(c_t - 1)/L``), in [0, 1); it falls in bin ``floor(p * bins)`` of equal-width bins, and
+    each bin holds the mean entropy of its tokens (every token of every response weighs the same).
     Raises ValueError on no samples or bins < 1.
     """
     if bins < 1:
@@ -359,7 +361,8 @@ class PerplexitySplit:
 
 
 def perplexity_split(samples: list[dict[str, Any]]) -> PerplexitySplit:
-    """Response perplexity ``exp(-mean_t log_prob)`` for positive vs. negative samples (SPEC 7).
+    """Response perplexity ``exp(-mean_t log_prob)`` for positive vs. negative samples
+    (algorithms.md §7).
 
     A sample is positive when the mean advantage over its tokens is > 0 and negative when < 0
     (shaping keeps the sign of a response's advantage on all its tokens); samples with mean
@@ -530,7 +533,8 @@ def analyze(run: Run, *, fit_fraction: float = 0.15) -> RunAnalysis:
     """All sections of the analysis of `run`; a section that cannot be computed from what the run
     logged is left None with its one-line reason in `omitted`.
 
-    stages            `law.detect_stages` on the logged entropy values (defaults of SPEC 9's
+    stages            `law.detect_stages` on the logged entropy values (defaults of algorithms.md
+    §9's
                       Choice); the plateau start is reported as a step.
     law               `law.fit_law` on every step with an accuracy, its entropy from `law_grid`.
     forecast          `law.forecast` on the `law_grid` arrays with `fit_fraction` of the steps.

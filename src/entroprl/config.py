@@ -131,7 +131,8 @@ class AlgorithmConfig:
     loss_agg_mode: str = "token-mean"
     cov_scope: str = "minibatch"
     """Scope of a loss's token selection (Clip-Cov, KL-Cov): `minibatch`, the whole optimizer
-    mini-batch on all ranks (SPEC 3 Choice); `micro`, per micro-batch per rank, the reference."""
+    mini-batch on all ranks (algorithms.md §3.3); `micro`, per micro-batch per rank, the
+    reference."""
     cov_logp: str = "exact"
     """`exact`: select with current log-probs from a no-grad forward over the mini-batch first;
     `old`: select with the rollout-time log-probs (no extra forward; exact on the first
@@ -146,7 +147,7 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"
     high_entropy_rho: float | None = None
     dynamic_sampling: bool = False
-    """DAPO: groups whose scores are all equal leave the loss (SPEC 6)."""
+    """DAPO: groups whose scores are all equal leave the loss (algorithms.md §6)."""
     dynamic_sampling_metric: str = "score"
     """What must differ within a group for it to stay: `score`, the verifier's (DAPO's
     filter_groups.metric=acc), or `reward`, the score with the overlong penalty added (with which

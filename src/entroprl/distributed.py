@@ -1,6 +1,7 @@
 """The collective operations the algorithms need; no-ops when torch.distributed is not running.
 
-Used so that covariance selections and loss denominators are global across ranks (SPEC 3, 5).
+Used so that covariance selections and loss denominators are global across ranks (algorithms.md §3,
+§5).
 """
 
 from __future__ import annotations

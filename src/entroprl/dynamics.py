@@ -1,6 +1,6 @@
 """Entropy dynamics: how one update changes policy entropy, and the covariances that drive it.
 
-SPEC sections 2 and 3.
+algorithms.md §2 and §3.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from entroprl.entropy import compute_dtype, log_softmax_rows, row_chunk, row_sli
 def token_covariance(
     logp: Tensor, advantages: Tensor, mask: Tensor, *, across_ranks: bool = True
 ) -> Tensor:
-    """Token-level covariance terms over the valid tokens of the selection scope (SPEC 3).
+    """Token-level covariance terms over the valid tokens of the selection scope (algorithms.md §3).
 
         cov[i,t] = (logp[i,t] - mean(logp)) * (A[i,t] - mean(A)),   means over tokens with m = 1
 
@@ -45,7 +45,8 @@ def token_covariance(
 def first_order_entropy_change(
     logits: Tensor, logit_delta: Tensor, *, chunk_rows: int = 1024
 ) -> Tensor:
-    """First-order change of the softmax entropy when the logits move by `logit_delta` (SPEC 2).
+    """First-order change of the softmax entropy when the logits move by `logit_delta`
+    (algorithms.md §2).
 
         dH ≈ -Cov_{a~pi}(log pi(a), dz(a))
            = -(sum_a pi_a log pi_a dz_a - (sum_a pi_a log pi_a)(sum_a pi_a dz_a))
@@ -87,11 +88,11 @@ def covariance_summary(
 ) -> dict[str, float]:
     """Mean token covariance of the top fractions of valid tokens (the paper's covariance groups).
 
-    The N valid tokens (m = 1) are ranked by `cov` (SPEC 3, e.g. from `token_covariance`); for each
-    fraction p the value is the mean of the top k = max(ceil(p*N), 1) of them, under the key
-    "top_{100p}%" (0.02 -> "top_2%"). "all" is the mean over all valid tokens. Ties do not matter:
-    tied tokens have the same value. p*N is rounded to 9 decimals before the ceiling so float error
-    (0.2*N landing just above an integer) cannot add a token. With `across_ranks` and
+    The N valid tokens (m = 1) are ranked by `cov` (algorithms.md §3, e.g. from `token_covariance`);
+    for each fraction p the value is the mean of the top k = max(ceil(p*N), 1) of them, under the
+    key "top_{100p}%" (0.02 -> "top_2%"). "all" is the mean over all valid tokens. Ties do not
+    matter: tied tokens have the same value. p*N is rounded to 9 decimals before the ceiling so
+    float error (0.2*N landing just above an integer) cannot add a token. With `across_ranks` and
     torch.distributed running, the ranking is over the valid tokens of every rank.
     """
     check_same_shape(cov=cov, mask=mask)
@@ -137,7 +138,7 @@ def response_covariance(
     weighted: bool = False,
     across_ranks: bool = False,
 ) -> float:
-    """Response-level covariance behind the paper's Fig. 8 check (SPEC 2).
+    """Response-level covariance behind the paper's Fig. 8 check (algorithms.md §2).
 
     Each prompt is a state and each of its G sampled responses an action. Per group g:
 

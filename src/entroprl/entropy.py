@@ -1,4 +1,5 @@
-"""Policy entropy: per-token log-prob and entropy from logits, and the batch entropy (SPEC 1).
+"""Policy entropy: per-token log-prob and entropy from logits, and the batch entropy (algorithms.md
+§1).
 
 Logits of a 152k vocabulary take 0.6 MB per token in float32, so the full (B, T, V) softmax is never
 materialised: rows of the flattened (B*T, V) logits are processed in chunks, upcast one chunk at a
@@ -132,7 +133,7 @@ def logprobs_and_entropy(
     chunk_rows: int = 1024,
     entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Log-prob of the sampled tokens and the token entropy, in one chunked pass (SPEC 1).
+    """Log-prob of the sampled tokens and the token entropy, in one chunked pass (algorithms.md §1).
 
     With z = logits / temperature over the vocabulary:
 
@@ -150,8 +151,8 @@ def logprobs_and_entropy(
     a (B, T, V) tensor in the logits' dtype, as with any autograd through the logits.
 
     Gradient. `logp` carries gradient when the logits require it and grad mode is on (the policy
-    loss). `H` is detached unless `entropy_grad=True`, the entropy bonus of SPEC 4, which must not
-    reuse a no-grad measurement.
+    loss). `H` is detached unless `entropy_grad=True`, the entropy bonus of algorithms.md §4, which
+    must not reuse a no-grad measurement.
     """
     if logits.dim() != 3 or not logits.is_floating_point():
         raise ValueError(
@@ -185,7 +186,7 @@ def logprobs_and_entropy(
 
 
 def batch_entropy(token_entropy: Tensor, mask: Tensor) -> dict[str, float]:
-    """Batch policy entropy, in the two conventions (SPEC 1).
+    """Batch policy entropy, in the two conventions (algorithms.md §1).
 
         seq_mean_token_mean = mean over non-empty responses i of  sum_t(H*m)[i] / sum_t(m)[i]
         token_mean          = sum(H*m) / sum(m)

@@ -1,4 +1,5 @@
-"""The entropy-performance law, its forecast, and the training stages of an entropy curve (SPEC 9).
+"""The entropy-performance law, its forecast, and the training stages of an entropy curve
+(algorithms.md §9).
 
 Inputs are per-step series given as array-likes: position i is the i-th logged step, and every
 index returned (``steps_rest``, ``plateau_start``) is a position in those arrays. The work is numpy
@@ -43,7 +44,8 @@ def _json_floats(values: np.ndarray) -> list[float | None]:
 
 @dataclass(frozen=True)
 class LawFit:
-    """A fit of ``R = -a*exp(H) + b`` (SPEC 9); ``ceiling = b - a`` is the predicted R at H = 0."""
+    """A fit of ``R = -a*exp(H) + b`` (algorithms.md §9); ``ceiling = b - a`` is the predicted R at
+    H = 0."""
 
     a: float
     b: float
@@ -99,7 +101,8 @@ def _fit(h: np.ndarray, r: np.ndarray) -> LawFit:
 
 
 def fit_law(entropy, performance) -> LawFit:
-    """Fit the entropy-performance law ``R = -a*exp(H) + b`` by ordinary least squares (SPEC 9).
+    """Fit the entropy-performance law ``R = -a*exp(H) + b`` by ordinary least squares
+    (algorithms.md §9).
 
     With ``x = exp(H)`` the law is linear, so with means over the n usable points
 
@@ -107,10 +110,11 @@ def fit_law(entropy, performance) -> LawFit:
         RMSE = sqrt(mean(res^2)),  R^2 = 1 - sum(res^2) / sum((R - mean(R))^2),
         res = R - (-a*x + b),  ceiling = b - a  (the predicted R at H = 0).
 
-    `entropy` is the batch policy entropy of SPEC 1 in nats, `performance` the validation accuracy
-    on a 0-1 scale, paired per step. Pairs where either value is NaN are dropped (accuracy is
-    usually evaluated only every few steps); `n` counts the pairs used. When the usable performance
-    is constant, the fit is exact (a = 0, b = that value, RMSE = 0) and R^2 is defined as 1.
+    `entropy` is the batch policy entropy of algorithms.md §1 in nats, `performance` the validation
+    accuracy on a 0-1 scale, paired per step. Pairs where either value is NaN are dropped (accuracy
+    is usually evaluated only every few steps); `n` counts the pairs used. When the usable
+    performance is constant, the fit is exact (a = 0, b = that value, RMSE = 0) and R^2 is defined
+    as 1.
 
     Raises ValueError on inf, on inputs of different lengths or not 1-D, on fewer than 2 usable
     pairs, and on an entropy that is constant over the usable pairs (a is then undetermined).
@@ -145,7 +149,7 @@ class Forecast:
 
 
 def forecast(entropy, performance, *, fit_fraction: float = 0.15, min_points: int = 3) -> Forecast:
-    """Fit the law on the start of a run and predict the performance of the rest (SPEC 9).
+    """Fit the law on the start of a run and predict the performance of the rest (algorithms.md §9).
 
     The fit part is the first ``n_fit = ceil(fit_fraction * T)`` steps of the T-step run (counting
     every step, evaluated or not: 0.15 of the paper's 236 steps gives its 36), and the law is fitted
@@ -239,7 +243,8 @@ def _windowed_slope(y: np.ndarray, window: int) -> np.ndarray:
 def detect_stages(
     entropy, *, smooth_window: int = 5, slope_window: int = 5, fraction: float = 0.1
 ) -> StageSplit:
-    """Find where the rising stage of an entropy curve ends and its plateau starts (SPEC 9 Choice).
+    """Find where the rising stage of an entropy curve ends and its plateau starts (algorithms.md
+    §9.3).
 
     1. Missing values: NaN inside the curve is filled by linear interpolation in the step index;
        NaN before the first or after the last value is left out (`smoothed` and `slope` are NaN

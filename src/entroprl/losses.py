@@ -1,11 +1,11 @@
-"""Policy losses, their aggregation, and the entropy-control terms (SPEC sections 3, 4, 5).
+"""Policy losses, their aggregation, and the entropy-control terms (algorithms.md §3, §4, §5).
 
 Every loss takes per-token tensors of shape (B, T): `log_prob` (current policy, with gradient),
 `old_log_prob` (rollout policy), `advantages` and a 0/1 `response_mask`, and returns
 `(loss, metrics)`. Values at padding positions are ignored (they may hold anything, NaN included);
 NaN or inf at a valid position raises `ValueError`.
 
-Split invariance (SPEC 5). A trainer that accumulates gradients over micro-batches passes
+Split invariance (algorithms.md §5). A trainer that accumulates gradients over micro-batches passes
 `denominators=loss_denominators(minibatch_mask)` and, for Clip-Cov and KL-Cov, the `selected` mask
 computed once over the whole mini-batch (`clip_cov_select` / `kl_cov_select`, `across_ranks=True`);
 the sum of the micro-batch losses then equals the mini-batch loss, gradient included, however the
@@ -13,8 +13,8 @@ mini-batch is split. Without them, each call uses the tensors passed as its own 
 (verl) per-micro-batch behaviour.
 
 Clip-Cov's bounds `lb`, `ub` are absolute values of an unnormalised product
-`(logp - mean) * (A - mean)`: they depend on the advantage scale (SPEC 3), so changing the advantage
-estimator (e.g. GRPO vs Dr. GRPO) changes which tokens are candidates.
+`(logp - mean) * (A - mean)`: they depend on the advantage scale (algorithms.md §3), so changing the
+advantage estimator (e.g. GRPO vs Dr. GRPO) changes which tokens are candidates.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ LOSS_AGG_MODES = (
 )
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 
-# PPO's log-ratio clamp (SPEC 4, as in verl): keeps exp() finite in float32 for any log-ratio.
+# PPO's log-ratio clamp (algorithms.md §4, as in verl): keeps exp() finite in float32 for any
+# log-ratio.
 _LOG_RATIO_CLAMP = 20.0
 
 
@@ -115,12 +116,12 @@ def _zero_padding(values: Tensor, mask: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Aggregation (SPEC 5)
+# Aggregation (algorithms.md §5)
 
 
 @dataclass(frozen=True)
 class LossDenominators:
-    """Denominators of the loss aggregation over one whole optimizer mini-batch (SPEC 5).
+    """Denominators of the loss aggregation over one whole optimizer mini-batch (algorithms.md §5).
 
     tokens: number of valid tokens (token-mean).
     sequences: number of non-empty responses (the seq-mean-* modes).
@@ -151,7 +152,7 @@ def loss_denominators(
     across_ranks: bool = True,
     allow_empty: bool = False,
 ) -> LossDenominators | None:
-    """Denominators of SPEC 5 for the whole mini-batch `response_mask` (B, T).
+    """Denominators of algorithms.md §5 for the whole mini-batch `response_mask` (B, T).
 
         tokens = sum(m),   sequences = #{i : sum_t m[i,t] > 0},   norm_constant = C or T
 
@@ -184,7 +185,8 @@ def aggregate_loss(
     *,
     denominators: LossDenominators | None = None,
 ) -> Tensor:
-    """Aggregate a per-token loss `l` (B, T) over the mask `m` into a scalar (SPEC 5 table):
+    """Aggregate a per-token loss `l` (B, T) over the mask `m` into a scalar (algorithms.md §5
+    table):
 
         token-mean               sum(l*m) / tokens
         seq-mean-token-mean      sum_i [sum_t(l*m) / sum_t(m)] / sequences   (empty rows add 0)
@@ -216,7 +218,7 @@ def aggregate_loss(
 
 
 # --------------------------------------------------------------------------------------------------
-# Covariance selection (SPEC 3, 4)
+# Covariance selection (algorithms.md §3, §4)
 
 
 def _top_valid(
@@ -297,13 +299,13 @@ def clip_cov_select(
     generator: torch.Generator | None = None,
     across_ranks: bool = False,
 ) -> Tensor:
-    """Tokens whose Clip-Cov loss term is detached (SPEC 4), as a bool mask (B, T).
+    """Tokens whose Clip-Cov loss term is detached (algorithms.md §4), as a bool mask (B, T).
 
     Candidates: valid tokens not clipped by PPO (L2 > L1 with `ratio_t = exp(logp - old_logp)`
-    unclamped, as in the reference) with `lb < cov < ub` strictly, cov of SPEC 3 over the scope.
-    Picks `n = max(floor(ratio * N), 1)` of them uniformly at random (all if fewer), N the valid
-    tokens in the scope: a prefix of `torch.randperm(#candidates, generator=generator)` over the
-    candidates in row-major order. The scope is the tensors passed; with `across_ranks` and
+    unclamped, as in the reference) with `lb < cov < ub` strictly, cov of algorithms.md §3 over the
+    scope. Picks `n = max(floor(ratio * N), 1)` of them uniformly at random (all if fewer), N the
+    valid tokens in the scope: a prefix of `torch.randperm(#candidates, generator=generator)` over
+    the candidates in row-major order. The scope is the tensors passed; with `across_ranks` and
     torch.distributed running it is every rank's tensors (in rank order), and `generator` must be
     seeded identically on all ranks.
     """
@@ -350,11 +352,12 @@ def kl_cov_select(
     ratio: float = 2e-3,
     across_ranks: bool = False,
 ) -> Tensor:
-    """Tokens that get KL-Cov's penalty (SPEC 4), as a bool mask (B, T).
+    """Tokens that get KL-Cov's penalty (algorithms.md §4), as a bool mask (B, T).
 
-    Exactly the top `k = max(floor(ratio * N), 1)` valid tokens by cov (SPEC 3), N the valid tokens
-    in the scope; ties go to the lowest row-major index; padding is never picked. The scope is the
-    tensors passed, or every rank's (in rank order) with `across_ranks` and torch.distributed on.
+    Exactly the top `k = max(floor(ratio * N), 1)` valid tokens by cov (algorithms.md §3), N the
+    valid tokens in the scope; ties go to the lowest row-major index; padding is never picked. The
+    scope is the tensors passed, or every rank's (in rank order) with `across_ranks` and
+    torch.distributed on.
     """
     check_same_shape(log_prob=log_prob, advantages=advantages, response_mask=response_mask)
     mask = check_mask(response_mask)
@@ -369,7 +372,7 @@ def kl_cov_select(
 def high_entropy_mask(
     entropy: Tensor, response_mask: Tensor, *, rho: float = 0.2, across_ranks: bool = False
 ) -> Tensor:
-    """The high-entropy minority of Wang et al. (SPEC 4), as a bool mask (B, T).
+    """The high-entropy minority of Wang et al. (algorithms.md §4), as a bool mask (B, T).
 
     The top `ceil(rho * N)` valid tokens by entropy, N the valid tokens in the scope (ties to the
     lowest row-major index; padding never picked). The trainer multiplies the response mask by it,
@@ -385,7 +388,7 @@ def high_entropy_mask(
 
 
 # --------------------------------------------------------------------------------------------------
-# Policy losses (SPEC 4)
+# Policy losses (algorithms.md §4)
 
 PolicyLoss = Callable[..., tuple[Tensor, dict[str, float]]]
 """``fn(log_prob, old_log_prob, advantages, response_mask, *, loss_agg_mode, denominators,
@@ -564,13 +567,13 @@ def ppo_loss(
     loss_agg_mode: str = "token-mean",
     denominators: LossDenominators | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """PPO clipped surrogate with dual clip, the GRPO/DAPO policy loss (SPEC 4).
+    """PPO clipped surrogate with dual clip, the GRPO/DAPO policy loss (algorithms.md §4).
 
         r  = exp(clamp(logp - old_logp, -20, 20))
         L1 = -A*r,   L2 = -A*clamp(r, 1 - clip_low, 1 + clip_high),   L = max(L1, L2)
         L  = min(L, -A*clip_ratio_c)   where A < 0   (dual clip, clip_ratio_c > 1)
 
-    aggregated with `loss_agg_mode` (SPEC 5). DAPO's clip-higher is `clip_high=0.28`.
+    aggregated with `loss_agg_mode` (algorithms.md §5). DAPO's clip-higher is `clip_high=0.28`.
     Metrics: pg_loss; pg_clipfrac, fraction of valid tokens with L2 > L1; pg_clipfrac_lower,
     fraction with A < 0 and max(L1, L2) > -A*c; ppo_kl, mean(old_logp - logp) over valid tokens.
     """
@@ -613,7 +616,7 @@ def clip_cov_loss(
     selected: Tensor | None = None,
     denominators: LossDenominators | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clip-Cov policy loss of Cui et al. (SPEC 4).
+    """Clip-Cov policy loss of Cui et al. (algorithms.md §4).
 
         r = exp(logp - old_logp)   (not clamped, as in the reference)
         L = 0 on the selected tokens (no gradient; they still count in the denominators),
@@ -671,8 +674,8 @@ def clip_cov_loss(
     summed_metrics=("kl_cov_selected",),
     on_policy_note=(
         "KL-Cov with one mini-batch and one epoch is plain policy gradient: on the first update "
-        "logp == old_logp, so |logp - old_logp| and its gradient are 0 (SPEC 4). Use several "
-        "mini-batches or epochs."
+        "logp == old_logp, so |logp - old_logp| and its gradient are 0 (algorithms.md §4.3). "
+        "Use several mini-batches or epochs."
     ),
 )
 def kl_cov_loss(
@@ -687,7 +690,7 @@ def kl_cov_loss(
     selected: Tensor | None = None,
     denominators: LossDenominators | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """KL-Cov policy loss of Cui et al. (SPEC 4).
+    """KL-Cov policy loss of Cui et al. (algorithms.md §4).
 
         r = exp(logp - old_logp)   (no clipping)
         L = -A*r + coef*|logp - old_logp| on the selected tokens,   -A*r elsewhere
@@ -722,7 +725,7 @@ def kl_cov_loss(
 
 
 # --------------------------------------------------------------------------------------------------
-# Entropy and reference-KL terms (SPEC 4)
+# Entropy and reference-KL terms (algorithms.md §4)
 
 
 def entropy_bonus(
@@ -733,7 +736,8 @@ def entropy_bonus(
     loss_agg_mode: str = "token-mean",
     denominators: LossDenominators | None = None,
 ) -> Tensor:
-    """Entropy bonus to add to the policy loss (SPEC 4): `-alpha * agg(H)`, agg of SPEC 5.
+    """Entropy bonus to add to the policy loss (algorithms.md §4): `-alpha * agg(H)`, agg of
+    algorithms.md §5.
 
     `entropy` must carry the gradient (computed from the logits of the training forward pass):
     the no_grad entropy logged for monitoring would make the bonus a constant with no effect, so
@@ -754,7 +758,7 @@ def entropy_bonus(
 
 @dataclass
 class AdaptiveEntropyCoef:
-    """Adaptive entropy-bonus coefficient (SPEC 4): a fixed step toward an entropy target.
+    """Adaptive entropy-bonus coefficient (algorithms.md §4): a fixed step toward an entropy target.
 
         alpha <- clip(alpha + delta * sign(target - H), min_alpha, max_alpha)
 
@@ -808,11 +812,11 @@ class AdaptiveEntropyCoef:
 
 
 def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token KL estimate to a reference policy (SPEC 4), with d = ref_logp - logp:
+    """Per-token KL estimate to a reference policy (algorithms.md §4), with d = ref_logp - logp:
 
         k1 = -d = logp - ref_logp,   k2 = 0.5 * d^2,   k3 = low_var_kl = exp(d) - d - 1
 
-    Not clamped (SPEC 4 gives none; verl clamps d and k3 to +-20 and +-10).
+    Not clamped (algorithms.md §4 gives none; verl clamps d and k3 to +-20 and +-10).
     """
     check_choice("KL estimator", estimator, KL_ESTIMATORS)
     check_same_shape(log_prob=log_prob, ref_log_prob=ref_log_prob)

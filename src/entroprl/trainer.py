@@ -577,7 +577,7 @@ class Trainer:
 
     def score(self, batch: RolloutBatch, answers: list[Any]) -> tuple[Tensor, Tensor]:
         """Verifier scores (1 for a correct answer) and rewards (scores plus the overlong
-        penalty, SPEC 6)."""
+        penalty, algorithms.md §6)."""
         c, a = self.config, self.config.algorithm
         correct = torch.tensor(self.task.score(batch.texts, answers), device=self.device)
         rewards = correct.clone()
@@ -592,7 +592,7 @@ class Trainer:
 
     def sample(self, step: int) -> tuple[RolloutBatch, Tensor, Tensor, int, dict[str, float]]:
         """Rollout and reward: one batch of prompts_per_step prompts, or, with dynamic sampling
-        (SPEC 6), batches of `dynamic_sampling_gen_prompts` prompts until every rank holds
+        (algorithms.md §6), batches of `dynamic_sampling_gen_prompts` prompts until every rank holds
         prompts_per_step / world groups whose scores differ or `dynamic_sampling_max_batches`
         batches have been sampled.
 
@@ -639,14 +639,14 @@ class Trainer:
         return batch.rows(rows), rewards[rows], scores[rows], tokens, metrics
 
     def informative(self, batch: RolloutBatch, scores: Tensor, rewards: Tensor) -> Tensor:
-        """Dynamic sampling's filter (SPEC 6): True for responses whose group's scores differ (or
-        rewards, with `algorithm.dynamic_sampling_metric=reward`)."""
+        """Dynamic sampling's filter (algorithms.md §6): True for responses whose group's scores
+        differ (or rewards, with `algorithm.dynamic_sampling_metric=reward`)."""
         values = scores if self.config.algorithm.dynamic_sampling_metric == "score" else rewards
         return dynamic_sampling_mask(values, batch.group_ids)
 
     def detect_plateau(self, step: int) -> None:
-        """Latch the plateau stage the first time the entropy curve so far shows it (SPEC 9
-        Choice): position shaping applies from the plateau on, as in Deng et al., and a noisy
+        """Latch the plateau stage the first time the entropy curve so far shows it (algorithms.md
+        §9.4): position shaping applies from the plateau on, as in Deng et al., and a noisy
         later step must not switch it off again."""
         if self.plateau_start is not None:
             return
@@ -669,7 +669,8 @@ class Trainer:
     def shaped_advantages(
         self, batch: RolloutBatch, mask: Tensor, rewards: Tensor, old_log_prob: Tensor, step: int
     ) -> Tensor:
-        """Advantages (SPEC 6) of the responses `mask` keeps, shaped (SPEC 7, 8); 0 elsewhere."""
+        """Advantages (algorithms.md §6) of the responses `mask` keeps, shaped (algorithms.md §7,
+        §8); 0 elsewhere."""
         a = self.config.algorithm
         advantages = compute_advantages(
             a.advantage, rewards, batch.group_ids, mask, across_ranks=True
@@ -868,7 +869,7 @@ class Trainer:
         ent: dict[str, float],
     ) -> dict[str, float]:
         """Entropy (both definitions), the log-prob/advantage covariances, and the first-order
-        entropy change they predict (SPEC 2, 3), over the responses of the training batch
+        entropy change they predict (algorithms.md §2, §3), over the responses of the training batch
         (`mask`: the groups dynamic sampling keeps)."""
         summary = dynamics.covariance_summary(cov, mask)
         kept = mask.any(-1)  # a rank's rows may all be filtered out: these are global

@@ -111,9 +111,9 @@ class WarmStartConfig:
 class EvalResult:
     """Accuracy and entropy of responses sampled (or decoded greedily) for a set of problems.
 
-    `mean_entropy` is the paper's batch policy entropy (SPEC 1): the mean over responses of each
-    response's mean token entropy, at temperature 1. `token_mean_entropy` weights every token
-    equally (what verl and TRL log).
+    `mean_entropy` is the paper's batch policy entropy (algorithms.md §1): the mean over responses
+    of each response's mean token entropy, at temperature 1. `token_mean_entropy` weights every
+    token equally (what verl and TRL log).
     """
 
     accuracy: float

@@ -8,7 +8,7 @@ Both loss types run on TRL's own loss code. `cov_base_loss_type` (one of TRL's "
 "dr_grpo", "dapo") gives the aggregation; on top of it:
 
 - clip_cov: the selected tokens get advantage 0, which zeroes their loss term and its gradient and
-  leaves them in every denominator: Clip-Cov's detached token (SPEC 4), with TRL's clipped
+  leaves them in every denominator: Clip-Cov's detached token (algorithms.md §4), with TRL's clipped
   surrogate, importance-sampling correction, masks, KL and entropy terms untouched.
 - kl_cov: TRL's surrogate with the clip range set to infinity (KL-Cov clips nothing), plus
   `kl_cov_coef * |logp - old_logp|` on the selected tokens, weighted by the masks and importance
