@@ -1,5 +1,7 @@
 """The trainer's optional Weights & Biases logger, offline (runs in .venv-trl: scripts/test.sh)."""
 
+import time
+
 import pytest
 
 pytestmark = pytest.mark.wandb
@@ -39,11 +41,16 @@ def test_trainer_logs_the_same_names_to_wandb_offline(tmp_path, monkeypatch):
     for (_, data), record in zip(calls, records, strict=True):
         assert data == {k: v for k, v in record.items() if k != "step"}
     assert {"cov/all", "actor/entropy_seq_mean", "dynamics/predicted_entropy_change"} <= set(data)
-    # and W&B wrote them to its offline run under those names (the first step's: its record is
-    # on disk long before the run finishes)
+    # and W&B wrote them to its offline run under those names. Its writer is another process
+    # that may still be flushing when `finish()` returns, so the file is read until it holds them.
     (history,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
-    stored = history.read_bytes()
-    assert [key for key in calls[0][1] if key.encode() not in stored] == []
+    names = {key for _, data in calls for key in data}
+    deadline = time.monotonic() + 60
+    while (missing := sorted(k for k in names if k.encode() not in history.read_bytes())) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    assert missing == []
 
 
 def test_wandb_is_off_by_default(tmp_path):
