@@ -107,8 +107,9 @@ class RolloutConfig:
     generation_batch_size: int = 256
     gpu_memory_utilization: float = 0.5
     """vLLM: the fraction of each GPU its engine takes (weights and KV cache); the rest is left
-    for training. On vLLM's CPU backend: the fraction of the NUMA node's memory reserved for it
-    (0.05 to 0.1 is plenty for a small model)."""
+    for training. On vLLM's CPU backend: the fraction of the machine's memory given to its KV
+    cache, whatever the training process already holds (0.05 to 0.1 is plenty for a small
+    model)."""
     enforce_eager: bool = False
     """vLLM: run the model eagerly, without torch.compile and CUDA graphs (verl's
     ``rollout.enforce_eager``): a faster engine start, slower sampling on GPUs."""

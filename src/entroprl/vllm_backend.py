@@ -82,6 +82,15 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = _import_vllm()
         self.vllm, self.tokenizer = vllm, tokenizer
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.device(device).type == "cpu":
+            # vLLM's CPU worker sizes the KV cache as this fraction of the node's memory minus the
+            # process's resident size, which a trainer (model, optimizer, earlier batches) can
+            # already exceed at small fractions: the engine then refuses to start. Sized
+            # explicitly, the fraction means the same whatever the process holds.
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            engine_kwargs.setdefault("kv_cache_memory_bytes", int(gpu_memory_utilization * total))
         if distributed.world_size() > 1:
             engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
             engine_kwargs.setdefault("data_parallel_size", distributed.world_size())
@@ -103,8 +112,6 @@ class VLLMBackend:
                 "so the engine could not follow the policy. Install a newer one: "
                 "pip install 'entroprl[vllm]'"
             )
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
 
     def sync_weights(self, model: PreTrainedModel | torch.nn.Module) -> None:
