@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from entroprl.config import config_from_dict
-from entroprl.law import fit_law, forecast_error_interval, law_intervals
+from entroprl.law import fit_law
 from entroprl.rundir import atomic_write_text, make_dir, read_metrics
 from entroprl.stats import paired_interval, t_interval
 
@@ -101,28 +101,6 @@ def _derived(summary: dict[str, Any]) -> dict[str, Any]:
         "entropy_drop": 1 - summary["entropy_end"] / summary["entropy_start"],
         "accuracy_gain": summary["accuracy_end"] - summary["accuracy_start"],
     }
-
-
-def _pooled_law(runs: list[Path]) -> dict[str, Any]:
-    """The law fitted on the evaluation points of all `runs` together, with bootstrap intervals
-    (over points) of a, b, the ceiling and the 15% forecast's error at the runs' last step."""
-    from entroprl.analysis import law_grid, load_run
-
-    grids = []
-    for path in runs:
-        run = load_run(path)
-        _, h, r, _ = law_grid(run.steps, run.series["entropy"], run.series["accuracy"])
-        grids.append((h, r))
-    try:
-        out = law_intervals(grids).to_dict()
-    except ValueError as e:
-        return {"error": str(e)}
-    try:
-        fit, error = forecast_error_interval(grids)
-        out["forecast"] = {"fit_fraction": 0.15, "fit": fit.to_dict(), "error": error.to_dict()}
-    except ValueError as e:
-        out["forecast"] = {"error": str(e)}
-    return out
 
 
 def aggregate(runs: dict[str, dict[int, dict[str, Any]]], baseline: str = "grpo") -> dict:
@@ -283,17 +261,17 @@ def run_demo(
         "warm_start": str(start),
         "methods": aggregate(results),
     }
-    for name in methods:
-        summary["methods"][name]["law"] = _pooled_law(
-            [out / name / f"seed_{s}" for s in range(seeds)]
-        )
     from entroprl.report import compare_runs
 
+    # The comparison pools each method's seeds (they share its folder) into one law fit.
     report = compare_runs(
         [out / name / f"seed_{s}" for name in methods for s in range(seeds)],
         out / "analysis",
         pool=True,
     )
+    pools = json.loads((report.parent / "comparison.json").read_text())["pools"]
+    for name in methods:
+        summary["methods"][name]["law"] = pools[name]
     summary["wall_s"] = time.perf_counter() - t0
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print()
