@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from entroprl.demo import METRICS, aggregate, format_table, run_demo
+from entroprl.demo import METRICS, aggregate, format_table, run_demo, summarize_run
 from entroprl.warmstart import WarmStartConfig
 
 
@@ -102,3 +102,22 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert format_table(methods) in out
     assert "[6/6]" in out and "comparison report:" in out
+
+
+def test_end_values_average_the_last_steps(tmp_path):
+    """40 steps, evaluations every 10: the end averages steps 20-40 (entropy of 21 steps, the
+    evaluations at 20, 30 and 40); the start is step 1's entropy and step 0's evaluation."""
+    acc, pas = "val-core/countdown/acc/mean@8", "val-core/countdown/acc/pass@8"
+    lines = [{"step": 0, acc: 0.1, pas: 0.3}]
+    for step in range(1, 41):
+        record = {"step": step, "actor/entropy_seq_mean": 1.0 / step}
+        if step % 10 == 0:
+            record |= {acc: step / 100, pas: step / 50}
+        lines.append(record)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    s = summarize_run(tmp_path)
+    assert s["entropy_start"] == 1.0 and s["accuracy_start"] == 0.1
+    assert s["entropy_end"] == pytest.approx(np.mean([1.0 / t for t in range(20, 41)]))
+    assert s["accuracy_end"] == pytest.approx(0.3) and s["pass_at_k_end"] == pytest.approx(0.6)
+    assert s["end_steps"] == [20, 40] and s["steps"] == 40 and s["pass_at_k"] == "pass@8"
+    assert s["law"]["a"] is not None
