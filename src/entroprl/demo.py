@@ -236,6 +236,8 @@ def run_demo(
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     jobs = jobs or max(1, (os.cpu_count() or 1) // threads)
     # A 133k-parameter model runs fastest on one thread: more only adds synchronisation.
     torch.set_num_threads(1)
