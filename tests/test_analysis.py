@@ -26,6 +26,7 @@ from entroprl.analysis import (
     perplexity_split,
     position_entropy,
     read_rollouts,
+    smooth_performance,
 )
 from entroprl.foreign import detect_format, map_keys, read_log
 from entroprl.report import analyze_run, compare_runs
@@ -174,6 +175,57 @@ def test_forecast_from_first_15_percent(synthetic):
     assert f["rmse"] == pytest.approx(math.sqrt(np.mean((predicted - acc[16:]) ** 2)), rel=1e-9)
     assert f["final_error"] == pytest.approx(predicted[-1] - acc[100], abs=1e-12)
     assert f["rmse"] < 0.02  # the law holds, so the early fit forecasts the rest
+
+
+def test_law_and_forecast_carry_bootstrap_intervals(synthetic):
+    _, _, report, data = synthetic
+    law, f = data["law"], data["forecast"]
+    assert law["smooth"] == 1 and law["resamples"] == 1000
+    for key in ("a", "b", "ceiling"):
+        ci = law["interval"][key]
+        assert ci["estimate"] == law[key]
+        assert ci["low"] < law[key] < ci["high"]
+    # 100 points with noise 0.003: the generating a = 0.25 and b = 0.75 lie inside
+    assert law["interval"]["a"]["low"] < 0.25 < law["interval"]["a"]["high"]
+    assert law["interval"]["b"]["low"] < 0.75 < law["interval"]["b"]["high"]
+    err = f["final_error_interval"]
+    assert err["estimate"] == pytest.approx(f["final_error"], abs=1e-12)
+    assert err["low"] <= f["final_error"] <= err["high"]
+    text = report.read_text()
+    assert "95% bootstrap interval" in text and "no smoothing" in text
+
+
+def test_smooth_performance_hand_example():
+    values = np.array([0.0, np.nan, 3.0, 0.0, 3.0])
+    # over the 4 logged values: ends keep a window of 1, the middle ones average 3 neighbours
+    np.testing.assert_allclose(smooth_performance(values, 3), [0.0, np.nan, 1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(smooth_performance(values, 1), values)
+    for bad in (2, 0, 1.5, True):
+        with pytest.raises(ValueError, match="smooth"):
+            smooth_performance(values, bad)
+
+
+def test_smoothing_a_noisy_per_step_reward_recovers_the_law(tmp_path):
+    """A TRL log fitted on its per-step training reward (noise sd 0.3 on a signal that moves by
+    0.47): the raw fit explains little, the 9-point moving average most of the variance."""
+    rng = np.random.default_rng(3)
+    h = curve(200, tau=40)
+    reward = -0.3 * np.exp(h) + 0.9 + 0.3 * rng.standard_normal(h.size)
+    history = [{"entropy": h[s], "reward": reward[s], "step": s} for s in range(1, 201)]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    fits = {}
+    for smooth in (1, 9):
+        out = tmp_path / f"smooth{smooth}"
+        report = analyze_run(tmp_path, out, accuracy_key="reward", smooth=smooth)
+        fits[smooth] = json.loads((out / "analysis.json").read_text())["law"]
+        assert fits[smooth]["smooth"] == smooth
+    assert fits[1]["r2"] < 0.2 and fits[9]["r2"] > 0.6
+    assert "9-point centered moving average (--smooth 9)" in report.read_text()
+    expected = smooth_performance(np.concatenate([[np.nan], reward[1:]]), 9)[1:]
+    a, b = polyfit_law(h[1:], expected)
+    assert fits[9]["a"] == pytest.approx(a, abs=1e-9) and fits[9]["b"] == pytest.approx(b, abs=1e-9)
+    with pytest.raises(ValueError, match="odd integer"):
+        analyze_run(tmp_path, tmp_path / "bad", accuracy_key="reward", smooth=4)
 
 
 def test_fit_fraction_option(tmp_path):
@@ -636,6 +688,45 @@ def test_compare_runs_tabulates_each_fit(tmp_path):
         assert row["forecast"]["fit_steps"] == [1, 15]
     text = report.read_text()
     assert text.count("<img") == 1 and "grpo" in text and "clip_cov" in text
+
+
+def test_compare_pools_the_runs_of_one_folder(tmp_path):
+    truths = {
+        (method, seed): make_run(
+            tmp_path / method / f"seed_{seed}",
+            a=a,
+            b=0.8,
+            steps=200,
+            noise=0.02,
+            seed=10 * seed + i,
+            eval_every=10,
+            rollout_steps=(),
+        )
+        for i, (method, a) in enumerate((("grpo", 0.4), ("kl_cov", 0.2)))
+        for seed in range(3)
+    }
+    runs = [tmp_path / m / f"seed_{s}" for m in ("grpo", "kl_cov") for s in range(3)]
+    report = compare_runs(runs, tmp_path / "cmp", pool=True)
+    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert list(data["pools"]) == ["grpo", "kl_cov"]
+    for method, a_true in (("grpo", 0.4), ("kl_cov", 0.2)):
+        pool = data["pools"][method]
+        assert len(pool["runs"]) == 3
+        steps = np.arange(10, 201, 10)
+        h = np.concatenate([truths[method, s]["h"][steps] for s in range(3)])
+        r = np.concatenate([truths[method, s]["acc"][steps] for s in range(3)])
+        a, b = polyfit_law(h, r)
+        law = pool["law"]
+        assert law["n"] == 60 and law["runs"] == 3
+        assert law["a"] == pytest.approx(a, abs=1e-9) and law["b"] == pytest.approx(b, abs=1e-9)
+        assert law["interval"]["a"]["low"] < a < law["interval"]["a"]["high"]
+        # the generating a lies inside (these seeds; a 95% interval misses 1 time in 20)
+        assert law["interval"]["a"]["low"] < a_true < law["interval"]["a"]["high"]
+        assert set(pool["forecast"]["final_error"]) >= {"estimate", "low", "high"}
+    assert (tmp_path / "cmp" / "pooled_law.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Law fitted on the pooled runs" in report.read_text()
+    compare_runs(runs, tmp_path / "plain")
+    assert "pools" not in json.loads((tmp_path / "plain" / "comparison.json").read_text())
 
 
 def test_compare_disambiguates_names_and_mixes_formats(tmp_path):

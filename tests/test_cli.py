@@ -95,3 +95,16 @@ def test_an_out_that_is_a_file(tmp_path, command):
     (tmp_path / "file").write_text("")
     message = fails([command, str(tmp_path / "run"), "--out", str(tmp_path / "file")])
     assert str(tmp_path / "file") in message and "not a directory" in message
+
+
+def test_analyze_smooth_and_compare_pool_from_the_command_line(tmp_path, capsys):
+    for seed in range(2):
+        make_run(tmp_path / "grpo" / f"seed_{seed}", seed=seed, rollout_steps=())
+    main(["analyze", str(tmp_path / "grpo" / "seed_0"), "--smooth", "5"])
+    assert "smooth 5" in (tmp_path / "grpo" / "seed_0" / "analysis" / "report.html").read_text()
+    runs = [str(tmp_path / "grpo" / f"seed_{seed}") for seed in range(2)]
+    main(["compare", *runs, "--out", str(tmp_path / "cmp"), "--pool"])
+    assert (tmp_path / "cmp" / "pooled_law.png").is_file()
+    assert "smooth must be an odd integer" in fails(["analyze", runs[0], "--smooth", "4"])
+    assert "seeds must be at least 1" in fails(["demo", "--seeds", "0"])
+    assert "jobs must be at least 1" in fails(["demo", "--jobs", "0"])

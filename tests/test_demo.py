@@ -1,33 +1,123 @@
 import json
 
+import numpy as np
 import pytest
+from scipy import stats
 
-from entroprl.demo import format_table, run_demo
+from entroprl.demo import METRICS, aggregate, format_table, run_demo, summarize_run
 from entroprl.warmstart import WarmStartConfig
+
+
+def fake_runs() -> dict:
+    """Per-seed summaries of three methods over 3 seeds, with a seed effect shared by methods."""
+    rng = np.random.default_rng(0)
+    seed_effect = rng.normal(0, 0.03, 3)
+    runs = {}
+    for name, ent, acc, pass8 in (
+        ("grpo", 0.2, 0.22, 0.40),
+        ("clip_cov", 0.4, 0.21, 0.52),
+        ("kl_cov", 0.45, 0.18, 0.50),
+    ):
+        runs[name] = {
+            seed: {
+                "entropy_start": 0.6,
+                "entropy_end": ent + 0.01 * rng.standard_normal(),
+                "entropy_drop": 0.0,
+                "accuracy_start": 0.14 + seed_effect[seed],
+                "accuracy_end": acc + seed_effect[seed] + 0.005 * rng.standard_normal(),
+                "accuracy_gain": 0.0,
+                "pass_at_k_end": pass8 + seed_effect[seed],
+                "pass_at_k": "pass@8",
+            }
+            for seed in range(3)
+        }
+    return runs
+
+
+def test_aggregate_means_and_paired_differences_match_scipy():
+    runs = fake_runs()
+    methods = aggregate(runs)
+    assert list(methods) == ["grpo", "clip_cov", "kl_cov"]
+    for name, m in methods.items():
+        assert m["seeds"] == {str(s): runs[name][s] for s in range(3)}
+        for key in METRICS:
+            x = [runs[name][s][key] for s in range(3)]
+            if np.ptp(x) == 0:
+                assert m["mean"][key]["half_width"] == 0
+                continue
+            low, high = stats.ttest_1samp(x, 0).confidence_interval(0.95)
+            assert (m["mean"][key]["low"], m["mean"][key]["high"]) == pytest.approx((low, high))
+    assert "vs_grpo" not in methods["grpo"]
+    for name in ("clip_cov", "kl_cov"):
+        vs = methods[name]["vs_grpo"]
+        x = [runs[name][s]["accuracy_end"] for s in range(3)]
+        y = [runs["grpo"][s]["accuracy_end"] for s in range(3)]
+        low, high = stats.ttest_rel(x, y).confidence_interval(0.95)
+        assert (vs["accuracy_end"]["low"], vs["accuracy_end"]["high"]) == pytest.approx((low, high))
+        ratios = [runs[name][s]["entropy_end"] / runs["grpo"][s]["entropy_end"] for s in range(3)]
+        assert vs["entropy_end_ratio"]["estimate"] == pytest.approx(np.mean(ratios))
+    # the shared seed effect cancels in the pair: pass@8's difference is resolved
+    assert methods["clip_cov"]["vs_grpo"]["pass_at_k_end"]["low"] > 0.1
+
+
+def test_one_seed_has_no_interval():
+    runs = {name: {0: by_seed[0]} for name, by_seed in fake_runs().items()}
+    methods = aggregate(runs)
+    assert methods["grpo"]["mean"]["entropy_end"] is None
+    assert methods["kl_cov"]["vs_grpo"]["entropy_end_ratio"] is None
+    assert "-" in format_table(methods)
+
+
+def test_table_shows_mean_and_half_width():
+    methods = aggregate(fake_runs())
+    table = format_table(methods)
+    ci = methods["clip_cov"]["vs_grpo"]["pass_at_k_end"]
+    assert f"{ci['estimate']:.3f} ± {ci['half_width']:.3f}" in table
+    assert "over 3 seeds" in table and "paired with grpo" in table
 
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
-    """The whole demo path on a small budget: warm start, three methods, table, summary, reports."""
+    """The whole demo path on a small budget: warm start, three methods x 2 seeds in parallel
+    processes, table, summary with per-seed values and intervals, reports."""
     monkeypatch.setenv("ENTROPRL_CACHE_DIR", str(tmp_path / "cache"))
     small = WarmStartConfig(steps=30, num_problems=100, eval_problems=20)
-    summary = run_demo(tmp_path / "demo", steps=3, warm_start_config=small)
-    assert list(summary) == ["grpo", "clip_cov", "kl_cov"]
+    summary = run_demo(tmp_path / "demo", steps=3, seeds=2, warm_start_config=small)
+    methods = summary["methods"]
+    assert list(methods) == ["grpo", "clip_cov", "kl_cov"]
     written = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
-    for method, s in written.items():
-        for key in (
-            "entropy_start",
-            "entropy_end",
-            "accuracy_start",
-            "accuracy_end",
-            "pass_at_k_end",
-        ):
-            assert isinstance(s[key], float), (method, key)
-        assert set(s["law"]) >= {"a", "b", "r2", "ceiling"}
-        assert s["steps"] == 3
-        assert (tmp_path / "demo" / method / "analysis" / "report.html").is_file()
-    assert (tmp_path / "demo" / "analysis" / "report.html").is_file()
+    for method, m in written["methods"].items():
+        assert list(m["seeds"]) == ["0", "1"]
+        for s in m["seeds"].values():
+            for key in METRICS:
+                assert isinstance(s[key], float), (method, key)
+            assert s["steps"] == 3
+        assert set(m["mean"]["entropy_end"]) >= {"estimate", "low", "high", "half_width"}
+        assert set(m["law"]) >= {"runs", "law", "forecast"}
+        for seed in (0, 1):
+            report = tmp_path / "demo" / method / f"seed_{seed}" / "analysis" / "report.html"
+            assert report.is_file()
+    assert (tmp_path / "demo" / "analysis" / "pooled_law.png").is_file()
     out = capsys.readouterr().out
-    assert format_table(summary) in out
-    assert "analysis report:" in out
+    assert format_table(methods) in out
+    assert "[6/6]" in out and "comparison report:" in out
+
+
+def test_end_values_average_the_last_steps(tmp_path):
+    """40 steps, evaluations every 10: the end averages steps 20-40 (entropy of 21 steps, the
+    evaluations at 20, 30 and 40); the start is step 1's entropy and step 0's evaluation."""
+    acc, pas = "val-core/countdown/acc/mean@8", "val-core/countdown/acc/pass@8"
+    lines = [{"step": 0, acc: 0.1, pas: 0.3}]
+    for step in range(1, 41):
+        record = {"step": step, "actor/entropy_seq_mean": 1.0 / step}
+        if step % 10 == 0:
+            record |= {acc: step / 100, pas: step / 50}
+        lines.append(record)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    s = summarize_run(tmp_path)
+    assert s["entropy_start"] == 1.0 and s["accuracy_start"] == 0.1
+    assert s["entropy_end"] == pytest.approx(np.mean([1.0 / t for t in range(20, 41)]))
+    assert s["accuracy_end"] == pytest.approx(0.3) and s["pass_at_k_end"] == pytest.approx(0.6)
+    assert s["end_steps"] == [20, 40] and s["steps"] == 40 and s["pass_at_k"] == "pass@8"
+    assert s["law"]["a"] is not None

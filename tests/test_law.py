@@ -18,6 +18,8 @@ from entroprl.law import (
     detect_stages,
     fit_law,
     forecast,
+    forecast_error_interval,
+    law_intervals,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -522,3 +524,120 @@ def test_online_plateau_needs_two_windows_of_values():
     assert detect_plateau_online(np.full(30, 0.5)) == 0
     with pytest.raises(ValueError, match="window"):
         detect_plateau_online(np.full(40, 0.5), window=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the law pooled over runs, with bootstrap intervals (issue 15)
+
+
+def seeded_runs(seeds: int, *, a=0.2, b=0.7, noise=0.02, steps=200, every=10, rng=None):
+    """Per-step (entropy, performance) arrays of `seeds` runs of the law R = -a exp(H) + b plus
+    seeded noise, evaluated every `every` steps (NaN elsewhere), each run's entropy decaying at
+    its own rate."""
+    rng = rng or np.random.default_rng(0)
+    runs = []
+    for _ in range(seeds):
+        t = np.arange(steps)
+        h = 0.2 + 0.6 * np.exp(-t / rng.uniform(20, 60))
+        r = np.full(steps, np.nan)
+        r[::every] = -a * np.exp(h[::every]) + b + noise * rng.standard_normal(h[::every].size)
+        runs.append((h, r))
+    return runs
+
+
+def test_pooled_fit_is_the_fit_of_the_concatenated_points():
+    runs = seeded_runs(3)
+    pooled = law_intervals(runs, resamples=200)
+    h = np.concatenate([h for h, _ in runs])
+    r = np.concatenate([r for _, r in runs])
+    slope, intercept = np.polyfit(np.exp(h[~np.isnan(r)]), r[~np.isnan(r)], 1)
+    assert pooled.fit.a == pytest.approx(-slope, abs=1e-10)
+    assert pooled.fit.b == pytest.approx(intercept, abs=1e-10)
+    assert pooled.fit.n == 60 and pooled.runs == 3
+    assert pooled.a.estimate == pooled.fit.a and pooled.ceiling.estimate == pooled.fit.ceiling
+    d = pooled.to_dict()
+    assert d["resamples"] == 200 and set(d["interval"]) == {"a", "b", "ceiling"}
+
+
+def test_bootstrap_fits_are_the_fits_of_the_resampled_points():
+    """Rebuild the resamples with the same generator and fit each by np.polyfit."""
+    h, r = seeded_runs(1)[0]
+    pooled = law_intervals([(h, r)], resamples=20, seed=7)
+    keep = ~np.isnan(r)
+    hu, ru = h[keep], r[keep]
+    idx = np.random.default_rng(7).integers(0, hu.size, size=(20, hu.size))
+    for row, a, b in zip(idx, pooled.a_samples, pooled.b_samples, strict=True):
+        slope, intercept = np.polyfit(np.exp(hu[row]), ru[row], 1)
+        assert (a, b) == pytest.approx((-slope, intercept), abs=1e-9)
+
+
+def test_a_resample_of_one_point_is_left_out():
+    pooled = law_intervals([([0.1, 0.5], [0.3, 0.2])], resamples=400)
+    # with 2 points, about half the resamples draw one point twice: no slope, NaN
+    flat = np.isnan(pooled.a_samples)
+    assert 100 < flat.sum() < 300
+    assert pooled.a.n == 400 - flat.sum()
+    assert (
+        pooled.a.low
+        == pytest.approx(pooled.a.high)
+        == pytest.approx(0.1 / (np.exp(0.5) - np.exp(0.1)))
+    )
+
+
+def test_intervals_cover_the_true_law_at_about_their_level():
+    """Over 200 synthetic experiments of 3 seeds each, the 95% intervals of a, b and the ceiling
+    hold the generating values about 95% of the time (a binomial band around 0.95)."""
+    rng = np.random.default_rng(1)
+    hits = np.zeros(3)
+    for _ in range(200):
+        pooled = law_intervals(seeded_runs(3, rng=rng), resamples=300, seed=int(rng.integers(1e6)))
+        intervals = (pooled.a, pooled.b, pooled.ceiling)
+        hits += [not ci.excludes(t) for ci, t in zip(intervals, (0.2, 0.7, 0.5), strict=True)]
+    # 0.88 is 4.5 binomial standard errors below 0.95; intervals half as wide cover about 0.65
+    assert (hits / 200 > 0.88).all(), hits / 200
+
+
+def test_more_seeds_narrow_the_intervals():
+    rng = np.random.default_rng(2)
+    one = law_intervals(seeded_runs(1, rng=rng))
+    many = law_intervals(seeded_runs(6, rng=rng))
+    assert many.ceiling.half_width < one.ceiling.half_width / 1.8
+
+
+def test_band_holds_the_fit_and_widens_away_from_the_data():
+    pooled = law_intervals(seeded_runs(3))
+    grid = np.array([0.0, 0.5])  # entropy 0 is an extrapolation; 0.5 lies inside the data
+    low, high = pooled.band(grid)
+    mid = pooled.fit.predict(grid)
+    assert (low <= mid).all() and (mid <= high).all()
+    assert high[0] - low[0] > high[1] - low[1]
+
+
+def test_forecast_error_interval_of_one_run_is_forecast_final_error():
+    h, r = seeded_runs(1, noise=0.01)[0]
+    fit, error = forecast_error_interval([(h, r)])
+    single = forecast(h, r)
+    assert error.estimate == pytest.approx(single.final_error, abs=1e-12)
+    assert fit.a == pytest.approx(single.fit.a, abs=1e-12)
+    assert error.low <= error.estimate <= error.high
+
+
+def test_pooled_forecast_fits_the_pooled_heads_and_averages_the_final_errors():
+    runs = seeded_runs(3, steps=100)
+    fit, error = forecast_error_interval(runs, fit_fraction=0.3)
+    # by hand: the first 30 steps hold evaluations at 0, 10, 20 in each run
+    heads_h = np.concatenate([h[[0, 10, 20]] for h, _ in runs])
+    heads_r = np.concatenate([r[[0, 10, 20]] for _, r in runs])
+    slope, intercept = np.polyfit(np.exp(heads_h), heads_r, 1)
+    errors = [slope * np.exp(h[90]) + intercept - r[90] for h, r in runs]
+    assert fit.n == 9
+    assert error.estimate == pytest.approx(np.mean(errors), abs=1e-10)
+
+
+def test_pooled_law_rejects_what_cannot_be_fitted():
+    with pytest.raises(ValueError, match="at least one run"):
+        law_intervals([])
+    with pytest.raises(ValueError, match="resamples"):
+        law_intervals(seeded_runs(1), resamples=0)
+    with pytest.raises(ValueError, match="usable points"):
+        forecast_error_interval([(np.arange(10.0), np.full(10, np.nan))])

@@ -26,8 +26,20 @@ from entroprl.foreign import (
     mapped_series,
     read_log,
 )
-from entroprl.law import Forecast, LawFit, StageSplit, detect_stages, fit_law, forecast
+from entroprl.law import (
+    Forecast,
+    LawFit,
+    LawIntervals,
+    StageSplit,
+    centered_mean,
+    detect_stages,
+    fit_law,
+    forecast,
+    forecast_error_interval,
+    law_intervals,
+)
 from entroprl.rundir import read_text
+from entroprl.stats import Interval
 
 COV_GROUPS = ("top_0.02%", "top_0.2%", "top_2%", "top_20%", "top_50%", "all")
 SECTIONS = ("stages", "law", "forecast", "dynamics", "covariance", "position_entropy", "perplexity")
@@ -181,6 +193,28 @@ def law_grid(
     r[steps[inside] - logged[0]] = accuracy[inside]
     interpolated = int((inside & ~has_h).sum())
     return grid, h, r, interpolated
+
+
+def _check_smooth(window: int) -> None:
+    if not isinstance(window, int | np.integer) or isinstance(window, bool):
+        raise ValueError(f"smooth must be an integer, got {window!r}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"smooth must be an odd integer >= 1 (a centered window), got {window}")
+
+
+def smooth_performance(values: np.ndarray, window: int) -> np.ndarray:
+    """The logged values of a performance series replaced by their `window`-point centered moving
+    average (over logged values, NaN steps skipped and kept NaN; the window shrinks symmetrically
+    at the ends). A per-step training reward is a noisy estimate on one batch: averaging
+    neighbours before the law is fitted trades a little lag-free blur for much less noise.
+    `window` 1 returns the values unchanged. Raises ValueError unless `window` is an odd integer
+    >= 1 (centered)."""
+    _check_smooth(window)
+    present = ~np.isnan(values)
+    out = values.astype(np.float64, copy=True)
+    if window > 1 and present.any():
+        out[present] = centered_mean(values[present], window)
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -389,17 +423,20 @@ class RunAnalysis:
 
     run: Run
     fit_fraction: float
+    smooth: int = 1
     omitted: dict[str, str] = field(default_factory=dict)
     stages: StageSplit | None = None
     stage_steps: np.ndarray | None = None
     plateau_step: int | None = None
     law: LawFit | None = None
+    law_intervals: LawIntervals | None = None
     law_steps: np.ndarray | None = None
     law_entropy: np.ndarray | None = None
     law_accuracy: np.ndarray | None = None
     interpolated: int = 0
     forecast: Forecast | None = None
     forecast_first_step: int = 0
+    forecast_error: Interval | None = None
     dynamics: Dynamics | None = None
     covariance: list[dict[str, Any]] | None = None
     positions: dict[str, PositionProfile] | None = None
@@ -428,7 +465,11 @@ class RunAnalysis:
                 "criterion": self.stages.criterion,
             }
         if self.law is not None:
-            out["law"] = {**self.law.to_dict(), "entropy_interpolated": self.interpolated}
+            out["law"] = {
+                **self.law_intervals.to_dict(),
+                "entropy_interpolated": self.interpolated,
+                "smooth": self.smooth,
+            }
         if self.forecast is not None:
             f, first = self.forecast, self.forecast_first_step
             out["forecast"] = {
@@ -437,6 +478,7 @@ class RunAnalysis:
                 "fit": f.fit.to_dict(),
                 "rmse": f.rmse,
                 "final_error": f.final_error,
+                "final_error_interval": self.forecast_error.to_dict(),
                 "steps": (f.steps_rest + first).tolist(),
                 "predicted": _floats(f.predicted),
                 "actual": _floats(f.actual),
@@ -469,14 +511,22 @@ def _stages(result: RunAnalysis) -> None:
         result.plateau_step = int(result.stage_steps[split.plateau_start])
 
 
+def law_arrays(result: RunAnalysis) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """`law_grid` of the run's entropy and its performance smoothed by `result.smooth`."""
+    run = result.run
+    accuracy = smooth_performance(run.series["accuracy"], result.smooth)
+    return law_grid(run.steps, run.series["entropy"], accuracy)
+
+
 def _law(result: RunAnalysis) -> None:
     run = result.run
     if run.keys.entropy is None:
         raise ValueError("no entropy metric in the log (name one with --entropy-key)")
     if not run.keys.accuracy:
         raise ValueError("no validation accuracy in the log (name one with --accuracy-key)")
-    grid, h, r, interpolated = law_grid(run.steps, run.series["entropy"], run.series["accuracy"])
+    grid, h, r, interpolated = law_arrays(result)
     result.law = fit_law(h, r)
+    result.law_intervals = law_intervals([(h, r)])
     usable = ~np.isnan(r)
     result.law_steps, result.law_entropy, result.law_accuracy = grid[usable], h[usable], r[usable]
     result.interpolated = interpolated
@@ -485,9 +535,9 @@ def _law(result: RunAnalysis) -> None:
 def _forecast(result: RunAnalysis) -> None:
     if result.law is None:
         raise ValueError(f"needs the law: {result.omitted['law']}")
-    run = result.run
-    grid, h, r, _ = law_grid(run.steps, run.series["entropy"], run.series["accuracy"])
+    grid, h, r, _ = law_arrays(result)
     result.forecast = forecast(h, r, fit_fraction=result.fit_fraction)
+    _, result.forecast_error = forecast_error_interval([(h, r)], fit_fraction=result.fit_fraction)
     result.forecast_first_step = int(grid[0])
 
 
@@ -529,25 +579,31 @@ _SECTION_STEPS = {
 }
 
 
-def analyze(run: Run, *, fit_fraction: float = 0.15) -> RunAnalysis:
+def analyze(run: Run, *, fit_fraction: float = 0.15, smooth: int = 1) -> RunAnalysis:
     """All sections of the analysis of `run`; a section that cannot be computed from what the run
     logged is left None with its one-line reason in `omitted`.
 
     stages            `law.detect_stages` on the logged entropy values (defaults of algorithms.md
     §9's
                       Choice); the plateau start is reported as a step.
-    law               `law.fit_law` on every step with an accuracy, its entropy from `law_grid`.
-    forecast          `law.forecast` on the `law_grid` arrays with `fit_fraction` of the steps.
+    law               `law.fit_law` on every step with an accuracy (smoothed by a `smooth`-point
+                      centered moving average, `smooth_performance`; 1: as logged), its entropy
+                      from `law_grid`; `law.law_intervals` bootstraps a, b and the ceiling over
+                      the points.
+    forecast          `law.forecast` on the same arrays with `fit_fraction` of the steps, and
+                      `law.forecast_error_interval` the final error's bootstrap interval.
     dynamics          `dynamics_correlation`; covariance: `covariance_table`.
     position_entropy  `position_entropy` of all samples, and of the rising and the plateau stage
                       separately when the plateau was found and both stages have samples.
     perplexity        `perplexity_split`.
 
-    Raises ValueError when `fit_fraction` is not in (0, 1) (a wrong option, not a lack of data).
+    Raises ValueError when `fit_fraction` is not in (0, 1) or `smooth` not an odd integer >= 1
+    (a wrong option, not a lack of data).
     """
     if not 0 < fit_fraction < 1:
         raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
-    result = RunAnalysis(run=run, fit_fraction=fit_fraction)
+    _check_smooth(smooth)
+    result = RunAnalysis(run=run, fit_fraction=fit_fraction, smooth=smooth)
     for section in SECTIONS:
         try:
             _SECTION_STEPS[section](result)

@@ -2,9 +2,9 @@
 
     entroprl train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     entroprl eval --model DIR --bench [NAME=]FORMAT:PATH [--bench ...]
-    entroprl demo [--out DIR]
-    entroprl analyze RUN [--out DIR]
-    entroprl compare RUN [RUN ...] [--out DIR]
+    entroprl demo [--out DIR] [--seeds N] [--jobs N] [--threads N]
+    entroprl analyze RUN [--out DIR] [--smooth N]
+    entroprl compare RUN [RUN ...] [--out DIR] [--smooth N] [--pool]
 
 Under `torchrun`, `train` runs on every rank (NCCL on GPUs, gloo on CPU), the model replicated
 (`trainer.strategy=ddp`) or sharded (`trainer.strategy=fsdp`). FSDP without torchrun runs as a
@@ -204,6 +204,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         args.run,
         args.out,
         fit_fraction=args.fit_fraction,
+        smooth=args.smooth,
         entropy_key=args.entropy_key,
         accuracy_key=args.accuracy_key,
     )
@@ -217,6 +218,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         args.runs,
         args.out,
         fit_fraction=args.fit_fraction,
+        smooth=args.smooth,
+        pool=args.pool,
         entropy_key=args.entropy_key,
         accuracy_key=args.accuracy_key,
     )
@@ -226,7 +229,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from entroprl.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps)
+    run_demo(
+        Path(args.out), steps=args.steps, seeds=args.seeds, jobs=args.jobs, threads=args.threads
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,6 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("demo", help="watch GRPO collapse entropy and Clip-Cov/KL-Cov hold it")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=int, default=None, help="RL steps per method")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (intervals need >= 2)")
+    p.add_argument(
+        "--jobs", type=int, default=None, help="runs at a time (default: cores / --threads)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -271,6 +281,12 @@ def main(argv: list[str] | None = None) -> None:
     q = sub.add_parser("compare", help="overlay several runs and tabulate their law fits")
     q.add_argument("runs", nargs="+", help="runs, in any format analyze reads")
     q.add_argument("--out", default="comparison", help="output directory")
+    q.add_argument(
+        "--pool",
+        action="store_true",
+        help="also fit the law on the runs of each folder together (seeds of one method), "
+        "with bootstrap intervals",
+    )
     q.set_defaults(func=cmd_compare)
     for x in (p, q):
         x.add_argument(
@@ -278,6 +294,14 @@ def main(argv: list[str] | None = None) -> None:
             type=float,
             default=0.15,
             help="share of steps the forecast is fitted on",
+        )
+        x.add_argument(
+            "--smooth",
+            type=int,
+            default=1,
+            metavar="N",
+            help="fit the law on the performance averaged over N neighbouring logged values "
+            "(odd N, centered; for a noisy per-step reward); 1: as logged",
         )
         x.add_argument(
             "--entropy-key", default=None, help="the log's entropy metric, if the guess is wrong"

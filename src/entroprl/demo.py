@@ -1,15 +1,20 @@
 """`entroprl demo`: entropy collapse under GRPO, and Clip-Cov / KL-Cov holding entropy, on a CPU.
 
-One warm-started tiny model (cached after the first run), then GRPO, Clip-Cov and KL-Cov from the
-same start with the same seed and budget, a comparison table, `summary.json`, and the analysis
-report of the three runs.
+One warm-started tiny model (cached after the first run), then GRPO, Clip-Cov and KL-Cov from that
+start, each with several seeds and the same budget, run as parallel processes. One seed's margins
+are of the size of the numerical noise (issue 15), so the table gives every method's mean over
+seeds with its 95% t interval, and each method's paired (same seed) difference to GRPO;
+`summary.json` holds the per-seed values next to them, and the comparison report the law fitted
+on the pooled points of each method's seeds, with bootstrap intervals.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,12 +25,28 @@ import yaml
 from entroprl.config import config_from_dict
 from entroprl.law import fit_law
 from entroprl.rundir import atomic_write_text, make_dir, read_metrics
+from entroprl.stats import paired_interval, t_interval
 
 METHODS: dict[str, dict[str, Any]] = {
     "grpo": {"algorithm": {"policy_loss": "ppo"}},
     "clip_cov": {"algorithm": {"policy_loss": "clip_cov"}},
     "kl_cov": {"algorithm": {"policy_loss": "kl_cov"}},
 }
+END_STEPS = 20
+"""A run's end values average steps T - END_STEPS to T of a T-step run: the rollout entropy of
+21 batches and the 3 evaluations there (every 10 steps). One batch, or one evaluation on 300
+problems, carries noise of the size of the differences between the methods (the pass@8 of one
+evaluation has a binomial sd of about 0.03); the end of a 200-step run changes little in 20."""
+METRICS = (
+    "entropy_start",
+    "entropy_end",
+    "entropy_drop",
+    "accuracy_start",
+    "accuracy_end",
+    "accuracy_gain",
+    "pass_at_k_end",
+)
+"""Per-run values given a mean and interval over seeds (and the terminal table's columns)."""
 
 
 def demo_config() -> dict[str, Any]:
@@ -41,8 +62,17 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _mean_of(records: list[dict[str, Any]], key: str | None) -> float | None:
+    values = [r[key] for r in records if key is not None and r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def summarize_run(run: Path) -> dict[str, Any]:
-    """Start and end entropy and accuracy of a run, and the law fitted on its evaluation steps."""
+    """Start and end entropy and accuracy of a run, and the law fitted on its evaluation steps.
+
+    The start is the first step's rollout entropy and the evaluation before training; the end
+    values average steps T - `END_STEPS` to T (`end_steps`; never step 0), see `END_STEPS`.
+    """
     records = read_metrics(run / "metrics.jsonl")
     acc_key = next(k for k in records[0] if k.startswith("val-core/") and "/mean@" in k)
     pass_key = next((k for k in records[-1] if k.startswith("val-core/") and "/pass@" in k), None)
@@ -50,14 +80,18 @@ def summarize_run(run: Path) -> dict[str, Any]:
     pairs = [
         (r["actor/entropy_seq_mean"], r[acc_key]) for r in trained if r.get(acc_key) is not None
     ]
+    last = trained[-1]["step"]
+    first_end = max(1, last - END_STEPS)
+    end = [r for r in records if r["step"] >= first_end]
     summary = {
         "entropy_start": trained[0]["actor/entropy_seq_mean"],
-        "entropy_end": trained[-1]["actor/entropy_seq_mean"],
+        "entropy_end": _mean_of(end, "actor/entropy_seq_mean"),
         "accuracy_start": records[0][acc_key],
-        "accuracy_end": records[-1][acc_key],
-        "pass_at_k_end": records[-1][pass_key] if pass_key else None,
+        "accuracy_end": _mean_of(end, acc_key),
+        "pass_at_k_end": _mean_of(end, pass_key),
         "pass_at_k": pass_key.rsplit("/", 1)[-1] if pass_key else None,
-        "steps": trained[-1]["step"],
+        "steps": last,
+        "end_steps": [first_end, last],
     }
     try:
         law = fit_law([h for h, _ in pairs], [r for _, r in pairs])
@@ -67,39 +101,97 @@ def summarize_run(run: Path) -> dict[str, Any]:
     return summary
 
 
-def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    def f(x: Any) -> str:
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+def _interval(values) -> dict[str, Any] | None:
+    """The t interval of per-seed values as a dict; None when a value is missing or there is one."""
+    if len(values) < 2 or any(v is None for v in values):
+        return None
+    return t_interval(values).to_dict()
 
-    k = next(iter(summary.values()))["pass_at_k"] or "pass@k"
-    head = (
-        "method",
-        "entropy start",
-        "entropy end",
-        "acc start",
-        "acc end",
-        f"{k} end",
-        "law a",
-        "law b",
-        "law R2",
-        "ceiling",
+
+def _per_seed(runs: dict[int, dict[str, Any]], key: str) -> list[Any]:
+    return [runs[seed][key] for seed in sorted(runs)]
+
+
+def _derived(summary: dict[str, Any]) -> dict[str, Any]:
+    """The quantities the README claims are about, from one run's summary."""
+    return {
+        **summary,
+        "entropy_drop": 1 - summary["entropy_end"] / summary["entropy_start"],
+        "accuracy_gain": summary["accuracy_end"] - summary["accuracy_start"],
+    }
+
+
+def aggregate(runs: dict[str, dict[int, dict[str, Any]]], baseline: str = "grpo") -> dict:
+    """Per method the per-seed summaries, the mean and 95% t interval of every metric over seeds,
+    and against `baseline` the paired (same seed) difference of each metric and the ratio of the
+    final entropies, each with its t interval (None where fewer than 2 seeds or a value is
+    missing)."""
+    methods = {}
+    for name, by_seed in runs.items():
+        entry: dict[str, Any] = {
+            "seeds": {str(seed): by_seed[seed] for seed in sorted(by_seed)},
+            "mean": {key: _interval(_per_seed(by_seed, key)) for key in METRICS},
+        }
+        base = runs.get(baseline)
+        if name != baseline and base is not None and sorted(base) == sorted(by_seed):
+            vs: dict[str, Any] = {}
+            for key in METRICS:
+                a, b = _per_seed(by_seed, key), _per_seed(base, key)
+                ok = len(a) > 1 and None not in a and None not in b
+                vs[key] = paired_interval(a, b).to_dict() if ok else None
+            ratios = [
+                x / y
+                for x, y in zip(
+                    _per_seed(by_seed, "entropy_end"), _per_seed(base, "entropy_end"), strict=True
+                )
+            ]
+            vs["entropy_end_ratio"] = _interval(ratios)
+            entry[f"vs_{baseline}"] = vs
+        methods[name] = entry
+    return methods
+
+
+def _pm(interval: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
+    if interval is None:
+        return "-"
+    return (
+        f"{interval['estimate'] * scale:.{digits}f} ± {interval['half_width'] * scale:.{digits}f}"
     )
+
+
+def format_table(methods: dict[str, Any], baseline: str = "grpo") -> str:
+    """Mean ± half-width of the 95% t interval over seeds per method, then each method's paired
+    difference to `baseline` (same seed)."""
+    first = next(iter(methods.values()))
+    k = next(iter(first["seeds"].values()))["pass_at_k"] or "pass@k"
+    n = len(first["seeds"])
+    head = ("method", "entropy start", "entropy end", "entropy drop", "acc start", "acc end")
+    head += ("acc gain", f"{k} end")
     rows = [head] + [
+        (name, *(_pm(m["mean"][key]) for key in METRICS)) for name, m in methods.items()
+    ]
+    vs_head = ("method", f"entropy end / {baseline}", "acc end diff", f"{k} end diff")
+    vs_rows = [vs_head] + [
         (
             name,
-            f(s["entropy_start"]),
-            f(s["entropy_end"]),
-            f(s["accuracy_start"]),
-            f(s["accuracy_end"]),
-            f(s["pass_at_k_end"]),
-            f(s["law"]["a"]),
-            f(s["law"]["b"]),
-            f(s["law"]["r2"]),
-            f(s["law"]["ceiling"]),
+            _pm(m[f"vs_{baseline}"]["entropy_end_ratio"], digits=2),
+            _pm(m[f"vs_{baseline}"]["accuracy_end"]),
+            _pm(m[f"vs_{baseline}"]["pass_at_k_end"]),
         )
-        for name, s in summary.items()
+        for name, m in methods.items()
+        if f"vs_{baseline}" in m
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    text = (
+        f"mean ± 95% t-interval half-width over {n} seeds; end: mean of steps T-{END_STEPS}..T\n"
+        + _grid(rows)
+    )
+    if len(vs_rows) > 1:
+        text += f"\n\npaired with {baseline} (same seed), mean ± 95% half-width\n" + _grid(vs_rows)
+    return text
+
+
+def _grid(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
             c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
@@ -110,13 +202,43 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(
-    out: Path, *, steps: int | None = None, methods=tuple(METHODS), warm_start_config=None
-) -> dict[str, Any]:
-    """Warm start, then each method from it; returns the summary also written to summary.json."""
+def _train_and_analyze(values: dict[str, Any], threads: int) -> dict[str, Any]:
+    """One demo run in a process of its own: train, write its analysis report, summarize."""
+    from transformers.utils import logging
+
+    from entroprl.report import analyze_run
     from entroprl.trainer import Trainer
+
+    logging.disable_progress_bar()  # one line per finished run is the demo's progress
+    torch.set_num_threads(threads)
+    out = Path(values["trainer"]["out_dir"])
+    Trainer(config_from_dict(values)).train(overwrite=True)  # the demo owns its folders
+    analyze_run(out, out / "analysis")
+    return _derived(summarize_run(out))
+
+
+def run_demo(
+    out: Path,
+    *,
+    steps: int | None = None,
+    methods=tuple(METHODS),
+    seeds: int = 3,
+    jobs: int | None = None,
+    threads: int = 1,
+    warm_start_config=None,
+) -> dict[str, Any]:
+    """Warm start, then every method with `seeds` seeds from it, `jobs` runs at a time (default:
+    one per `threads` cores), each in a process of its own on `threads` torch threads; returns the
+    summary also written to summary.json."""
     from entroprl.warmstart import WarmStartConfig, default_cache_dir, warm_start
 
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    jobs = jobs or max(1, (os.cpu_count() or 1) // threads)
     # A 133k-parameter model runs fastest on one thread: more only adds synchronisation.
     torch.set_num_threads(1)
     make_dir(out)
@@ -127,25 +249,71 @@ def run_demo(
     base = demo_config()
     if steps is not None:
         base = _merge(base, {"trainer": {"steps": steps}})
-    summary = {}
+    # Seed-major order: the first results to come in already compare the methods.
+    tasks = [(name, seed) for seed in range(seeds) for name in methods]
+    print(
+        f"{len(tasks)} runs ({seeds} seeds x {len(methods)} methods), {jobs} at a time", flush=True
+    )
+    results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in methods}
+    # spawn: a fresh interpreter per run (one task per child), so no state of an earlier run or of
+    # the parent's torch threads reaches a run, and its numbers do not depend on the scheduling.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {
+            pool.submit(_train_and_analyze, _run_values(base, name, seed, start, out), threads): (
+                name,
+                seed,
+            )
+            for name, seed in tasks
+        }
+        for done, future in enumerate(as_completed(futures), 1):
+            name, seed = futures[future]
+            s = results[name][seed] = future.result()
+            print(
+                f"[{done}/{len(tasks)}] {name} seed {seed}: entropy {s['entropy_end']:.3f}, "
+                f"acc {s['accuracy_end']:.3f}, {s['pass_at_k']} {s['pass_at_k_end']:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    summary = {
+        "seeds": list(range(seeds)),
+        "confidence": 0.95,
+        "jobs": jobs,
+        "threads_per_run": threads,
+        "steps": base["trainer"]["steps"],
+        "warm_start": str(start),
+        "methods": aggregate(results),
+    }
+    from entroprl.report import compare_runs
+
+    # The comparison pools each method's seeds (they share its folder) into one law fit.
+    report = compare_runs(
+        [out / name / f"seed_{s}" for name in methods for s in range(seeds)],
+        out / "analysis",
+        pool=True,
+    )
+    pools = json.loads((report.parent / "comparison.json").read_text())["pools"]
     for name in methods:
-        values = _merge(base, METHODS[name])
-        values = _merge(
-            values, {"model": {"path": str(start)}, "trainer": {"out_dir": str(out / name)}}
-        )
-        t = time.perf_counter()
-        print(f"{name}: training ...", flush=True)
-        Trainer(config_from_dict(values)).train(overwrite=True)  # the demo owns its folders
-        summary[name] = summarize_run(out / name)
-        print(f"  {name} done in {time.perf_counter() - t:.0f} s", flush=True)
+        summary["methods"][name]["law"] = pools[name]
+    summary["wall_s"] = time.perf_counter() - t0
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print()
-    print(format_table(summary))
-    from entroprl.report import analyze_run, compare_runs
-
-    for name in methods:
-        analyze_run(out / name, out / name / "analysis")
-    report = compare_runs([out / m for m in methods], out / "analysis")
-    print(f"\nsummary: {out / 'summary.json'}  (total {time.perf_counter() - t0:.0f} s)")
-    print(f"analysis report: {report}  (one per method: {out}/<method>/analysis/report.html)")
+    print(format_table(summary["methods"]))
+    print(f"\nsummary: {out / 'summary.json'}  (total {summary['wall_s']:.0f} s)")
+    print(f"comparison report: {report}  (one per run: {out}/<method>/seed_<k>/analysis/)")
     return summary
+
+
+def _run_values(base: dict, name: str, seed: int, start: Path, out: Path) -> dict[str, Any]:
+    values = _merge(base, METHODS[name])
+    return _merge(
+        values,
+        {
+            "model": {"path": str(start)},
+            "trainer": {
+                "out_dir": str(out / name / f"seed_{seed}"),
+                "seed": seed,
+                "progress": False,
+            },
+        },
+    )

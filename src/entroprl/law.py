@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from entroprl.stats import Interval, percentile_interval
+
 _MAX_EXP = math.log(np.finfo(np.float64).max)
 
 
@@ -148,6 +150,31 @@ class Forecast:
         }
 
 
+def _forecast_split(
+    h: np.ndarray, r: np.ndarray, fit_fraction: float, min_points: int
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """`n_fit`, and the positions of the usable pairs in the fit part and after it (`forecast`)."""
+    if not 0 < fit_fraction < 1:
+        raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
+    if min_points < 2:
+        raise ValueError(f"min_points must be at least 2 (a line needs 2 points), got {min_points}")
+    steps = h.size
+    # The tolerance keeps products such as 0.55 * 100 = 55.00000000000001 from rounding up a step.
+    n_fit = math.ceil(fit_fraction * steps - 1e-9)
+    usable = ~(np.isnan(h) | np.isnan(r))
+    head = np.flatnonzero(usable[:n_fit])
+    if head.size < min_points:
+        raise ValueError(
+            f"the first {n_fit} of {steps} steps (fit_fraction={fit_fraction}) hold {head.size} "
+            f"usable points (entropy and performance both present); min_points={min_points} are "
+            "needed"
+        )
+    rest = np.flatnonzero(usable[n_fit:]) + n_fit
+    if rest.size == 0:
+        raise ValueError(f"no usable point after the first {n_fit} steps: nothing to forecast")
+    return n_fit, head, rest
+
+
 def forecast(entropy, performance, *, fit_fraction: float = 0.15, min_points: int = 3) -> Forecast:
     """Fit the law on the start of a run and predict the performance of the rest (algorithms.md §9).
 
@@ -163,26 +190,8 @@ def forecast(entropy, performance, *, fit_fraction: float = 0.15, min_points: in
     fewer than `min_points` usable pairs, no usable pair follows it, or as `fit_law` does.
     """
     h, r = _paired(entropy, performance)
-    if not 0 < fit_fraction < 1:
-        raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
-    if min_points < 2:
-        raise ValueError(f"min_points must be at least 2 (a line needs 2 points), got {min_points}")
-    steps = h.size
-    # The tolerance keeps products such as 0.55 * 100 = 55.00000000000001 from rounding up a step.
-    n_fit = math.ceil(fit_fraction * steps - 1e-9)
-    usable = ~(np.isnan(h) | np.isnan(r))
-    head = usable[:n_fit]
-    n_head = int(head.sum())
-    if n_head < min_points:
-        raise ValueError(
-            f"the first {n_fit} of {steps} steps (fit_fraction={fit_fraction}) hold {n_head} "
-            f"usable points (entropy and performance both present); min_points={min_points} are "
-            "needed"
-        )
-    fit = _fit(h[:n_fit][head], r[:n_fit][head])
-    rest = np.flatnonzero(usable[n_fit:]) + n_fit
-    if rest.size == 0:
-        raise ValueError(f"no usable point after the first {n_fit} steps: nothing to forecast")
+    n_fit, head, rest = _forecast_split(h, r, fit_fraction, min_points)
+    fit = _fit(h[head], r[head])
     predicted = fit.predict(h[rest])
     actual = r[rest]
     err = predicted - actual
@@ -195,6 +204,135 @@ def forecast(entropy, performance, *, fit_fraction: float = 0.15, min_points: in
         rmse=math.sqrt(float(np.mean(err**2))),
         final_error=float(err[-1]),
     )
+
+
+def _fit_rows(h: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_fit`'s a and b for every row of two (rows, n) arrays at once; NaN for a row whose entropy
+    is constant (a resample that drew one point only)."""
+    x = np.exp(h)
+    dx = x - x.mean(axis=1, keepdims=True)
+    dy = r - r.mean(axis=1, keepdims=True)
+    # The spread, not sum(dx^2) == 0, finds constant rows: the mean of equal values can round.
+    flat = np.ptp(x, axis=1) == 0
+    sxx = np.where(flat, 1.0, (dx * dx).sum(axis=1))
+    a = np.where(flat, np.nan, -(dx * dy).sum(axis=1) / sxx)
+    return a, r.mean(axis=1) + a * x.mean(axis=1)
+
+
+def _resample_fits(
+    h: np.ndarray, r: np.ndarray, resamples: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    idx = rng.integers(0, h.size, size=(resamples, h.size))
+    return _fit_rows(h[idx], r[idx])
+
+
+def _usable_pairs(runs) -> list[tuple[np.ndarray, np.ndarray]]:
+    pairs = [_paired(h, r) for h, r in runs]
+    if not pairs:
+        raise ValueError("the law needs at least one run")
+    return pairs
+
+
+@dataclass(frozen=True, eq=False)
+class LawIntervals:
+    """The law fitted on the points of one or more runs pooled, with bootstrap intervals.
+
+    `a`, `b` and `ceiling` are percentile intervals over `resamples` fits to the pooled points
+    drawn with replacement; `a_samples` and `b_samples` are those fits (NaN where a resample's
+    entropy was constant), for bands (`band`)."""
+
+    fit: LawFit
+    runs: int
+    a: Interval
+    b: Interval
+    ceiling: Interval
+    a_samples: np.ndarray
+    b_samples: np.ndarray
+
+    def band(self, entropy, confidence: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pointwise percentile band of the bootstrap laws' predictions at each `entropy`."""
+        c = self.a.confidence if confidence is None else confidence
+        keep = ~np.isnan(self.a_samples)
+        h = np.asarray(entropy, dtype=np.float64)
+        pred = -self.a_samples[keep, None] * np.exp(h)[None, :] + self.b_samples[keep, None]
+        low, high = np.quantile(pred, [(1 - c) / 2, (1 + c) / 2], axis=0)
+        return low, high
+
+    def to_dict(self) -> dict:
+        return {
+            **self.fit.to_dict(),
+            "runs": self.runs,
+            "resamples": int(self.a_samples.size),
+            "interval": {k: getattr(self, k).to_dict() for k in ("a", "b", "ceiling")},
+        }
+
+
+def law_intervals(
+    runs, *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> LawIntervals:
+    """`fit_law` on the usable pairs of all `runs` together, with bootstrap intervals over points.
+
+    `runs` is a sequence of (entropy, performance) pairs of per-step arrays, one per run (seeds of
+    one method); pairs with a NaN are dropped as in `fit_law`. Each of `resamples` fits draws as
+    many pooled points as there are, with replacement (a generator seeded by `seed`); the interval
+    of a, b and ceiling = b - a is the (1 - c)/2 and (1 + c)/2 quantile of those fits. Points of
+    one run are treated as independent, which a smoothed performance series is not: there the
+    intervals are too narrow.
+
+    Raises ValueError on no runs, `resamples` < 1, `confidence` outside (0, 1), and as `fit_law`
+    does on the pooled points.
+    """
+    pairs = _usable_pairs(runs)
+    h = np.concatenate([h for h, _ in pairs])
+    r = np.concatenate([r for _, r in pairs])
+    usable = ~(np.isnan(h) | np.isnan(r))
+    h, r = h[usable], r[usable]
+    fit = _fit(h, r)
+    a, b = _resample_fits(h, r, resamples, np.random.default_rng(seed))
+    return LawIntervals(
+        fit=fit,
+        runs=len(pairs),
+        a=percentile_interval(a, fit.a, confidence),
+        b=percentile_interval(b, fit.b, confidence),
+        ceiling=percentile_interval(b - a, fit.ceiling, confidence),
+        a_samples=a,
+        b_samples=b,
+    )
+
+
+def forecast_error_interval(
+    runs,
+    *,
+    fit_fraction: float = 0.15,
+    min_points: int = 3,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[LawFit, Interval]:
+    """The forecast of `forecast` pooled over runs: the law fitted on the fit parts (the first
+    `fit_fraction` of each run's steps) of all `runs` together, and its error at each run's last
+    usable step, ``mean over runs of (predicted - actual)``, with a bootstrap interval over the
+    pooled fit-part points (so it carries the fit's uncertainty, not the last points' noise).
+
+    Returns (the fit, the interval of the error). Raises ValueError as `forecast` does for any run,
+    and as `law_intervals` does.
+    """
+    pairs = _usable_pairs(runs)
+    heads, ends = [], []
+    for h, r in pairs:
+        _, head, rest = _forecast_split(h, r, fit_fraction, min_points)
+        heads.append((h[head], r[head]))
+        ends.append((h[rest[-1]], r[rest[-1]]))
+    hh = np.concatenate([h for h, _ in heads])
+    rr = np.concatenate([r for _, r in heads])
+    end_h, end_r = np.array(ends).T
+    fit = _fit(hh, rr)
+    a, b = _resample_fits(hh, rr, resamples, np.random.default_rng(seed))
+    errors = (-a[:, None] * np.exp(end_h)[None, :] + b[:, None] - end_r[None, :]).mean(axis=1)
+    estimate = float(np.mean(fit.predict(end_h) - end_r))
+    return fit, percentile_interval(errors, estimate, confidence)
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,7 +360,7 @@ def _check_window(name: str, value: int, least: int) -> None:
         raise ValueError(f"{name} must be an odd integer >= {least} (centered window), got {value}")
 
 
-def _centered_mean(y: np.ndarray, window: int) -> np.ndarray:
+def centered_mean(y: np.ndarray, window: int) -> np.ndarray:
     """Centered moving average whose half-width shrinks symmetrically near the ends."""
     n = y.size
     i = np.arange(n)
@@ -289,7 +427,7 @@ def detect_stages(
     # Centering on the first value makes a constant curve exactly zero, so its slopes are exactly
     # zero rather than rounding noise that the relative threshold would then amplify.
     base = core[0]
-    smooth = _centered_mean(core - base, smooth_window)
+    smooth = centered_mean(core - base, smooth_window)
     slope = _windowed_slope(smooth, slope_window)
     magnitude = np.abs(slope)
     peak = int(np.argmax(magnitude))

@@ -21,8 +21,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from entroprl.analysis import RunAnalysis, analyze, load_run
+from entroprl.analysis import RunAnalysis, analyze, law_arrays, load_run
+from entroprl.law import forecast_error_interval, law_intervals
 from entroprl.rundir import atomic_write_text, make_dir
+from entroprl.stats import Interval
 
 _TITLES = {
     "stages": "Training stages",
@@ -253,6 +255,20 @@ def _perplexity_figure(result: RunAnalysis, path: Path) -> Path:
 # -- one run -----------------------------------------------------------------------------------
 
 
+def _smooth_note(smooth: int) -> str:
+    if smooth == 1:
+        return "Performance as logged (no smoothing; --smooth N averages N neighbouring values)."
+    return (
+        f"Performance smoothed by a {smooth}-point centered moving average (--smooth {smooth}) "
+        "before fitting; neighbouring points then share noise, so the bootstrap intervals, which "
+        "treat points as independent, are too narrow."
+    )
+
+
+def _bounds(interval: Interval | None) -> list[float | None]:
+    return [None, None] if interval is None else [interval.low, interval.high]
+
+
 def _section_html(result: RunAnalysis, section: str, out: Path) -> str:
     title = f"<h2>{_TITLES[section]}</h2>"
     if section in result.omitted:
@@ -268,10 +284,12 @@ def _section_html(result: RunAnalysis, section: str, out: Path) -> str:
         criterion = html.escape(result.stages.criterion)
         return f'{title}<p>{found}</p><p class="note">Criterion: {criterion}.</p>'
     if section == "law":
-        law = result.law
+        law, ci = result.law, result.law_intervals
         text = (
             f"<p>R = -a&middot;exp(H) + b fitted on {law.n} evaluations; predicted ceiling "
-            f"b - a = <b>{law.ceiling:.4f}</b> (accuracy at entropy 0).</p>"
+            f"b - a = <b>{law.ceiling:.4f}</b> (accuracy at entropy 0), 95% bootstrap interval "
+            f"[{ci.ceiling.low:.4f}, {ci.ceiling.high:.4f}] ({ci.a_samples.size} resamples of the "
+            f'points).</p><p class="note">{html.escape(_smooth_note(result.smooth))}</p>'
         )
         if result.interpolated:
             text += (
@@ -280,8 +298,11 @@ def _section_html(result: RunAnalysis, section: str, out: Path) -> str:
                 "logged steps.</p>"
             )
         img = _img(_law_figure(result, out / "law.png"), "accuracy against entropy")
-        rows = [[k, law.to_dict()[k]] for k in ("a", "b", "ceiling", "r2", "rmse", "n")]
-        return title + text + img + _table(["", "value"], rows)
+        rows = [
+            [k, law.to_dict()[k], *_bounds(getattr(ci, k, None))]
+            for k in ("a", "b", "ceiling", "r2", "rmse", "n")
+        ]
+        return title + text + img + _table(["", "value", "95% low", "95% high"], rows)
     if section == "forecast":
         f, first = result.forecast, result.forecast_first_step
         return (
@@ -290,7 +311,9 @@ def _section_html(result: RunAnalysis, section: str, out: Path) -> str:
             f"{f.fit.a:.4g}, b = {f.fit.b:.4g}) and applied to the entropy of the "
             f"{f.steps_rest.size} later evaluations: RMSE <b>{f.rmse:.4f}</b>, error at the "
             f"last one (step {int(f.steps_rest[-1]) + first}) <b>{f.final_error:+.4f}</b> "
-            "(predicted - measured). The right panel of the figure above draws it.</p>"
+            f"(predicted - measured; 95% bootstrap interval over the fit points "
+            f"[{result.forecast_error.low:+.4f}, {result.forecast_error.high:+.4f}]). The right "
+            "panel of the figure above draws it.</p>"
         )
     if section == "dynamics":
         d = result.dynamics
@@ -370,11 +393,13 @@ def analyze_run(
     out: str | Path | None = None,
     *,
     fit_fraction: float = 0.15,
+    smooth: int = 1,
     entropy_key: str | None = None,
     accuracy_key: str | None = None,
 ) -> Path:
     """Analyse one run (any format of `entroprl.foreign`) and write its report; returns the path
-    of report.html. `out` defaults to RUN/analysis (RUN_STEM_analysis beside a log file).
+    of report.html. `out` defaults to RUN/analysis (RUN_STEM_analysis beside a log file);
+    `smooth` is the window of `analysis.smooth_performance` (1: the performance as logged).
 
     Raises ValueError when the run cannot be read or nothing in it can be mapped; a section the
     run lacks the inputs for is omitted with its reason, in the HTML and in analysis.json.
@@ -382,7 +407,9 @@ def analyze_run(
     run = Path(run)
     out = Path(out) if out is not None else _default_out(run)
     result = analyze(
-        load_run(run, entropy_key=entropy_key, accuracy_key=accuracy_key), fit_fraction=fit_fraction
+        load_run(run, entropy_key=entropy_key, accuracy_key=accuracy_key),
+        fit_fraction=fit_fraction,
+        smooth=smooth,
     )
     make_dir(out)
     body = [
@@ -467,17 +494,108 @@ def _summary(result: RunAnalysis) -> dict[str, Any]:
     }
 
 
+def _pool_names(paths: list[Path]) -> list[str]:
+    """Each run's pool: the name of the folder that holds it (the demo's METHOD/seed_K)."""
+    return [path.resolve().parent.name for path in paths]
+
+
+def _pooled(results: list[RunAnalysis], fit_fraction: float) -> dict[str, Any]:
+    """The law on the points of `results` together (`law.law_intervals`) and the pooled 15%
+    forecast's error (`law.forecast_error_interval`), each None with a reason when it fails."""
+    pool: dict[str, Any] = {"runs": [r.run.name for r in results], "law": None, "forecast": None}
+    try:
+        arrays = [law_arrays(r)[1:3] for r in results]
+        h, r = np.concatenate([h for h, _ in arrays]), np.concatenate([r for _, r in arrays])
+        pool["points"] = (h[~np.isnan(r)], r[~np.isnan(r)])
+        pool["law"] = law_intervals(arrays)
+        pool["forecast"] = forecast_error_interval(arrays, fit_fraction=fit_fraction)
+    except ValueError as e:
+        pool["omitted"] = str(e)
+    return pool
+
+
+def _pool_dict(pool: dict[str, Any]) -> dict[str, Any]:
+    fc = pool["forecast"]
+    return {
+        "runs": pool["runs"],
+        "law": pool["law"].to_dict() if pool["law"] is not None else None,
+        "forecast": {"fit": fc[0].to_dict(), "final_error": fc[1].to_dict()} if fc else None,
+        **({"omitted": pool["omitted"]} if "omitted" in pool else {}),
+    }
+
+
+def _pooled_figure(pools: dict[str, dict[str, Any]], path: Path) -> Path:
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, pool) in enumerate(pools.items()):
+        law, color = pool["law"], f"C{i % 10}"
+        if law is None:
+            continue
+        h, r = pool["points"]
+        ax.scatter(h, r, s=10, color=color, alpha=0.45)
+        grid = np.linspace(0.0, float(h.max()) * 1.05, 100)
+        low, high = law.band(grid)
+        ax.fill_between(grid, low, high, color=color, alpha=0.2, lw=0)
+        ax.plot(
+            grid,
+            law.fit.predict(grid),
+            color=color,
+            lw=1.4,
+            label=f"{name} ({law.runs} runs): ceiling {law.ceiling.estimate:.3f} "
+            f"[{law.ceiling.low:.3f}, {law.ceiling.high:.3f}]",
+        )
+    ax.set_xlabel("entropy H")
+    ax.set_ylabel("validation accuracy R")
+    ax.set_title("law fitted on each pool's points; band: 95% bootstrap", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _ci(interval: Interval, digits: int = 4) -> str:
+    return f"{interval.estimate:.{digits}g} [{interval.low:.{digits}g}, {interval.high:.{digits}g}]"
+
+
+def _pooled_html(pools: dict[str, dict[str, Any]], out: Path) -> str:
+    rows = []
+    for name, pool in pools.items():
+        law, fc = pool["law"], pool["forecast"]
+        rows.append(
+            [name, len(pool["runs"])]
+            + (
+                [law.fit.n, _ci(law.a), _ci(law.b), _ci(law.ceiling), law.fit.r2]
+                if law is not None
+                else [None] * 5
+            )
+            + [_ci(fc[1]) if fc else pool.get("omitted")]
+        )
+    head = ["pool", "runs", "points", "a", "b", "ceiling", "R²", "forecast final error"]
+    img = _img(_pooled_figure(pools, out / "pooled_law.png"), "pooled law fits")
+    return (
+        "<h2>Law fitted on the pooled runs</h2><p>Runs in one folder (seeds of one method) are "
+        "pooled: R = -a&middot;exp(H) + b fitted on all their evaluations together, with 95% "
+        "percentile intervals over 1000 bootstrap resamples of the points. The forecast is fitted "
+        "on the pooled first part of each run and its error is the mean over the runs of "
+        "(predicted - measured) at their last evaluation.</p>" + img + _table(head, rows)
+    )
+
+
 def compare_runs(
     runs: list[str | Path],
     out: str | Path,
     *,
     fit_fraction: float = 0.15,
+    smooth: int = 1,
+    pool: bool = False,
     entropy_key: str | None = None,
     accuracy_key: str | None = None,
 ) -> Path:
     """Overlay the entropy and accuracy curves and law fits of several runs (any formats) and
     tabulate their final metrics and law fits; returns the path of OUT/report.html (beside it
-    compare.png and comparison.json). The key options apply to every run.
+    compare.png and comparison.json). The key and `smooth` options apply to every run. With
+    `pool`, the runs held by one folder are also fitted together (`_pooled`), drawn with their
+    bootstrap band in pooled_law.png, and tabulated.
 
     Raises ValueError on no runs or a run that cannot be read.
     """
@@ -488,6 +606,7 @@ def compare_runs(
         analyze(
             load_run(p, entropy_key=entropy_key, accuracy_key=accuracy_key, name=n),
             fit_fraction=fit_fraction,
+            smooth=smooth,
         )
         for p, n in zip(paths, _unique_names(paths), strict=True)
     ]
@@ -531,7 +650,15 @@ def compare_runs(
         + _table(head, rows)
         + omitted
     )
-    _write_json(out / "comparison.json", {"fit_fraction": fit_fraction, "runs": summaries})
+    data: dict[str, Any] = {"fit_fraction": fit_fraction, "smooth": smooth, "runs": summaries}
+    if pool:
+        members: dict[str, list[RunAnalysis]] = {}
+        for name, result in zip(_pool_names(paths), results, strict=True):
+            members.setdefault(name, []).append(result)
+        pools = {name: _pooled(rs, fit_fraction) for name, rs in members.items()}
+        body += _pooled_html(pools, out)
+        data["pools"] = {name: _pool_dict(p) for name, p in pools.items()}
+    _write_json(out / "comparison.json", data)
     report = out / "report.html"
     atomic_write_text(report, _page(f"entroprl comparison of {len(results)} runs", body))
     return report
