@@ -36,12 +36,13 @@ from entroprl.advantages import (
 from entroprl.backends import make_backend
 from entroprl.checks import NonFiniteError
 from entroprl.config import Config
-from entroprl.entropy import batch_entropy, logprobs_and_entropy
+from entroprl.entropy import batch_entropy
 from entroprl.errors import ConfigError, TrainingError
 from entroprl.evaluation import evaluate, score_samples
+from entroprl.forward import batched_log_probs, forward_log_probs
 from entroprl.law import detect_plateau_online
 from entroprl.policy import load_policy, pick_device
-from entroprl.rollout import RolloutBatch, concat_batches, position_ids
+from entroprl.rollout import RolloutBatch, concat_batches
 from entroprl.rundir import RunDir
 from entroprl.tasks.base import Task
 from entroprl.tasks.registry import build_task
@@ -67,52 +68,6 @@ class UpdateBatch:
     def rows(self, index: Tensor) -> UpdateBatch:
         take = lambda t: None if t is None else t[index]  # noqa: E731
         return UpdateBatch(*(take(getattr(self, f)) for f in self.__dataclass_fields__))
-
-
-def forward_log_probs(
-    model,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    response_len: int,
-    *,
-    temperature: float = 1.0,
-    entropy_grad: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Log-probs of the response tokens and their entropies, from one forward pass.
-
-    Only the last R + 1 positions' logits are computed (`logits_to_keep`): the prompt's logits are
-    never needed.
-    """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        logits_to_keep=response_len + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1]
-    return logprobs_and_entropy(
-        logits, input_ids[:, -response_len:], temperature=temperature, entropy_grad=entropy_grad
-    )
-
-
-@torch.no_grad()
-def batched_log_probs(
-    model, batch: RolloutBatch | UpdateBatch, micro_batch_size: int, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """`forward_log_probs` over a whole batch in micro-batches, without gradient."""
-    R = batch.response_mask.shape[1]
-    parts = [
-        forward_log_probs(
-            model,
-            batch.input_ids[i : i + micro_batch_size],
-            batch.attention_mask[i : i + micro_batch_size],
-            R,
-            temperature=temperature,
-        )
-        for i in range(0, batch.input_ids.shape[0], micro_batch_size)
-    ]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def update_policy(
