@@ -20,6 +20,8 @@ import inspect
 import torch
 from torch import Tensor
 
+from entroprl import parallel
+
 
 def position_ids(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding, as `generate` uses them: training must match sampling."""
@@ -29,7 +31,8 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 def cache_keyword(model) -> str:
     """The name of the KV cache in `model`'s forward and output: `cache` from transformers 5.2x
     on (the old name still works there, with a deprecation warning), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    forward = parallel.unwrapped(model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def sampling_scores(logits: Tensor, temperature: float, top_p: float) -> Tensor:

@@ -144,7 +144,11 @@ def update_policy(
                     sel_logp = mini.old_log_prob
                 elif len(micro_starts) > 1:
                     sel_logp, _ = batched_log_probs(
-                        model, mini, o.log_prob_rows, config.rollout.temperature
+                        model,
+                        mini,
+                        o.log_prob_rows,
+                        config.rollout.temperature,
+                        shared_prefix=o.shared_prefix,
                     )
                 else:  # the training forward of the single micro-batch gives them, below
                     sel_logp = None
@@ -176,6 +180,7 @@ def update_policy(
                         R,
                         temperature=config.rollout.temperature,
                         entropy_grad=entropy_coef > 0,
+                        shared_prefix=o.shared_prefix,
                     )
                     if epoch == 0:
                         seen_log_prob[mini_rows[rows]] = log_prob.detach()
@@ -685,7 +690,11 @@ class Trainer:
         ref = None
         if self.ref_model is not None:
             ref, _ = batched_log_probs(
-                self.ref_model, batch, c.optim.log_prob_rows, c.rollout.temperature
+                self.ref_model,
+                batch,
+                c.optim.log_prob_rows,
+                c.rollout.temperature,
+                shared_prefix=c.optim.shared_prefix,
             )
         # update
         update_batch = UpdateBatch(
@@ -721,7 +730,9 @@ class Trainer:
             self.entropy_controller.update(ent["seq_mean_token_mean"])
         every = c.trainer.entropy_change_every
         if every and step % every == 0:
-            _, entropy_after = batched_log_probs(self.model, batch, c.optim.log_prob_rows, 1.0)
+            _, entropy_after = batched_log_probs(
+                self.model, batch, c.optim.log_prob_rows, 1.0, shared_prefix=c.optim.shared_prefix
+            )
             after = batch_entropy(entropy_after, train_mask)["seq_mean_token_mean"]
             metrics["dynamics/entropy_change"] = after - ent["seq_mean_token_mean"]
         t_end = time.perf_counter()
@@ -747,9 +758,12 @@ class Trainer:
         temperature is not 1)."""
         c = self.config
         rows, temperature = c.optim.log_prob_rows, c.rollout.temperature
-        log_prob, entropy = batched_log_probs(self.model, batch, rows, temperature)
+        shared = c.optim.shared_prefix
+        log_prob, entropy = batched_log_probs(
+            self.model, batch, rows, temperature, shared_prefix=shared
+        )
         if temperature != 1.0:
-            _, entropy = batched_log_probs(self.model, batch, rows, 1.0)
+            _, entropy = batched_log_probs(self.model, batch, rows, 1.0, shared_prefix=shared)
         return log_prob, entropy
 
     def record_entropy(self, entropy: Tensor, mask: Tensor, step: int) -> None:
