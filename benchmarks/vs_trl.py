@@ -7,9 +7,9 @@ random-init tiny Qwen2 (hidden 128 or 256, 4 layers, head_dim 32, the char vocab
 and loaded by both; the built-in Countdown task's prompts (the same strings for both, with its
 verifier as the reward); 16 prompts x 8 completions per step, up to 24 new tokens, temperature 1,
 one optimizer step per rollout step (one mini-batch of 128, one forward/backward of 128), token-mean
-loss (TRL's `dapo`), no KL, lr 1e-6. entroprl runs with its defaults otherwise (diagnostics on:
-entropy, covariances, predicted entropy change, the measured change every 10 steps), plus each
-`--variants` entry.
+loss (TRL's `dapo`), no KL, lr 1e-6, no gradient checkpointing (TRL's default has it). entroprl
+runs with its defaults otherwise (diagnostics on: entropy, covariances, predicted entropy change,
+the measured change every 10 steps), plus each `--variants` entry.
 
 Each run is a fresh process with 2 torch threads; the frameworks alternate (which goes first
 alternates by repeat). A step's time is the wall time between the ends of consecutive steps
@@ -117,6 +117,9 @@ def run_trl(model_dir: str, steps: int, seed: int) -> dict:
             loss_type="dapo",
             num_iterations=1,
             gradient_accumulation_steps=1,
+            # TRL's default recomputes the forward in the backward to save memory; entroprl's
+            # does not (model.gradient_checkpointing=false), and these models need no saving
+            gradient_checkpointing=False,
             max_steps=steps,
             logging_steps=1,
             save_strategy="no",
