@@ -133,11 +133,13 @@ class HFBackend:
     seed), in chunks of `batch_size` sequences.
 
     `temperature=0` decodes greedily. The policy's own distribution is sampled: temperature and
-    top-p only, never the model's `generation_config` (whose top-k, repetition penalty and the like
-    `model.generate` would apply). With `progress`, a bar follows the chunks of calls that need more
+    top-p only, not the model's `generation_config` (whose top-k, repetition penalty and the like
+    `model.generate` would add). With `progress`, a bar follows the chunks of calls that need more
     than one. `synced` is for a model sharded over ranks (FSDP): every rank keeps stepping until all
-    ranks' sequences have stopped, through `model.generate(synced_gpus=True)` (rows are not
-    dropped there); every rank must then make the same calls with the same number of prompts. A
+    ranks' sequences have stopped, so it samples with `model.generate(synced_gpus=True)`, which
+    keeps the ranks' forwards in step (no rows dropped, each prompt prefilled n times, the model's
+    generation_config applied); every rank must then make the same calls with the same number of
+    prompts. A
     sharded model is gathered once for each call (a whole copy in its compute dtype on every rank,
     as verl's Hugging Face rollout does), not for every token.
     """
@@ -207,7 +209,14 @@ class HFBackend:
         )
 
     def _sample(
-        self, ids: Tensor, mask: Tensor, counts: Tensor, *, temperature, top_p, max_new_tokens
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        counts: Tensor,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
     ) -> Tensor:
         """Responses (counts.sum(), T) to the distinct prompts `ids`, `counts[i]` to prompt i."""
         tok = self.tokenizer
