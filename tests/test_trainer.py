@@ -415,9 +415,9 @@ def test_no_grad_passes_use_their_own_micro_batch(tiny_policy, tmp_path, monkeyp
     calls = []
     real = trainer_module.batched_log_probs
 
-    def recording(model, batch, micro_batch_size, temperature):
+    def recording(model, batch, micro_batch_size, temperature, **kwargs):
         calls.append(micro_batch_size)
-        return real(model, batch, micro_batch_size, temperature)
+        return real(model, batch, micro_batch_size, temperature, **kwargs)
 
     monkeypatch.setattr(trainer_module, "batched_log_probs", recording)
     model, tok = tiny_policy

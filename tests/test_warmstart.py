@@ -143,41 +143,66 @@ def test_config_validation_and_cache_key():
 # ---------------------------------------------------------------- evaluation
 
 
-class ScriptedModel:
-    """Stands in for a causal LM: answers each prompt with a fixed text, with chosen logits.
+class ScriptedCache:
+    """The token history of each row, in the batch order of the sampler's cache."""
 
-    Logits at a valid response step are flat over the first `k_valid[prompt]` ids (entropy
-    log k) and -1e4 elsewhere; after EOS they are flat over 7 ids, which must not count.
+    def __init__(self, rows: list[list[int]]):
+        self.rows = rows
+
+    def batch_select_indices(self, index):
+        self.rows = [list(self.rows[i]) for i in index.tolist()]
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a causal LM that answers each prompt with a fixed text, with chosen logits.
+
+    At a valid response step the logits are near-flat over `k_valid[prompt]` ids, the answer's
+    next token 1e-3 above the others (greedy decoding picks it; the entropy is log k to 1e-6),
+    and -1e4 elsewhere; after EOS they are flat over 7 ids, which must not count.
     """
 
     def __init__(self, tok, answers: dict[str, str], k_valid: dict[str, int]):
+        super().__init__()
         self.tok, self.answers, self.k_valid = tok, answers, k_valid
-        self.training = True
-        self.calls = 0
+        self.device_anchor = torch.nn.Parameter(torch.zeros(1))
+        self.prefills = 0
 
-    def eval(self):
-        self.training = False
-        return self
+    def next_logits(self, history: list[int]) -> torch.Tensor:
+        logits = torch.full((len(self.tok),), -1e4)
+        history = [t for t in history if t != self.tok.pad_token_id]
+        text = self.tok.decode(history, skip_special_tokens=True)
+        prompt, _, response = text.partition("=")
+        prompt += "="
+        if self.tok.eos_token_id in history:
+            logits[:7] = 0.0
+            return logits
+        answer = [*self.tok(self.answers[prompt])["input_ids"], self.tok.eos_token_id]
+        k = self.k_valid[prompt]
+        token = answer[len(response)]
+        others = [i for i in range(len(logits)) if i != token][: k - 1]
+        logits[others] = -1e-3
+        logits[token] = 0.0
+        return logits
 
-    def train(self, mode=True):
-        self.training = mode
-        return self
-
-    def generate(self, input_ids, attention_mask, **kw):
-        self.calls += 1
-        prompts = self.tok.batch_decode(input_ids, skip_special_tokens=True)
-        answers = [[*self.tok(self.answers[p])["input_ids"], 1] for p in prompts]
-        width = max(map(len, answers))
-        vocab = len(self.tok)
-        resp = torch.zeros(len(prompts), width, dtype=torch.long)
-        logits = torch.full((width, len(prompts), vocab), -1e4)
-        for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-            resp[i, : len(a)] = torch.tensor(a)
-            logits[: len(a), i, : self.k_valid[p]] = 0.0
-            logits[len(a) :, i, :7] = 0.0
-        return SimpleNamespace(
-            sequences=torch.cat([input_ids, resp], dim=1), logits=tuple(logits.unbind(0))
-        )
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        use_cache,
+        logits_to_keep=0,
+        past_key_values=None,
+    ):
+        if past_key_values is None:
+            self.prefills += use_cache
+            past_key_values = ScriptedCache([[] for _ in range(len(input_ids))])
+        keep = logits_to_keep or input_ids.shape[1]
+        logits = []
+        for row, ids in zip(past_key_values.rows, input_ids.tolist(), strict=True):
+            row += ids
+            ends = range(len(row) - keep + 1, len(row) + 1)
+            logits.append(torch.stack([self.next_logits(row[:end]) for end in ends]))
+        return SimpleNamespace(logits=torch.stack(logits), past_key_values=past_key_values)
 
 
 def test_evaluate_accuracy_against_hand_values(tok):
@@ -189,7 +214,7 @@ def test_evaluate_accuracy_against_hand_values(tok):
     answers = {"3 5 7>22=": "3*5+7", "1 2 9>3=": "1+2", "4 4 8>2=": "8-4-4"}
     k_valid = {"3 5 7>22=": 2, "1 2 9>3=": 4, "4 4 8>2=": 3}
     model = ScriptedModel(tok, answers, k_valid)
-    res = evaluate_accuracy(model, tok, problems, num_samples=2, batch_size=4)
+    res = evaluate_accuracy(model, tok, problems, num_samples=2, greedy=True, batch_size=4)
     # Lengths with EOS: 6, 4, 6. Third answer is 0, not 2.
     lengths = [6, 4, 6]
     ent = [math.log(2), math.log(4), math.log(3)]
@@ -199,7 +224,7 @@ def test_evaluate_accuracy_against_hand_values(tok):
     assert res.mean_entropy == pytest.approx(sum(ent) / 3, rel=1e-5)
     token_mean = sum(n * h for n, h in zip(lengths, ent, strict=True)) / sum(lengths)
     assert res.token_mean_entropy == pytest.approx(token_mean, rel=1e-5)
-    assert model.calls == 2  # 6 responses in batches of 4
+    assert model.prefills == 2  # 6 responses in batches of 4
     assert model.training  # mode restored
 
 

@@ -204,6 +204,13 @@ class OptimConfig:
     verl's log_prob_micro_batch_size); None: micro_batch_size. They keep no activations for a
     backward, so they can take several times more."""
 
+    shared_prefix: bool = False
+    """Compute each group's prompt once in the training forwards and the no-grad passes, its
+    responses attending to its keys and values ("Prefix Grouper", `forward.shared_prefix_logits`):
+    the same log-probs and gradients, to float rounding, with the prompt's share of the compute
+    divided by the group size (benchmarks/bench_prefix.py measures when it pays). Not with
+    model.gradient_checkpointing (which turns the KV cache off)."""
+
     @property
     def log_prob_rows(self) -> int:
         return self.log_prob_micro_batch_size or self.micro_batch_size
@@ -392,6 +399,11 @@ class Config:
             o.mini_batch_size % o.micro_batch_size == 0,
             "optim.mini_batch_size",
             "must be a multiple of optim.micro_batch_size",
+        )
+        need(
+            not (o.shared_prefix and self.model.gradient_checkpointing),
+            "optim.shared_prefix",
+            "needs the KV cache, which model.gradient_checkpointing turns off",
         )
         need(t.steps >= 1, "trainer.steps", "must be >= 1")
         need(t.entropy_change_every >= 0, "trainer.entropy_change_every", "must be >= 0")

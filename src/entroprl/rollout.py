@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from entroprl import parallel
+from entroprl.sampler import sample
 
 
 @dataclass
@@ -93,11 +94,6 @@ def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBat
     )
 
 
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding, as `generate` uses them: training must match sampling."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def response_mask_from_ids(response_ids: Tensor, eos_token_id: int) -> Tensor:
     """1 up to and including the first EOS of each row, 0 after it."""
     is_eos = (response_ids == eos_token_id).long()
@@ -132,13 +128,20 @@ def build_batch(
 
 
 class HFBackend:
-    """Sampling with `model.generate` (KV cache on), in chunks of `batch_size` sequences.
+    """Sampling from a Hugging Face model with a KV cache (`entroprl.sampler.sample`: each distinct
+    prompt prefilled once, finished rows dropped; the tokens `model.generate` draws under the same
+    seed), in chunks of `batch_size` sequences.
 
-    `temperature=0` decodes greedily. With `progress`, a bar follows the chunks of calls that need
-    more than one. `synced` is for a model sharded over ranks (FSDP): every rank keeps stepping
-    until all ranks' sequences have stopped; every rank must then make the same calls with the
-    same number of prompts. A sharded model is gathered once for each call (a whole copy in its
-    compute dtype on every rank, as verl's Hugging Face rollout does), not for every token.
+    `temperature=0` decodes greedily. The policy's own distribution is sampled: temperature and
+    top-p only, not the model's `generation_config` (whose top-k, repetition penalty and the like
+    `model.generate` would add). With `progress`, a bar follows the chunks of calls that need more
+    than one. `synced` is for a model sharded over ranks (FSDP): every rank keeps stepping until all
+    ranks' sequences have stopped, so it samples with `model.generate(synced_gpus=True)`, which
+    keeps the ranks' forwards in step (no rows dropped, each prompt prefilled n times, the model's
+    generation_config applied); every rank must then make the same calls with the same number of
+    prompts. A
+    sharded model is gathered once for each call (a whole copy in its compute dtype on every rank,
+    as verl's Hugging Face rollout does), not for every token.
     """
 
     def __init__(
@@ -165,6 +168,70 @@ class HFBackend:
         tok = self.tokenizer
         tok.padding_side = "left"
         device = next(self.model.parameters()).device
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        distinct_ids, distinct_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        owner = torch.arange(len(prompts), device=device).repeat_interleave(n)
+        was_training = self.model.training
+        self.model.eval()
+        chunks = []
+        starts = range(0, len(owner), self.batch_size)
+        bar = tqdm(
+            starts,
+            desc="generate",
+            unit="chunk",
+            leave=False,
+            disable=not self.progress or len(starts) == 1,
+        )
+        with parallel.gathered(self.model):  # a sharded model: gathered once, not every token
+            for start in bar:
+                # a chunk may begin or end inside a prompt's group: its prompts with their counts
+                rows, counts = owner[start : start + self.batch_size].unique_consecutive(
+                    return_counts=True
+                )
+                chunks.append(
+                    self._sample(
+                        distinct_ids[rows],
+                        distinct_mask[rows],
+                        counts,
+                        temperature=temperature,
+                        top_p=top_p,
+                        max_new_tokens=max_new_tokens,
+                    )
+                )
+        self.model.train(was_training)
+        width = max(c.shape[1] for c in chunks)
+        response = torch.cat(
+            [F.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id) for c in chunks]
+        )
+        response_mask = response_mask_from_ids(response, tok.eos_token_id)
+        return build_batch(
+            distinct_ids[owner], distinct_mask[owner], response, response_mask, tok, n
+        )
+
+    def _sample(
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        counts: Tensor,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+    ) -> Tensor:
+        """Responses (counts.sum(), T) to the distinct prompts `ids`, `counts[i]` to prompt i."""
+        tok = self.tokenizer
+        if not self.synced:
+            return sample(
+                self.model,
+                ids,
+                mask,
+                counts,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
         sampling = (
             # top_k=0: sample from the policy itself, not transformers' default top-50
             {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
@@ -177,37 +244,11 @@ class HFBackend:
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
-        repeated = [p for p in prompts for _ in range(n)]
-        enc = tok(repeated, return_tensors="pt", padding=True, add_special_tokens=False)
-        prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        was_training = self.model.training
-        self.model.eval()
-        chunks = []
-        starts = range(0, len(repeated), self.batch_size)
-        bar = tqdm(
-            starts,
-            desc="generate",
-            unit="chunk",
-            leave=False,
-            disable=not self.progress or len(starts) == 1,
+        expand = torch.arange(len(counts), device=ids.device).repeat_interleave(counts)
+        out = self.model.generate(
+            input_ids=ids[expand],
+            attention_mask=mask[expand],
+            generation_config=config,
+            synced_gpus=True,
         )
-        with parallel.gathered(self.model):  # a sharded model: gathered once, not every token
-            for start in bar:
-                rows = slice(start, start + self.batch_size)
-                out = self.model.generate(
-                    input_ids=prompt_ids[rows],
-                    attention_mask=prompt_mask[rows],
-                    generation_config=config,
-                    synced_gpus=self.synced,
-                )
-                chunks.append(out[:, prompt_ids.shape[1] :])
-        self.model.train(was_training)
-        width = max(c.shape[1] for c in chunks)
-        response = torch.cat(
-            [
-                torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id)
-                for c in chunks
-            ]
-        )
-        response_mask = response_mask_from_ids(response, tok.eos_token_id)
-        return build_batch(prompt_ids, prompt_mask, response, response_mask, tok, n)
+        return out[:, ids.shape[1] :]

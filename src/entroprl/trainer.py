@@ -36,12 +36,13 @@ from entroprl.advantages import (
 from entroprl.backends import make_backend
 from entroprl.checks import NonFiniteError
 from entroprl.config import Config
-from entroprl.entropy import batch_entropy, logprobs_and_entropy
+from entroprl.entropy import batch_entropy
 from entroprl.errors import ConfigError, TrainingError
 from entroprl.evaluation import evaluate, score_samples
+from entroprl.forward import batched_log_probs, forward_log_probs
 from entroprl.law import detect_plateau_online
 from entroprl.policy import load_policy, pick_device
-from entroprl.rollout import RolloutBatch, concat_batches, position_ids
+from entroprl.rollout import RolloutBatch, concat_batches
 from entroprl.rundir import RunDir
 from entroprl.tasks.base import Task
 from entroprl.tasks.registry import build_task
@@ -67,52 +68,6 @@ class UpdateBatch:
     def rows(self, index: Tensor) -> UpdateBatch:
         take = lambda t: None if t is None else t[index]  # noqa: E731
         return UpdateBatch(*(take(getattr(self, f)) for f in self.__dataclass_fields__))
-
-
-def forward_log_probs(
-    model,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    response_len: int,
-    *,
-    temperature: float = 1.0,
-    entropy_grad: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Log-probs of the response tokens and their entropies, from one forward pass.
-
-    Only the last R + 1 positions' logits are computed (`logits_to_keep`): the prompt's logits are
-    never needed.
-    """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        logits_to_keep=response_len + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1]
-    return logprobs_and_entropy(
-        logits, input_ids[:, -response_len:], temperature=temperature, entropy_grad=entropy_grad
-    )
-
-
-@torch.no_grad()
-def batched_log_probs(
-    model, batch: RolloutBatch | UpdateBatch, micro_batch_size: int, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """`forward_log_probs` over a whole batch in micro-batches, without gradient."""
-    R = batch.response_mask.shape[1]
-    parts = [
-        forward_log_probs(
-            model,
-            batch.input_ids[i : i + micro_batch_size],
-            batch.attention_mask[i : i + micro_batch_size],
-            R,
-            temperature=temperature,
-        )
-        for i in range(0, batch.input_ids.shape[0], micro_batch_size)
-    ]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def update_policy(
@@ -189,7 +144,11 @@ def update_policy(
                     sel_logp = mini.old_log_prob
                 elif len(micro_starts) > 1:
                     sel_logp, _ = batched_log_probs(
-                        model, mini, o.log_prob_rows, config.rollout.temperature
+                        model,
+                        mini,
+                        o.log_prob_rows,
+                        config.rollout.temperature,
+                        shared_prefix=o.shared_prefix,
                     )
                 else:  # the training forward of the single micro-batch gives them, below
                     sel_logp = None
@@ -221,6 +180,7 @@ def update_policy(
                         R,
                         temperature=config.rollout.temperature,
                         entropy_grad=entropy_coef > 0,
+                        shared_prefix=o.shared_prefix,
                     )
                     if epoch == 0:
                         seen_log_prob[mini_rows[rows]] = log_prob.detach()
@@ -731,7 +691,11 @@ class Trainer:
         ref = None
         if self.ref_model is not None:
             ref, _ = batched_log_probs(
-                self.ref_model, batch, c.optim.log_prob_rows, c.rollout.temperature
+                self.ref_model,
+                batch,
+                c.optim.log_prob_rows,
+                c.rollout.temperature,
+                shared_prefix=c.optim.shared_prefix,
             )
         # update
         update_batch = UpdateBatch(
@@ -767,7 +731,9 @@ class Trainer:
             self.entropy_controller.update(ent["seq_mean_token_mean"])
         every = c.trainer.entropy_change_every
         if every and step % every == 0:
-            _, entropy_after = batched_log_probs(self.model, batch, c.optim.log_prob_rows, 1.0)
+            _, entropy_after = batched_log_probs(
+                self.model, batch, c.optim.log_prob_rows, 1.0, shared_prefix=c.optim.shared_prefix
+            )
             after = batch_entropy(entropy_after, train_mask)["seq_mean_token_mean"]
             metrics["dynamics/entropy_change"] = after - ent["seq_mean_token_mean"]
         t_end = time.perf_counter()
@@ -793,9 +759,12 @@ class Trainer:
         temperature is not 1)."""
         c = self.config
         rows, temperature = c.optim.log_prob_rows, c.rollout.temperature
-        log_prob, entropy = batched_log_probs(self.model, batch, rows, temperature)
+        shared = c.optim.shared_prefix
+        log_prob, entropy = batched_log_probs(
+            self.model, batch, rows, temperature, shared_prefix=shared
+        )
         if temperature != 1.0:
-            _, entropy = batched_log_probs(self.model, batch, rows, 1.0)
+            _, entropy = batched_log_probs(self.model, batch, rows, 1.0, shared_prefix=shared)
         return log_prob, entropy
 
     def record_entropy(self, entropy: Tensor, mask: Tensor, step: int) -> None:

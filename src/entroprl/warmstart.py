@@ -29,9 +29,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from entroprl.entropy import logprobs_and_entropy
+from entroprl.forward import batched_log_probs
 from entroprl.models import build_model, publish_dir, tiny_config
-from entroprl.rollout import position_ids, response_mask_from_ids
+from entroprl.rollout import HFBackend
+from entroprl.sampler import position_ids
 from entroprl.tasks.countdown import (
     CountdownProblem,
     countdown_reward,
@@ -138,8 +139,9 @@ def evaluate_accuracy(
 ) -> EvalResult:
     """Generate `num_samples` responses per problem and score them with `countdown_reward`.
 
-    Sampling at `temperature` (or greedy decoding), left-padded batches, the RNG seeded with `seed`
-    and restored afterwards. Entropy is measured on the generated tokens at temperature 1.
+    Sampled by `HFBackend` at `temperature` (or greedy), `batch_size` sequences at a time, the RNG
+    seeded with `seed` and restored afterwards. Entropy is measured on the generated tokens at
+    temperature 1, by one forward over prompts and responses.
     """
     if not problems:
         raise ValueError("evaluate_accuracy got no problems")
@@ -147,43 +149,32 @@ def evaluate_accuracy(
         raise ValueError("num_samples, batch_size and max_new_tokens must be >= 1")
     if not greedy and not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    items = [p for p in problems for _ in range(num_samples)]
-    was_training = model.training
-    model.eval()
-    correct, lengths, seq_entropy, token_entropy_sum = 0.0, 0, 0.0, 0.0
+    backend = HFBackend(model, tokenizer, batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True)
-            sampling = (
-                {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature}
-            )
-            out = model.generate(
-                **enc,
-                **sampling,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-            response = out.sequences[:, enc["input_ids"].shape[1] :]
-            mask = response_mask_from_ids(response, tokenizer.eos_token_id)
-            _, entropy = logprobs_and_entropy(torch.stack(out.logits, dim=1), response)
-            entropy = entropy * mask
-            per_response = mask.sum(dim=1)
-            seq_entropy += float((entropy.sum(dim=1) / per_response.clamp(min=1)).sum())
-            token_entropy_sum += float(entropy.sum())
-            lengths += int(per_response.sum())
-            texts = tokenizer.batch_decode(response, skip_special_tokens=False)
-            correct += sum(countdown_reward(t, p) for t, p in zip(texts, chunk, strict=True))
+        batch = backend.generate(
+            [p.prompt for p in problems],
+            n=num_samples,
+            temperature=0.0 if greedy else temperature,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+        )
+    was_training = model.training
+    model.eval()
+    _, entropy = batched_log_probs(model, batch, batch_size, temperature=1.0)
+    mask = batch.response_mask
+    entropy = entropy * mask
+    per_response = mask.sum(dim=1)
+    seq_entropy = float((entropy.sum(dim=1) / per_response.clamp(min=1)).sum())
+    items = [p for p in problems for _ in range(num_samples)]
+    correct = sum(countdown_reward(t, p) for t, p in zip(batch.texts, items, strict=True))
+    lengths = int(per_response.sum())
     model.train(was_training)
     n = len(items)
     return EvalResult(
         accuracy=correct / n,
         mean_entropy=seq_entropy / n,
-        token_mean_entropy=token_entropy_sum / max(lengths, 1),
+        token_mean_entropy=float(entropy.sum()) / max(lengths, 1),
         mean_length=lengths / n,
         num_responses=n,
     )

@@ -1,0 +1,116 @@
+"""Sampling with a KV cache, each distinct prompt prefilled once, finished rows dropped.
+
+`model.generate` on a prompt repeated G times prefills it G times and keeps decoding rows that hit
+EOS until the last row stops. Here a prompt's cache is computed once and copied to its G rows, and a
+row that samples EOS leaves the batch (its cache rows too), so each step's forward runs on the rows
+still going.
+
+The draw is `model.generate`'s, token for token under the same seed: the same logits processing
+(`sampling_scores`: temperature, then top-p as transformers' `TopPLogitsWarper`, no top-k) and the
+same random numbers. `torch.multinomial` draws one sample as argmax(p / E) with E a tensor of
+Exp(1) noise the shape of p (the exponential race: P(argmax = i) = p_i); `generate` draws it for
+all of its rows, finished or not, every step, so this loop draws the same (rows, vocab) tensor each
+step and uses the rows still going.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+
+from entroprl import parallel
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as `generate` uses them: training must match sampling."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_keyword(model) -> str:
+    """The name of the KV cache in `model`'s forward and output: `cache` from transformers 5.2x
+    on (the old name still works there, with a deprecation warning), `past_key_values` before."""
+    forward = parallel.unwrapped(model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def sampling_scores(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """Float32 scores whose softmax is the sampling distribution: logits / temperature, then the
+    smallest top set whose probability exceeds `top_p` kept (at least one token), the rest -inf."""
+    scores = logits.float()
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_p < 1.0:
+        # ascending sort as transformers does it, so that ties break the same way
+        ordered, order = torch.sort(scores, descending=False)
+        remove = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+    return scores
+
+
+def exponential_race(scores: Tensor, noise: Tensor) -> Tensor:
+    """One token per row drawn from softmax(scores): argmax of p / E with E ~ Exp(1) iid
+    (`noise`, the shape of `scores`), as `torch.multinomial(p, 1)` computes it."""
+    return (scores.softmax(-1) / noise).argmax(-1)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    repeats: Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> Tensor:
+    """Responses to left-padded distinct prompts (D, P), prompt i answered `repeats[i]` times in a
+    row: (repeats.sum(), T) token ids, `pad_token_id` after each row's EOS, T the longest response
+    (at most `max_new_tokens`). Greedy at `temperature=0`."""
+    device = prompt_ids.device
+    key = cache_keyword(model)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    expand = torch.arange(len(repeats), device=device).repeat_interleave(repeats.to(device))
+    cache = getattr(out, key)
+    cache.batch_select_indices(expand)
+    logits = out.logits[expand, -1]
+    attention = prompt_mask[expand]
+    rows = len(expand)
+    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    going = torch.arange(rows, device=device)  # the rows still sampling, in batch order
+    for step in range(max_new_tokens):
+        if temperature > 0:
+            noise = torch.empty(rows, logits.shape[-1], device=device).exponential_()
+            scores = sampling_scores(logits, temperature, top_p)
+            next_tokens = exponential_race(scores, noise[going])
+        else:
+            next_tokens = logits.argmax(-1)
+        tokens[going, step] = next_tokens
+        keep = next_tokens != eos_token_id
+        if step == max_new_tokens - 1 or not keep.any():
+            return tokens[:, : step + 1]
+        if not keep.all():
+            kept = keep.nonzero().squeeze(-1)
+            going, next_tokens, attention = going[kept], next_tokens[kept], attention[kept]
+            cache.batch_select_indices(kept)
+        position = attention.sum(-1, keepdim=True)
+        attention = torch.cat([attention, attention.new_ones(len(going), 1)], dim=-1)
+        logits = model(
+            input_ids=next_tokens[:, None],
+            attention_mask=attention,
+            position_ids=position,
+            use_cache=True,
+            **{key: cache},
+        ).logits[:, -1]
+    return tokens

@@ -1,0 +1,102 @@
+"""The sampler (`entroprl.sampler`) draws what `model.generate` draws: the same tokens under the
+same seed, with prompts prefilled once and finished rows dropped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from entroprl.rollout import HFBackend, response_mask_from_ids
+from entroprl.sampler import exponential_race, sampling_scores
+
+PROMPTS = ["1 2>3=", "12 3 4>9=", "5>5="]
+
+
+def generate_reference(model, tok, prompts, n, batch_size, temperature, top_p, max_new_tokens):
+    """Today's draw: `model.generate` on every prompt repeated n times, in chunks of rows."""
+    tok.padding_side = "left"
+    enc = tok(
+        [p for p in prompts for _ in range(n)],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    config = GenerationConfig(
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    P, chunks = enc["input_ids"].shape[1], []
+    for start in range(0, len(enc["input_ids"]), batch_size):
+        rows = slice(start, start + batch_size)
+        out = model.generate(
+            input_ids=enc["input_ids"][rows],
+            attention_mask=enc["attention_mask"][rows],
+            generation_config=config,
+        )
+        chunks.append(out[:, P:])
+    width = max(c.shape[1] for c in chunks)
+    pad = tok.pad_token_id
+    response = torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad) for c in chunks])
+    mask = response_mask_from_ids(response, tok.eos_token_id)
+    return torch.where(mask.bool(), response, tok.pad_token_id)
+
+
+@pytest.mark.parametrize(
+    "temperature, top_p, batch_size",
+    [(1.0, 1.0, 256), (0.7, 0.9, 7), (1.3, 0.5, 5), (0.0, 1.0, 7)],
+)
+@pytest.mark.parametrize("seed", [0, 3])
+def test_same_seed_same_tokens_as_generate(tiny_policy, temperature, top_p, batch_size, seed):
+    """Chunks that split a prompt's group, rows that stop early and rows that run to the limit:
+    token for token what `model.generate` samples."""
+    model, tok = tiny_policy
+    torch.manual_seed(seed)
+    batch = HFBackend(model, tok, batch_size=batch_size).generate(
+        PROMPTS, n=4, temperature=temperature, top_p=top_p, max_new_tokens=12
+    )
+    after = torch.rand(1)
+    model.eval()
+    torch.manual_seed(seed)
+    expected = generate_reference(model, tok, PROMPTS, 4, batch_size, temperature, top_p, 12)
+    assert torch.equal(batch.response_ids, expected)
+    assert torch.equal(torch.rand(1), after)  # the same random numbers consumed
+    if temperature > 0 and seed == 0:
+        assert set(batch.response_lengths.tolist()) >= {12.0} and batch.response_lengths.min() < 12
+
+
+def test_sampling_scores_are_transformers_warpers():
+    """Temperature then top-p, as transformers processes the scores it samples from (ties
+    included: equal logits at the top-p boundary)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=g)
+    logits[:8, :10] = 1.5  # ties
+    for temperature, top_p in [(1.0, 1.0), (0.6, 0.95), (1.7, 0.3), (1.0, 0.01)]:
+        expected = logits.clone()
+        if temperature != 1.0:
+            expected = TemperatureLogitsWarper(temperature)(None, expected)
+        if top_p < 1.0:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        assert torch.equal(sampling_scores(logits, temperature, top_p), expected)
+
+
+def test_exponential_race_is_torch_multinomial():
+    """One sample per row with the noise drawn as `torch.multinomial` draws it: the same tokens,
+    hence the same distribution (P(argmax p_i / E_i = i) = p_i)."""
+    scores = torch.randn(300, 40)
+    scores[:, 7] = -float("inf")  # filtered tokens are never drawn
+    torch.manual_seed(5)
+    expected = torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+    torch.manual_seed(5)
+    drawn = exponential_race(scores, torch.empty(300, 40).exponential_())
+    assert torch.equal(drawn, expected)
+    assert (drawn != 7).all()
