@@ -8,9 +8,10 @@ import torch
 
 from entroprl import losses
 from entroprl.config import ConfigError, config_from_dict
+from entroprl.forward import forward_log_probs
 from entroprl.mismatch import mismatch_metrics, rollout_is_weights
 from entroprl.rollout import HFBackend
-from entroprl.trainer import Trainer, forward_log_probs
+from entroprl.trainer import Trainer
 from tests.test_trainer import small_config
 
 

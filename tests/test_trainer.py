@@ -9,10 +9,11 @@ import yaml
 
 from entroprl import losses
 from entroprl.config import ConfigError, config_from_dict
+from entroprl.forward import forward_log_probs
 from entroprl.rollout import HFBackend, concat_batches, response_mask_from_ids
 from entroprl.rundir import read_metrics
 from entroprl.tasks.base import Example, RewardError, Task
-from entroprl.trainer import Trainer, TrainingError, UpdateBatch, forward_log_probs, update_policy
+from entroprl.trainer import Trainer, TrainingError, UpdateBatch, update_policy
 from tests import toy_loss
 from tests.policies import make_tiny_policy
 

@@ -12,9 +12,10 @@ import torch
 
 from entroprl import losses
 from entroprl.config import config_from_dict
+from entroprl.forward import forward_log_probs
 from entroprl.law import detect_plateau_online
 from entroprl.rundir import read_metrics
-from entroprl.trainer import Trainer, UpdateBatch, forward_log_probs, update_policy
+from entroprl.trainer import Trainer, UpdateBatch, update_policy
 from tests.policies import make_tiny_policy
 from tests.test_trainer import SPLIT_TEST_SETTINGS, _update_batch, small_config
 
