@@ -168,6 +168,7 @@ def run_trl(model_dir: str, steps: int, seed: int) -> dict:
 
 
 def run_entroprl(model_dir: str, steps: int, seed: int, overrides: list[str]) -> dict:
+    from entroprl.cli import init_distributed
     from entroprl.config import load_config
     from entroprl.trainer import Trainer
 
@@ -195,6 +196,7 @@ def run_entroprl(model_dir: str, steps: int, seed: int, overrides: list[str]) ->
             ]
         )
         ends, metrics = [], []
+        init_distributed(config.trainer.strategy)  # as `entroprl train` does: FSDP in one process
         trainer = Trainer(config)
         step_fn = trainer.train_step
 

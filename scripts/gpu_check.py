@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config
 
-from entroprl.cli import _init_distributed
+from entroprl.cli import init_distributed
 from entroprl.config import config_from_dict
 from entroprl.models import build_model, save_model
 from entroprl.tokenizer import build_char_tokenizer
@@ -140,7 +140,7 @@ def main() -> None:
     params = build(shape, work / "model")
     print(f"model: {params / 1e6:.1f}M parameters, built in {time.perf_counter() - start:.1f} s")
     config = config_from_dict(run_config(args, work / "model", work / "run"))
-    _init_distributed("fsdp")  # a process group of one
+    init_distributed("fsdp")  # a process group of one
     start = time.perf_counter()
     trainer = Trainer(config)
     print(f"trainer and {args.backend} engine ready in {time.perf_counter() - start:.1f} s")

@@ -26,7 +26,7 @@ from typing import Any
 from entroprl.errors import ConfigError, TrainingError
 
 
-def _init_distributed(strategy: str) -> None:
+def init_distributed(strategy: str) -> None:
     """Join torchrun's process group (it sets WORLD_SIZE), or start a group of one for FSDP."""
     import torch
     import torch.distributed as dist
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from entroprl.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
-    _init_distributed(config.trainer.strategy)
+    init_distributed(config.trainer.strategy)
     out = Trainer(config).train(resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {out}")
 
