@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
+from entroprl.forward import forward_log_probs
 from entroprl.models import build_model, save_model, tiny_config
 from entroprl.rundir import read_metrics
 from entroprl.tokenizer import build_char_tokenizer
-from entroprl.trainer import forward_log_probs
 
 pytestmark = pytest.mark.vllm
 
