@@ -14,24 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
 from functools import partial
 
 import torch
+from _common import timed
 
 from entroprl.forward import forward_log_probs
 from entroprl.models import build_model, tiny_config
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def one_pass(model, ids, mask, response_len: int, bf16: bool, grad: bool, results: dict) -> None:

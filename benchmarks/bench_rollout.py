@@ -36,21 +36,14 @@ BACKENDS = ("hf", "vllm")
 
 def build(size: str, path: str, max_position: int) -> int:
     """Save the model of `size` and the demo tokenizer to `path`; return its parameter count."""
-    from entroprl.models import build_model, save_model, tiny_config
+    from _common import char_model_config
+
+    from entroprl.models import build_model, save_model
     from entroprl.tokenizer import build_char_tokenizer
 
     hidden, layers = SIZES[size]
     tok = build_char_tokenizer()
-    config = tiny_config(
-        len(tok),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=hidden // 64,
-        max_position=max_position,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
+    config = char_model_config(tok, hidden, layers, head_dim=64, max_position=max_position)
     model = build_model(config, seed=0)
     save_model(model, tok, path)
     return sum(p.numel() for p in model.parameters())

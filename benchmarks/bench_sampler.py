@@ -18,10 +18,11 @@ import time
 from functools import partial
 
 import torch
+from _common import char_model_config
 from transformers import GenerationConfig
 
 from entroprl.config import Config
-from entroprl.models import build_model, tiny_config
+from entroprl.models import build_model
 from entroprl.rollout import HFBackend, response_mask_from_ids
 from entroprl.tasks.registry import build_task
 from entroprl.tokenizer import build_char_tokenizer
@@ -68,16 +69,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for size in args.sizes:
         hidden, layers = map(int, size.split("x"))
-        config = tiny_config(
-            len(tok),
-            hidden_size=hidden,
-            num_layers=layers,
-            num_heads=hidden // 32,
-            max_position=128,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-        )
+        config = char_model_config(tok, hidden, layers)
         model = build_model(config, seed=0).eval()
         backend = HFBackend(model, tok, batch_size=args.prompts * args.n)
         common = (model, tok, prompts, args.n, args.new_tokens)

@@ -39,20 +39,13 @@ PROMPTS, N, NEW_TOKENS, LR = 16, 8, 24, 1e-6
 
 
 def build(path: str, hidden: int, layers: int) -> None:
-    from entroprl.models import build_model, save_model, tiny_config
+    from _common import char_model_config
+
+    from entroprl.models import build_model, save_model
     from entroprl.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    config = tiny_config(
-        len(tok),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=hidden // 32,
-        max_position=128,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
+    config = char_model_config(tok, hidden, layers)
     save_model(build_model(config, seed=0), tok, path)
 
 
