@@ -139,9 +139,8 @@ class HFBackend:
     ranks' sequences have stopped, so it samples with `model.generate(synced_gpus=True)`, which
     keeps the ranks' forwards in step (no rows dropped, each prompt prefilled n times, the model's
     generation_config applied); every rank must then make the same calls with the same number of
-    prompts. A
-    sharded model is gathered once for each call (a whole copy in its compute dtype on every rank,
-    as verl's Hugging Face rollout does), not for every token.
+    prompts. A sharded model is gathered once for each call (a whole copy in its compute dtype on
+    every rank, as verl's Hugging Face rollout does), not for every token.
     """
 
     def __init__(
