@@ -79,7 +79,7 @@ class Timer:
         return out
 
 
-def run_trl(model_dir: str, steps: int, seed: int) -> dict:
+def run_trl(model_dir: str, steps: int, seed: int, bf16: bool) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -118,7 +118,7 @@ def run_trl(model_dir: str, steps: int, seed: int) -> dict:
             save_strategy="no",
             report_to="none",
             use_cpu=True,
-            bf16=False,
+            bf16=bf16,  # accelerate's autocast on the CPU
             seed=seed,
         )
         trainer = GRPOTrainer(
@@ -221,7 +221,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     if args.worker == "trl":
-        result = run_trl(args.model, args.steps, args.seed)
+        result = run_trl(args.model, args.steps, args.seed, bf16="bf16" in args.override)
     else:
         result = run_entroprl(args.model, args.steps, args.seed, args.override)
     print("RESULT " + json.dumps(result))
@@ -272,6 +272,11 @@ def main() -> None:
         default=[""],
         help="entroprl runs, each a comma-separated list of key=value overrides ('' = defaults)",
     )
+    parser.add_argument(
+        "--trl-bf16",
+        action="store_true",
+        help="also run TRL with bf16=True (autocast), against entroprl's model.compute_dtype",
+    )
     parser.add_argument("--worker", choices=("trl", "entroprl"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -285,7 +290,8 @@ def main() -> None:
         for name in args.workloads:
             model = str(Path(tmp) / name)
             build(model, *WORKLOADS[name])
-            jobs = [("trl", "")] + [("entroprl", v) for v in args.variants]
+            jobs = [("trl", "")] + [("trl", "bf16")] * args.trl_bf16
+            jobs += [("entroprl", v) for v in args.variants]
             runs: dict[tuple[str, str], list[dict]] = {job: [] for job in jobs}
             for repeat in range(args.repeats):
                 order = jobs if repeat % 2 == 0 else jobs[::-1]

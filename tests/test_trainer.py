@@ -239,8 +239,10 @@ def test_update_independent_of_micro_batch_split(policy_loss, mode):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         update_policy(model, opt, batch, config, generator=torch.Generator().manual_seed(0))
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(results[2], results[0], atol=1e-5, rtol=1e-5)
+    # AdamW divides by sqrt(v): where a gradient entry is near zero, the float rounding that
+    # differs between splits moves that weight by up to ~1e-5 (an update is ~1e-2 here)
+    torch.testing.assert_close(results[1], results[0], atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(results[2], results[0], atol=5e-5, rtol=1e-5)
     assert not math.isnan(results[0].sum().item())
 
 

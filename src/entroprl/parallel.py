@@ -38,6 +38,8 @@ from torch.distributed.tensor import DTensor
 from entroprl import distributed
 from entroprl.checks import check_choice
 from entroprl.config import STRATEGIES
+from entroprl.errors import ConfigError
+from entroprl.precision import ComputeCopy
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Full tensors on rank 0's CPU, one at a time (never a whole unsharded model on a GPU)."""
@@ -96,14 +98,19 @@ def wrap(
     device: torch.device | None = None,
 ) -> torch.nn.Module:
     """The module the update runs through: `model` sharded in place (``fsdp``, see `shard`), a
-    DistributedDataParallel wrapper around it (``ddp`` on several ranks), or `model` itself."""
+    DistributedDataParallel wrapper around it (``ddp`` on several ranks), with a `compute_dtype`
+    in one process a `precision.ComputeCopy` of it, or `model` itself."""
     check_choice("strategy", strategy, STRATEGIES)
     if strategy == "fsdp":
         return shard(model, compute_dtype=compute_dtype, device=device)
-    if compute_dtype is not None:
-        raise ValueError("a compute dtype (mixed precision) needs strategy='fsdp'")
     if distributed.world_size() > 1:
+        if compute_dtype is not None:
+            raise ConfigError(
+                "model.compute_dtype: mixed precision on several ranks needs trainer.strategy=fsdp"
+            )
         return torch.nn.parallel.DistributedDataParallel(model)
+    if compute_dtype is not None and compute_dtype != next(model.parameters()).dtype:
+        return ComputeCopy(model, compute_dtype)
     return model
 
 

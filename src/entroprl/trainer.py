@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from entroprl import checkpoint, distributed, dynamics, losses, mismatch, parallel
+from entroprl import checkpoint, distributed, dynamics, losses, mismatch, parallel, precision
 from entroprl.advantages import (
     compute_advantages,
     dynamic_sampling_mask,
@@ -314,6 +314,8 @@ class Trainer:
         # FSDP moves each layer to the device as it shards it: no whole copy on the GPU first
         self.model = model if sharded else model.to(self.device)
         self.model.train()
+        if self.device.type == "cpu" and (c.model.compute_dtype or c.model.dtype) == "bfloat16":
+            precision.float32_attention(self.model)  # the copies below inherit it
         self.ref_model = None
         compute_dtype = c.model.compute_dtype and getattr(torch, c.model.compute_dtype)
         if c.algorithm.kl_coef > 0:
@@ -322,10 +324,15 @@ class Trainer:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             if sharded:
                 parallel.shard(self.ref_model, compute_dtype=compute_dtype, device=self.device)
-        # the module updates run through: self.model itself when sharded (FSDP shards in place)
+            elif compute_dtype:  # the reference log-probs in the policy's forward precision
+                self.ref_model.to(compute_dtype)
+        # the module updates run through: self.model itself when sharded (FSDP shards in place),
+        # its compute-dtype copy under mixed precision without FSDP (precision.ComputeCopy)
         self.wrapped = parallel.wrap(
             self.model, c.trainer.strategy, compute_dtype=compute_dtype, device=self.device
         )
+        self.forward_model = parallel.unwrapped(self.wrapped)
+        """The module the no-grad passes run: the policy in the update's precision."""
         o = c.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -333,6 +340,8 @@ class Trainer:
             betas=(o.beta1, o.beta2),
             weight_decay=o.weight_decay,
         )
+        if isinstance(self.wrapped, precision.ComputeCopy):
+            self.optimizer.register_step_post_hook(lambda *_: self.wrapped.refresh())
         self.backend = make_backend(c, self.model, tokenizer)
         a = c.algorithm
         self.entropy_controller = (
@@ -459,6 +468,8 @@ class Trainer:
             optimizer_state = checkpoint.load_optimizer_state(path)
             del loaded
         parallel.load_state(self.model, self.optimizer, model_state, optimizer_state)
+        if isinstance(self.wrapped, precision.ComputeCopy):
+            self.wrapped.refresh()
         checkpoint.restore_rng(path)
         state = checkpoint.verify(path, hashes=False)  # rank 0 has checked the hashes
         self.step = self.saved_step = state["step"]
@@ -690,13 +701,7 @@ class Trainer:
             )
         ref = None
         if self.ref_model is not None:
-            ref, _ = batched_log_probs(
-                self.ref_model,
-                batch,
-                c.optim.log_prob_rows,
-                c.rollout.temperature,
-                shared_prefix=c.optim.shared_prefix,
-            )
+            ref, _ = self.log_probs(self.ref_model, batch, c.rollout.temperature)
         # update
         update_batch = UpdateBatch(
             batch.input_ids,
@@ -731,9 +736,7 @@ class Trainer:
             self.entropy_controller.update(ent["seq_mean_token_mean"])
         every = c.trainer.entropy_change_every
         if every and step % every == 0:
-            _, entropy_after = batched_log_probs(
-                self.model, batch, c.optim.log_prob_rows, 1.0, shared_prefix=c.optim.shared_prefix
-            )
+            _, entropy_after = self.log_probs(self.forward_model, batch, 1.0)
             after = batch_entropy(entropy_after, train_mask)["seq_mean_token_mean"]
             metrics["dynamics/entropy_change"] = after - ent["seq_mean_token_mean"]
         t_end = time.perf_counter()
@@ -757,15 +760,17 @@ class Trainer:
         """The rollout's log-probs under the current policy (at the sampling temperature) and
         its token entropies (at temperature 1, the paper's), from one no-grad pass (two when the
         temperature is not 1)."""
-        c = self.config
-        rows, temperature = c.optim.log_prob_rows, c.rollout.temperature
-        shared = c.optim.shared_prefix
-        log_prob, entropy = batched_log_probs(
-            self.model, batch, rows, temperature, shared_prefix=shared
-        )
+        temperature = self.config.rollout.temperature
+        log_prob, entropy = self.log_probs(self.forward_model, batch, temperature)
         if temperature != 1.0:
-            _, entropy = batched_log_probs(self.model, batch, rows, 1.0, shared_prefix=shared)
+            _, entropy = self.log_probs(self.forward_model, batch, 1.0)
         return log_prob, entropy
+
+    def log_probs(self, model, batch: RolloutBatch, temperature: float) -> tuple[Tensor, Tensor]:
+        o = self.config.optim
+        return batched_log_probs(
+            model, batch, o.log_prob_rows, temperature, shared_prefix=o.shared_prefix
+        )
 
     def record_entropy(self, entropy: Tensor, mask: Tensor, step: int) -> None:
         """Append the step's entropy (the paper's H over the training batch) to the history the

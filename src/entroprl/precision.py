@@ -1,0 +1,102 @@
+"""Mixed precision: the policy's forwards and backward in bfloat16, its weights and AdamW in
+`model.dtype` (float32).
+
+Under `trainer.strategy=fsdp` FSDP casts the gathered weights itself (`parallel.shard`). In one
+process without FSDP the forwards run through `ComputeCopy`, a bfloat16 copy of the model whose
+gradients are added to the float32 weights' and which an optimizer step refreshes: the arithmetic
+of FSDP's `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`, verl's default. It
+is faster than `torch.autocast` on the CPU (1.3x on the update at hidden 128, docs/benchmarks.md),
+which casts every activation a matrix product reads. Sampling from the HF backend stays in
+float32: decoding's small matrix products gain nothing from bfloat16 on the CPU, so the rollout and
+the update differ by bfloat16 rounding, as they do with vLLM.
+
+On the CPU the attention runs in float32 inside the bfloat16 forward (`float32_attention`): torch's
+bfloat16 scaled-dot-product attention kernel there is about 5x slower than its float32 kernel at a
+head_dim of 32, and the attention is a small share of the arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import torch
+from torch import Tensor
+
+FLOAT32_SDPA = "sdpa_float32"
+"""The name under which `float32_attention` registers its attention with transformers."""
+
+
+class ComputeCopy(torch.nn.Module):
+    """`model`'s forwards and backward in `dtype`, through a copy of it.
+
+    `parameters()` are `model`'s own (the master weights the optimizer steps): each gradient the
+    copy's backward accumulates is added to its master's in the master's dtype, summing
+    micro-batches there, and the copy's is dropped. `refresh()` copies the master weights in; call
+    it after every change to them (`Trainer` hooks it to the optimizer's step and to resume).
+    `module` is the copy, as DistributedDataParallel's `module` is the module it runs.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.master = model
+        self._copy = (copy.deepcopy(model).to(dtype),)  # a tuple: not a submodule of this one
+        for master, low in zip(model.parameters(), self.module.parameters(), strict=True):
+            if low.requires_grad:
+                low.register_post_accumulate_grad_hook(partial(_add_to_master, master))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._copy[0]
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for master, low in zip(self.master.parameters(), self.module.parameters(), strict=True):
+            low.copy_(master)
+
+
+def _add_to_master(master: Tensor, low: Tensor) -> None:
+    grad = low.grad.to(master.dtype)
+    master.grad = grad if master.grad is None else master.grad.add_(grad)
+    low.grad = None
+
+
+def sdpa_float32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention computed in float32, its output cast back to the query's
+    dtype; signature and return value those of `transformers.integrations.sdpa_attention`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    out, weights = sdpa_attention_forward(
+        module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+    )
+    return out.to(dtype), weights
+
+
+def float32_attention(model) -> bool:
+    """Switch `model`'s SDPA attention to `sdpa_float32`, with SDPA's masks. Returns whether it
+    did: models that do not use SDPA keep theirs, as do all under transformers < 4.53, which has
+    no registry of mask functions. In float32 the switch changes nothing: the casts are
+    no-ops."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:
+        return False
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(FLOAT32_SDPA, sdpa_float32)
+    # without its own entry a mask function name falls through to the 2-D padding mask, which
+    # SDPA would broadcast over the wrong dimensions
+    AttentionMaskInterface.register(FLOAT32_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(FLOAT32_SDPA)
+    else:
+        config._attn_implementation = FLOAT32_SDPA
+    return True
