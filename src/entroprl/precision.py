@@ -5,10 +5,10 @@ Under `trainer.strategy=fsdp` FSDP casts the gathered weights itself (`parallel.
 process without FSDP the forwards run through `ComputeCopy`, a bfloat16 copy of the model whose
 gradients are added to the float32 weights' and which an optimizer step refreshes: the arithmetic
 of FSDP's `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`, verl's default. It
-is faster than `torch.autocast` on the CPU (1.3x on the update at hidden 128, docs/benchmarks.md),
-which casts every activation a matrix product reads. Sampling from the HF backend stays in
-float32: decoding's small matrix products gain nothing from bfloat16 on the CPU, so the rollout and
-the update differ by bfloat16 rounding, as they do with vLLM.
+is faster than `torch.autocast` on the CPU (1.3-1.9x on the forward and backward,
+docs/benchmarks.md), which casts every activation a matrix product reads. Sampling from the HF
+backend stays in float32: decoding's small matrix products gain nothing from bfloat16 on the CPU,
+so the rollout and the update differ by bfloat16 rounding, as they do with vLLM.
 
 On the CPU the attention runs in float32 inside the bfloat16 forward (`float32_attention`): torch's
 bfloat16 scaled-dot-product attention kernel there is about 5x slower than its float32 kernel at a
