@@ -1,6 +1,7 @@
 """entroprl against TRL's `GRPOTrainer` on the same job, one after the other (issue 13).
 
     .venv-trl/bin/python benchmarks/vs_trl.py [--workloads h128 h256] [--repeats 3] [--steps 20]
+        [--trl-bf16] [--variants "" "model.compute_dtype=bfloat16" ...]
 
 Run it in an environment with both packages (`pip install -e '.[trl]'`: .venv-trl). The job: a
 random-init tiny Qwen2 (hidden 128 or 256, 4 layers, head_dim 32, the char vocabulary) saved once
@@ -9,7 +10,8 @@ verifier as the reward); 16 prompts x 8 completions per step, up to 24 new token
 one optimizer step per rollout step (one mini-batch of 128, one forward/backward of 128), token-mean
 loss (TRL's `dapo`), no KL, lr 1e-6, no gradient checkpointing (TRL's default has it). entroprl
 runs with its defaults otherwise (diagnostics on: entropy, covariances, predicted entropy change,
-the measured change every 10 steps), plus each `--variants` entry.
+the measured change every 10 steps), plus each `--variants` entry. `--trl-bf16` adds a TRL run with
+`bf16=True` (accelerate's autocast); the ratios stay against TRL in float32.
 
 Each run is a fresh process with 2 torch threads; the frameworks alternate (which goes first
 alternates by repeat). A step's time is the wall time between the ends of consecutive steps
