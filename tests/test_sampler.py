@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from entroprl.forward import forward_log_probs
 from entroprl.rollout import HFBackend, response_mask_from_ids
-from entroprl.sampler import exponential_race, sampling_scores
+from entroprl.sampler import exponential_race, sample, sampling_scores
 
 PROMPTS = ["1 2>3=", "12 3 4>9=", "5>5="]
 
@@ -100,3 +101,32 @@ def test_exponential_race_is_torch_multinomial():
     drawn = exponential_race(scores, torch.empty(300, 40).exponential_())
     assert torch.equal(drawn, expected)
     assert (drawn != 7).all()
+
+
+def test_sampled_tokens_can_be_trained_on(tiny_policy):
+    """The sampler decodes in inference mode; what it returns is an ordinary tensor, which a
+    differentiated forward (the update's) may take."""
+    model, tok = tiny_policy
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    tokens = sample(
+        model,
+        ids,
+        mask,
+        torch.full((len(PROMPTS),), 2),
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=6,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    assert not tokens.is_inference()
+    tokens[0, 0] = tok.pad_token_id  # in place, outside inference mode: an ordinary tensor
+    batch = HFBackend(model, tok).generate(
+        PROMPTS, n=2, temperature=1.0, top_p=1.0, max_new_tokens=6
+    )
+    R = batch.response_mask.shape[1]
+    log_prob, _ = forward_log_probs(model, batch.input_ids, batch.attention_mask, R)
+    log_prob.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
