@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from entroprl import sampler
 from entroprl.forward import forward_log_probs
 from entroprl.rollout import HFBackend, response_mask_from_ids
 from entroprl.sampler import exponential_race, sample, sampling_scores
@@ -57,9 +58,14 @@ def generate_reference(model, tok, prompts, n, batch_size, temperature, top_p, m
     [(1.0, 1.0, 256), (0.7, 0.9, 7), (1.3, 0.5, 5), (0.0, 1.0, 7)],
 )
 @pytest.mark.parametrize("seed", [0, 3])
-def test_same_seed_same_tokens_as_generate(tiny_policy, temperature, top_p, batch_size, seed):
-    """Chunks that split a prompt's group, rows that stop early and rows that run to the limit:
-    token for token what `model.generate` samples."""
+@pytest.mark.parametrize("compact_at", [0.0, sampler.COMPACT_AT, 1.0])
+def test_same_seed_same_tokens_as_generate(
+    tiny_policy, temperature, top_p, batch_size, seed, compact_at, monkeypatch
+):
+    """Chunks that split a prompt's group, rows that stop early and rows that run to the limit,
+    finished rows dropped at once, in groups, or never: token for token what `model.generate`
+    samples."""
+    monkeypatch.setattr(sampler, "COMPACT_AT", compact_at)
     model, tok = tiny_policy
     torch.manual_seed(seed)
     batch = HFBackend(model, tok, batch_size=batch_size).generate(
