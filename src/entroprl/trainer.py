@@ -23,7 +23,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from entroprl import checkpoint, distributed, dynamics, losses, mismatch, parallel, precision
+from entroprl import (
+    allocator,
+    checkpoint,
+    distributed,
+    dynamics,
+    losses,
+    mismatch,
+    parallel,
+    precision,
+)
 from entroprl.advantages import (
     compute_advantages,
     dynamic_sampling_mask,
@@ -306,6 +315,8 @@ class Trainer:
             )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # FSDP shards on the current device
+        elif self.device.type == "cpu":  # activations come from malloc: fault their pages in once
+            allocator.keep_freed_memory()
         if model is None:
             model, tokenizer = load_policy(c)
         self.task = task or build_task(c.data, tokenizer)
