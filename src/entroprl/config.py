@@ -63,7 +63,7 @@ class ModelConfig:
     weights, their gradients and AdamW stay in `dtype` (`entroprl.precision`): FSDP's gathered
     weights under trainer.strategy=fsdp, else (one process only) a bfloat16 copy of the model.
     Sampling from the HF backend stays in `dtype`; vLLM samples in this dtype. On a CPU with AMX
-    it made the update 1.4x (hidden 128) to 1.8x (hidden 256) faster (docs/benchmarks.md)."""
+    it made the update 1.6x (hidden 128) to 2.2x (hidden 256) faster (docs/benchmarks.md)."""
     gradient_checkpointing: bool = False
 
 
