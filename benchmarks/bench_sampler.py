@@ -2,6 +2,7 @@
 repeated n times (what `HFBackend` ran before), with a dynamic and with a static KV cache.
 
     python benchmarks/bench_sampler.py [--sizes 128x4 256x4] [--prompts 16] [--n 8]
+        [--compact-at 0 0.25 1]
 
 Random-init Qwen2 models (head_dim 32) on the char vocabulary, the built-in Countdown prompts,
 temperature 1, 2 torch threads; the i-th call of each is seeded with i (the sampler and
@@ -21,6 +22,7 @@ import torch
 from _common import char_model_config
 from transformers import GenerationConfig
 
+from entroprl import sampler
 from entroprl.config import Config
 from entroprl.models import build_model
 from entroprl.rollout import HFBackend, response_mask_from_ids
@@ -52,6 +54,15 @@ def sample(backend, prompts, n, new_tokens):
     return batch.response_ids, batch.response_mask
 
 
+def compacting_at(share, backend, prompts, n, new_tokens):
+    """The sampler with finished rows dropped once they are more than `share` of the batch."""
+    default, sampler.COMPACT_AT = sampler.COMPACT_AT, share
+    try:
+        return sample(backend, prompts, n, new_tokens)
+    finally:
+        sampler.COMPACT_AT = default
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["128x4", "256x4"])
@@ -60,6 +71,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--compact-at",
+        nargs="*",
+        type=float,
+        default=[],
+        help="also run the sampler with these sampler.COMPACT_AT values (0: drop finished rows "
+        "at once, 1: never)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tok = build_char_tokenizer()
@@ -78,6 +97,10 @@ def main() -> None:
             "model.generate, static cache": partial(generate, *common, "static"),
             "entroprl.sampler": partial(sample, backend, *common[2:]),
         }
+        for share in args.compact_at:
+            runs[f"entroprl.sampler, COMPACT_AT={share:g}"] = partial(
+                compacting_at, share, backend, *common[2:]
+            )
         base = None
         for name, run in runs.items():
             times, tokens, steps = [], [], []
