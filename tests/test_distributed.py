@@ -246,3 +246,19 @@ def test_command_line_fsdp_under_torchrun_and_alone(tmp_path):
         saved = load_file(out / "checkpoints" / "step_000002" / "model" / "model.safetensors")
         assert saved.keys() >= {n for n, _ in model.named_parameters()} - {"lm_head.weight"}
         assert {v.dtype for v in saved.values()} == {torch.float32}, name
+
+
+def test_train_command_leaves_no_process_group(tmp_path):
+    """`entroprl train` under FSDP in one process starts a group of one and destroys it when the
+    run ends, rather than leaving gloo's threads to the interpreter's exit."""
+    from entroprl import cli
+
+    model, tok = make_tiny_policy()
+    model_dir = save_model(model, tok, tmp_path / "model")
+    config = tmp_path / "fsdp.yaml"
+    values = small_config(tmp_path, model={"path": str(model_dir)}).to_dict()
+    values["trainer"] |= {"strategy": "fsdp", "device": "cpu", "steps": 1}
+    config.write_text(yaml.safe_dump(values))
+    cli.main(["train", str(config), f"trainer.out_dir={tmp_path / 'run'}"])
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert not dist.is_initialized()

@@ -61,7 +61,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.overrides)
     init_distributed(config.trainer.strategy)
-    out = Trainer(config).train(resume=args.resume, overwrite=args.overwrite)
+    try:
+        out = Trainer(config).train(resume=args.resume, overwrite=args.overwrite)
+    finally:
+        # A gloo group still alive at interpreter exit is torn down by C++ static destructors,
+        # which can abort a rank whose work is done (seen once under torchrun in CI: SIGABRT,
+        # "terminate called without an active exception").
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     print(f"run directory: {out}")
 
 
