@@ -1,7 +1,16 @@
 """A tiny untrained policy for tests: a 1-layer Qwen2 and the project's char-level tokenizer."""
 
+import pytest
+
 from entroprl.models import build_model, tiny_config
+from entroprl.precision import native_bfloat16
 from entroprl.tokenizer import build_char_tokenizer
+
+needs_native_bfloat16 = pytest.mark.skipif(
+    not native_bfloat16(),
+    reason="this CPU has no native bfloat16 (AVX-512 BF16 or AMX with torch's AVX-512 kernels): "
+    "the trainer refuses bfloat16 here",
+)
 
 
 def make_tiny_policy(seed: int = 0):

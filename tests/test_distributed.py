@@ -12,15 +12,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
-from entroprl import losses, parallel
+from entroprl import checkpoint, cli, losses, parallel
 from entroprl.advantages import compute_advantages
 from entroprl.config import config_from_dict
 from entroprl.models import save_model
+from entroprl.precision import native_bfloat16
 from entroprl.rundir import read_metrics
 from entroprl.trainer import Trainer, update_policy
 from tests import toy_loss  # noqa: F401  (registers a plug-in loss: the tests run it too)
-from tests.policies import make_tiny_policy
+from tests.policies import make_tiny_policy, needs_native_bfloat16
 from tests.test_trainer import TIMING, _update_batch, small_config
 
 # Every registered loss (the plug-in of tests/toy_loss.py included), each with an aggregation mode,
@@ -170,10 +172,11 @@ def _trainer_worker(rank, world, init_file, out):
         _run(f"{out}/resumed", 2, "fsdp")
         _run(f"{out}/resumed", 3, "fsdp", resume=True)
         _run(f"{out}/fsdp", 4, "ddp", resume=True)
-        mixed = _run(f"{out}/bf16", 2, "fsdp", model={"compute_dtype": "bfloat16"})
-        if rank == 0:
-            dtypes = {p.dtype for p in mixed.model.parameters()}
-            assert dtypes == {torch.float32}, f"master weights must stay float32: {dtypes}"
+        if native_bfloat16():  # the trainer refuses bfloat16 on a CPU without it
+            mixed = _run(f"{out}/bf16", 2, "fsdp", model={"compute_dtype": "bfloat16"})
+            if rank == 0:
+                dtypes = {p.dtype for p in mixed.model.parameters()}
+                assert dtypes == {torch.float32}, f"master weights must stay float32: {dtypes}"
     finally:
         dist.destroy_process_group()
 
@@ -202,13 +205,31 @@ def test_fsdp_trainer_matches_ddp_evaluates_and_resumes(tmp_path):
             for key, value in a.items():
                 assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (r1["step"], key)
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step_000004" / "model"
-    assert (ckpt / "model.safetensors").is_file()
-    bf16 = read_metrics(tmp_path / "bf16" / "metrics.jsonl")
-    assert all(r["actor/skipped_updates"] == 0 for r in bf16[1:])
+    assert (ckpt / "model.safetensors").is_file()  # saved by the DDP run: whole
+    # FSDP saved each rank's shards, and the resumed run ended where the straight one did, bit
+    # for bit (weights and AdamW state)
+    straight, resumed_ckpt = (
+        tmp_path / run / "checkpoints" / "step_000003" for run in ("fsdp", "resumed")
+    )
+    for path in (straight, resumed_ckpt):
+        assert checkpoint.is_sharded(checkpoint.verify(path))
+        assert len(list((path / checkpoint.SHARDED).glob("*.distcp"))) == 2  # one per rank
+        assert not (path / "model" / "model.safetensors").exists()
+    a, b = (checkpoint.read_sharded(p) for p in (straight, resumed_ckpt))
+    assert a.keys() == b.keys() and any(".exp_avg_sq" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cli.main(["export", str(tmp_path / "resumed"), "--out", str(tmp_path / "exported")])
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert all(torch.equal(exported[k], a[f"model.{k}"]) for k in exported)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "exported") is not None
+    if native_bfloat16():
+        bf16 = read_metrics(tmp_path / "bf16" / "metrics.jsonl")
+        assert all(r["actor/skipped_updates"] == 0 for r in bf16[1:])
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@needs_native_bfloat16
 def test_command_line_fsdp_under_torchrun_and_alone(tmp_path):
     """`entroprl train` with trainer.strategy=fsdp from a checkpoint directory: under torchrun on
     two ranks, and as a plain process (a group of one), in bf16 mixed precision with gradient

@@ -25,7 +25,7 @@ def generate_reference(model, tok, prompts, n, batch_size, temperature, top_p, m
         return_tensors="pt",
         padding=True,
         add_special_tokens=False,
-    )
+    ).to(model.device)
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         if temperature > 0

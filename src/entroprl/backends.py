@@ -48,6 +48,7 @@ def make_backend(
             config.rollout.generation_batch_size,
             progress=config.trainer.progress and distributed.rank() == 0,
             synced=parallel.is_sharded(model) and distributed.world_size() > 1,
+            static_cache=config.rollout.static_cache,
         )
     if config.model.path is None:
         raise ConfigError(

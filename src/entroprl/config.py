@@ -108,6 +108,14 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 16
     generation_batch_size: int = 256
+    """HF backend: sequences sampled together (the prompts' groups split into chunks of at most
+    this many rows). On a GPU one chunk of the whole batch is fastest where memory allows: each
+    decoding step costs about the same for few rows as for many."""
+    static_cache: bool | None = None
+    """HF backend: decode every row to the end in a cache of fixed shape, each step's forward
+    replayed as a CUDA graph (`entroprl.sampler`). None: on a GPU (for a model that is not
+    sharded over ranks); false: never (finished rows leave the batch instead, the CPU's
+    default); true: also on the CPU, where no graph is captured. The same tokens either way."""
     gpu_memory_utilization: float = 0.5
     """vLLM: the fraction of each GPU its engine takes (weights and KV cache); the rest is left
     for training. On vLLM's CPU backend: the fraction of the machine's memory given to its KV

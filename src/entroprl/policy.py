@@ -41,11 +41,18 @@ def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
 
 
 def pick_device(name: str) -> torch.device:
-    """`trainer.device`: as named, or with `auto` this rank's GPU if there is one, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        # torchrun's LOCAL_RANK: this node's GPU for this rank, also when several nodes train
-        local = int(os.environ.get("LOCAL_RANK", distributed.rank()))
-        return torch.device("cuda", local % torch.cuda.device_count())
-    return torch.device("cpu")
+    """`trainer.device` resolved, once, to the device every tensor of the run is made on: `auto`
+    is this rank's GPU if there is one, else the CPU; a GPU named without an index (`cuda`) is
+    this rank's, torchrun's LOCAL_RANK (also when several nodes train), because
+    `torch.cuda.set_device` and the process group's collectives need an index."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
+    device = torch.device(name)
+    if device.type in ("cpu", "mps") or device.index is not None:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", distributed.rank()))
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    # with no GPU visible the index stays out of range, and the trainer says so in one line
+    return torch.device(device.type, local % count if count else local)

@@ -8,7 +8,12 @@ of FSDP's `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`, ve
 is faster than `torch.autocast` on the CPU (1.3-1.9x on the forward and backward,
 docs/benchmarks.md), which casts every activation a matrix product reads. Sampling from the HF
 backend stays in float32: decoding's small matrix products gain nothing from bfloat16 on the CPU,
-so the rollout and the update differ by bfloat16 rounding, as they do with vLLM.
+so the rollout and the update differ by bfloat16 rounding, as they do with vLLM. On a GPU the HF
+backend samples from the bfloat16 copy.
+
+bfloat16 arithmetic on a CPU is fast only where the CPU has it natively (AVX-512 BF16 or AMX, and
+torch's AVX-512 kernels): under AVX2 kernels a step in bfloat16 is about 11x slower than in float32
+(docs/benchmarks.md), so the trainer refuses it there (`check_native_bfloat16`).
 
 On the CPU the attention runs in float32 inside the bfloat16 forward (`float32_attention`): torch's
 bfloat16 scaled-dot-product attention kernel there is about 5x slower than its float32 kernel at a
@@ -22,6 +27,32 @@ from functools import partial
 
 import torch
 from torch import Tensor
+
+from entroprl.errors import ConfigError
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively, with torch's kernels that use it: AVX-512
+    BF16 or AMX instructions, and torch's AVX-512 kernels (not AVX2, which convert)."""
+    cpu = torch.cpu
+    hardware = (
+        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return hardware and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def check_native_bfloat16(dtype: str | None) -> None:
+    """Refuse bfloat16 training on a CPU without native bfloat16, where it is ~11x slower."""
+    if dtype != "bfloat16" or native_bfloat16():
+        return
+    raise ConfigError(
+        "model.compute_dtype / model.dtype: bfloat16 on this CPU (torch capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, no native AVX-512 BF16 or AMX) runs about 11x "
+        "slower than float32: train in float32 here (model.compute_dtype=null, "
+        "model.dtype=float32), or in bfloat16 on a GPU"
+    )
+
 
 FLOAT32_SDPA = "sdpa_float32"
 """The name under which `float32_attention` registers its attention with transformers."""

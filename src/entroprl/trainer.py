@@ -120,6 +120,7 @@ def update_policy(
         raise ValueError("old_log_prob=None (on-policy) needs one mini-batch and one epoch")
     norm_constant = config.rollout.max_new_tokens
     params = [p for p in model.parameters() if p.requires_grad]
+    device = batch.response_mask.device
     summed = spec.summed_metrics | {"kl_loss"}
     metrics: dict[str, list[float]] = defaultdict(list)
     seen_log_prob = batch.response_mask.new_zeros(n, R)
@@ -135,7 +136,8 @@ def update_policy(
         disable=not progress or o.epochs * per_epoch == 1,
     )
     for epoch in range(o.epochs):
-        order = torch.randperm(n, generator=generator)
+        # drawn on the CPU (the generator's device), so the order is the same on every device
+        order = torch.randperm(n, generator=generator, device="cpu").to(device)
         for mini_rows in order.split(o.mini_batch_size):
             bar.update()
             mini = batch.rows(mini_rows)
@@ -176,7 +178,7 @@ def update_policy(
             step_sums: dict[str, float] = defaultdict(float)
             for i, start in enumerate(micro_starts):
                 rows = slice(start, start + o.micro_batch_size)
-                mb = mini.rows(torch.arange(mini_rows.numel())[rows])
+                mb = mini.rows(torch.arange(mini_rows.numel(), device=device)[rows])
                 tokens = mb.response_mask.sum().item()
                 # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch
                 # (it has no no_sync), which keeps its gradients sharded
@@ -252,9 +254,7 @@ def update_policy(
             # rank: they are the mini-batch's, whatever its split over micro-batches and ranks
             keys = sorted(step_sums)
             totals = distributed.all_reduce_sum(
-                torch.tensor(
-                    [step_sums[k] for k in keys], dtype=torch.float64, device=params[0].device
-                )
+                torch.tensor([step_sums[k] for k in keys], dtype=torch.float64, device=device)
             )
             for key, total in zip(keys, totals.tolist(), strict=True):
                 metrics[key].append(total if key in summed else total / denominators.tokens)
@@ -313,9 +313,11 @@ class Trainer:
                 + (f"torch sees only {gpus} CUDA GPU(s)" if gpus else "no CUDA GPU is visible")
                 + "; use trainer.device=auto (a GPU if there is one) or cpu"
             )
+        distributed.use_device(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # FSDP shards on the current device
         elif self.device.type == "cpu":  # activations come from malloc: fault their pages in once
+            precision.check_native_bfloat16(c.model.compute_dtype or c.model.dtype)
             allocator.keep_freed_memory()
         if model is None:
             model, tokenizer = load_policy(c)
@@ -344,6 +346,10 @@ class Trainer:
         )
         self.forward_model = parallel.unwrapped(self.wrapped)
         """The module the no-grad passes run: the policy in the update's precision."""
+        self.sampling_model = self.forward_model if self.device.type == "cuda" else self.model
+        """What the rollout backend samples from: on a GPU the policy in the update's precision,
+        whose bfloat16 decoding is fast there; on the CPU the weights in model.dtype
+        (`entroprl.precision`)."""
         o = c.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -423,8 +429,23 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Checkpoint on rank 0; every rank takes part, since a sharded model is gathered. Raises
-        NonFiniteError, writing nothing, if the weights or optimizer state hold NaN or inf."""
+        """Checkpoint on rank 0, or on every rank its shards when the model is sharded
+        (`checkpoint.save_sharded`); every rank takes part. Raises NonFiniteError, writing
+        nothing, if the weights or optimizer state hold NaN or inf."""
+        c = self.config.trainer
+        if parallel.is_sharded(self.model):
+            checkpoint.save_sharded(
+                Path(c.out_dir) / "checkpoints",
+                self.step,
+                self.model,
+                self.optimizer,
+                self.tokenizer,
+                self.state(),
+                keep=c.keep_checkpoints,
+                writer=self.rank == 0,
+            )
+            self.saved_step = self.step
+            return
         model_state = parallel.model_state(self.model)
         optimizer_state = parallel.optimizer_state(self.model, self.optimizer)
         if self.run is not None:
@@ -447,9 +468,9 @@ class Trainer:
         before its first); raises TrainingError, changing nothing, when it holds checkpoints and
         none of them is valid.
 
-        Rank 0 chooses and verifies the checkpoint. Every rank reads the small state files; the
-        weights and optimizer state are read by every rank under DDP and by rank 0 alone under
-        FSDP, which scatters them."""
+        Rank 0 chooses and verifies the checkpoint. Every rank reads the small state files; a
+        sharded checkpoint is read by every rank, each the slices its own layout needs; a full
+        one by every rank under DDP and by rank 0 alone under FSDP, which scatters it."""
         out = self.config.trainer.out_dir
         chosen, problem = -1, None
         if self.run is not None:
@@ -471,18 +492,14 @@ class Trainer:
         if step < 0:
             return False
         path = Path(out) / "checkpoints" / checkpoint.checkpoint_name(step)
-        model_state, optimizer_state = {}, {}
-        if self.rank == 0 or not parallel.is_sharded(self.model):
-            dtype = getattr(torch, self.config.model.dtype)
-            loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=dtype)
-            model_state = loaded.state_dict()
-            optimizer_state = checkpoint.load_optimizer_state(path)
-            del loaded
-        parallel.load_state(self.model, self.optimizer, model_state, optimizer_state)
+        state = checkpoint.verify(path, hashes=False)  # rank 0 has checked the hashes
+        if checkpoint.is_sharded(state):
+            checkpoint.load_sharded(path, self.model, self.optimizer)
+        else:
+            self._load_full(path)
         if isinstance(self.wrapped, precision.ComputeCopy):
             self.wrapped.refresh()
         checkpoint.restore_rng(path)
-        state = checkpoint.verify(path, hashes=False)  # rank 0 has checked the hashes
         self.step = self.saved_step = state["step"]
         self.entropy_history = state["entropy_history"]
         self.plateau_start = state.get("plateau_start")  # absent from checkpoints before it
@@ -492,6 +509,18 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from step {self.step} ({path})")
         return True
+
+    def _load_full(self, path: Path) -> None:
+        """Load a checkpoint of full state dicts: read by every rank, or by rank 0 alone and
+        scattered when the model is sharded."""
+        model_state, optimizer_state = {}, {}
+        if self.rank == 0 or not parallel.is_sharded(self.model):
+            dtype = getattr(torch, self.config.model.dtype)
+            loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=dtype)
+            model_state = loaded.state_dict()
+            optimizer_state = checkpoint.load_optimizer_state(path)
+            del loaded
+        parallel.load_state(self.model, self.optimizer, model_state, optimizer_state)
 
     def _start_afresh(self, overwrite: bool) -> None:
         """A new run: refuse a directory that holds a run, unless `overwrite`, which deletes it."""
@@ -536,7 +565,7 @@ class Trainer:
         c = self.config
         size = c.algorithm.dynamic_sampling_gen_prompts or c.rollout.prompts_per_step
         g = torch.Generator().manual_seed(c.trainer.seed * 1_000_003 + step)
-        picks = torch.randperm(len(self.task.train), generator=g)
+        picks = torch.randperm(len(self.task.train), generator=g, device="cpu")  # indices
         picks = picks.repeat(math.ceil(size * (batch + 1) / len(picks)))
         picks = picks[size * batch : size * (batch + 1)]
         return picks.tensor_split(self.world)[self.rank].tolist()
@@ -545,7 +574,7 @@ class Trainer:
         r = self.config.rollout
         examples = [self.task.train[i] for i in self.prompts_for(step, batch)]
         if batch == 0:
-            self.backend.sync_weights(self.model)
+            self.backend.sync_weights(self.sampling_model)
         seed = self.config.trainer.seed * 7919 + step * 104729 + self.rank
         torch.manual_seed(seed + batch * 1_000_033)
         out = self.backend.generate(
@@ -595,7 +624,7 @@ class Trainer:
         while sampled < c.algorithm.dynamic_sampling_max_batches:
             informative = self.informative(batch, scores, rewards).view(-1, n)[:, 0]
             short = max(share - int(informative.sum().item()), 0)
-            if distributed.all_reduce_sum(torch.tensor(short)).item() == 0:
+            if distributed.all_reduce_sum(torch.tensor(short, device=self.device)).item() == 0:
                 break
             more, more_answers = self.rollout(step, sampled)
             start = time.perf_counter()
@@ -910,7 +939,7 @@ class Trainer:
         """Held-out accuracy, every rank sampling an equal share of the problems (the last share
         padded with repeats, so that sharded models run the same forwards on every rank)."""
         c = self.config
-        self.backend.sync_weights(self.model)
+        self.backend.sync_weights(self.sampling_model)
         test = self.task.test
         share = math.ceil(len(test) / self.world)
         indices = [(self.rank * share + i) % len(test) for i in range(share)]
