@@ -36,23 +36,11 @@ from transformers import Qwen2Config
 
 from entroprl import distributed
 from entroprl.config import config_from_dict
-from entroprl.models import build_model, save_model
+from entroprl.models import QWEN25_05B, build_model, save_model
 from entroprl.precision import native_bfloat16
 from entroprl.tokenizer import build_char_tokenizer
 from entroprl.trainer import Trainer
 
-QWEN25_05B = {
-    "vocab_size": 151_936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32_768,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-}
 TINY = QWEN25_05B | {
     "hidden_size": 128,
     "intermediate_size": 256,

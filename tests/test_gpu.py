@@ -19,7 +19,7 @@ from entroprl.rollout import HFBackend
 from entroprl.tasks.base import Example, Task
 from entroprl.trainer import Trainer
 from tests.policies import make_tiny_policy
-from tests.test_sampler import PROMPTS, generate_reference
+from tests.test_sampler import PROMPTS, generate_reference, grouped_policy
 from tests.test_trainer import small_config
 
 pytestmark = [
@@ -39,11 +39,11 @@ def _task() -> Task:
     )
 
 
-def _train(tmp_path, steps=2, resume=False, model=None, **sections):
+def _train(tmp_path, steps=2, resume=False, **sections):
     sections.setdefault("trainer", {})
     sections["trainer"] = {"device": "cuda", "steps": steps, "eval_every": 0} | sections["trainer"]
     config = small_config(tmp_path / "run", **sections)
-    model, tok = model or make_tiny_policy()
+    model, tok = make_tiny_policy()
     trainer = Trainer(config, task=_task(), model=model, tokenizer=tok)
     start = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train(resume=resume)
@@ -136,11 +136,13 @@ def test_the_demo_model_trains_on_the_gpu(tmp_path):
     _on_the_gpu(trainer)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
-def test_cuda_graph_sampler_draws_what_generate_draws(temperature, top_p):
+def test_cuda_graph_sampler_draws_what_generate_draws(temperature, top_p, grouped):
     """On the GPU the sampler decodes with a static cache replayed as a CUDA graph (no fallback
-    to eager: its warning fails the test); the tokens are `model.generate`'s under the seed."""
-    model, tok = make_tiny_policy()
+    to eager: its warning fails the test), grouped-query heads as rows; the tokens are
+    `model.generate`'s under the seed."""
+    model, tok = grouped_policy() if grouped else make_tiny_policy()
     model = model.cuda()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="the decode step could not be captured")

@@ -20,10 +20,13 @@ same buffers, captured once as a CUDA graph and replayed (`_Replay`). The draw i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from entroprl import parallel
@@ -229,18 +232,71 @@ def _decode_static(
     run = _Replay(forward) if device.type == "cuda" else forward
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     live = torch.ones(rows, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        next_tokens = draw(logits, temperature, top_p, rows)
-        tokens[:, step] = torch.where(live, next_tokens, pad_token_id)
-        live &= next_tokens != eos_token_id
-        if step == max_new_tokens - 1 or not bool(live.any()):
-            return tokens[:, : step + 1]
-        step_ids.copy_(next_tokens[:, None])
-        step_mask[..., P + step] = 0  # the new token's key, written at cache position P + step
-        if step:
-            step_position += 1
-        logits = run()[:, -1]
+    with grouped_attention(parallel.unwrapped(model)):
+        for step in range(max_new_tokens):
+            next_tokens = draw(logits, temperature, top_p, rows)
+            tokens[:, step] = torch.where(live, next_tokens, pad_token_id)
+            live &= next_tokens != eos_token_id
+            if step == max_new_tokens - 1 or not bool(live.any()):
+                return tokens[:, : step + 1]
+            step_ids.copy_(next_tokens[:, None])
+            step_mask[..., P + step] = 0  # the new token's key, written at cache position P + step
+            if step:
+                step_position += 1
+            logits = run()[:, -1]
     return tokens
+
+
+GROUPED_SDPA = "sdpa_grouped"
+"""The name under which `grouped_attention` registers its attention with transformers."""
+
+
+def sdpa_grouped(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention for one query token against a masked cache, the query heads
+    that share a key/value head taken as rows of one attention instead of the keys and values
+    copied once per query head (`repeat_kv`, which with a mask SDPA needs): on a decode step of
+    a grouped-query model the copy moves the whole cache several times over. The same numbers,
+    as SDPA computes each row alone. Any other call goes to transformers' own SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    if length != 1 or heads == kv_heads or attention_mask is None or dropout:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    rows = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(
+        rows, key, value, attn_mask=attention_mask[..., : key.shape[-2]], scale=scaling
+    )
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def grouped_attention(model) -> Iterator[None]:
+    """Inside the block a grouped-query model that uses SDPA attends with `sdpa_grouped`; its
+    own attention is back after. Nothing for other models (or transformers < 4.53)."""
+    config = model.config
+    grouped = getattr(config, "num_key_value_heads", None) not in (
+        None,
+        getattr(config, "num_attention_heads", None),
+    )
+    if not (grouped and getattr(config, "_attn_implementation", None) == "sdpa"):
+        yield
+        return
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:
+        yield
+        return
+    AttentionInterface.register(GROUPED_SDPA, sdpa_grouped)
+    AttentionMaskInterface.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(GROUPED_SDPA)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def _additive(visible: Tensor, dtype: torch.dtype) -> Tensor:
