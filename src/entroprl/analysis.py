@@ -86,7 +86,7 @@ def read_rollouts(folder: str | Path) -> list[dict[str, Any]]:
             where = f"{file}:{number}"
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise ValueError(f"{where}: not a JSON object") from None
             if not isinstance(record, dict) or any(k not in record for k in _ROLLOUT_KEYS):
                 raise ValueError(f"{where}: a rollout record needs {', '.join(_ROLLOUT_KEYS)}")

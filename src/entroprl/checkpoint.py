@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -264,7 +264,7 @@ def verify(path: Path, *, hashes: bool = True) -> dict[str, Any]:
         state = json.loads((path / STATE).read_text())
     except FileNotFoundError:
         raise DamagedCheckpoint("no state.json (an interrupted copy, or damaged)") from None
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
         raise DamagedCheckpoint(f"state.json is unreadable ({e})") from None
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool):
@@ -294,14 +294,17 @@ def verify(path: Path, *, hashes: bool = True) -> dict[str, Any]:
     return state
 
 
-def find_resumable(folder: Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+def find_resumable(
+    folder: Path, *, hashes: bool = True
+) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
     """The valid checkpoint of `folder` with the highest step, its state, and one line for each
     newer checkpoint skipped, saying why; (None, None, lines) when no checkpoint is valid. Only
-    the checkpoint chosen and the newer ones are hashed."""
+    the checkpoint chosen and the newer ones are hashed (none without `hashes`: the complete
+    checkpoint with the highest step, by its files' sizes)."""
     skipped = []
     for path in sorted(_checkpoints(folder), key=_step_of, reverse=True):
         try:
-            state = verify(path)
+            state = verify(path, hashes=hashes)
         except DamagedCheckpoint as e:
             skipped.append(f"{path.name}: {e}")
             continue
@@ -334,6 +337,23 @@ def prune(folder: Path, keep: int, step: int) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def stored_shapes(path: Path, state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shape of each weight of checkpoint `path` (whose state.json is `state`), by name, read
+    from the files' headers: no tensor is loaded."""
+    if is_sharded(state):
+        stored = dcp.FileSystemReader(path / SHARDED).read_metadata().state_dict_metadata
+        return {
+            name.removeprefix("model."): tuple(meta.size)
+            for name, meta in stored.items()
+            if name.startswith("model.") and hasattr(meta, "size")
+        }
+    shapes = {}
+    for file in sorted((path / "model").glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            shapes |= {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    return shapes
+
+
 def load_optimizer_state(path: Path) -> dict[str, Any]:
     """The full optimizer state dict of checkpoint `path`, keyed by parameter name."""
     meta = json.loads((path / "optimizer.json").read_text())
@@ -359,7 +379,7 @@ def _step_of(path: Path) -> int:
     so that a damaged checkpoint is reported in its place among the newer ones."""
     try:
         return int(json.loads((path / STATE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         digits = path.name.removeprefix("step_")
         return int(digits) if digits.isdigit() else -1
 

@@ -12,18 +12,29 @@ Under `torchrun`, `train` runs on every rank (NCCL on GPUs, gloo on CPU), the mo
 single-rank process group, for its mixed precision alone.
 
 Every failure the user can act on (configuration, input files, the file system, a diverged run)
-ends the command with one line naming the problem and a non-zero exit code.
+ends the command with one line naming the problem and a non-zero exit code: 2 for a command line
+argparse rejects (`EXIT_USAGE`), 1 for everything found wrong after that (`EXIT_ERROR`), 130 when
+Ctrl-C stopped it (`EXIT_INTERRUPTED`, as a shell reports SIGINT).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from entroprl.errors import ConfigError, TrainingError
+from entroprl.errors import ConfigError, Interrupted, TrainingError
+
+EXIT_ERROR = 1
+"""The configuration, an input file, the file system or the run itself is at fault; the message
+says which. sys.exit with a message exits with it."""
+EXIT_USAGE = 2
+"""The command line itself is wrong (unknown command or option, a missing argument): argparse's."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C: 128 + SIGINT, what a shell reports for a command that SIGINT ended."""
 
 
 def init_distributed(strategy: str) -> None:
@@ -48,7 +59,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     init_distributed(config.trainer.strategy)
     try:
-        out = Trainer(config).train(resume=args.resume, overwrite=args.overwrite)
+        out = Trainer(config).train(
+            resume=args.resume,
+            overwrite=args.overwrite,
+            allow_config_change=args.allow_config_change,
+        )
     finally:
         # A gloo group still alive at interpreter exit is torn down by C++ static destructors,
         # which can abort a rank whose work is done (seen once under torchrun in CI: SIGABRT,
@@ -268,6 +283,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="delete the run in trainer.out_dir, if there is one, and start again",
     )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue even where settings that change the run (model, data, "
+        "batch sizes, seed, algorithm, optimizer, dtypes) differ from those of its checkpoint; "
+        "each segment's configuration is kept in the run directory",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model on benchmark files or a task's test set")
@@ -332,25 +354,39 @@ def main(argv: list[str] | None = None) -> None:
             "--accuracy-key", default=None, help="the log's accuracy metric, if the guess is wrong"
         )
 
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # exits with EXIT_USAGE on a bad command line
+    if getattr(args, "allow_config_change", False) and not args.resume:
+        parser.error("--allow-config-change goes with --resume")
     threading.excepthook = _quiet_thread_os_error
     try:
         args.func(args)
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot cut this line
+        message = str(e) if isinstance(e, Interrupted) else "interrupted"
+        print(f"entroprl: {message}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except ConfigError as e:
-        sys.exit(f"entroprl: configuration error: {e}")
+        _fail(f"configuration error: {e}")
     except ValueError as e:  # bad input files (metrics, logs, datasets) name what is wrong
-        sys.exit(f"entroprl: {e}")
+        _fail(str(e))
     except ImportError as e:
-        sys.exit(f"entroprl: {e}")
+        _fail(str(e))
     except OSError as e:  # disk full, read-only, a file where a directory goes, ...
         where = f"{e.filename}: " if e.filename else ""
-        sys.exit(f"entroprl: {where}{e.strerror or e}")
+        _fail(f"{where}{e.strerror or e}")
+    except RecursionError:  # every reader of JSON and YAML names its file before this
+        _fail("an input nested too deeply to be read")
     except RuntimeError as e:
         from entroprl.tasks.base import RewardError
 
         if isinstance(e, TrainingError | RewardError):
-            sys.exit(f"entroprl: {e}")
+            _fail(str(e))
         raise
+
+
+def _fail(message: str) -> NoReturn:
+    """Exit with `EXIT_ERROR` and `message`, on one line, on stderr."""
+    sys.exit(f"entroprl: {' '.join(message.strip().splitlines())}")
 
 
 if __name__ == "__main__":

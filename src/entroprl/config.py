@@ -10,6 +10,8 @@ import dataclasses
 import importlib
 import math
 import re
+import reprlib
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +52,49 @@ MOVED_KEYS = {
     }.items()
 } | {"trainer.measure_entropy_change": "trainer.entropy_change_every (0: never)"}
 """Keys of earlier versions, named in the error that rejects them."""
+SEED_RANGE = (0, 2**32 - 1)
+"""Accepted `trainer.seed`s: the trainer derives its generators' seeds from it by multiplying by up
+to 15,485,863 and adding the step, which stays inside torch's 64-bit seed range for these."""
+MAX_YAML_VALUES = 100_000
+"""Most values a configuration may hold once its YAML aliases are expanded: a real one holds a few
+hundred, and an "alias bomb" of a few hundred bytes expands to billions (then takes minutes and
+all the memory to build or to print)."""
+MAX_OVERRIDE_CHARS = 10_000
+"""Longest `key=value` override accepted (a path is at most 4,096 bytes on Linux)."""
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+FREE_ON_RESUME = frozenset(
+    {
+        # how long, and what is measured, logged and kept
+        "trainer.steps",
+        "trainer.eval_every",
+        "trainer.save_every",
+        "trainer.keep_checkpoints",
+        "trainer.rollout_samples",
+        "trainer.entropy_change_every",
+        "trainer.max_nonfinite_updates",
+        "trainer.tensorboard",
+        "trainer.wandb",
+        "trainer.wandb_project",
+        "trainer.progress",
+        "trainer.out_dir",
+        # where and how it runs, the same updates (to float rounding) either way
+        "trainer.device",
+        "trainer.strategy",
+        "model.gradient_checkpointing",
+        "optim.micro_batch_size",
+        "optim.log_prob_micro_batch_size",
+        "optim.shared_prefix",
+        "rollout.generation_batch_size",
+        "rollout.static_cache",
+        "rollout.gpu_memory_utilization",
+        "rollout.enforce_eager",
+    }
+)
+"""The keys a resumed run may change freely (`resume_changes`): none changes what the run
+computes. Any other change (the model, the data, the batch sizes, the seed, the algorithm, the
+optimizer, the dtypes, the evaluation's samples) makes the steps after the checkpoint those of
+another run, so `entroprl train --resume` refuses it unless told otherwise; `trainer.steps` too
+when a learning-rate schedule depends on it."""
 
 
 @dataclass
@@ -417,6 +462,8 @@ class Config:
             "needs the KV cache, which model.gradient_checkpointing turns off",
         )
         need(t.steps >= 1, "trainer.steps", "must be >= 1")
+        low_seed, high_seed = SEED_RANGE
+        need(low_seed <= t.seed <= high_seed, "trainer.seed", f"must be in [0, {high_seed:,}]")
         need(t.entropy_change_every >= 0, "trainer.entropy_change_every", "must be >= 0")
         need(t.eval_samples >= 1, "trainer.eval_samples", "must be >= 1")
         need(t.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0: no evaluation)")
@@ -465,6 +512,16 @@ class Config:
         return self
 
 
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxstring, _repr.maxother = 3, 3, 3, 40, 40
+
+
+def _show(value: Any) -> str:
+    """`repr(value)`, cut short: an error message stays one short line for any value."""
+    text = _repr.repr(value)
+    return text if len(text) <= 120 else f"{text[:100]}...{text[-17:]}"
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a field annotation, converting ints to floats where a float is due."""
     origin = typing.get_origin(annotation)
@@ -483,7 +540,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(errors[0])
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_show(value)}")
         (item,) = typing.get_args(annotation)
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
@@ -491,7 +548,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation in (int, float, str, bool) and type(value) is annotation:
         return value
     raise ConfigError(
-        f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}"
+        f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {_show(value)}"
     )
 
 
@@ -507,7 +564,7 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) or dotted == "algorithm.loss":
             if not isinstance(value, dict):
-                raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
+                raise ConfigError(f"{dotted}: expected a mapping, got {_show(value)}")
             if dotted == "algorithm.loss":
                 _apply_loss_settings(current, value)
             else:
@@ -525,21 +582,36 @@ def _apply_loss_settings(store: dict[str, Any], values: dict[str, Any]) -> None:
                 "(a plug-in's loss needs its module in algorithm.plugins)"
             )
         if not isinstance(settings, dict):
-            raise ConfigError(f"algorithm.loss.{name}: expected a mapping, got {settings!r}")
+            raise ConfigError(f"algorithm.loss.{name}: expected a mapping, got {_show(settings)}")
         target = store.setdefault(name, losses.POLICY_LOSSES[name].settings())
         _apply(target, settings, f"algorithm.loss.{name}.")
 
 
 def _import_plugins(values: dict[str, Any]) -> None:
     """Import the modules of `algorithm.plugins` first: the losses they register may be named
-    anywhere else in the configuration."""
+    anywhere else in the configuration. A module that is not a dotted name or fails to import,
+    whatever it raises, is a ConfigError naming its entry (and where in it the error is)."""
     section = values.get("algorithm")
     modules = section.get("plugins") if isinstance(section, dict) else None
     for i, name in enumerate(_coerce("algorithm.plugins", modules or [], list[str])):
+        key = f"algorithm.plugins[{i}]"
+        if not MODULE_NAME.fullmatch(name):
+            raise ConfigError(f"{key}: {_show(name)} is not a module name (a.b.c, no leading dot)")
         try:
             importlib.import_module(name)
-        except ImportError as e:
-            raise ConfigError(f"algorithm.plugins[{i}]: cannot import {name!r}: {e}") from None
+        except (Exception, SystemExit) as e:  # the user's code: any error in it is theirs
+            raise ConfigError(f"{key}: cannot import {name!r}: {_error_in_module(e)}") from None
+
+
+def _error_in_module(error: BaseException) -> str:
+    """`error` in one line, with the file and line of the code that raised it."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{text} ({error.filename}:{error.lineno})"
+    frames = traceback.extract_tb(error.__traceback__)
+    if frames and not isinstance(error, ImportError):
+        return f"{text} ({frames[-1].filename}:{frames[-1].lineno})"
+    return text
 
 
 def _apply_all(config: Config, values: dict[str, Any]) -> None:
@@ -552,16 +624,70 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ['optim.lr=1e-5', 'algorithm.policy_loss=kl_cov'] into a nested dict (YAML scalars)."""
     nested: dict[str, Any] = {}
     for item in overrides:
+        if len(item) > MAX_OVERRIDE_CHARS:
+            raise ConfigError(
+                f"override {_show(item)}: {len(item):,} characters, more than the "
+                f"{MAX_OVERRIDE_CHARS:,} accepted"
+            )
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-5")
-        value = _fix_yaml_floats(yaml.safe_load(raw)) if raw else None
+        value = _fix_yaml_floats(load_yaml(raw, f"override {key}")) if raw else None
         node = nested
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is given a value and keys")
         node[leaf] = value
     return nested
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`, refusing, with a ConfigError naming `where`, a document whose
+    aliases expand to more than `MAX_YAML_VALUES` values or refer to themselves, before any of it
+    is built, and one nested too deeply for the parser."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{where}: its aliases expand to more than {MAX_YAML_VALUES:,} values "
+                "(a YAML alias bomb?)"
+            )
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}{at}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a configuration") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """The number of values `node` stands for once every alias in it is expanded (shared nodes
+    counted once per use, each computed once); a node inside itself counts as too many."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:  # a recursive structure: it expands without end
+        return MAX_YAML_VALUES + 1
+    open_.add(id(node))
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes, open_) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(
+            _expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_) for k, v in node.value
+        )
+    open_.discard(id(node))
+    sizes[id(node)] = size = min(size, MAX_YAML_VALUES + 1)
+    return size
 
 
 def _fix_yaml_floats(values: Any) -> Any:
@@ -580,16 +706,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        values = load_yaml(path.read_text(), str(path)) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         _apply_all(config, values)
     if overrides:
         _apply_all(config, parse_overrides(overrides))
     return config.validate()
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict) or not values:
+        return {prefix.rstrip("."): values} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        out |= _flatten(value, f"{prefix}{key}.")
+    return out
+
+
+def resume_changes(before: dict[str, Any], after: Config) -> dict[str, tuple[Any, Any]]:
+    """The keys whose values differ between the configuration `before` (as written to a run
+    directory) and `after`, with both values. A key `before` lacks (written by an earlier
+    version) counts as its default; a key `after` lacks (since removed) is ignored."""
+    now = _flatten(yaml.safe_load(yaml.safe_dump(after.to_dict())))  # as a file holds them
+    then = _flatten(Config().to_dict()) | _flatten(before)
+    return {key: (then.get(key), value) for key, value in now.items() if then.get(key) != value}
+
+
+def meaning_changes(changes: dict[str, tuple[Any, Any]], after: Config) -> list[str]:
+    """The `changes` (`resume_changes`) that make the resumed steps those of another run, one
+    "key: old -> new" each: the keys not in `FREE_ON_RESUME`, and `trainer.steps` when the
+    learning-rate schedule stretches over them."""
+    out = []
+    for key, (old, new) in changes.items():
+        free = key in FREE_ON_RESUME
+        if key == "trainer.steps" and after.optim.schedule != "constant":
+            free = False  # the learning rate of every later step moves with it
+        if not free:
+            out.append(f"{key}: {_show(old)} -> {_show(new)}")
+    return out
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

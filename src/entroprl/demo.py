@@ -6,6 +6,11 @@ are of the size of the numerical noise (issue 15), so the table gives every meth
 seeds with its 95% t interval, and each method's paired (same seed) difference to GRPO;
 `summary.json` holds the per-seed values next to them, and the comparison report the law fitted
 on the pooled points of each method's seeds, with bootstrap intervals.
+
+A rerun into the same folder reuses each seed that finished with the same settings (`RESULT`
+records them) and trains the others afresh; the summary and the comparison of the run before are
+deleted first and written again only once every seed of this run is in, so that they never mix
+the seeds of two runs.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib import resources
@@ -22,9 +28,10 @@ from typing import Any
 import torch
 import yaml
 
+from entroprl import __version__
 from entroprl.config import config_from_dict
 from entroprl.law import fit_law
-from entroprl.rundir import atomic_write_text, make_dir, read_metrics
+from entroprl.rundir import atomic_write_text, lock_directory, make_dir, read_metrics
 from entroprl.stats import paired_interval, t_interval
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -47,6 +54,9 @@ METRICS = (
     "pass_at_k_end",
 )
 """Per-run values given a mean and interval over seeds (and the terminal table's columns)."""
+RESULT = "demo_result.json"
+"""Written into a seed's folder once it is trained and analysed: the settings it ran with and its
+summary, which a rerun with the same settings reuses."""
 
 
 def demo_config() -> dict[str, Any]:
@@ -203,7 +213,8 @@ def _grid(rows: list[tuple[str, ...]]) -> str:
 
 
 def _train_and_analyze(values: dict[str, Any], threads: int) -> dict[str, Any]:
-    """One demo run in a process of its own: train, write its analysis report, summarize."""
+    """One demo run in a process of its own: train, write its analysis report, summarize; the
+    summary is written to `RESULT` with the run's settings, last."""
     from transformers.utils import logging
 
     from entroprl.report import analyze_run
@@ -212,9 +223,35 @@ def _train_and_analyze(values: dict[str, Any], threads: int) -> dict[str, Any]:
     logging.disable_progress_bar()  # one line per finished run is the demo's progress
     torch.set_num_threads(threads)
     out = Path(values["trainer"]["out_dir"])
+    (out / RESULT).unlink(missing_ok=True)  # this folder's run is no longer the one it describes
     Trainer(config_from_dict(values)).train(overwrite=True)  # the demo owns its folders
     analyze_run(out, out / "analysis")
-    return _derived(summarize_run(out))
+    summary = _derived(summarize_run(out))
+    result = {"settings": _settings(values), "summary": summary}
+    atomic_write_text(out / RESULT, json.dumps(result, indent=2))
+    return summary
+
+
+def _settings(values: dict[str, Any]) -> dict[str, Any]:
+    """What a seed's results depend on: its configuration but where it is written and whether it
+    shows progress, and the entroprl version; as JSON reads it back."""
+    config = _merge(values, {"trainer": {"out_dir": None, "progress": None}})
+    return json.loads(json.dumps({"entroprl": __version__, "config": config}))
+
+
+def _finished(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of the seed `values` describe, when its folder holds that seed finished with
+    the same settings; None otherwise (not run, not finished, other settings, damaged)."""
+    out = Path(values["trainer"]["out_dir"])
+    try:
+        result = json.loads((out / RESULT).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(result, dict) or result.get("settings") != _settings(values):
+        return None
+    summary = result.get("summary")
+    done = isinstance(summary, dict) and (out / "metrics.jsonl").is_file()
+    return summary if done else None
 
 
 def run_demo(
@@ -229,9 +266,8 @@ def run_demo(
 ) -> dict[str, Any]:
     """Warm start, then every method with `seeds` seeds from it, `jobs` runs at a time (default:
     one per `threads` cores), each in a process of its own on `threads` torch threads; returns the
-    summary also written to summary.json."""
-    from entroprl.warmstart import WarmStartConfig, default_cache_dir, warm_start
-
+    summary also written to summary.json. Seeds that finished in `out` with the same settings
+    are reused (see the module docstring); the folder is locked while the demo runs."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     if threads < 1:
@@ -242,6 +278,16 @@ def run_demo(
     # A 133k-parameter model runs fastest on one thread: more only adds synchronisation.
     torch.set_num_threads(1)
     make_dir(out)
+    with lock_directory(out):  # one demo at a time in a folder
+        return _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config)
+
+
+def _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config) -> dict[str, Any]:
+    from entroprl.warmstart import WarmStartConfig, default_cache_dir, warm_start
+
+    # the summary of a run before is not this run's: gone before any seed of this one changes
+    (out / "summary.json").unlink(missing_ok=True)
+    shutil.rmtree(out / "analysis", ignore_errors=True)
     t0 = time.perf_counter()
     print("warm start (supervised, cached after the first run) ...", flush=True)
     start = warm_start(warm_start_config or WarmStartConfig(), default_cache_dir())
@@ -251,22 +297,36 @@ def run_demo(
         base = _merge(base, {"trainer": {"steps": steps}})
     # Seed-major order: the first results to come in already compare the methods.
     tasks = [(name, seed) for seed in range(seeds) for name in methods]
-    print(
-        f"{len(tasks)} runs ({seeds} seeds x {len(methods)} methods), {jobs} at a time", flush=True
-    )
     results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in methods}
+    todo = []
+    for name, seed in tasks:
+        values = _run_values(base, name, seed, start, out)
+        found = _finished(values)
+        if found is None:
+            todo.append((name, seed, values))
+        else:
+            results[name][seed] = found
+    reused = {name: sorted(results[name]) for name in methods}
+    if len(todo) < len(tasks):
+        print(
+            f"reusing {len(tasks) - len(todo)} runs that finished in {out} with these settings: "
+            + ", ".join(f"{n} seed {s}" for n in methods for s in reused[n]),
+            flush=True,
+        )
+    print(
+        f"{len(tasks)} runs ({seeds} seeds x {len(methods)} methods), {len(todo)} to train, "
+        f"{jobs} at a time",
+        flush=True,
+    )
     # spawn: a fresh interpreter per run (one task per child), so no state of an earlier run or of
     # the parent's torch threads reaches a run, and its numbers do not depend on the scheduling.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {
-            pool.submit(_train_and_analyze, _run_values(base, name, seed, start, out), threads): (
-                name,
-                seed,
-            )
-            for name, seed in tasks
+            pool.submit(_train_and_analyze, values, threads): (name, seed)
+            for name, seed, values in todo
         }
-        for done, future in enumerate(as_completed(futures), 1):
+        for done, future in enumerate(as_completed(futures), len(tasks) - len(todo) + 1):
             name, seed = futures[future]
             s = results[name][seed] = future.result()
             print(
@@ -282,6 +342,7 @@ def run_demo(
         "threads_per_run": threads,
         "steps": base["trainer"]["steps"],
         "warm_start": str(start),
+        "reused": reused,
         "methods": aggregate(results),
     }
     from entroprl.report import compare_runs

@@ -8,3 +8,8 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a run; the message says what it leaves behind. A KeyboardInterrupt,
+    so that code catching that still catches it."""

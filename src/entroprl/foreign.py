@@ -151,6 +151,8 @@ def read_trl(path: str | Path) -> MetricsTable:
         state = json.loads(read_text(file))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{file}: JSON nested too deeply to be a trainer state") from None
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list):
         raise ValueError(f"{file}: no 'log_history' list (not a Hugging Face trainer_state.json)")
@@ -267,7 +269,7 @@ def detect_format(path: str | Path) -> str:
             raise ValueError(f"{path}: empty file")
         try:
             record = json.loads(first)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise ValueError(f"{path}:1: not a JSON object: {first[:80]!r}") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:1: not a JSON object: {first[:80]!r}")

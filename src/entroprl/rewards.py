@@ -593,9 +593,13 @@ def _serve(read_fd: int, write_fd: int) -> None:
         outbox.send_bytes(json.dumps([status, value]).encode())
 
     import resource  # POSIX only, and only sandboxes need it
+    import signal
 
     from math_verify.errors import TimeoutException
 
+    # Ctrl-C reaches every process of the terminal's group: the trainer stops with one line, and
+    # its helpers end when it closes their pipes or kills them, not with tracebacks of their own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _IN_SANDBOX
     _IN_SANDBOX = True
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # timeouts are expected here

@@ -1,6 +1,9 @@
 """The run directory: resolved config, metrics, TensorBoard events, checkpoints, rollout samples.
 
-    RUN/config.yaml                   the resolved configuration
+    RUN/config.yaml                   the resolved configuration the run started with
+    RUN/config.step_000010.yaml       the configuration of the steps after 10, when a run resumed
+                                      from checkpoint 10 with another (`RunDir.write_config`)
+    RUN/.lock                         held by the process that trains in RUN (`lock_directory`)
     RUN/metrics.jsonl                 one JSON object per step, appended and flushed
     RUN/tb/                           TensorBoard events
     RUN/wandb/                        the Weights & Biases run, when trainer.wandb is set
@@ -17,10 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +34,15 @@ from typing import Any
 
 import yaml
 
+from entroprl.errors import ConfigError, TrainingError
+
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 """A directory holding any of these holds a run."""
 RUN_ENTRIES = (*RUN_MARKERS, "rollouts", "tb", "analysis")
-"""What a run (and its default analysis) writes in its directory: what `RunDir.clear` deletes."""
+"""What a run (and its default analysis) writes in its directory: what `RunDir.clear` deletes,
+with the configurations of its later segments (`SEGMENT_CONFIG`)."""
+SEGMENT_CONFIG = re.compile(r"config\.step_(\d+)\.yaml")
+LOCK = ".lock"
 
 
 @contextlib.contextmanager
@@ -69,11 +80,40 @@ def read_text(path: Path) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f, naming(tmp):
+    # naming outside open: a failed flush fails again when the file closes, and that error, which
+    # replaces the first, must name the file too
+    with naming(path), open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def lock_directory(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` for the block: `flock` on its `.lock` file, which
+    records the holder's pid and host. Another process holding it is a TrainingError naming that
+    pid. The operating system releases the lock when the process ends, however it ends (SIGKILL
+    included), so a lock is never left behind; the file stays, unlocked."""
+    path = directory / LOCK
+    with naming(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _, host = os.pread(fd, 300, 0).decode(errors="replace").strip().partition(" ")
+            raise TrainingError(
+                f"{directory} is in use by another entroprl process (pid {pid or 'unknown'}"
+                f"{f' on {host}' if host else ''}): wait for it to end, or stop it, first; "
+                "two processes in one run directory would mix their steps"
+            ) from None
+        with naming(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _jsonable(value: Any) -> Any:
@@ -99,7 +139,7 @@ def trim_metrics(path: Path, first_step: int) -> None:
             break  # cut off: only the last line can be
         try:
             step = json.loads(line)["step"] if line.strip() else None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise ValueError(f"{path}:{number}: not a metrics record: {line[:80]!r}") from None
         if isinstance(step, int) and step < first_step:
             kept.append(line)
@@ -147,7 +187,8 @@ class MetricsLog:
             self.wandb_run.log(numbers, step=step)
 
     def close(self) -> None:
-        self.file.close()
+        with naming(self.path):  # the buffer of a failed write is written again here
+            self.file.close()
         if self.writer is not None:
             with naming(self.tensorboard_dir):
                 self.writer.close()
@@ -165,6 +206,8 @@ def read_json_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, dict[
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise ValueError(f"{path}:{number}: JSON nested too deeply to be a record") from None
         except json.JSONDecodeError:
             if number == len(lines):
                 warnings.warn(
@@ -198,6 +241,18 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def import_wandb():
+    """The `wandb` module; a ConfigError naming trainer.wandb where it cannot be imported."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError(
+            f"trainer.wandb=true needs Weights & Biases, which cannot be imported ({e}): "
+            "pip install 'entroprl[wandb]', or set trainer.wandb=false"
+        ) from None
+    return wandb
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -208,16 +263,65 @@ class RunDir:
         return any((self.path / name).exists() for name in RUN_MARKERS)
 
     def clear(self) -> None:
-        """Delete the run held here (`RUN_ENTRIES`); other files stay."""
+        """Delete the run held here (`RUN_ENTRIES` and its segment configurations); other files
+        stay."""
         for name in RUN_ENTRIES:
             path = self.path / name
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+        for _, path in self.segment_configs():
+            path.unlink()
 
-    def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """`lock_directory` on the run directory: held while a process trains in it."""
+        return lock_directory(self.path)
+
+    def segment_configs(self) -> list[tuple[int, Path]]:
+        """(N, config.step_N.yaml) for each configuration of steps after checkpoint N, by N."""
+        found = []
+        for path in self.path.glob("config.step_*.yaml"):
+            match = SEGMENT_CONFIG.fullmatch(path.name)
+            if match:
+                found.append((int(match[1]), path))
+        return sorted(found)
+
+    def config_of_step(self, step: int) -> tuple[Path, dict[str, Any]] | None:
+        """The file and the configuration that ran `step`: config.step_N.yaml with the greatest
+        N below `step`, else config.yaml; None when neither is there. A file that does not hold
+        a YAML mapping is a ValueError naming it."""
+        earlier = [path for n, path in self.segment_configs() if n < step]
+        path = earlier[-1] if earlier else self.path / "config.yaml"
+        if not path.is_file():
+            return None
+        try:
+            values = yaml.safe_load(read_text(path))
+        except yaml.YAMLError:
+            values = None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: not a configuration written by entroprl (damaged?)")
+        return path, values
+
+    def write_config(self, config: dict[str, Any], after: int = 0) -> Path | None:
+        """Record the configuration of the steps after checkpoint `after`: config.yaml for a run
+        from step 0 (the configurations of any later segments go); for a resumed run,
+        config.step_<after>.yaml when it differs from the configuration that ran step `after`,
+        and the configurations of the segments from `after` on go (their steps run again).
+        Returns the file written, if one is."""
+        for n, path in self.segment_configs():
+            if n >= after:
+                path.unlink()
+        text = yaml.safe_dump(config, sort_keys=False)
+        if after == 0:
+            target = self.path / "config.yaml"
+        else:
+            before = self.config_of_step(after)
+            if before is not None and before[1] == yaml.safe_load(text):
+                return None
+            target = self.path / f"config.step_{after:06d}.yaml"
+        atomic_write_text(target, text)
+        return target
 
     def metrics_log(
         self,
@@ -238,12 +342,7 @@ class RunDir:
         )
 
     def _wandb_run(self, project: str, config: dict[str, Any] | None):
-        try:
-            import wandb
-        except ImportError:
-            raise RuntimeError(
-                "trainer.wandb=true needs Weights & Biases: pip install 'entroprl[wandb]'"
-            ) from None
+        wandb = import_wandb()
         return wandb.init(project=project, name=self.path.name, dir=self.path, config=config)
 
     def write_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:

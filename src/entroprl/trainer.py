@@ -32,6 +32,7 @@ from entroprl import (
     mismatch,
     parallel,
     precision,
+    rundir,
 )
 from entroprl.advantages import (
     compute_advantages,
@@ -44,15 +45,14 @@ from entroprl.advantages import (
 )
 from entroprl.backends import make_backend
 from entroprl.checks import NonFiniteError
-from entroprl.config import Config
+from entroprl.config import Config, meaning_changes, resume_changes
 from entroprl.entropy import batch_entropy
-from entroprl.errors import ConfigError, TrainingError
+from entroprl.errors import ConfigError, Interrupted, TrainingError
 from entroprl.evaluation import evaluate, score_samples
 from entroprl.forward import batched_log_probs, forward_log_probs
 from entroprl.law import detect_plateau_online
 from entroprl.policy import load_policy, pick_device
 from entroprl.rollout import RolloutBatch, concat_batches
-from entroprl.rundir import RunDir
 from entroprl.tasks.base import Task
 from entroprl.tasks.registry import build_task
 
@@ -291,6 +291,8 @@ class Trainer:
                 "vanish in float16 and the first step turns the weights to NaN; use bfloat16 or "
                 "float32"
             )
+        if c.trainer.wandb:  # before anything is written
+            rundir.import_wandb()
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if c.rollout.prompts_per_step % self.world:
             raise TrainingError(
@@ -381,7 +383,7 @@ class Trainer:
         self.plateau_start: int | None = None
         """The step at which the plateau stage began, once detected (then kept to the end)."""
         self.nonfinite_in_a_row = 0
-        self.run = RunDir(c.trainer.out_dir) if self.rank == 0 else None
+        self.run = rundir.RunDir(c.trainer.out_dir) if self.rank == 0 else None
 
     @property
     def on_policy(self) -> bool:
@@ -461,12 +463,15 @@ class Trainer:
             )
         self.saved_step = self.step
 
-    def resume(self) -> bool:
+    def resume(self, *, allow_config_change: bool = False) -> bool:
         """Continue from the valid checkpoint with the highest step in the run directory
         (`checkpoint.find_resumable`), saying which, and why any newer one was skipped. Returns
         False, starting at step 0, when the directory holds no checkpoint at all (a run stopped
         before its first); raises TrainingError, changing nothing, when it holds checkpoints and
-        none of them is valid.
+        none of them is valid, when `trainer.steps` is below the checkpoint's step, when the
+        configuration differs from the one that ran the checkpoint's step in a key outside
+        `config.FREE_ON_RESUME` (unless `allow_config_change`), and when the model is not of
+        the checkpoint's shape.
 
         Rank 0 chooses and verifies the checkpoint. Every rank reads the small state files; a
         sharded checkpoint is read by every rank, each the slices its own layout needs; a full
@@ -479,6 +484,7 @@ class Trainer:
                 for line in skipped:
                     print(f"skipped checkpoint {line}")
                 chosen = state["step"]
+                problem = self._settings_problem(chosen, allow_config_change)
             elif skipped:
                 problem = (
                     f"{out}: no usable checkpoint to resume from ({'; '.join(skipped)}). "
@@ -493,6 +499,7 @@ class Trainer:
             return False
         path = Path(out) / "checkpoints" / checkpoint.checkpoint_name(step)
         state = checkpoint.verify(path, hashes=False)  # rank 0 has checked the hashes
+        self._check_shapes(path, state)
         if checkpoint.is_sharded(state):
             checkpoint.load_sharded(path, self.model, self.optimizer)
         else:
@@ -509,6 +516,58 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from step {self.step} ({path})")
         return True
+
+    def _settings_problem(self, step: int, allow_config_change: bool) -> str | None:
+        """Why the run cannot resume from checkpoint `step` with this configuration, or None
+        (saying which settings change, if any do). Rank 0, which reads the run directory."""
+        c = self.config
+        out, steps = c.trainer.out_dir, c.trainer.steps
+        if steps < step:
+            return (
+                f"trainer.steps={steps}: {out} is already at step {step} (its newest valid "
+                f"checkpoint): nothing to train; set trainer.steps above {step} to continue it"
+            )
+        try:
+            found = self.run.config_of_step(step)
+        except ValueError as e:
+            return str(e)
+        if found is None:
+            print(f"{out} holds no configuration of step {step}: settings not compared")
+            return None
+        where, before = found
+        changes = resume_changes(before, c)
+        altering = meaning_changes(changes, c)
+        if altering and not allow_config_change:
+            return (
+                f"{out}: these settings differ from those that ran step {step} ({where.name}) "
+                f"and would make the steps after it another run's: {'; '.join(altering)}. "
+                "Resume with the settings of before, pass --allow-config-change to continue "
+                "with these anyway (each segment's configuration is kept in the run directory), "
+                "or --overwrite to start again"
+            )
+        if changes:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            print(f"settings changed since step {step} ({where.name}): {listed}")
+        return None
+
+    def _check_shapes(self, path: Path, state: dict[str, Any]) -> None:
+        """Raise TrainingError when the model's weights and the checkpoint's differ in shape."""
+        stored = checkpoint.stored_shapes(path, state)
+        here = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        common = stored.keys() & here.keys()
+        wrong = sorted(name for name in common if stored[name] != here[name])
+        if common and not wrong:
+            return
+        example = (
+            f"{wrong[0]} is {list(here[wrong[0]])} here, {list(stored[wrong[0]])} there"
+            if wrong
+            else "no weight of the same name"
+        )
+        raise TrainingError(
+            f"model.path={self.config.model.path}: the model is not of the shape of checkpoint "
+            f"{path} ({len(wrong) or 'all'} of its weights differ: {example}); resume with "
+            "the model the run started from"
+        )
 
     def _load_full(self, path: Path) -> None:
         """Load a checkpoint of full state dicts: read by every rank, or by rank 0 alone and
@@ -536,11 +595,14 @@ class Trainer:
                 )
         self._stop_together(problem)
 
-    def _stop_together(self, problem: str | None) -> None:
-        """Raise TrainingError on every rank when rank 0, the one that reads the run directory,
-        has a `problem`, so that no rank is left waiting for the others."""
+    def _stop_together(self, problem: str | Exception | None) -> None:
+        """Raise on every rank when rank 0, the one that reads the run directory, has a
+        `problem`, so that no rank is left waiting for the others: the error itself on rank 0,
+        a TrainingError elsewhere (and for a message)."""
         stop = torch.tensor(int(problem is not None), device=self.device)
         if int(distributed.all_reduce_sum(stop)):
+            if isinstance(problem, Exception):
+                raise problem
             raise TrainingError(problem or "rank 0 stopped the run (its message says why)")
 
     def _nonfinite_error(self, step: int, error: str | Exception) -> TrainingError:
@@ -961,49 +1023,87 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def train(self, *, resume: bool = False, overwrite: bool = False) -> Path:
+    def train(
+        self, *, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False
+    ) -> Path:
         """Train to `trainer.steps`. With `resume`, continue the run in `trainer.out_dir` (see
-        `resume`); without, a directory already holding a run is an error unless `overwrite`,
-        which deletes that run first.
+        `resume`; `allow_config_change` lets it change settings that alter the run); without, a
+        directory already holding a run is an error unless `overwrite`, which deletes that run
+        first. The run directory is locked for the whole call (`rundir.lock_directory`, on rank 0):
+        a second process stops at once, naming this one. Ctrl-C raises `Interrupted`, naming the
+        newest complete checkpoint; nothing written is half written.
 
         NaN policy: an update whose loss or gradient is NaN or infinite is skipped and counted,
         and `trainer.max_nonfinite_updates` steps in a row with one stop the run; NaN or infinite
         weights (checked before the first step and after every update) or logits stop it at
         once, since no later update can mend them. Nothing non-finite is ever saved."""
-        c = self.config
         if resume and overwrite:
             raise TrainingError(
                 "resume and overwrite exclude each other: one continues the run in "
                 "trainer.out_dir, the other deletes it"
             )
+        lock, error = contextlib.ExitStack(), None
+        if self.run is not None:
+            try:
+                lock.enter_context(self.run.lock())
+            except (TrainingError, OSError) as e:
+                error = e
+        self._stop_together(error)
+        with lock:
+            try:
+                log = self._open_run(resume, overwrite, allow_config_change)
+                if log is not False:
+                    self._run_steps(log)
+            except KeyboardInterrupt:
+                raise Interrupted(self._interrupted()) from None
+        return Path(self.config.trainer.out_dir)
+
+    def _open_run(self, resume: bool, overwrite: bool, allow_config_change: bool):
+        """Resume or start the run, record its configuration and open its metrics log: the log
+        (None on ranks other than 0), or False when a resumed run has no step left to run."""
+        c = self.config
         if resume:
-            self.resume()
+            self.resume(allow_config_change=allow_config_change)
+            if self.step >= c.trainer.steps:  # resume refuses a step count below it
+                if self.rank == 0:
+                    print(
+                        f"{c.trainer.out_dir} is at step {self.step}, trainer.steps: nothing to "
+                        "do (raise trainer.steps to train further)"
+                    )
+                return False
         else:
             self._start_afresh(overwrite)
         if not parallel.all_finite(self.model.parameters()):
             raise self._nonfinite_error(self.step, "the weights hold NaN or inf")
-        initial_eval = self.step == 0 and c.trainer.eval_every > 0
-        log = None
-        if self.run is not None:
-            self.run.write_config(c.to_dict())
-            log = self.run.metrics_log(
-                c.trainer.tensorboard,
-                0 if initial_eval else self.step + 1,
-                wandb_project=c.trainer.wandb_project if c.trainer.wandb else None,
-                config=c.to_dict(),
-            )
-        if initial_eval:
-            initial = self.validate()
-            if log is not None:
-                log.log(0, initial)
-        bar = tqdm(
-            range(self.step + 1, c.trainer.steps + 1),
-            desc="rl steps",
-            disable=not c.trainer.progress or self.rank != 0,
-            initial=self.step,
-            total=c.trainer.steps,
+        if self.run is None:
+            return None
+        written = self.run.write_config(c.to_dict(), after=self.step)
+        if written is not None and self.step > 0:
+            print(f"the configuration of the steps after {self.step}: {written}")
+        # from step 0 a resumed run logs everything again, its evaluation before training too
+        return self.run.metrics_log(
+            c.trainer.tensorboard,
+            self.step + 1 if self.step else 0,
+            wandb_project=c.trainer.wandb_project if c.trainer.wandb else None,
+            config=c.to_dict(),
         )
+
+    def _run_steps(self, log) -> None:
+        """The steps from `self.step + 1` to `trainer.steps`, each logged to `log` (None: not
+        logged, on ranks other than 0) and checkpointed every `trainer.save_every`."""
+        c = self.config
         try:
+            if self.step == 0 and c.trainer.eval_every > 0:
+                initial = self.validate()
+                if log is not None:
+                    log.log(0, initial)
+            bar = tqdm(
+                range(self.step + 1, c.trainer.steps + 1),
+                desc="rl steps",
+                disable=not c.trainer.progress or self.rank != 0,
+                initial=self.step,
+                total=c.trainer.steps,
+            )
             for step in bar:
                 try:
                     metrics = self.train_step(step)
@@ -1034,4 +1134,17 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
-        return Path(c.trainer.out_dir)
+
+    def _interrupted(self) -> str:
+        """What an interrupted run leaves: its newest complete checkpoint, to resume from."""
+        out = self.config.trainer.out_dir
+        path, state, _ = checkpoint.find_resumable(Path(out) / "checkpoints", hashes=False)
+        if path is None:
+            return (
+                f"interrupted; {out} holds no complete checkpoint yet: start again with "
+                "--overwrite (or --resume, which starts at step 0)"
+            )
+        return (
+            f"interrupted; the newest complete checkpoint is {path} (step {state['step']}): "
+            "continue with --resume"
+        )

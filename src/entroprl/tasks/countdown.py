@@ -306,7 +306,7 @@ def load_jsonl(path: str | Path) -> list[CountdownProblem]:
                 if not isinstance(numbers, list):
                     raise ValueError('"numbers" must be a list of ints')
                 problems.append(CountdownProblem(tuple(numbers), record["target"]))
-            except ValueError as err:  # json.JSONDecodeError is a ValueError
+            except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{lineno}: invalid Countdown problem: {err}") from None
     return problems
 

@@ -158,6 +158,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
                     f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}): "
                     f"{line.strip()[:80]!r}"
                 ) from None
+            except RecursionError:
+                raise ValueError(f"{path}:{number}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise ValueError(
                     f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
