@@ -267,3 +267,108 @@ def test_read_only_file_system(setup, tmp_path):
     done = in_namespace(f"mount --bind {run} {run} && mount -o remount,bind,ro {run} && {resume}")
     assert "Read-only file system" in one_line_error(done)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+# -- Ctrl-C and two processes (issue 23) --------------------------------------------------------
+
+
+def interrupt(
+    config: Path, out: Path, moment: str, rng: random.Random
+) -> subprocess.CompletedProcess:
+    """Start a run in a session of its own and press Ctrl-C (SIGINT to its whole process group,
+    as a terminal does) at a random moment after checkpoint 1 is complete ("step") or while it
+    writes checkpoint 3 ("checkpoint write") of its 5."""
+    process = subprocess.Popen(
+        command(config, out),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    awaited = out / "checkpoints" / ("step_000001" if moment == "step" else ".step_000003.tmp")
+    while process.poll() is None and not awaited.exists():
+        time.sleep(0.001)
+    time.sleep(rng.uniform(0.0, 0.3 if moment == "step" else 0.02))
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("moment", ["step", "checkpoint write"])
+def test_ctrl_c_stops_with_one_line_and_the_run_resumes_intact(setup, tmp_path, moment):
+    config, reference = setup
+    out = tmp_path / "run"
+    done = interrupt(config, out, moment, random.Random(moment))
+    assert done.returncode == 130, (done.stdout[-2000:], done.stderr[-3000:])
+    line = one_line_error(done)
+    newest = max((out / "checkpoints").glob("step_*"), key=lambda p: p.name)
+    assert line.startswith("entroprl: interrupted;") and f"{newest} (step" in line, line
+    assert train(config, out, "--resume").returncode == 0
+    assert logged_steps(out) == list(range(STEPS + 1))
+    weights = final_weights(out)
+    for name, value in reference.items():
+        assert torch.equal(weights[name], value), name
+
+
+def stop_with_ctrl_c(process: subprocess.Popen) -> None:
+    """Ctrl-C `process` (a run too long to end on its own): it must stop cleanly."""
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 130, (stdout, stderr[-3000:])
+
+
+def test_two_processes_on_one_run_directory(setup, tmp_path):
+    """Two `--resume` processes started together on one run: one trains, the other stops at once
+    naming the first's pid. The first, stopped later with Ctrl-C, has logged each step once."""
+    config, _ = setup
+    out = tmp_path / "run"
+    assert train(config, out, "trainer.steps=2").returncode == 0
+    both = [
+        subprocess.Popen(
+            [*command(config, out), "trainer.steps=100000", "--resume"],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    while all(p.poll() is None for p in both):
+        time.sleep(0.01)
+    refused = next(p for p in both if p.poll() is not None)
+    winner = next(p for p in both if p is not refused)
+    stdout, stderr = refused.communicate()
+    done = subprocess.CompletedProcess(refused.args, refused.returncode, stdout, stderr)
+    assert f"in use by another entroprl process (pid {winner.pid} on" in one_line_error(done)
+    assert refused.returncode == 1
+    while len(logged_steps(out)) < 5:  # the winner trains on
+        time.sleep(0.01)
+    stop_with_ctrl_c(winner)
+    steps = logged_steps(out)
+    assert steps == list(range(len(steps))) and len(steps) >= 5, steps
+
+
+def test_overwrite_while_another_process_trains_is_refused(setup, tmp_path):
+    """`--overwrite` of a run that is still training stops, naming the trainer's pid, and
+    deletes nothing: the run trains on."""
+    config, _ = setup
+    out = tmp_path / "run"
+    running = subprocess.Popen(
+        [*command(config, out), "trainer.steps=100000"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while running.poll() is None and not (out / "checkpoints" / "step_000001").exists():
+        time.sleep(0.01)
+    message = one_line_error(train(config, out, "--overwrite"))
+    assert f"pid {running.pid} on" in message, message
+    assert running.poll() is None  # still training
+    stop_with_ctrl_c(running)
+    steps = logged_steps(out)
+    assert steps == list(range(len(steps))) and len(steps) >= 2, steps
+    newest = (out / "checkpoints" / "latest").read_text()
+    assert (out / "checkpoints" / newest).is_dir() and (out / "config.yaml").is_file()

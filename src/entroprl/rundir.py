@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _holder(fd: int) -> str:
+    """The "pid host" a lock file records; its holder writes it just after locking, so a second
+    process started at the same moment waits for it, a second at most."""
+    for _ in range(100):
+        text = os.pread(fd, 300, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.01)
+    return ""
+
+
 @contextlib.contextmanager
 def lock_directory(directory: Path) -> Iterator[None]:
     """Hold an exclusive lock on `directory` for the block: `flock` on its `.lock` file, which
@@ -102,7 +114,7 @@ def lock_directory(directory: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid, _, host = os.pread(fd, 300, 0).decode(errors="replace").strip().partition(" ")
+            pid, _, host = _holder(fd).partition(" ")
             raise TrainingError(
                 f"{directory} is in use by another entroprl process (pid {pid or 'unknown'}"
                 f"{f' on {host}' if host else ''}): wait for it to end, or stop it, first; "
