@@ -1,10 +1,17 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from entroprl.demo import METRICS, aggregate, format_table, run_demo, summarize_run
+from entroprl.demo import METRICS, RESULT, aggregate, format_table, run_demo, summarize_run
+from entroprl.rundir import read_metrics
 from entroprl.warmstart import WarmStartConfig
 
 
@@ -121,3 +128,72 @@ def test_end_values_average_the_last_steps(tmp_path):
     assert s["accuracy_end"] == pytest.approx(0.3) and s["pass_at_k_end"] == pytest.approx(0.6)
     assert s["end_steps"] == [20, 40] and s["steps"] == 40 and s["pass_at_k"] == "pass@8"
     assert s["law"]["a"] is not None
+
+
+DEMO = """
+import sys
+from pathlib import Path
+from entroprl.demo import run_demo
+from entroprl.warmstart import WarmStartConfig
+
+small = WarmStartConfig(steps=30, num_problems=100, eval_problems=20)
+run_demo(Path(sys.argv[1]), steps=int(sys.argv[2]), seeds=1, jobs=1, warm_start_config=small)
+"""
+
+
+def _demo(out, steps: int, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", DEMO, str(out), str(steps)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # killed with its run processes, as a closed terminal kills them
+    )
+
+
+def _steps_of(result: Path) -> int:
+    return json.loads(result.read_text())["settings"]["config"]["trainer"]["steps"]
+
+
+@pytest.mark.slow
+def test_demo_rerun_reuses_finished_seeds_and_never_mixes_two_runs(tmp_path):
+    """A demo of 2 steps; the same demo again reuses every run; a 3-step demo killed once its
+    first run is in leaves no summary (not the 2-step one's); run again, it reuses that run,
+    trains the others (the 2-step ones among them) afresh, and summarizes 3-step runs only."""
+    env = os.environ | {"ENTROPRL_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "demo"
+    first = _demo(out, 2, env)
+    stdout, stderr = first.communicate(timeout=1800)
+    assert first.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    again = _demo(out, 2, env)
+    stdout, stderr = again.communicate(timeout=1800)
+    assert again.returncode == 0, stderr[-3000:]
+    assert "reusing 3 runs" in stdout and "0 to train" in stdout, stdout
+    rerun = json.loads((out / "summary.json").read_text())
+    assert rerun["methods"].keys() == summary["methods"].keys()
+    for name, m in rerun["methods"].items():
+        assert m["seeds"] == summary["methods"][name]["seeds"], name
+    assert rerun["reused"] == {name: [0] for name in summary["methods"]}
+
+    killed = _demo(out, 3, env)
+    grpo = out / "grpo" / "seed_0" / RESULT
+    while killed.poll() is None and not (grpo.is_file() and _steps_of(grpo) == 3):
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (out / "summary.json").exists() and not (out / "analysis").exists()
+    assert _steps_of(out / "kl_cov" / "seed_0" / RESULT) == 2  # not trained yet: the 2-step run
+
+    last = _demo(out, 3, env)
+    stdout, stderr = last.communicate(timeout=1800)
+    assert last.returncode == 0, stderr[-3000:]
+    assert "reusing 1 runs" in stdout and "grpo seed 0" in stdout and "2 to train" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert summary["reused"] == {"grpo": [0], "clip_cov": [], "kl_cov": []}
+    for name, m in summary["methods"].items():
+        assert m["seeds"]["0"]["steps"] == 3, name
+        assert _steps_of(out / name / "seed_0" / RESULT) == 3
+        assert read_metrics(out / name / "seed_0" / "metrics.jsonl")[-1]["step"] == 3
