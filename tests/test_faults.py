@@ -372,3 +372,40 @@ def test_overwrite_while_another_process_trains_is_refused(setup, tmp_path):
     assert steps == list(range(len(steps))) and len(steps) >= 2, steps
     newest = (out / "checkpoints" / "latest").read_text()
     assert (out / "checkpoints" / newest).is_dir() and (out / "config.yaml").is_file()
+
+
+def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(setup, tmp_path):
+    """Under torchrun only rank 0 takes the lock; when another process holds it, every rank stops
+    at once with one line (rank 0's names the holder), none waits for the others. (torchrun then
+    prints a traceback of its own for its failed workers.)"""
+    config, _ = setup
+    out = tmp_path / "run"
+    out.mkdir()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launch = [str(torchrun), "--nproc-per-node", "2", "-m", "entroprl.cli", "train", str(config)]
+    from entroprl.rundir import lock_directory
+
+    with lock_directory(out):
+        done = subprocess.run(
+            [*launch, f"trainer.out_dir={out}", "trainer.steps=1"],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert done.returncode != 0
+    lines = done.stderr.splitlines()
+    assert any(f"in use by another entroprl process (pid {os.getpid()} on" in x for x in lines)
+    assert "entroprl: rank 0 stopped the run (its message says why)" in lines
+    # torchrun reports its failed workers with a traceback of its own; none comes from a rank
+    assert "/entroprl/" not in done.stderr.replace(str(config), ""), done.stderr[-3000:]
+    assert not (out / "config.yaml").exists()
+    done = subprocess.run(
+        [*launch, f"trainer.out_dir={out}", "trainer.steps=1"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert logged_steps(out) == [0, 1]
