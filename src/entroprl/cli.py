@@ -376,12 +376,29 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{where}{e.strerror or e}")
     except RecursionError:  # every reader of JSON and YAML names its file before this
         _fail("an input nested too deeply to be read")
-    except RuntimeError as e:
+    except (MemoryError, RuntimeError) as e:
         from entroprl.tasks.base import RewardError
 
         if isinstance(e, TrainingError | RewardError):
             _fail(str(e))
+        if _out_of_memory(e):
+            _fail(
+                f"out of memory ({str(e).strip() or type(e).__name__}): lower "
+                "rollout.prompts_per_step, rollout.n, rollout.max_new_tokens, "
+                "optim.micro_batch_size, trainer.eval_samples or the data sizes"
+            )
         raise
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: Python's MemoryError, torch's on a GPU
+    (OutOfMemoryError) or on the CPU (a RuntimeError from its allocator)."""
+    text = str(error)
+    return (
+        isinstance(error, MemoryError)
+        or type(error).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+    )
 
 
 def _fail(message: str) -> NoReturn:

@@ -334,22 +334,26 @@ class Config:
                 value = getattr(values, f.name)
                 if isinstance(value, float):
                     need(math.isfinite(value), f"{section.name}.{f.name}", "must be finite")
+                elif isinstance(value, int) and not isinstance(value, bool):
+                    # torch holds counts and seeds in 64 bits: a larger one overflows deep inside
+                    need(abs(value) < 2**63, f"{section.name}.{f.name}", "does not fit in 64 bits")
         a, r, o, t = self.algorithm, self.rollout, self.optim, self.trainer
         low, high = TEMPERATURES
         need(
             a.policy_loss in losses.POLICY_LOSSES,
             "algorithm.policy_loss",
-            f"unknown loss {a.policy_loss!r}; known: {sorted(losses.POLICY_LOSSES)}",
+            f"unknown loss {_show(a.policy_loss)}; known: {sorted(losses.POLICY_LOSSES)}",
         )
         need(
             a.advantage in advantages.ADVANTAGE_ESTIMATORS,
             "algorithm.advantage",
-            f"unknown estimator {a.advantage!r}; known: {sorted(advantages.ADVANTAGE_ESTIMATORS)}",
+            f"unknown estimator {_show(a.advantage)}; "
+            f"known: {sorted(advantages.ADVANTAGE_ESTIMATORS)}",
         )
         need(
             a.loss_agg_mode in losses.LOSS_AGG_MODES,
             "algorithm.loss_agg_mode",
-            f"unknown mode {a.loss_agg_mode!r}; known: {sorted(losses.LOSS_AGG_MODES)}",
+            f"unknown mode {_show(a.loss_agg_mode)}; known: {sorted(losses.LOSS_AGG_MODES)}",
         )
         a.loss.setdefault(a.policy_loss, losses.POLICY_LOSSES[a.policy_loss].settings())
         for name, settings in a.loss.items():
@@ -475,7 +479,7 @@ class Config:
         need(
             DEVICE.fullmatch(t.device) is not None,
             "trainer.device",
-            f"unknown device {t.device!r}; expected auto, cpu, cuda, cuda:N or mps",
+            f"unknown device {_show(t.device)}; expected auto, cpu, cuda, cuda:N or mps",
         )
         need(self.model.dtype in DTYPES, "model.dtype", " or ".join(DTYPES))
         need(t.strategy in STRATEGIES, "trainer.strategy", " or ".join(STRATEGIES))
@@ -491,7 +495,7 @@ class Config:
             "bfloat16 without FSDP (float16 needs trainer.strategy=fsdp)",
         )
         d = self.data
-        need(d.task in TASKS, "data.task", f"unknown task {d.task!r}; known: {sorted(TASKS)}")
+        need(d.task in TASKS, "data.task", f"unknown task {_show(d.task)}; known: {sorted(TASKS)}")
         need(d.train_size >= 1, "data.train_size", "must be >= 1")
         need(d.test_size >= 1, "data.test_size", "must be >= 1")
         need(d.max_prompt_chars >= 1, "data.max_prompt_chars", "must be >= 1")
@@ -499,12 +503,12 @@ class Config:
         need(
             not file_task or t.eval_every == 0 or d.test_file is not None,
             "data.test_file",
-            f"task {d.task!r} evaluates on a file: set it, or trainer.eval_every=0",
+            f"task {_show(d.task)} evaluates on a file: set it, or trainer.eval_every=0",
         )
         need(
             d.reward is None or d.reward in math_problems.REWARDS,
             "data.reward",
-            f"unknown reward {d.reward!r}; known: {sorted(math_problems.REWARDS)}",
+            f"unknown reward {_show(d.reward)}; known: {sorted(math_problems.REWARDS)}",
         )
         need("{message}" in d.plain_template, "data.plain_template", "must contain {message}")
         need(d.train_limit is None or d.train_limit >= 1, "data.train_limit", "must be >= 1")
