@@ -65,7 +65,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="local Hugging Face model directory (default: model.path of the config)",
+        help="a Hugging Face model: local directory or hub id (default: the config's model.path)",
     )
     parser.add_argument(
         "--bench",
@@ -141,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         run_benchmarks,
         write_report,
     )
-    from entroprl.policy import load_policy, pick_device
+    from entroprl.policy import load_policy, model_dir, pick_device
     from entroprl.tasks import math_problems
     from entroprl.tasks.base import Task
     from entroprl.tasks.registry import build_task
@@ -157,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         if config.model.path is None:
             raise ConfigError("model.path: rollout.backend=vllm needs a checkpoint directory")
         model = None
-        tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir(config.model.path))
     else:
         model, tokenizer = load_policy(config)
         model = model.to(pick_device(config.trainer.device)).eval()

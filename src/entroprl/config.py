@@ -55,7 +55,9 @@ MOVED_KEYS = {
 @dataclass
 class ModelConfig:
     path: str | None = None
-    """Local Hugging Face checkpoint directory; None builds the demo's warm-started tiny model."""
+    """A Hugging Face model: a local directory or a hub id (`Qwen/Qwen2.5-0.5B`, resolved through
+    huggingface_hub's cache; HF_HUB_OFFLINE=1 keeps it to the cache); None builds the demo's
+    warm-started tiny model."""
     dtype: str = "float32"
     """Dtype of the trained weights, their gradients and the AdamW state."""
     compute_dtype: str | None = None
@@ -85,7 +87,12 @@ class DataConfig:
     """Use only the first N usable rows of `train_file`; None: all."""
     test_limit: int | None = None
     reward: str | None = None
-    """`math` or `gsm8k`; None: the task's own (gsm8k for gsm8k, math for math and jsonl)."""
+    """`math` or `gsm8k`; or your own function, `module:function`, with TRL's reward signature
+    (`entroprl.tasks.custom_reward`); None: the task's own (gsm8k for gsm8k, math for math and
+    jsonl, the Countdown verifier for countdown)."""
+    reward_timeout: float = 60.0
+    """Seconds your own reward function (`data.reward: module:function`) may take for one batch
+    before its sandbox process is killed and the run stops."""
     instruction: str = math_problems.DEFAULT_INSTRUCTION
     """Appended to every question on a new line; empty for none."""
     chat_template: bool = True
@@ -455,10 +462,12 @@ class Config:
             f"task {d.task!r} evaluates on a file: set it, or trainer.eval_every=0",
         )
         need(
-            d.reward is None or d.reward in math_problems.REWARDS,
+            d.reward is None or d.reward in math_problems.REWARDS or ":" in d.reward,
             "data.reward",
-            f"unknown reward {d.reward!r}; known: {sorted(math_problems.REWARDS)}",
+            f"unknown reward {d.reward!r}; known: {sorted(math_problems.REWARDS)}, or "
+            "module:function for your own",
         )
+        need(d.reward_timeout > 0, "data.reward_timeout", "must be > 0")
         need("{message}" in d.plain_template, "data.plain_template", "must contain {message}")
         need(d.train_limit is None or d.train_limit >= 1, "data.train_limit", "must be >= 1")
         need(d.test_limit is None or d.test_limit >= 1, "data.test_limit", "must be >= 1")

@@ -53,7 +53,7 @@ from entroprl.law import detect_plateau_online
 from entroprl.policy import load_policy, pick_device
 from entroprl.rollout import RolloutBatch, concat_batches
 from entroprl.rundir import RunDir
-from entroprl.tasks.base import Task
+from entroprl.tasks.base import Example, Task
 from entroprl.tasks.registry import build_task
 
 
@@ -570,7 +570,8 @@ class Trainer:
         picks = picks[size * batch : size * (batch + 1)]
         return picks.tensor_split(self.world)[self.rank].tolist()
 
-    def rollout(self, step: int, batch: int = 0) -> tuple[RolloutBatch, list[Any]]:
+    def rollout(self, step: int, batch: int = 0) -> tuple[RolloutBatch, list[Example]]:
+        """This rank's sampled responses of `step` (its `batch`-th draw), and each row's problem."""
         r = self.config.rollout
         examples = [self.task.train[i] for i in self.prompts_for(step, batch)]
         if batch == 0:
@@ -584,13 +585,15 @@ class Trainer:
             top_p=r.top_p,
             max_new_tokens=r.max_new_tokens,
         )
-        return out, [examples[g].answer for g in out.group_ids.tolist()]
+        return out, [examples[g] for g in out.group_ids.tolist()]
 
-    def score(self, batch: RolloutBatch, answers: list[Any]) -> tuple[Tensor, Tensor]:
+    def score(self, batch: RolloutBatch, examples: list[Example]) -> tuple[Tensor, Tensor]:
         """Verifier scores (1 for a correct answer) and rewards (scores plus the overlong
         penalty, algorithms.md §6)."""
         c, a = self.config, self.config.algorithm
-        correct = torch.tensor(self.task.score(batch.texts, answers), device=self.device)
+        answers, prompts = [e.answer for e in examples], [e.prompt for e in examples]
+        scores = self.task.score(batch.texts, answers, prompts)
+        correct = torch.tensor(scores, device=self.device)
         rewards = correct.clone()
         if a.overlong_buffer > 0:
             rewards = rewards + overlong_penalty(
@@ -616,9 +619,9 @@ class Trainer:
         c, n = self.config, self.config.rollout.n
         share = c.rollout.prompts_per_step // self.world
         begin = time.perf_counter()
-        batch, answers = self.rollout(step)
+        batch, examples = self.rollout(step)
         start = time.perf_counter()
-        scores, rewards = self.score(batch, answers)
+        scores, rewards = self.score(batch, examples)
         scoring = time.perf_counter() - start
         sampled = 1
         while sampled < c.algorithm.dynamic_sampling_max_batches:
@@ -626,9 +629,9 @@ class Trainer:
             short = max(share - int(informative.sum().item()), 0)
             if distributed.all_reduce_sum(torch.tensor(short, device=self.device)).item() == 0:
                 break
-            more, more_answers = self.rollout(step, sampled)
+            more, more_examples = self.rollout(step, sampled)
             start = time.perf_counter()
-            more_scores, more_rewards = self.score(more, more_answers)
+            more_scores, more_rewards = self.score(more, more_examples)
             scoring += time.perf_counter() - start
             batch = concat_batches([batch, more], self.tokenizer.pad_token_id)
             scores = torch.cat([scores, more_scores])
