@@ -64,9 +64,9 @@ def _one_update(policy_loss, mode, rows, mini, micro, strategy=None, keep=None):
     with torch.no_grad():  # as the trainer's old log-probs: FSDP must not keep the root gathered
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    metrics, _ = update_policy(
+    metrics = update_policy(
         wrapped, opt, batch, config, generator=torch.Generator().manual_seed(0)
-    )
+    ).metrics
     state = parallel.model_state(model)  # gathered to rank 0 when sharded
     return {n: state[n].clone() for n in names if n in state}, metrics
 
