@@ -229,18 +229,15 @@ def update_policy(
                         )
                     elif spec.select is not None:  # an empty micro-batch: nothing to select
                         extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
-                    # The importance weight scales each token's policy-gradient term, as verl's
-                    # pg_losses * rollout_is_weights: for w >= 0 the PPO and Clip-Cov token
-                    # losses at advantage w * A are w times those at A (clip and dual clip
-                    # included); KL-Cov's penalty stays unweighted. The selections above use the
-                    # unweighted advantages.
-                    adv = mb.advantages
+                    # The importance weight multiplies each token's whole policy loss, KL-Cov's
+                    # penalty included, as verl's pg_losses * rollout_is_weights; the selections
+                    # above use the unweighted advantages, as verl's do.
                     if mb.rollout_is_weights is not None:
-                        adv = adv * mb.rollout_is_weights
+                        extra["weights"] = mb.rollout_is_weights
                     loss, m = spec.fn(
                         log_prob,
                         old,
-                        adv,
+                        mb.advantages,
                         mb.response_mask,
                         denominators=denominators,
                         **kwargs,
