@@ -350,7 +350,7 @@ class Trainer:
             if sharded:
                 parallel.shard(self.ref_model, compute_dtype=compute_dtype, device=self.device)
             elif compute_dtype:  # the reference log-probs in the policy's forward precision
-                self.ref_model.to(compute_dtype)
+                precision.cast_parameters(self.ref_model, compute_dtype)
         # the module updates run through: self.model itself when sharded (FSDP shards in place),
         # its compute-dtype copy under mixed precision without FSDP (precision.ComputeCopy)
         self.wrapped = parallel.wrap(
