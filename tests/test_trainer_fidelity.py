@@ -17,7 +17,7 @@ from entroprl.forward import forward_log_probs
 from entroprl.law import detect_plateau_online
 from entroprl.rundir import read_metrics
 from entroprl.trainer import Trainer, UpdateBatch, UpdateResult, update_policy
-from tests.policies import make_tiny_policy
+from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_trainer import SPLIT_TEST_SETTINGS, _update_batch, small_config
 
 # -- position shaping: the plateau, once found, stays ----------------------------------------------
@@ -284,10 +284,12 @@ def test_lopti_logs_both_passes(tmp_path, monkeypatch):
 def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, policy_loss, micro):
     """With one mini-batch and one epoch, the old log-probs and the entropy come from the training
     forward, detached (no pass of their own): the same update and the same logged values as with
-    the separate no-grad pass, and one forward fewer."""
+    the separate no-grad pass, and one forward fewer. Scripted rewards differ within every group,
+    so that the update has a gradient and moves the weights."""
     import entroprl.trainer as trainer_module
 
     results = []
+    initial = torch.cat([p.detach().flatten() for p in make_tiny_policy()[0].parameters()])
     for on_policy in (True, False):
         model, tok = make_tiny_policy()
         config = small_config(
@@ -297,6 +299,7 @@ def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, pol
             trainer={"eval_every": 0},
         )
         trainer = Trainer(config, model=model, tokenizer=tok)
+        trainer.score = alternating_scores
         assert trainer.on_policy
         passes = []
         real = trainer_module.batched_log_probs
@@ -313,6 +316,7 @@ def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, pol
         weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         results.append((metrics, weights, len(passes)))
     (fused, w_fused, n_fused), (separate, w_separate, n_separate) = results
+    assert separate["actor/grad_norm"] > 0 and (w_separate - initial).abs().max() > 1e-4
     torch.testing.assert_close(w_fused, w_separate, atol=1e-6, rtol=1e-5)
     for key, value in separate.items():
         if not key.startswith(("timing_s/", "perf/")):
