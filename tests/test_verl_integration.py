@@ -89,7 +89,9 @@ GLOBAL_INFO = {"dp_size": 1, "batch_num_tokens": 200, "global_batch_size": 10}
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["no-is", "rollout-is"])
 @pytest.mark.parametrize(
-    "info", [{}, GLOBAL_INFO | {"loss_scale_factor": 32}], ids=["local", "global"]
+    "info",
+    [{}, GLOBAL_INFO | {"loss_scale_factor": 32}, GLOBAL_INFO | {"dp_size": 2}],
+    ids=["local", "global", "global-dp2"],
 )
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
