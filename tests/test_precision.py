@@ -151,6 +151,7 @@ def test_compute_copy_casts_the_parameters_and_keeps_the_buffers():
     assert not torch.equal(all_rounded, want)  # the buffers' precision reaches the log-probs
 
 
+@needs_native_bfloat16
 def test_reference_model_casts_the_parameters_and_keeps_the_buffers(tmp_path):
     model, tok = make_tiny_policy()
     config = small_config(
