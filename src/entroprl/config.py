@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import re
 import types
@@ -196,8 +197,9 @@ class AlgorithmConfig:
     rollout_is: str | None = None
     """Truncated importance sampling on the rollout/training mismatch (`entroprl.mismatch`,
     verl's ``rollout_correction.rollout_is``): `token` or `sequence` weights
-    min(pi_train / pi_rollout, rollout_is_threshold) on each token's policy-gradient term; None:
-    off. Needs the engine's log-probs, which rollout.backend=vllm reports."""
+    min(pi_train / pi_rollout, rollout_is_threshold) on each token's policy loss (KL-Cov's
+    penalty included, as verl); None: off. Needs the engine's log-probs, which
+    rollout.backend=vllm reports."""
     rollout_is_threshold: float = 2.0
     """The truncation C of rollout_is."""
 
@@ -351,6 +353,13 @@ class Config:
             a.rollout_is is None or r.backend == "vllm",
             "algorithm.rollout_is",
             "needs the rollout engine's log-probs, which only rollout.backend=vllm reports",
+        )
+        need(
+            a.rollout_is is None
+            or _takes_keyword(losses.POLICY_LOSSES[a.policy_loss].fn, "weights"),
+            "algorithm.rollout_is",
+            f"policy loss {a.policy_loss!r} takes no `weights` argument, through which the "
+            "importance weights reach its per-token loss (entroprl.losses.PolicyLoss)",
         )
         need(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "in (0, 1)")
         need(
@@ -537,6 +546,11 @@ def _apply_loss_settings(store: dict[str, Any], values: dict[str, Any]) -> None:
             raise ConfigError(f"algorithm.loss.{name}: expected a mapping, got {settings!r}")
         target = store.setdefault(name, losses.POLICY_LOSSES[name].settings())
         _apply(target, settings, f"algorithm.loss.{name}.")
+
+
+def _takes_keyword(fn, name: str) -> bool:
+    parameters = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _import_plugins(values: dict[str, Any]) -> None:

@@ -79,6 +79,21 @@ class UpdateBatch:
         return UpdateBatch(*(take(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
+@dataclass
+class UpdateResult:
+    """What one `update_policy` call did."""
+
+    metrics: dict[str, float]
+    log_prob: Tensor
+    """(B, R) detached log-probs of the first epoch's training forwards, for every row, before
+    any update touched them on-policy."""
+    entropy: Tensor
+    """(B, R) the entropies of the same forwards."""
+    moved: bool
+    """Whether an optimizer step has changed the weights since the rollout (in this call, or
+    before it when the call was told so)."""
+
+
 def update_policy(
     model,
     optimizer: torch.optim.Optimizer,
@@ -88,7 +103,8 @@ def update_policy(
     generator: torch.Generator,
     entropy_coef: float = 0.0,
     progress: bool = False,
-) -> tuple[dict[str, float], tuple[Tensor, Tensor]]:
+    moved: bool = False,
+) -> UpdateResult:
     """`epochs x mini-batches` optimizer steps on one rollout batch (this rank's rows).
 
     Each mini-batch is split into micro-batches whose losses use the whole mini-batch's
@@ -106,8 +122,8 @@ def update_policy(
     epoch) the old log-probs are the training forward's, detached, so the ratio is exactly 1; a
     whole-mini-batch selection uses the old log-probs while the weights have not moved yet (the
     first mini-batch), and the training forward's own when the mini-batch is one micro-batch.
-    Returns the metrics and the log-probs and entropies (detached, (B, R)) that the first epoch's
-    training forwards computed for every row, before any update touched them on-policy.
+    `moved` says that the weights have already changed since the rollout (an earlier call on the
+    same rollout, as Lopti's second pass), so that no selection trusts the old log-probs then.
     """
     a, o = config.algorithm, config.optim
     spec = losses.get_policy_loss(a.policy_loss)
@@ -126,7 +142,6 @@ def update_policy(
     seen_log_prob = batch.response_mask.new_zeros(n, R)
     seen_entropy = batch.response_mask.new_zeros(n, R)
     skipped = empty = 0
-    moved = False  # whether an optimizer step has changed the weights since the rollout
     per_epoch = math.ceil(n / o.mini_batch_size)
     bar = tqdm(
         total=o.epochs * per_epoch,
@@ -214,18 +229,15 @@ def update_policy(
                         )
                     elif spec.select is not None:  # an empty micro-batch: nothing to select
                         extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
-                    # The importance weight scales each token's policy-gradient term, as verl's
-                    # pg_losses * rollout_is_weights: for w >= 0 the PPO and Clip-Cov token
-                    # losses at advantage w * A are w times those at A (clip and dual clip
-                    # included); KL-Cov's penalty stays unweighted. The selections above use the
-                    # unweighted advantages.
-                    adv = mb.advantages
+                    # The importance weight multiplies each token's whole policy loss, KL-Cov's
+                    # penalty included, as verl's pg_losses * rollout_is_weights; the selections
+                    # above use the unweighted advantages, as verl's do.
                     if mb.rollout_is_weights is not None:
-                        adv = adv * mb.rollout_is_weights
+                        extra["weights"] = mb.rollout_is_weights
                     loss, m = spec.fn(
                         log_prob,
                         old,
-                        adv,
+                        mb.advantages,
                         mb.response_mask,
                         denominators=denominators,
                         **kwargs,
@@ -276,7 +288,7 @@ def update_policy(
     out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
     out["actor/skipped_updates"] = skipped
     out["actor/empty_minibatches"] = empty
-    return out, (seen_log_prob, seen_entropy)
+    return UpdateResult(out, seen_log_prob, seen_entropy, moved)
 
 
 class Trainer:
@@ -338,7 +350,7 @@ class Trainer:
             if sharded:
                 parallel.shard(self.ref_model, compute_dtype=compute_dtype, device=self.device)
             elif compute_dtype:  # the reference log-probs in the policy's forward precision
-                self.ref_model.to(compute_dtype)
+                precision.cast_parameters(self.ref_model, compute_dtype)
         # the module updates run through: self.model itself when sharded (FSDP shards in place),
         # its compute-dtype copy under mixed precision without FSDP (precision.ComputeCopy)
         self.wrapped = parallel.wrap(
@@ -836,8 +848,9 @@ class Trainer:
                 replace(batch, advantages=batch.advantages * low),
                 replace(batch, advantages=batch.advantages * high),
             ]
-        results = [
-            update_policy(
+        results, moved = [], False
+        for part in parts:
+            result = update_policy(
                 self.wrapped,
                 self.optimizer,
                 part,
@@ -845,12 +858,13 @@ class Trainer:
                 generator=generator,
                 entropy_coef=coef,
                 progress=c.trainer.progress and self.rank == 0,
+                moved=moved,
             )
-            for part in parts
-        ]
-        self.seen = results[0][1]  # the first pass's forwards, before any update
-        updates = [part_metrics for part_metrics, _ in results]
-        # Lopti's two passes: counts add up, the rest is the mean over both
+            moved = result.moved
+            results.append(result)
+        self.seen = results[0].log_prob, results[0].entropy  # before any update
+        updates = [result.metrics for result in results]
+        # Lopti's two passes: counts add up, the rest is the mean over both (as AR-Lopti merges)
         metrics = {}
         for key in dict.fromkeys(k for u in updates for k in u):
             values = [u[key] for u in updates if key in u]
