@@ -503,9 +503,11 @@ class ClipCovSettings:
     lb: float = 1.0
     """Candidates have lb < cov < ub (absolute values: they depend on the advantage scale)."""
     ub: float = 5.0
+    """Upper bound of the candidates' covariance (see lb)."""
     clip_low: float = 0.2
     """PPO clip range of the loss and of the candidate filter (the authors' runs use 1 and 1)."""
     clip_high: float = 0.2
+    """Upper end of that clip range: [1 - clip_low, 1 + clip_high]."""
 
     def validate(self) -> None:
         _check_fraction("ratio", self.ratio, upper=1.0)
