@@ -72,6 +72,13 @@ class ModelConfig:
     """Recompute each decoder layer's activations in the backward instead of keeping them
     (transformers' non-reentrant checkpointing): less memory for about a third more compute.
     Not with optim.shared_prefix."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank instead of the weights (`entroprl.lora`, needs
+    `entroprl[lora]`); 0: full training. One process or DDP, HF backend."""
+    lora_alpha: float = 16.0
+    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank."""
+    lora_target_modules: str = "all-linear"
+    """The modules that get adapters: `all-linear` or comma-separated names (`q_proj,v_proj`)."""
 
 
 @dataclass
@@ -535,6 +542,15 @@ class Config:
             "module:function for your own",
         )
         need(d.reward_timeout > 0, "data.reward_timeout", "must be > 0")
+        m = self.model
+        need(m.lora_rank >= 0, "model.lora_rank", "must be >= 0 (0: no LoRA)")
+        need(m.lora_alpha > 0, "model.lora_alpha", "must be > 0")
+        need(
+            not m.lora_rank or (t.strategy == "ddp" and r.backend == "hf"),
+            "model.lora_rank",
+            "LoRA trains with trainer.strategy=ddp and rollout.backend=hf (FSDP and vLLM load "
+            "whole weights)",
+        )
         need("{message}" in d.plain_template, "data.plain_template", "must contain {message}")
         need(d.train_limit is None or d.train_limit >= 1, "data.train_limit", "must be >= 1")
         need(d.test_limit is None or d.test_limit >= 1, "data.test_limit", "must be >= 1")

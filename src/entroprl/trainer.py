@@ -28,6 +28,7 @@ from entroprl import (
     checkpoint,
     distributed,
     dynamics,
+    lora,
     losses,
     mismatch,
     parallel,
@@ -336,14 +337,19 @@ class Trainer:
         self.task = task or build_task(c.data, tokenizer)
         self.tokenizer = tokenizer
         sharded = c.trainer.strategy == "fsdp"
+        if c.model.lora_rank:
+            m = c.model
+            model = lora.attach(model, m.lora_rank, m.lora_alpha, m.lora_target_modules)
         # FSDP moves each layer to the device as it shards it: no whole copy on the GPU first
         self.model = model if sharded else model.to(self.device)
         self.model.train()
         if self.device.type == "cpu" and (c.model.compute_dtype or c.model.dtype) == "bfloat16":
             precision.float32_attention(self.model)  # the copies below inherit it
         self.ref_model = None
+        """A frozen copy of the initial policy for algorithm.kl_coef (LoRA: none, the adapters
+        are switched off instead, `lora.reference`)."""
         compute_dtype = c.model.compute_dtype and getattr(torch, c.model.compute_dtype)
-        if c.algorithm.kl_coef > 0:
+        if c.algorithm.kl_coef > 0 and not c.model.lora_rank:
             import copy
 
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -525,6 +531,11 @@ class Trainer:
     def _load_full(self, path: Path) -> None:
         """Load a checkpoint of full state dicts: read by every rank, or by rank 0 alone and
         scattered when the model is sharded."""
+        if lora.is_lora(self.model):
+            lora.load_adapter(self.model, path / "model")
+            optimizer_state = checkpoint.load_optimizer_state(path)
+            parallel.load_state(self.model, self.optimizer, None, optimizer_state)
+            return
         model_state, optimizer_state = {}, {}
         if self.rank == 0 or not parallel.is_sharded(self.model):
             dtype = getattr(torch, self.config.model.dtype)
@@ -757,6 +768,9 @@ class Trainer:
         ref = None
         if self.ref_model is not None:
             ref, _ = self.log_probs(self.ref_model, batch, c.rollout.temperature)
+        elif a.kl_coef > 0:  # LoRA: the base policy is the model with its adapters off
+            with lora.reference(self.forward_model) as base:
+                ref, _ = self.log_probs(base, batch, c.rollout.temperature)
         # update
         update_batch = UpdateBatch(
             batch.input_ids,
