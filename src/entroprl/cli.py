@@ -334,6 +334,10 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     threading.excepthook = _quiet_thread_os_error
+    if args.command in ("train", "eval", "demo", "export"):
+        from entroprl import progress
+
+        progress.quiet_libraries_off_terminal()
     try:
         args.func(args)
     except ConfigError as e:

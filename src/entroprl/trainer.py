@@ -33,6 +33,7 @@ from entroprl import (
     mismatch,
     parallel,
     precision,
+    progress,
 )
 from entroprl.advantages import (
     compute_advantages,
@@ -52,6 +53,7 @@ from entroprl.evaluation import evaluate, score_samples
 from entroprl.forward import batched_log_probs, forward_log_probs
 from entroprl.law import detect_plateau_online
 from entroprl.policy import load_policy, pick_device
+from entroprl.progress import bars
 from entroprl.rollout import RolloutBatch, concat_batches
 from entroprl.rundir import RunDir
 from entroprl.tasks.base import Example, Task
@@ -149,7 +151,7 @@ def update_policy(
         desc="update",
         unit="step",
         leave=False,
-        disable=not progress or o.epochs * per_epoch == 1,
+        disable=not bars(progress) or o.epochs * per_epoch == 1,
     )
     for epoch in range(o.epochs):
         # drawn on the CPU (the generator's device), so the order is the same on every device
@@ -1030,10 +1032,11 @@ class Trainer:
         bar = tqdm(
             range(self.step + 1, c.trainer.steps + 1),
             desc="rl steps",
-            disable=not c.trainer.progress or self.rank != 0,
+            disable=not progress.bars(c.trainer.progress) or self.rank != 0,
             initial=self.step,
             total=c.trainer.steps,
         )
+        lines = c.trainer.progress and self.rank == 0 and not progress.on_terminal()
         try:
             for step in bar:
                 try:
@@ -1057,6 +1060,8 @@ class Trainer:
                     entropy=f"{metrics.get('actor/entropy_seq_mean', float('nan')):.3f}",
                     acc=f"{metrics['train/acc']:.2f}",
                 )
+                if lines:
+                    print(progress.step_line(step, c.trainer.steps, metrics), flush=True)
                 if step % c.trainer.save_every == 0 or step == c.trainer.steps:
                     try:
                         self.save()
