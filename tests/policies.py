@@ -14,17 +14,21 @@ needs_native_bfloat16 = pytest.mark.skipif(
 )
 
 
-def make_tiny_policy(seed: int = 0):
+def make_tiny_policy(
+    seed: int = 0, *, hidden: int = 32, layers: int = 1, heads: int = 2, kv_heads: int | None = None
+):
+    """The policy and tokenizer; `kv_heads` below `heads` makes it grouped-query."""
     tok = build_char_tokenizer()
     config = tiny_config(
         len(tok),
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
     )
+    config.num_key_value_heads = kv_heads or heads
     return build_model(config, seed=seed), tok
 
 
