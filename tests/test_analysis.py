@@ -28,8 +28,9 @@ from entroprl.analysis import (
     read_rollouts,
     smooth_performance,
 )
+from entroprl.comparison import compare_runs
 from entroprl.foreign import detect_format, map_keys, read_log
-from entroprl.report import analyze_run, compare_runs
+from entroprl.report import analyze_run
 
 ACC = "val-core/countdown/acc/mean@4"
 GROUPS = ("top_0.02%", "top_0.2%", "top_2%", "top_20%", "top_50%", "all")
@@ -319,7 +320,7 @@ def test_html_is_self_contained(synthetic):
     assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:|//|file:)""", text)
     assert "<script" not in text and "@import" not in text and "url(" not in text
     images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
-    assert len(images) == 5 == text.count("<img")
+    assert len(images) == 6 == text.count("<img")
     for data in images:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Omitted" not in text
@@ -345,8 +346,12 @@ def test_missing_inputs_omit_sections_with_reasons(tmp_path):
     # evaluations at steps 50 and 100 only: the first 15 steps hold none to fit
     assert "usable points" in omitted["forecast"]
     assert data["law"]["n"] == 2
+    assert data["law"]["valid"] is False
+    assert data["law"]["reasons"][0].startswith("too few points: 2 with both entropy and accuracy")
     text = report.read_text()
-    assert text.count('class="omitted"') == 5
+    # the five sections, and the law's verdict in place of a ceiling
+    assert text.count('class="omitted"') == 6
+    assert "predicted ceiling" not in text
     assert not (report.parent / "dynamics.png").exists()
 
 
@@ -527,7 +532,8 @@ def test_verl_flat_records_and_global_step(tmp_path):
         )
     )
     run = load_run(path)
-    assert run.table.format == "verl"
+    assert run.table.format == "jsonl"
+    assert "flat records" in run.table.reader
     assert run.keys.accuracy == ("val-core/aime/reward/mean@4",)
     law = analyze(run).law
     a, b = polyfit_law(h[3::3], acc[3::3])
@@ -687,7 +693,7 @@ def test_compare_runs_tabulates_each_fit(tmp_path):
         assert row["final"]["accuracy"]["value"] == pytest.approx(truth["acc"][100])
         assert row["forecast"]["fit_steps"] == [1, 15]
     text = report.read_text()
-    assert text.count("<img") == 1 and "grpo" in text and "clip_cov" in text
+    assert text.count("<img") == 2 and "grpo" in text and "clip_cov" in text
 
 
 def test_compare_pools_the_runs_of_one_folder(tmp_path):
@@ -724,7 +730,7 @@ def test_compare_pools_the_runs_of_one_folder(tmp_path):
         assert law["interval"]["a"]["low"] < a_true < law["interval"]["a"]["high"]
         assert set(pool["forecast"]["final_error"]) >= {"estimate", "low", "high"}
     assert (tmp_path / "cmp" / "pooled_law.png").read_bytes()[:4] == b"\x89PNG"
-    assert "Law fitted on the pooled runs" in report.read_text()
+    assert "Law fitted on each method's runs together" in report.read_text()
     compare_runs(runs, tmp_path / "plain")
     assert "pools" not in json.loads((tmp_path / "plain" / "comparison.json").read_text())
 
@@ -746,7 +752,9 @@ def test_compare_disambiguates_names_and_mixes_formats(tmp_path):
         [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "v.jsonl"], tmp_path / "cmp"
     )
     runs = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"]
-    assert [r["name"] for r in runs] == ["run", "run #2", "v"]
+    # one run per folder: each its own method, its folder naming it apart
+    assert [r["name"] for r in runs] == ["a/run", "b/run", "v"]
+    assert [r["method"] for r in runs] == ["a/run", "b/run", "v"]
     assert [r["format"] for r in runs] == ["entroprl", "entroprl", "verl"]
     with pytest.raises(ValueError, match="at least one run"):
         compare_runs([], tmp_path / "cmp")

@@ -615,7 +615,8 @@ def test_band_holds_the_fit_and_widens_away_from_the_data():
 
 def test_forecast_error_interval_of_one_run_is_forecast_final_error():
     h, r = seeded_runs(1, noise=0.01)[0]
-    fit, error = forecast_error_interval([(h, r)])
+    pooled = forecast_error_interval([(h, r)])
+    fit, error = pooled.law.fit, pooled.error
     single = forecast(h, r)
     assert error.estimate == pytest.approx(single.final_error, abs=1e-12)
     assert fit.a == pytest.approx(single.fit.a, abs=1e-12)
@@ -624,7 +625,8 @@ def test_forecast_error_interval_of_one_run_is_forecast_final_error():
 
 def test_pooled_forecast_fits_the_pooled_heads_and_averages_the_final_errors():
     runs = seeded_runs(3, steps=100)
-    fit, error = forecast_error_interval(runs, fit_fraction=0.3)
+    pooled = forecast_error_interval(runs, fit_fraction=0.3)
+    fit, error = pooled.law.fit, pooled.error
     # by hand: the first 30 steps hold evaluations at 0, 10, 20 in each run
     heads_h = np.concatenate([h[[0, 10, 20]] for h, _ in runs])
     heads_r = np.concatenate([r[[0, 10, 20]] for _, r in runs])

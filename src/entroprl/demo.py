@@ -284,7 +284,7 @@ def run_demo(
         "warm_start": str(start),
         "methods": aggregate(results),
     }
-    from entroprl.report import compare_runs
+    from entroprl.comparison import compare_runs
 
     # The comparison pools each method's seeds (they share its folder) into one law fit.
     report = compare_runs(
