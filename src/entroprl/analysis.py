@@ -270,7 +270,8 @@ def printed_decimals(values: np.ndarray) -> int | None:
         return None
     for decimals in range(7):
         scaled = present * 10.0**decimals
-        if np.all(np.abs(scaled - np.round(scaled)) <= 1e-6 * np.maximum(1.0, np.abs(scaled))):
+        # float32 holds 24 bits: about 6e-8 of the value
+        if np.all(np.abs(scaled - np.round(scaled)) <= 1e-6 + 2e-7 * np.abs(scaled)):
             return decimals
     return None
 

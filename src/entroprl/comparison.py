@@ -4,12 +4,12 @@ HTML report grouped by method.
     compare RUNS ->  OUT/report.html, OUT/compare.png, OUT/covariance.png, OUT/comparison.json
                      (and OUT/pooled_law.png with --pool)
 
-A method is a group of runs (its seeds): runs held by one folder belong to the method named by
-that folder when their own name is a seed's (seed_3, seed-3, seed3: the demo's METHOD/seed_K) or
-when the runs compared come from several folders; any other run is a method of its own (`group`).
-Runs are labelled METHOD/RUN, share their method's colour, and each series is drawn as the mean
-over the method's runs with its 95% t band (`analysis.seed_band`). A section a run lacks is left
-out for that run, with a note.
+A method is a group of runs (its seeds): a run belongs to the method named by the folder that
+holds it when its own name is a seed's (seed_3, seed-3, seed3: the demo's METHOD/seed_K), or when
+the runs compared come from several folders and this one holds several of them; any other run is
+a method of its own (`group`). Runs are labelled METHOD/RUN, share their method's colour, and
+each series is drawn as the mean over the method's runs with its 95% t band
+(`analysis.seed_band`). A section a run lacks is left out for that run, with a note.
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ class Member:
 
 
 def group(paths: list[Path]) -> list[Member]:
-    """The label and method of each run (see the module docstring): METHOD/RUN for a run held
-    with others by the folder METHOD when its name is a seed's or the runs come from several
-    folders, else its own name; a label taken twice gets its folder, then " #2", " #3"."""
+    """The label and method of each run (see the module docstring): METHOD/RUN for a run of the
+    method METHOD, else its own name; a label taken twice gets its folder, then " #2", " #3"."""
     bases = [path.name if path.is_dir() else path.stem for path in paths]
     folders = [path.resolve().parent for path in paths]
     several = len(set(folders)) > 1
@@ -66,7 +65,7 @@ def group(paths: list[Path]) -> list[Member]:
     for base, folder in zip(bases, folders, strict=True):
         shared = folders.count(folder) > 1
         method = None  # a method of its own, named by its label
-        if shared and (several or _SEED.fullmatch(base)):
+        if _SEED.fullmatch(base) or (several and shared):
             label, method = f"{folder.name}/{base}", folder.name
         else:
             label = base if bases.count(base) == 1 else f"{folder.name}/{base}"
