@@ -968,8 +968,9 @@ def test_a_flat_entropy_log_headlines_no_ceiling(tmp_path):
     assert law["reasons"][0].startswith("no entropy range: the entropy spans 0.019 nats (0.021 to")
     flags = " | ".join(data["flags"])
     assert "the log starts at step 101, far from step 0 (it logs every 1 step)" in flags
-    assert "entropy (actor/entropy) is printed to 3 decimals: 21 distinct values" in flags
-    assert "accuracy (val-core/gsm8k/acc/mean@1) is printed to 3 decimals" in flags
+    assert "entropy (actor/entropy) is quantised to 3 decimals (printed rounded" in flags
+    assert "21 distinct values from 0.020 to 0.040, one step of the last decimal being 5%" in flags
+    assert "accuracy (val-core/gsm8k/acc/mean@1) is quantised to 3 decimals" in flags
     text = report.read_text()
     assert "The law does not describe this run, so nothing is predicted from it: no entropy" in text
     assert "predicted ceiling" not in text and "RMSE <b>" not in text

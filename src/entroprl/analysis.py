@@ -299,10 +299,10 @@ def _quantised(label: str, key: str, values: np.ndarray) -> str | None:
     if span / step >= COARSE_LEVELS:
         return None
     return (
-        f"{label} ({key}) is printed to {decimals} decimals: {np.unique(present).size} distinct "
-        f"values from {present.min():.{decimals}f} to {present.max():.{decimals}f}; one step of "
-        f"the last decimal is {step / span:.0%} of that range, and rounding moves every value by "
-        f"up to {step / 2:g}"
+        f"{label} ({key}) is quantised to {decimals} decimals (printed rounded, or too few "
+        f"evaluation problems): {np.unique(present).size} distinct values from "
+        f"{present.min():.{decimals}f} to {present.max():.{decimals}f}, one step of the last "
+        f"decimal being {step / span:.0%} of that range"
     )
 
 
