@@ -258,7 +258,8 @@ def _pooled_figure(pools: dict[str, dict[str, Any]], colors: dict[str, str], pat
         grid = np.linspace(0.0, law.entropy_high, 100)
         low, high = law.band(grid)
         ax.fill_between(grid, low, high, color=color, alpha=0.2, lw=0)
-        label = f"{name} ({law.runs} runs): ceiling {ci_text(law.ceiling, 3)}"
+        c = law.ceiling
+        label = f"{name} ({law.runs} runs): ceiling {c.estimate:.3f} [{c.low:.3f}, {c.high:.3f}]"
         draw_law(ax, law.fit, law.entropy_low, law.entropy_high, color=color, label=label)
     if any(p["law"] is not None and p["verdict"].valid for p in pools.values()):
         extrapolation_key(ax)
