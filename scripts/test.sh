@@ -32,7 +32,7 @@ verl_job=$!
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check torch==2.13.0
-python -m pip install -q --disable-pip-version-check -e ".[dev,data]"
+python -m pip install -q --disable-pip-version-check -e ".[dev,data,lora]"
 ruff check .
 ruff format --check .
 python -m pytest -m "not slow" -q

@@ -126,3 +126,32 @@ def test_law_criteria_from_the_command_line(tmp_path):
     assert "min_points must be at least 4" in fails(["analyze", run, "--min-points", "3"])
     message = fails(["compare", run, "--min-entropy-range", "-1"])
     assert "min_entropy_range must be a finite number >= 0" in message
+
+
+def test_off_a_terminal_a_run_prints_one_line_per_step(config_file, tmp_path):
+    """Redirected to a file, bars would fill it with refreshes: a line per step instead, and no
+    library's bar either."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "entroprl.cli", "train", str(config_file), "trainer.progress=true"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert "\r" not in output
+    steps = [line for line in output.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in steps] == ["step 1/2", "step 2/2"]
+    assert all("entropy " in line and "acc " in line for line in steps)
+
+
+def test_bars_only_on_a_terminal(monkeypatch):
+    from entroprl import progress
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert progress.bars(True) and not progress.bars(False)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    assert not progress.bars(True)

@@ -138,14 +138,15 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 def load_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    model_sd: dict[str, Tensor],
+    model_sd: dict[str, Tensor] | None,
     optimizer_sd: dict[str, Any],
 ) -> None:
     """Load full state dicts (as `model_state` and `optimizer_state` give them). A sharded model
     reads them from rank 0 only (others may pass {}) and keeps its shard on every rank."""
     model = unwrapped(model)
     options = _SCATTER if is_sharded(model) else StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_sd, options=options)
+    if model_sd is not None:  # None: the weights are loaded already (a LoRA adapter)
+        set_model_state_dict(model, model_sd, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_sd, options=options)
 
 
@@ -180,8 +181,11 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether no element of `tensors` is NaN or inf on any rank, each rank checking its own shard
     of a sharded tensor; every rank must call it. One sum per tensor tells, without a copy of it:
     NaN and inf carry through a sum, and weights never come near float32's overflow."""
+    tensors = list(tensors)
+    # on the run's device: an optimizer's step counters are CPU scalars beside GPU weights
+    device = distributed.run_device() or tensors[0].device
     sums = [
-        (t.to_local() if isinstance(t, DTensor) else t).detach().sum(dtype=torch.float32)
+        (t.to_local() if isinstance(t, DTensor) else t).detach().sum(dtype=torch.float32).to(device)
         for t in tensors
     ]
     bad = (~torch.isfinite(torch.stack(sums))).sum()
