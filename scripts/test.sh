@@ -63,5 +63,6 @@ integration() {
         echo "warning: $name could not be installed on this machine: its tests are skipped" >&2
     fi
 }
-integration trl "$trl_job" "trl or wandb" tests/test_trl_integration.py tests/test_wandb_logger.py
-integration verl "$verl_job" verl tests/test_verl_integration.py
+integration trl "$trl_job" "trl or wandb" tests/test_trl_integration.py tests/test_wandb_logger.py \
+    tests/test_trl_logs.py
+integration verl "$verl_job" verl tests/test_verl_integration.py tests/test_verl_logs.py

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from safetensors import SafetensorError
@@ -108,6 +110,22 @@ def test_analyze_smooth_and_compare_pool_from_the_command_line(tmp_path, capsys)
     assert "smooth must be an odd integer" in fails(["analyze", runs[0], "--smooth", "4"])
     assert "seeds must be at least 1" in fails(["demo", "--seeds", "0"])
     assert "jobs must be at least 1" in fails(["demo", "--jobs", "0"])
+
+
+def test_law_criteria_from_the_command_line(tmp_path):
+    make_run(tmp_path / "run", steps=40, rollout_steps=())
+    main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "a")])
+    assert json.loads((tmp_path / "a" / "analysis.json").read_text())["law"]["valid"] is True
+    main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "b"), "--min-points", "50"])
+    law = json.loads((tmp_path / "b" / "analysis.json").read_text())["law"]
+    assert law["valid"] is False and law["checks"]["min_points"] == 50
+    assert law["reasons"] == [
+        "too few points: 40 with both entropy and accuracy, at least 50 are needed"
+    ]
+    run = str(tmp_path / "run")
+    assert "min_points must be at least 4" in fails(["analyze", run, "--min-points", "3"])
+    message = fails(["compare", run, "--min-entropy-range", "-1"])
+    assert "min_entropy_range must be a finite number >= 0" in message
 
 
 def test_off_a_terminal_a_run_prints_one_line_per_step(config_file, tmp_path):
