@@ -86,7 +86,8 @@ def reference() -> str:
         "",
     ]
     for name, spec in sorted(losses.POLICY_LOSSES.items()):
-        if not dataclasses.fields(spec.settings):
+        # entroprl's own losses: a plug-in's settings are documented by the plug-in
+        if not spec.fn.__module__.startswith("entroprl.") or not dataclasses.fields(spec.settings):
             continue
         lines += [f"### `{name}`", "", *_table(f"algorithm.loss.{name}.", spec.settings), ""]
     return "\n".join(lines).rstrip() + "\n"
