@@ -22,6 +22,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from entroprl.forward import forward_log_probs
 from entroprl.models import QWEN25_05B
+from entroprl.precision import cast_parameters
 from entroprl.sampler import sample
 
 
@@ -49,7 +50,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B)).to(torch.bfloat16).eval()
+        model = cast_parameters(Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B)), torch.bfloat16)
+    model.eval()
     vocab = QWEN25_05B["vocab_size"]
     ids = torch.randint(3, vocab, (args.rows, args.prompt), device="cuda")
     mask = torch.ones_like(ids)

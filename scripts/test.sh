@@ -32,7 +32,7 @@ verl_job=$!
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check torch==2.13.0
-python -m pip install -q --disable-pip-version-check -e ".[dev,data]"
+python -m pip install -q --disable-pip-version-check -e ".[dev,data,lora]"
 ruff check .
 ruff format --check .
 python -m pytest -m "not slow" -q
@@ -63,5 +63,6 @@ integration() {
         echo "warning: $name could not be installed on this machine: its tests are skipped" >&2
     fi
 }
-integration trl "$trl_job" "trl or wandb" tests/test_trl_integration.py tests/test_wandb_logger.py
-integration verl "$verl_job" verl tests/test_verl_integration.py
+integration trl "$trl_job" "trl or wandb" tests/test_trl_integration.py tests/test_wandb_logger.py \
+    tests/test_trl_logs.py
+integration verl "$verl_job" verl tests/test_verl_integration.py tests/test_verl_logs.py

@@ -16,20 +16,28 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matplotlib.colors import to_hex
+from scipy import stats
 
+from entroprl import comparison
+from entroprl import report as report_module
 from entroprl.analysis import (
     analyze,
     covariance_table,
     law_grid,
     load_run,
+    log_flags,
     pearson,
     perplexity_split,
     position_entropy,
+    printed_decimals,
     read_rollouts,
+    seed_band,
     smooth_performance,
 )
+from entroprl.comparison import compare_runs, group
 from entroprl.foreign import detect_format, map_keys, read_log
-from entroprl.report import analyze_run, compare_runs
+from entroprl.report import analyze_run
 
 ACC = "val-core/countdown/acc/mean@4"
 GROUPS = ("top_0.02%", "top_0.2%", "top_2%", "top_20%", "top_50%", "all")
@@ -319,7 +327,7 @@ def test_html_is_self_contained(synthetic):
     assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:|//|file:)""", text)
     assert "<script" not in text and "@import" not in text and "url(" not in text
     images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
-    assert len(images) == 5 == text.count("<img")
+    assert len(images) == 6 == text.count("<img")
     for data in images:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Omitted" not in text
@@ -345,8 +353,12 @@ def test_missing_inputs_omit_sections_with_reasons(tmp_path):
     # evaluations at steps 50 and 100 only: the first 15 steps hold none to fit
     assert "usable points" in omitted["forecast"]
     assert data["law"]["n"] == 2
+    assert data["law"]["valid"] is False
+    assert data["law"]["reasons"][0].startswith("too few points: 2 with both entropy and accuracy")
     text = report.read_text()
-    assert text.count('class="omitted"') == 5
+    # the five sections, and the law's verdict in place of a ceiling
+    assert text.count('class="omitted"') == 6
+    assert "predicted ceiling" not in text
     assert not (report.parent / "dynamics.png").exists()
 
 
@@ -527,7 +539,8 @@ def test_verl_flat_records_and_global_step(tmp_path):
         )
     )
     run = load_run(path)
-    assert run.table.format == "verl"
+    assert run.table.format == "jsonl"
+    assert "flat records" in run.table.reader
     assert run.keys.accuracy == ("val-core/aime/reward/mean@4",)
     law = analyze(run).law
     a, b = polyfit_law(h[3::3], acc[3::3])
@@ -687,7 +700,7 @@ def test_compare_runs_tabulates_each_fit(tmp_path):
         assert row["final"]["accuracy"]["value"] == pytest.approx(truth["acc"][100])
         assert row["forecast"]["fit_steps"] == [1, 15]
     text = report.read_text()
-    assert text.count("<img") == 1 and "grpo" in text and "clip_cov" in text
+    assert text.count("<img") == 2 and "grpo" in text and "clip_cov" in text
 
 
 def test_compare_pools_the_runs_of_one_folder(tmp_path):
@@ -724,7 +737,7 @@ def test_compare_pools_the_runs_of_one_folder(tmp_path):
         assert law["interval"]["a"]["low"] < a_true < law["interval"]["a"]["high"]
         assert set(pool["forecast"]["final_error"]) >= {"estimate", "low", "high"}
     assert (tmp_path / "cmp" / "pooled_law.png").read_bytes()[:4] == b"\x89PNG"
-    assert "Law fitted on the pooled runs" in report.read_text()
+    assert "Law fitted on each method's runs together" in report.read_text()
     compare_runs(runs, tmp_path / "plain")
     assert "pools" not in json.loads((tmp_path / "plain" / "comparison.json").read_text())
 
@@ -746,7 +759,9 @@ def test_compare_disambiguates_names_and_mixes_formats(tmp_path):
         [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "v.jsonl"], tmp_path / "cmp"
     )
     runs = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"]
-    assert [r["name"] for r in runs] == ["run", "run #2", "v"]
+    # one run per folder: each its own method, its folder naming it apart
+    assert [r["name"] for r in runs] == ["a/run", "b/run", "v"]
+    assert [r["method"] for r in runs] == ["a/run", "b/run", "v"]
     assert [r["format"] for r in runs] == ["entroprl", "entroprl", "verl"]
     with pytest.raises(ValueError, match="at least one run"):
         compare_runs([], tmp_path / "cmp")
@@ -915,3 +930,315 @@ def test_a_step_out_of_range_is_named(tmp_path, name, text):
     with pytest.raises(ValueError, match=r"step 1e\+?20|step 100000000000000000000") as caught:
         read_log(tmp_path if name == "metrics.jsonl" else path)
     assert "out of range" in str(caught.value)
+
+
+# -- whether the law holds, in the reports (algorithms.md §9.5) --------------------------------
+
+
+def test_a_law_that_holds_is_headlined(synthetic):
+    _, _, report, data = synthetic
+    assert data["law"]["valid"] is True and data["law"]["reasons"] == []
+    assert data["law"]["checks"]["n"] == 100 and data["law"]["checks"]["min_points"] == 8
+    assert data["forecast"]["valid"] is True and data["flags"] == []
+    text = report.read_text()
+    assert "The law describes this run: a = 0.2" in text and "predicted ceiling" in text
+    assert "RMSE <b>" in text
+
+
+def resumed_flat_log(path: Path) -> None:
+    """The issue's verl PPO run: resumed at step 101, entropy collapsed to 0.02-0.04 and accuracy
+    near 0.88, both printed to 3 decimals; evaluations every 5 steps; JSON lines saved as .json."""
+    rng = np.random.default_rng(11)
+    lines = []
+    for step in range(101, 301):
+        data = {"actor/entropy": round(float(rng.uniform(0.02, 0.04)), 3)}
+        if step % 5 == 0:
+            data["val-core/gsm8k/acc/mean@1"] = round(0.88 + 0.01 * rng.standard_normal(), 3)
+        lines.append({"step": step, "data": data})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_a_flat_entropy_log_headlines_no_ceiling(tmp_path):
+    resumed_flat_log(tmp_path / "ppo.json")
+    assert detect_format(tmp_path / "ppo.json") == "verl"
+    report = analyze_run(tmp_path / "ppo.json")
+    data = json.loads((report.parent / "analysis.json").read_text())
+    law = data["law"]
+    assert law["valid"] is False and law["n"] == 40
+    assert law["reasons"][0].startswith("no entropy range: the entropy spans 0.019 nats (0.021 to")
+    flags = " | ".join(data["flags"])
+    assert "the log starts at step 101, far from step 0 (it logs every 1 step)" in flags
+    assert "entropy (actor/entropy) is quantised to 3 decimals (printed rounded" in flags
+    assert "21 distinct values from 0.020 to 0.040, one step of the last decimal being 5%" in flags
+    assert "accuracy (val-core/gsm8k/acc/mean@1) is quantised to 3 decimals" in flags
+    text = report.read_text()
+    assert "The law does not describe this run, so nothing is predicted from it: no entropy" in text
+    assert "predicted ceiling" not in text and "RMSE <b>" not in text
+    assert "Warning: the log starts at step 101" in text
+
+
+def test_a_wrong_sign_log_headlines_no_ceiling(tmp_path):
+    h = 0.2 + 0.8 * np.exp(-np.arange(80) / 20)
+    acc = 0.3 * np.exp(h) + 0.2 + 0.01 * np.random.default_rng(12).standard_normal(80)
+    path = tmp_path / "wrong.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"step": s, "actor/entropy": h[s], "eval_accuracy": acc[s]}) + "\n"
+            for s in range(80)
+        )
+    )
+    report = analyze_run(path)
+    data = json.loads((report.parent / "analysis.json").read_text())
+    assert data["law"]["valid"] is False and data["law"]["a"] < 0
+    assert data["law"]["reasons"][0].startswith("wrong sign: a = -0.")
+    assert data["forecast"]["valid"] is False
+    text = report.read_text()
+    assert "wrong sign" in text and "predicted ceiling" not in text
+    assert "No forecast: the law fitted on steps 0-11" in text
+
+
+def test_printed_decimals_by_hand():
+    assert printed_decimals(np.array([0.034, 0.021, np.nan])) == 3
+    assert printed_decimals(np.array([0.5, 2.0])) == 1
+    assert printed_decimals(np.array([3.0, 7.0])) == 0
+    assert printed_decimals(np.array([1 / 3])) is None
+    assert printed_decimals(np.array([np.nan])) is None
+    # TensorBoard stores float32: 0.034 comes back as 0.03400000184774399
+    assert printed_decimals(np.array([0.034, 0.5], dtype=np.float32).astype(np.float64)) == 3
+
+
+def test_late_start_counts_logging_intervals(tmp_path):
+    def flags_of(steps):
+        path = tmp_path / "log.jsonl"
+        h = np.linspace(1.0, 0.2, len(steps)) + np.pi * 1e-7  # not on a decimal grid
+        path.write_text(
+            "".join(
+                json.dumps({"step": s, "entropy": x}) + "\n" for s, x in zip(steps, h, strict=True)
+            )
+        )
+        return log_flags(load_run(path))
+
+    assert flags_of(range(10, 501, 10)) == []  # TRL's logging_steps=10 starts at step 10
+    assert flags_of(range(0, 50)) == [] and flags_of(range(2, 50)) == []
+    assert flags_of(range(3, 50))[0].startswith("the log starts at step 3")
+    assert flags_of(range(40, 501, 10))[0].startswith("the log starts at step 40")
+
+
+# -- logs as people have them ------------------------------------------------------------------
+
+
+def _write_events(folder: Path, writer: str, h, acc) -> None:
+    """Entropy every step and accuracy every 5 through torch's SummaryWriter (what verl, TRL
+    and entroprl use) or tensorboard's own Writer (tensor summaries, as tf.summary writes)."""
+    if writer == "torch":
+        from torch.utils.tensorboard import SummaryWriter
+
+        w = SummaryWriter(str(folder))
+        add = w.add_scalar
+    else:
+        from tensorboard.summary import Writer
+
+        w = Writer(str(folder))
+        add = w.add_scalar
+    for s in range(1, len(h)):
+        add("actor/entropy", float(h[s]), s)
+        if s % 5 == 0:
+            add(ACC, float(acc[s]), s)
+    w.close()
+
+
+@pytest.mark.parametrize("writer", ["torch", "tensorboard"])
+def test_tensorboard_events(tmp_path, writer):
+    h, acc = law_points(7, 60, 0.3, 0.8)
+    _write_events(tmp_path / "tb", writer, h, acc)
+    files = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    for path in (tmp_path / "tb", files[0], tmp_path):  # the folder, the file, a folder above
+        assert detect_format(path) == "tensorboard"
+        run = load_run(path)
+        assert run.table.reader == "TensorBoard event files (tensorboard's reader)"
+        assert run.steps.tolist() == list(range(1, 61))
+        np.testing.assert_allclose(run.series["entropy"], h[1:], rtol=1e-6)  # stored as float32
+    law = analyze(run).law
+    every5 = np.arange(5, 61, 5)
+    a, b = polyfit_law(h[every5].astype(np.float32), acc[every5].astype(np.float32))
+    assert (law.a, law.b, law.n) == (pytest.approx(a, abs=1e-6), pytest.approx(b, abs=1e-6), 12)
+
+
+def test_tensorboard_of_a_resumed_run_and_bad_folders(tmp_path):
+    """A run resumed from step 20's checkpoint logs 21.. again (entroprl opens its writer with
+    purge_step): what the first attempt logged past 20 is dropped, as TensorBoard shows it."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    first = SummaryWriter(str(tmp_path / "run"))
+    for s in range(1, 31):
+        first.add_scalar("actor/entropy", 1.0, s)
+    first.close()
+    again = SummaryWriter(str(tmp_path / "run"), purge_step=21)
+    for s in range(21, 41):
+        again.add_scalar("actor/entropy", 0.5, s)
+    again.close()
+    table = read_log(tmp_path / "run")
+    assert table.steps.tolist() == list(range(1, 41))
+    np.testing.assert_array_equal(table.columns["actor/entropy"], [1.0] * 20 + [0.5] * 20)
+    assert table.notes == (f"2 event file(s) in {tmp_path / 'run'}",)
+    _write_events(tmp_path / "other", "torch", *law_points(1, 10, 0.3, 0.8))
+    with pytest.raises(ValueError, match=r"event files in 2 folders \(other, run\)"):
+        read_log(tmp_path)
+    renamed = tmp_path / "events.bin"
+    renamed.write_bytes(next((tmp_path / "other").glob("events*")).read_bytes())
+    with pytest.raises(ValueError, match="rename it"):
+        read_log(renamed)
+
+
+def test_json_lines_and_trainer_state_whatever_the_name(tmp_path):
+    h, acc = law_points(8, 20, 0.3, 0.8)
+    records = [{"step": s, "data": {"actor/entropy": h[s], ACC: acc[s]}} for s in range(1, 21)]
+    verl = "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "metrics.json").write_text(verl)  # was "Extra data": chosen by the extension
+    (tmp_path / "metrics.log").write_text(verl)
+    history = [{"step": s, "entropy": h[s], "eval_accuracy": acc[s]} for s in range(1, 21)]
+    (tmp_path / "state.txt").write_text(json.dumps({"log_history": history}, indent=2))
+    expected = {"metrics.json": "verl", "metrics.log": "verl", "state.txt": "trl"}
+    for name, fmt in expected.items():
+        run = load_run(tmp_path / name)
+        assert run.table.format == fmt
+        np.testing.assert_array_equal(run.series["entropy"], h[1:])
+        np.testing.assert_array_equal(run.series["accuracy"], acc[1:])
+
+
+def test_console_lines_read_among_other_output(tmp_path):
+    """verl's console logger prints `concat_dict_to_str`: "step:N" and " - key:value" for every
+    number, numpy scalars as their repr; tests/test_verl_logs.py reads what verl itself prints."""
+    path = tmp_path / "out.txt"
+    path.write_text(
+        "INFO starting\n"
+        "(TaskRunner pid=7) step:1 - actor/entropy:np.float64(0.5) - n:np.int64(3) - x:True\n"
+        "\x1b[36m(TaskRunner pid=7)\x1b[0m step:2 - actor/entropy:0.25 - eval_accuracy:nan\n"
+        "Training Progress:  50%|#####     | 1/2\n"
+        "step:3 - actor/entropy:1e-05 - eval_accuracy:np.float64(0.5)\n"
+    )
+    table = read_log(path)
+    assert table.format == "verl-console" and table.steps.tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(table.columns["actor/entropy"], [0.5, 0.25, 1e-05])
+    np.testing.assert_array_equal(table.columns["n"], [3.0, np.nan, np.nan])
+    np.testing.assert_array_equal(table.columns["eval_accuracy"], [np.nan, np.nan, 0.5])
+    assert "x" not in table.columns  # a boolean is not a metric
+    assert table.notes == ("2 lines that are not step records skipped",)
+    path.write_text("step:1 - actor/entropy:0.5\nstep:2 - broken\nstep:3 - actor/entropy:0.1\n")
+    with pytest.raises(ValueError, match=r"out.txt:2: 'broken' is not key:value"):
+        read_log(path)
+    path.write_text("step:1 - actor/entropy:0.5\nstep:2 - actor/entro")
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        assert read_log(path).steps.tolist() == [1]
+
+
+# -- comparisons by method ---------------------------------------------------------------------
+
+
+def test_runs_are_grouped_by_method(tmp_path):
+    def members(*names):
+        return [(m.label, m.method) for m in group([tmp_path / n for n in names])]
+
+    assert members("grpo/seed_0", "grpo/seed_1", "kl_cov/seed_0") == [
+        ("grpo/seed_0", "grpo"),
+        ("grpo/seed_1", "grpo"),
+        ("kl_cov/seed_0", "kl_cov"),
+    ]
+    # one folder of seeds: one method; one folder of unrelated logs: a method each
+    assert members("grpo/seed_0", "grpo/seed1") == [("grpo/seed_0", "grpo"), ("grpo/seed1", "grpo")]
+    assert members("logs/a.jsonl", "logs/b.jsonl") == [("a", "a"), ("b", "b")]
+    # runs from several folders: each folder holding several is a method
+    assert members("dapo/x", "dapo/y", "ppo/x") == [
+        ("dapo/x", "dapo"),
+        ("dapo/y", "dapo"),
+        ("ppo/x", "ppo/x"),  # alone in its folder: its own method, its name taken twice
+    ]
+    assert members("a/seed_0", "a/seed_0")[1] == ("a/seed_0 #2", "a")
+    assert members("a/run", "a/run")[1] == ("a/run #2", "a/run #2")
+
+
+def test_seed_band_is_the_t_interval_at_the_steps_all_runs_logged():
+    steps = [np.arange(1, 6), np.arange(1, 6), np.arange(2, 8)]
+    values = [
+        np.array([1.0, 2.0, np.nan, 4.0, 5.0]),
+        np.array([1.5, 2.5, 3.0, 4.5, 5.5]),
+        np.array([2.2, 3.3, 4.4, 5.5, 6.6, 7.7]),
+    ]
+    band = seed_band(steps, values)
+    assert band.steps.tolist() == [2, 4, 5] and band.runs == 3
+    for i, (a, b, c) in enumerate([(2.0, 2.5, 2.2), (4.0, 4.5, 4.4), (5.0, 5.5, 5.5)]):
+        low, high = stats.ttest_1samp([a, b, c], 0.0).confidence_interval(0.95)
+        assert band.mean[i] == pytest.approx((a + b + c) / 3)
+        assert (band.low[i], band.high[i]) == (pytest.approx(low), pytest.approx(high))
+    single = seed_band(steps[:1], values[:1])
+    assert single.low is None and single.steps.tolist() == [1, 2, 4, 5]
+    with pytest.raises(ValueError, match="no step at which all 2 runs"):
+        seed_band([np.arange(3), np.arange(3, 6)], [np.ones(3), np.ones(3)])
+
+
+def test_compare_draws_one_band_per_method(tmp_path, monkeypatch):
+    figures = {}
+    real_save = comparison.save_figure
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(comparison, "save_figure", keep)
+    monkeypatch.setattr(report_module, "save_figure", keep)
+    truths = {}
+    for i, method in enumerate(("grpo", "clip_cov", "kl_cov")):
+        for seed in range(3):
+            truths[method, seed] = make_run(
+                tmp_path / method / f"seed_{seed}",
+                steps=60,
+                a=0.2 + 0.1 * i,
+                eval_every=5,
+                seed=10 * i + seed,
+                rollout_steps=(),
+            )
+    runs = [tmp_path / m / f"seed_{s}" for m in ("grpo", "clip_cov", "kl_cov") for s in range(3)]
+    compare_runs(runs, tmp_path / "cmp")
+    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [r["name"] for r in data["runs"]][:2] == ["grpo/seed_0", "grpo/seed_1"]
+    assert {r["method"] for r in data["runs"]} == {"grpo", "clip_cov", "kl_cov"}
+    entropy, accuracy, law = figures["compare.png"].axes[:3]
+    assert entropy.get_ylabel() == "entropy H (nats)" == law.get_xlabel()
+    for ax, key in ((entropy, "h"), (accuracy, "acc")):
+        bands = ax.collections
+        assert len(bands) == 3  # one shaded band per method
+        for i, method in enumerate(("grpo", "clip_cov", "kl_cov")):
+            assert to_hex(bands[i].get_facecolor()[0], keep_alpha=False) == to_hex(f"C{i}")
+            (line,) = [x for x in ax.get_lines() if x.get_label().startswith(f"{method}: mean")]
+            # entropy from step 1, accuracy evaluated at step 0 and every 5 steps
+            every = slice(1, None) if key == "h" else slice(0, None, 5)
+            seeds = np.stack([truths[method, s][key][every] for s in range(3)])
+            np.testing.assert_allclose(line.get_ydata(), seeds.mean(axis=0), atol=1e-12)
+    # the law: solid over the points, dashed down to H = 0 where each ceiling is read
+    assert any(x.get_linestyle() == "--" and x.get_xdata()[0] == 0 for x in law.get_lines())
+    cov = figures["covariance.png"].axes
+    assert [ax.get_title() for ax in cov] == [f"cov/{g}" for g in GROUPS]
+    assert all(len(ax.collections) == 3 for ax in cov)
+
+
+def test_compare_keeps_runs_that_lack_sections(tmp_path):
+    make_run(tmp_path / "full", rollout_steps=())
+    (tmp_path / "reward_only.jsonl").write_text(
+        "".join(json.dumps({"step": s, "critic/score/mean": 0.1 * s}) + "\n" for s in range(9))
+    )
+    (tmp_path / "accuracy_only.jsonl").write_text(
+        "".join(json.dumps({"step": s, ACC: 0.1 * s}) + "\n" for s in range(9))
+    )
+    paths = [tmp_path / "full", tmp_path / "reward_only.jsonl", tmp_path / "accuracy_only.jsonl"]
+    with pytest.raises(ValueError, match="no entropy or accuracy metric recognised"):
+        analyze_run(paths[1])  # one run alone: nothing to analyse
+    report = compare_runs(paths, tmp_path / "cmp")
+    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["full", "reward_only", "accuracy_only"]
+    assert data["runs"][1]["law"] is None and "law" in data["runs"][1]["omitted"]
+    text = report.read_text()
+    assert "reward_only, entropy: logged by none of its runs" in text
+    assert "accuracy_only, entropy: logged by none of its runs" in text
+    assert "accuracy_only: Left out: stages (no entropy metric" in text
+    assert "reward_only, cov/all: logged by none of its runs" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from safetensors import SafetensorError
@@ -108,3 +110,48 @@ def test_analyze_smooth_and_compare_pool_from_the_command_line(tmp_path, capsys)
     assert "smooth must be an odd integer" in fails(["analyze", runs[0], "--smooth", "4"])
     assert "seeds must be at least 1" in fails(["demo", "--seeds", "0"])
     assert "jobs must be at least 1" in fails(["demo", "--jobs", "0"])
+
+
+def test_law_criteria_from_the_command_line(tmp_path):
+    make_run(tmp_path / "run", steps=40, rollout_steps=())
+    main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "a")])
+    assert json.loads((tmp_path / "a" / "analysis.json").read_text())["law"]["valid"] is True
+    main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "b"), "--min-points", "50"])
+    law = json.loads((tmp_path / "b" / "analysis.json").read_text())["law"]
+    assert law["valid"] is False and law["checks"]["min_points"] == 50
+    assert law["reasons"] == [
+        "too few points: 40 with both entropy and accuracy, at least 50 are needed"
+    ]
+    run = str(tmp_path / "run")
+    assert "min_points must be at least 4" in fails(["analyze", run, "--min-points", "3"])
+    message = fails(["compare", run, "--min-entropy-range", "-1"])
+    assert "min_entropy_range must be a finite number >= 0" in message
+
+
+def test_off_a_terminal_a_run_prints_one_line_per_step(config_file, tmp_path):
+    """Redirected to a file, bars would fill it with refreshes: a line per step instead, and no
+    library's bar either."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "entroprl.cli", "train", str(config_file), "trainer.progress=true"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert "\r" not in output
+    steps = [line for line in output.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in steps] == ["step 1/2", "step 2/2"]
+    assert all("entropy " in line and "acc " in line for line in steps)
+
+
+def test_bars_only_on_a_terminal(monkeypatch):
+    from entroprl import progress
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert progress.bars(True) and not progress.bars(False)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    assert not progress.bars(True)

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from entroprl.demo import METRICS, RESULT, aggregate, format_table, run_demo, summarize_run
+from entroprl.demo import (
+    METRICS,
+    RESULT,
+    aggregate,
+    format_law,
+    format_table,
+    run_demo,
+    summarize_run,
+)
+from entroprl.law import judge_law, law_intervals
 from entroprl.rundir import read_metrics
 from entroprl.warmstart import WarmStartConfig
 
@@ -107,7 +116,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
             assert report.is_file()
     assert (tmp_path / "demo" / "analysis" / "pooled_law.png").is_file()
     out = capsys.readouterr().out
-    assert format_table(methods) in out
+    assert format_table(methods) in out and format_law(methods) in out
     assert "[6/6]" in out and "comparison report:" in out
 
 
@@ -128,6 +137,30 @@ def test_end_values_average_the_last_steps(tmp_path):
     assert s["accuracy_end"] == pytest.approx(0.3) and s["pass_at_k_end"] == pytest.approx(0.6)
     assert s["end_steps"] == [20, 40] and s["steps"] == 40 and s["pass_at_k"] == "pass@8"
     assert s["law"]["a"] is not None
+    # 4 evaluations (10-40): the fit is kept, and so is the reason it is no prediction
+    assert s["law"]["valid"] is False and s["law"]["reasons"][0].startswith("too few points: 4")
+
+
+def test_the_law_lines_give_each_verdict_with_its_numbers():
+    rng = np.random.default_rng(1)
+    h = 0.2 + 0.5 * np.exp(-np.arange(0, 200, 10) / 50)
+    holds = law_intervals([(h, -0.2 * np.exp(h) + 0.5 + 0.003 * rng.standard_normal(20))])
+    flat = law_intervals([(h, 0.2 + 0.01 * rng.standard_normal(20))])
+    methods = {
+        name: {"law": {"law": judge_law(law).to_dict() | law.to_dict()}}
+        for name, law in (("clip_cov", holds), ("grpo", flat))
+    }
+    methods["kl_cov"] = {"law": {"law": None, "omitted": "no usable point"}}
+    lines = format_law(methods).splitlines()
+    a = holds.a
+    assert lines[1] == (
+        f"  clip_cov: holds (a = {holds.fit.a:.3g} [{a.low:.3g}, {a.high:.3g}], "
+        f"R² {holds.fit.r2:.2f}, 20 points, entropy range {h.max() - h.min():.3g} nats); "
+        f"ceiling {holds.fit.ceiling:.3f} [{holds.ceiling.low:.3f}, {holds.ceiling.high:.3f}]"
+    )
+    assert lines[2].startswith("  grpo: does not hold (a = ") and "flat noise" in lines[2]
+    assert "ceiling" not in lines[2]
+    assert lines[3] == "  kl_cov: not fitted: no usable point"
 
 
 DEMO = """

@@ -82,8 +82,8 @@ def test_log_reading_commands_import_without_torch():
     torch: they start fast, and could be installed light."""
     code = (
         "import sys\n"
-        "import entroprl.cli, entroprl.report, entroprl.analysis, entroprl.foreign, "
-        "entroprl.rundir, entroprl.law\n"
+        "import entroprl.cli, entroprl.report, entroprl.comparison, entroprl.analysis, "
+        "entroprl.foreign, entroprl.rundir, entroprl.law\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )

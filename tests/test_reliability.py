@@ -266,6 +266,23 @@ def test_a_model_of_another_shape_fails_with_one_line(two_steps, tmp_path):
     assert "not of the shape of checkpoint" in message and "[" in message, message
 
 
+def test_lora_adapters_of_another_rank_fail_with_one_line(tmp_path):
+    pytest.importorskip("peft")
+
+    def lora_run(rank, **kw):
+        model, tok = make_tiny_policy()
+        config = small_config(
+            tmp_path,
+            model={"lora_rank": rank, "lora_alpha": 8.0},
+            trainer={"steps": 2, "save_every": 1, "eval_every": 0},
+        )
+        Trainer(config, model=model, tokenizer=tok).train(**kw)
+
+    lora_run(4)
+    with pytest.raises(TrainingError, match=r"not of the shape of checkpoint .*lora_A.* is \[8, "):
+        lora_run(8, resume=True, allow_config_change=True)
+
+
 # -- 3. one process per run directory ----------------------------------------------------------
 
 
@@ -429,14 +446,18 @@ def test_a_deep_json_line_in_a_metrics_log(tmp_path):
     assert f"{run / 'metrics.jsonl'}:{lines}" in message and "nested too deeply" in message
 
 
-@pytest.mark.parametrize("kind", ["trl", "verl"])
-def test_deep_json_in_other_logs(tmp_path, kind):
-    if kind == "trl":
-        path = tmp_path / "trainer_state.json"
-        path.write_text('{"log_history": ' + deep_json() + "}")
-    else:
-        path = tmp_path / "verl.jsonl"
-        path.write_text(deep_json() + "\n")
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("trainer_state.json", '{"log_history": ' + deep_json() + "}"),
+        ("verl.jsonl", '{"step": 1, "data": ' + deep_json() + "}\n"),
+        ("log.jsonl", deep_json() + "\n"),  # not JSON-like: tried as a CSV, over csv's limit
+        ("export.csv", "step,x\n" + "1," + "y" * 200_000 + "\n"),
+    ],
+)
+def test_hostile_foreign_logs(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
     assert str(path) in fails(["analyze", str(path)])
 
 

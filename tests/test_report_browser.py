@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from entroprl.report import analyze_run, compare_runs
+from entroprl.comparison import compare_runs
+from entroprl.report import analyze_run
 from tests.test_analysis import make_run
 
 CHROMIUM = shutil.which("chromium")
@@ -125,7 +126,7 @@ def _assert_clean(report: Path, tmp: Path, figures: int) -> None:
 def test_analysis_report_loads_and_shows_every_figure(tmp_path):
     make_run(tmp_path / "run")
     report = analyze_run(tmp_path / "run")
-    _assert_clean(report, tmp_path, figures=5)
+    _assert_clean(report, tmp_path, figures=6)
     shot = tmp_path / "screenshot.png"
     done = _chromium(
         tmp_path,
@@ -145,11 +146,25 @@ def test_analysis_report_loads_and_shows_every_figure(tmp_path):
 def test_report_with_omitted_sections_loads(tmp_path):
     make_run(tmp_path / "run", dynamics=False, rollout_steps=())
     report = analyze_run(tmp_path / "run")
-    _assert_clean(report, tmp_path, figures=2)
+    _assert_clean(report, tmp_path, figures=3)  # curves, law, covariance
 
 
 def test_comparison_report_loads(tmp_path):
     make_run(tmp_path / "grpo", rollout_steps=())
     make_run(tmp_path / "clip_cov", a=0.2, b=0.7, seed=3, rollout_steps=())
     report = compare_runs([tmp_path / "grpo", tmp_path / "clip_cov"], tmp_path / "cmp")
-    _assert_clean(report, tmp_path, figures=1)
+    _assert_clean(report, tmp_path, figures=2)  # by method, covariance groups
+
+
+def test_method_comparison_with_pooled_laws_loads(tmp_path):
+    """The demo's layout, METHOD/seed_K: the comparison by method, its covariance groups, and the
+    pooled laws with their verdicts."""
+    runs = []
+    for i, method in enumerate(("grpo", "clip_cov")):
+        for seed in range(2):
+            path = tmp_path / method / f"seed_{seed}"
+            make_run(path, a=0.2 + 0.1 * i, eval_every=5, seed=seed + 10 * i, rollout_steps=())
+            runs.append(path)
+    report = compare_runs(runs, tmp_path / "cmp", pool=True)
+    _assert_clean(report, tmp_path, figures=3)
+    assert "grpo: The law describes its pooled points: a = " in report.read_text()

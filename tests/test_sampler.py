@@ -13,6 +13,7 @@ from entroprl import sampler
 from entroprl.forward import forward_log_probs
 from entroprl.rollout import HFBackend, response_mask_from_ids
 from entroprl.sampler import exponential_race, sample, sampling_scores
+from tests.policies import make_tiny_policy
 
 PROMPTS = ["1 2>3=", "12 3 4>9=", "5>5="]
 
@@ -140,21 +141,7 @@ def test_sampled_tokens_can_be_trained_on(tiny_policy):
 
 def grouped_policy(seed: int = 0):
     """A tiny grouped-query policy: 4 query heads sharing 2 key/value heads."""
-    from entroprl.models import build_model, tiny_config
-    from entroprl.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    config = tiny_config(
-        len(tok),
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    config.num_key_value_heads = 2
-    return build_model(config, seed=seed), tok
+    return make_tiny_policy(seed, hidden=64, layers=2, heads=4, kv_heads=2)
 
 
 @pytest.mark.parametrize("grouped", [False, True])

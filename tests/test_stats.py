@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from entroprl.stats import paired_interval, percentile_interval, t_interval
+from entroprl.stats import paired_interval, percentile_interval, t_band, t_interval
 
 
 def test_t_interval_hand_example():
@@ -64,3 +64,17 @@ def test_percentile_interval_is_numpy_quantiles_ignoring_nan():
 def test_bad_inputs_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_t_band_is_the_scipy_interval_of_every_column():
+    x = np.random.default_rng(4).normal(size=(3, 7))
+    band = t_band(x, 0.9)
+    for j in range(7):
+        low, high = stats.ttest_1samp(x[:, j], 0.0).confidence_interval(0.9)
+        assert band.mean[j] == pytest.approx(x[:, j].mean(), abs=1e-12)
+        assert (band.low[j], band.high[j]) == (pytest.approx(low), pytest.approx(high))
+    assert band.n == 3
+    with pytest.raises(ValueError, match="runs >= 2"):
+        t_band(x[:1])
+    with pytest.raises(ValueError, match="finite"):
+        t_band(np.array([[1.0, np.nan], [2.0, 3.0]]))

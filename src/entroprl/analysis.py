@@ -28,18 +28,22 @@ from entroprl.foreign import (
 )
 from entroprl.law import (
     Forecast,
+    ForecastInterval,
+    LawCriteria,
     LawFit,
     LawIntervals,
     StageSplit,
+    Verdict,
     centered_mean,
     detect_stages,
     fit_law,
     forecast,
     forecast_error_interval,
+    judge_law,
     law_intervals,
 )
 from entroprl.rundir import read_text
-from entroprl.stats import Interval
+from entroprl.stats import t_band
 
 COV_GROUPS = ("top_0.02%", "top_0.2%", "top_2%", "top_20%", "top_50%", "all")
 SECTIONS = ("stages", "law", "forecast", "dynamics", "covariance", "position_entropy", "perplexity")
@@ -105,14 +109,16 @@ def load_run(
     entropy_key: str | None = None,
     accuracy_key: str | None = None,
     name: str | None = None,
+    require: bool = True,
 ) -> Run:
     """Read a run in any format of `entroprl.foreign` and map its metric names.
 
-    Raises ValueError when the log is empty, malformed or foreign, or nothing in it can be mapped.
+    Raises ValueError when the log is empty, malformed or foreign, or (with `require`, see
+    `foreign.map_keys`) nothing in it can be mapped.
     """
     path = Path(path)
     table = read_log(path)
-    keys = map_keys(table, entropy_key=entropy_key, accuracy_key=accuracy_key)
+    keys = map_keys(table, entropy_key=entropy_key, accuracy_key=accuracy_key, require=require)
     samples: list[dict[str, Any]] = []
     missing = None
     if table.format != "entroprl":
@@ -195,6 +201,37 @@ def law_grid(
     return grid, h, r, interpolated
 
 
+@dataclass(frozen=True, eq=False)
+class SeedBand:
+    """A series of several runs (seeds of one method) at the steps where every run logged it: the
+    mean over runs and, from 2 runs on, the 95% t interval of that mean (`stats.t_band`); `low`
+    and `high` are None for one run."""
+
+    steps: np.ndarray
+    mean: np.ndarray
+    low: np.ndarray | None
+    high: np.ndarray | None
+    runs: int
+
+
+def seed_band(steps: list[np.ndarray], values: list[np.ndarray]) -> SeedBand:
+    """`SeedBand` of runs whose run i logged `values[i]` (NaN: not logged) at its sorted, unique
+    `steps[i]`. Raises ValueError on no run, or no step at which every run logged a value."""
+    if not values:
+        raise ValueError("a band needs at least one run")
+    logged = [s[~np.isnan(v)] for s, v in zip(steps, values, strict=True)]
+    common = logged[0]
+    for more in logged[1:]:
+        common = np.intersect1d(common, more)
+    if common.size == 0:
+        raise ValueError(f"no step at which all {len(values)} runs logged a value")
+    stacked = np.stack([v[np.searchsorted(s, common)] for s, v in zip(steps, values, strict=True)])
+    if len(values) == 1:
+        return SeedBand(steps=common, mean=stacked[0], low=None, high=None, runs=1)
+    band = t_band(stacked)
+    return SeedBand(steps=common, mean=band.mean, low=band.low, high=band.high, runs=band.n)
+
+
 def _check_smooth(window: int) -> None:
     if not isinstance(window, int | np.integer) or isinstance(window, bool):
         raise ValueError(f"smooth must be an integer, got {window!r}")
@@ -215,6 +252,68 @@ def smooth_performance(values: np.ndarray, window: int) -> np.ndarray:
     if window > 1 and present.any():
         out[present] = centered_mean(values[present], window)
     return out
+
+
+LATE_START_INTERVALS = 2
+"""A log whose first step is more than this many logging intervals from step 0 is flagged."""
+PRINTED_DECIMALS = 4
+COARSE_LEVELS = 100
+"""A series whose values all have at most PRINTED_DECIMALS decimals, and which spans fewer than
+COARSE_LEVELS steps of its last decimal, is flagged as quantised by its printing."""
+
+
+def printed_decimals(values: np.ndarray) -> int | None:
+    """The fewest decimals, 0 to 6, that write every value (to float32 precision, as TensorBoard
+    stores them); None when none do or there is no value."""
+    present = values[~np.isnan(values)]
+    if present.size == 0:
+        return None
+    for decimals in range(7):
+        scaled = present * 10.0**decimals
+        # float32 holds 24 bits: about 6e-8 of the value
+        if np.all(np.abs(scaled - np.round(scaled)) <= 1e-6 + 2e-7 * np.abs(scaled)):
+            return decimals
+    return None
+
+
+def _late_start(steps: np.ndarray) -> str | None:
+    interval = int(np.median(np.diff(steps))) if steps.size > 1 else 1
+    first = int(steps[0])
+    if first <= LATE_START_INTERVALS * max(interval, 1):
+        return None
+    return (
+        f"the log starts at step {first}, far from step 0 (it logs every {interval} step"
+        f"{'s' if interval != 1 else ''}): the start of training, where the entropy falls "
+        "fastest, is not in it (a resumed run, or a cut log?); stages and the forecast's first "
+        f"part count from step {first}"
+    )
+
+
+def _quantised(label: str, key: str, values: np.ndarray) -> str | None:
+    decimals = printed_decimals(values)
+    present = values[~np.isnan(values)]
+    if decimals is None or decimals > PRINTED_DECIMALS or np.ptp(present) == 0:
+        return None
+    step = 10.0**-decimals
+    span = float(np.ptp(present))
+    if span / step >= COARSE_LEVELS:
+        return None
+    return (
+        f"{label} ({key}) is quantised to {decimals} decimals (printed rounded, or too few "
+        f"evaluation problems): {np.unique(present).size} distinct values from "
+        f"{present.min():.{decimals}f} to {present.max():.{decimals}f}, one step of the last "
+        f"decimal being {step / span:.0%} of that range"
+    )
+
+
+def log_flags(run: Run) -> list[str]:
+    """Warnings about the log itself: a start far from step 0 (more than LATE_START_INTERVALS
+    logging intervals, the median spacing of its steps), and an entropy or accuracy quantised by
+    printing (`PRINTED_DECIMALS`, `COARSE_LEVELS`)."""
+    flags = [_late_start(run.steps)]
+    keys = {"entropy": run.keys.entropy, "accuracy": ", ".join(run.keys.accuracy)}
+    flags += [_quantised(name, keys[name], run.series[name]) for name in keys]
+    return [f for f in flags if f is not None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -424,19 +523,23 @@ class RunAnalysis:
     run: Run
     fit_fraction: float
     smooth: int = 1
+    criteria: LawCriteria = field(default_factory=LawCriteria)
     omitted: dict[str, str] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
     stages: StageSplit | None = None
     stage_steps: np.ndarray | None = None
     plateau_step: int | None = None
     law: LawFit | None = None
     law_intervals: LawIntervals | None = None
+    law_verdict: Verdict | None = None
     law_steps: np.ndarray | None = None
     law_entropy: np.ndarray | None = None
     law_accuracy: np.ndarray | None = None
     interpolated: int = 0
     forecast: Forecast | None = None
     forecast_first_step: int = 0
-    forecast_error: Interval | None = None
+    forecast_error: ForecastInterval | None = None
+    forecast_verdict: Verdict | None = None
     dynamics: Dynamics | None = None
     covariance: list[dict[str, Any]] | None = None
     positions: dict[str, PositionProfile] | None = None
@@ -452,12 +555,15 @@ class RunAnalysis:
                 "name": run.name,
                 "path": str(run.path),
                 "format": run.table.format,
+                "reader": run.table.reader,
+                "reader_notes": list(run.table.notes),
                 "keys": run.keys.to_dict(),
                 "first_step": int(run.steps[0]),
                 "last_step": int(run.steps[-1]),
                 "logged_steps": int(run.steps.size),
             },
             "final": self.final(),
+            "flags": list(self.flags),
         }
         if self.stages is not None:
             out["stages"] = {
@@ -466,6 +572,7 @@ class RunAnalysis:
             }
         if self.law is not None:
             out["law"] = {
+                **self.law_verdict.to_dict(),
                 **self.law_intervals.to_dict(),
                 "entropy_interpolated": self.interpolated,
                 "smooth": self.smooth,
@@ -473,12 +580,13 @@ class RunAnalysis:
         if self.forecast is not None:
             f, first = self.forecast, self.forecast_first_step
             out["forecast"] = {
+                **self.forecast_verdict.to_dict(),
                 "fit_fraction": self.fit_fraction,
                 "fit_steps": [first, first + f.n_fit - 1],
                 "fit": f.fit.to_dict(),
                 "rmse": f.rmse,
                 "final_error": f.final_error,
-                "final_error_interval": self.forecast_error.to_dict(),
+                "final_error_interval": self.forecast_error.error.to_dict(),
                 "steps": (f.steps_rest + first).tolist(),
                 "predicted": _floats(f.predicted),
                 "actual": _floats(f.actual),
@@ -527,6 +635,7 @@ def _law(result: RunAnalysis) -> None:
     grid, h, r, interpolated = law_arrays(result)
     result.law = fit_law(h, r)
     result.law_intervals = law_intervals([(h, r)])
+    result.law_verdict = judge_law(result.law_intervals, result.criteria)
     usable = ~np.isnan(r)
     result.law_steps, result.law_entropy, result.law_accuracy = grid[usable], h[usable], r[usable]
     result.interpolated = interpolated
@@ -537,7 +646,8 @@ def _forecast(result: RunAnalysis) -> None:
         raise ValueError(f"needs the law: {result.omitted['law']}")
     grid, h, r, _ = law_arrays(result)
     result.forecast = forecast(h, r, fit_fraction=result.fit_fraction)
-    _, result.forecast_error = forecast_error_interval([(h, r)], fit_fraction=result.fit_fraction)
+    result.forecast_error = forecast_error_interval([(h, r)], fit_fraction=result.fit_fraction)
+    result.forecast_verdict = judge_law(result.forecast_error.law, result.criteria)
     result.forecast_first_step = int(grid[0])
 
 
@@ -579,7 +689,13 @@ _SECTION_STEPS = {
 }
 
 
-def analyze(run: Run, *, fit_fraction: float = 0.15, smooth: int = 1) -> RunAnalysis:
+def analyze(
+    run: Run,
+    *,
+    fit_fraction: float = 0.15,
+    smooth: int = 1,
+    criteria: LawCriteria | None = None,
+) -> RunAnalysis:
     """All sections of the analysis of `run`; a section that cannot be computed from what the run
     logged is left None with its one-line reason in `omitted`.
 
@@ -589,9 +705,12 @@ def analyze(run: Run, *, fit_fraction: float = 0.15, smooth: int = 1) -> RunAnal
     law               `law.fit_law` on every step with an accuracy (smoothed by a `smooth`-point
                       centered moving average, `smooth_performance`; 1: as logged), its entropy
                       from `law_grid`; `law.law_intervals` bootstraps a, b and the ceiling over
-                      the points.
-    forecast          `law.forecast` on the same arrays with `fit_fraction` of the steps, and
-                      `law.forecast_error_interval` the final error's bootstrap interval.
+                      the points, and `law.judge_law` says whether it holds by `criteria`.
+    forecast          `law.forecast` on the same arrays with `fit_fraction` of the steps,
+                      `law.forecast_error_interval` the final error's bootstrap interval, and
+                      `law.judge_law` of the law fitted on the first part.
+
+    `flags` holds `log_flags`: warnings about the log itself.
     dynamics          `dynamics_correlation`; covariance: `covariance_table`.
     position_entropy  `position_entropy` of all samples, and of the rising and the plateau stage
                       separately when the plateau was found and both stages have samples.
@@ -603,7 +722,13 @@ def analyze(run: Run, *, fit_fraction: float = 0.15, smooth: int = 1) -> RunAnal
     if not 0 < fit_fraction < 1:
         raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
     _check_smooth(smooth)
-    result = RunAnalysis(run=run, fit_fraction=fit_fraction, smooth=smooth)
+    result = RunAnalysis(
+        run=run,
+        fit_fraction=fit_fraction,
+        smooth=smooth,
+        criteria=criteria or LawCriteria(),
+        flags=log_flags(run),
+    )
     for section in SECTIONS:
         try:
             _SECTION_STEPS[section](result)

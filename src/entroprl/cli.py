@@ -3,8 +3,8 @@
     entroprl train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     entroprl eval --model DIR --bench [NAME=]FORMAT:PATH [--bench ...]
     entroprl demo [--out DIR] [--seeds N] [--jobs N] [--threads N]
-    entroprl analyze RUN [--out DIR] [--smooth N]
-    entroprl compare RUN [RUN ...] [--out DIR] [--smooth N] [--pool]
+    entroprl analyze RUN [--out DIR] [--smooth N] [--min-points N] [--min-entropy-range NATS]
+    entroprl compare RUN [RUN ...] [--out DIR] [--smooth N] [--pool] [--min-points N] ...
     entroprl export CHECKPOINT|RUN --out DIR
 
 Under `torchrun`, `train` runs on every rank (NCCL on GPUs, gloo on CPU), the model replicated
@@ -80,7 +80,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="local Hugging Face model directory (default: model.path of the config)",
+        help="a Hugging Face model: local directory or hub id (default: the config's model.path)",
     )
     parser.add_argument(
         "--bench",
@@ -156,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         run_benchmarks,
         write_report,
     )
-    from entroprl.policy import load_policy, pick_device
+    from entroprl.policy import load_policy, model_dir, pick_device
     from entroprl.tasks import math_problems
     from entroprl.tasks.base import Task
     from entroprl.tasks.registry import build_task
@@ -172,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         if config.model.path is None:
             raise ConfigError("model.path: rollout.backend=vllm needs a checkpoint directory")
         model = None
-        tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir(config.model.path))
     else:
         model, tokenizer = load_policy(config)
         model = model.to(pick_device(config.trainer.device)).eval()
@@ -207,6 +207,15 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _law_criteria(args: argparse.Namespace):
+    """`law.LawCriteria` from --min-points and --min-entropy-range, its defaults where not given
+    (imported here: scipy, behind it, would slow every command's start)."""
+    from entroprl.law import LawCriteria
+
+    given = {"min_points": args.min_points, "min_entropy_range": args.min_entropy_range}
+    return LawCriteria(**{k: v for k, v in given.items() if v is not None})
+
+
 def cmd_analyze(args: argparse.Namespace) -> None:
     from entroprl.report import analyze_run
 
@@ -217,12 +226,13 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         smooth=args.smooth,
         entropy_key=args.entropy_key,
         accuracy_key=args.accuracy_key,
+        criteria=_law_criteria(args),
     )
     print(f"report: {report}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from entroprl.report import compare_runs
+    from entroprl.comparison import compare_runs
 
     report = compare_runs(
         args.runs,
@@ -232,6 +242,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         pool=args.pool,
         entropy_key=args.entropy_key,
         accuracy_key=args.accuracy_key,
+        criteria=_law_criteria(args),
     )
     print(f"report: {report}")
 
@@ -317,9 +328,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser(
         "analyze",
         help="report: stages, entropy-performance law, forecast, "
-        "covariance (entroprl, TRL, verl or W&B runs)",
+        "covariance (entroprl, TRL, verl, TensorBoard or W&B logs)",
     )
-    p.add_argument("run", help="run directory, trainer_state.json, verl .jsonl or W&B .csv")
+    p.add_argument(
+        "run",
+        help="run directory, trainer_state.json, verl JSON lines or console output, "
+        "TensorBoard events (file or folder), or W&B .csv (recognised by content)",
+    )
     p.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
     p.set_defaults(func=cmd_analyze)
     q = sub.add_parser("compare", help="overlay several runs and tabulate their law fits")
@@ -328,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument(
         "--pool",
         action="store_true",
-        help="also fit the law on the runs of each folder together (seeds of one method), "
+        help="also fit the law on the runs of each method together (METHOD/seed_K: its seeds), "
         "with bootstrap intervals",
     )
     q.set_defaults(func=cmd_compare)
@@ -353,11 +368,30 @@ def main(argv: list[str] | None = None) -> None:
         x.add_argument(
             "--accuracy-key", default=None, help="the log's accuracy metric, if the guess is wrong"
         )
+        x.add_argument(
+            "--min-points",
+            type=int,
+            default=None,
+            help="fewest evaluations for the law or a forecast to be taken as holding "
+            "(default: law.MIN_POINTS; docs/algorithms.md 9.5)",
+        )
+        x.add_argument(
+            "--min-entropy-range",
+            type=float,
+            default=None,
+            metavar="NATS",
+            help="least span of the entropy over the points for the law to be taken as holding "
+            "(default: law.MIN_ENTROPY_RANGE)",
+        )
 
     args = parser.parse_args(argv)  # exits with EXIT_USAGE on a bad command line
     if getattr(args, "allow_config_change", False) and not args.resume:
         parser.error("--allow-config-change goes with --resume")
     threading.excepthook = _quiet_thread_os_error
+    if args.command in ("train", "eval", "demo", "export"):
+        from entroprl import progress
+
+        progress.quiet_libraries_off_terminal()
     try:
         args.func(args)
     except KeyboardInterrupt as e:

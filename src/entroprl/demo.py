@@ -30,7 +30,7 @@ import yaml
 
 from entroprl import __version__
 from entroprl.config import config_from_dict
-from entroprl.law import fit_law
+from entroprl.law import judge_law, law_intervals
 from entroprl.rundir import atomic_write_text, lock_directory, make_dir, read_metrics
 from entroprl.stats import paired_interval, t_interval
 
@@ -78,7 +78,9 @@ def _mean_of(records: list[dict[str, Any]], key: str | None) -> float | None:
 
 
 def summarize_run(run: Path) -> dict[str, Any]:
-    """Start and end entropy and accuracy of a run, and the law fitted on its evaluation steps.
+    """Start and end entropy and accuracy of a run, and the law fitted on its evaluation steps
+    with its verdict (`law.judge_law`: "valid" and "reasons"; the ceiling is not a prediction
+    where it does not hold).
 
     The start is the first step's rollout entropy and the evaluation before training; the end
     values average steps T - `END_STEPS` to T (`end_steps`; never step 0), see `END_STEPS`.
@@ -104,10 +106,14 @@ def summarize_run(run: Path) -> dict[str, Any]:
         "end_steps": [first_end, last],
     }
     try:
-        law = fit_law([h for h, _ in pairs], [r for _, r in pairs])
-        summary["law"] = {"a": law.a, "b": law.b, "r2": law.r2, "ceiling": law.ceiling}
+        law = law_intervals([([h for h, _ in pairs], [r for _, r in pairs])])
+        verdict = judge_law(law)
+        fit = law.fit
+        summary["law"] = {"a": fit.a, "b": fit.b, "r2": fit.r2, "ceiling": fit.ceiling}
+        summary["law"] |= {"valid": verdict.valid, "reasons": list(verdict.reasons)}
     except ValueError as e:
         summary["law"] = {"a": None, "b": None, "r2": None, "ceiling": None, "error": str(e)}
+        summary["law"] |= {"valid": False, "reasons": [str(e)]}
     return summary
 
 
@@ -198,6 +204,29 @@ def format_table(methods: dict[str, Any], baseline: str = "grpo") -> str:
     if len(vs_rows) > 1:
         text += f"\n\npaired with {baseline} (same seed), mean ± 95% half-width\n" + _grid(vs_rows)
     return text
+
+
+def format_law(methods: dict[str, Any]) -> str:
+    """Per method, whether the law fitted on its pooled seeds holds (`law.judge_law`), with the
+    numbers it rests on; the ceiling only where it holds."""
+    lines = ["law R = -a exp(H) + b on each method's pooled seeds (comparison report):"]
+    for name, m in methods.items():
+        law = m["law"]["law"]
+        if law is None:
+            lines.append(f"  {name}: not fitted: {m['law'].get('omitted')}")
+            continue
+        checks, a = law["checks"], law["interval"]["a"]
+        numbers = (
+            f"a = {law['a']:.3g} [{a['low']:.3g}, {a['high']:.3g}], R² {checks['r2']:.2f}, "
+            f"{checks['n']} points, entropy range {checks['entropy_span']:.3g} nats"
+        )
+        if law["valid"]:
+            c = law["interval"]["ceiling"]
+            ceiling = f"ceiling {law['ceiling']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+            lines.append(f"  {name}: holds ({numbers}); {ceiling}")
+        else:
+            lines.append(f"  {name}: does not hold ({numbers}): {'; '.join(law['reasons'])}")
+    return "\n".join(lines)
 
 
 def _grid(rows: list[tuple[str, ...]]) -> str:
@@ -345,7 +374,7 @@ def _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config) ->
         "reused": reused,
         "methods": aggregate(results),
     }
-    from entroprl.report import compare_runs
+    from entroprl.comparison import compare_runs
 
     # The comparison pools each method's seeds (they share its folder) into one law fit.
     report = compare_runs(
@@ -360,6 +389,8 @@ def _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config) ->
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print()
     print(format_table(summary["methods"]))
+    print()
+    print(format_law(summary["methods"]))
     print(f"\nsummary: {out / 'summary.json'}  (total {summary['wall_s']:.0f} s)")
     print(f"comparison report: {report}  (one per run: {out}/<method>/seed_<k>/analysis/)")
     return summary

@@ -1,15 +1,21 @@
-"""Training logs of entroprl, TRL, verl and W&B read into one per-step table, and their metric
-names mapped to the quantities the analysis needs (documented in docs/foreign-runs.md).
+"""Training logs of entroprl, TRL, verl, TensorBoard and W&B read into one per-step table, and
+their metric names mapped to the quantities the analysis needs (documented in
+docs/foreign-runs.md). The reader is chosen from the content, not the file name (`detect_format`):
 
-    entroprl   RUN/ holding metrics.jsonl (or that file itself)
-    trl        trainer_state.json (its "log_history"), or a checkpoint folder holding one
-    verl       the JSON lines of verl's `file` logger: {"step": N, "data": {...}} or flat records
-    wandb      a CSV exported from a W&B run: its history (`_step`, metric columns) or a chart
-               export ("Step", "<run> - <metric>", "<run> - <metric>__MIN/__MAX")
+    entroprl      RUN/ holding metrics.jsonl (or that file beside its config.yaml)
+    trl           a Hugging Face trainer_state.json ("log_history"), or a folder holding one
+    verl          JSON lines of {"step": N, "data": {...}}: verl's `file` logger
+    jsonl         JSON lines of flat records with "step" or "global_step"
+    verl-console  verl's console lines "step:N - key:value - ...", among any other output
+    tensorboard   TensorBoard event files (or the one folder holding them), through tensorboard's
+                  own EventAccumulator
+    wandb         a CSV exported from a W&B run: its history (`_step`, metric columns) or a chart
+                  export ("Step", "<run> - <metric>", "<run> - <metric>__MIN/__MAX")
 
 Every reader gives a `MetricsTable`: the sorted logged steps and one float64 column per numeric
 metric, NaN where a step did not log it. Records that share a step (a TRL evaluation logged beside
-its training entry, a W&B history row per `log` call) are merged, a later present value winning.
+its training entry, a W&B history row per `log` call, a resumed run logging steps again) are
+merged, a later present value winning.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import io
 import json
 import math
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +34,6 @@ from typing import Any
 import numpy as np
 
 from entroprl.rundir import read_json_lines, read_metrics, read_text
-
-FORMATS = ("entroprl", "trl", "verl", "wandb")
 
 # In order of preference. The paper's H is the sequence-mean of token-mean entropy, which only
 # entroprl logs (its trainer, and TRL's with entroprl.integrations.trl: "entropy_seq_mean"); the
@@ -64,6 +70,12 @@ class MetricsTable:
     source: Path
     steps: np.ndarray
     columns: dict[str, np.ndarray]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def reader(self) -> str:
+        """What read the log, in words (`READERS`), for reports."""
+        return READERS[self.format].description
 
 
 @dataclass(frozen=True)
@@ -114,7 +126,9 @@ def _without(record: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k != key}
 
 
-def _table(fmt: str, source: Path, records: list[tuple[int, dict[str, Any]]]) -> MetricsTable:
+def _table(
+    fmt: str, source: Path, records: list[tuple[int, dict[str, Any]]], notes: tuple[str, ...] = ()
+) -> MetricsTable:
     """Merge (step, record) pairs into a table; the numeric values of a record become columns."""
     by_step: dict[int, dict[str, float]] = {}
     for step, record in records:
@@ -132,7 +146,7 @@ def _table(fmt: str, source: Path, records: list[tuple[int, dict[str, Any]]]) ->
         for key in keys
     }
     columns = {k: v for k, v in columns.items() if not np.isnan(v).all()}
-    return MetricsTable(format=fmt, source=source, steps=steps, columns=columns)
+    return MetricsTable(format=fmt, source=source, steps=steps, columns=columns, notes=notes)
 
 
 def read_entroprl(path: str | Path) -> MetricsTable:
@@ -164,8 +178,9 @@ def read_trl(path: str | Path) -> MetricsTable:
     return _table("trl", file, records)
 
 
-def _read_json_lines(file: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(step, values) of verl's JSON lines, tolerating a truncated last line with a warning."""
+def _json_lines(file: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(step, values) of JSON lines, {"step": N, "data": {...}} or flat records with "step" or
+    "global_step", tolerating a truncated last line with a warning."""
     records = []
     for number, record in read_json_lines(file, stacklevel=3):
         data = record.get("data")
@@ -179,9 +194,122 @@ def _read_json_lines(file: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def read_verl(path: str | Path) -> MetricsTable:
-    """The JSON lines written by verl's `file` logger (`trainer.logger=[file]`)."""
+    """The JSON lines written by verl's `file` logger (`trainer.logger=[file]`), whatever the
+    file's name."""
     file = Path(path)
-    return _table("verl", file, _read_json_lines(file))
+    return _table("verl", file, _json_lines(file))
+
+
+def read_json_lines_log(path: str | Path) -> MetricsTable:
+    """JSON lines of flat records holding "step" or "global_step" (a log_history saved a record
+    per line, or entroprl's metrics.jsonl away from its run directory)."""
+    file = Path(path)
+    return _table("jsonl", file, _json_lines(file))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# verl's console logger prints `concat_dict_to_str(data, step)`: "step:N" then " - key:value" for
+# every number; a Ray worker's output arrives prefixed "(TaskRunner pid=...) ".
+_CONSOLE_STEP = re.compile(r"(?:^|\s)step:(-?\d+)((?: - .*)?)$")
+# pprint.pformat of a numpy scalar under numpy 2: "np.float64(0.25)", "np.int64(3)"
+_NUMPY_REPR = re.compile(r"np\.\w+\((.*)\)")
+
+
+def _console_value(text: str) -> float | None:
+    """A value printed by verl's console logger as a float; None for what is not a number."""
+    text = text.strip()
+    inner = _NUMPY_REPR.fullmatch(text)
+    try:
+        return float(inner.group(1) if inner else text)
+    except ValueError:
+        return None
+
+
+def _console_records(text: str, file: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+    """(step, values) of every console record line, and the number of other non-blank lines."""
+    lines = text.splitlines()
+    records, other = [], 0
+    for number, raw in enumerate(lines, 1):
+        line = _ANSI.sub("", raw).rstrip()
+        found = _CONSOLE_STEP.search(line)
+        if found is None:
+            other += bool(line.strip())
+            continue
+        values: dict[str, Any] = {}
+        for field in filter(None, found.group(2).split(" - ")):
+            key, colon, value = field.rpartition(":")
+            if not colon or not key.strip():
+                if number == len(lines):
+                    warnings.warn(f"{file}: incomplete last line {number} skipped", stacklevel=3)
+                    break
+                raise ValueError(f"{file}:{number}: {field[:80]!r} is not key:value")
+            values[key.strip()] = _console_value(value)
+        else:
+            records.append((_step(int(found.group(1)), f"{file}:{number}"), values))
+    return records, other
+
+
+def read_verl_console(path: str | Path) -> MetricsTable:
+    """verl's console output (`trainer.logger=[console]`): the lines "step:N - key:value - ...",
+    wherever they are among other output (Ray's prefixes, warnings, progress bars)."""
+    file = Path(path)
+    records, other = _console_records(read_text(file), file)
+    notes = (f"{other} lines that are not step records skipped",) if other else ()
+    return _table("verl-console", file, records, notes)
+
+
+def _event_source(path: Path) -> tuple[Path, int]:
+    """The event file, or the one folder holding event files under `path`, and how many files."""
+    if path.is_file():
+        if "tfevents" not in path.name:
+            raise ValueError(
+                f"{path}: a TensorBoard event file, but tensorboard reads only files whose name "
+                "holds 'tfevents': rename it (events.out.tfevents.<anything>)"
+            )
+        return path, 1
+    folders: dict[Path, int] = {}
+    for file in path.rglob("*tfevents*"):
+        if file.is_file():
+            folders[file.parent] = folders.get(file.parent, 0) + 1
+    if len(folders) > 1:
+        shown = ", ".join(str(f.relative_to(path)) for f in sorted(folders)[:5])
+        raise ValueError(
+            f"{path}: TensorBoard event files in {len(folders)} folders ({shown}"
+            f"{', ...' if len(folders) > 5 else ''}): give the folder of one run"
+        )
+    ((folder, count),) = folders.items()
+    return folder, count
+
+
+def read_tensorboard(path: str | Path) -> MetricsTable:
+    """TensorBoard event files: an event file, or a folder with the event files of one run (in it
+    or in one subfolder), read by tensorboard's `EventAccumulator`. Scalars written by
+    `add_scalar` (torch, tensorboardX: verl, TRL, entroprl) and scalar tensors of the "scalars"
+    plugin (`tf.summary.scalar`) become columns under their tag. A run restarted from a
+    checkpoint has the events it had logged past that checkpoint dropped, as TensorBoard shows it.
+    """
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.util import tensor_util
+
+    source, files = _event_source(Path(path))
+    acc = ea.EventAccumulator(str(source), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
+    acc.Reload()
+    tags = acc.Tags()
+    records = [
+        (_step(e.step, f"{source}: {tag}"), {tag: e.value})
+        for tag in tags[ea.SCALARS]
+        for e in acc.Scalars(tag)
+    ]
+    for tag in tags[ea.TENSORS]:
+        if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
+            continue
+        for e in acc.Tensors(tag):
+            value = tensor_util.make_ndarray(e.tensor_proto)
+            if value.shape == () and np.issubdtype(value.dtype, np.number):
+                records.append((_step(e.step, f"{source}: {tag}"), {tag: float(value)}))
+    if not records:
+        raise ValueError(f"{source}: no scalar in its {files} TensorBoard event file(s)")
+    return _table("tensorboard", source, records, (f"{files} event file(s) in {source}",))
 
 
 def _csv_name(column: str) -> str:
@@ -192,7 +320,10 @@ def _csv_name(column: str) -> str:
 def read_wandb_csv(path: str | Path) -> MetricsTable:
     """A CSV exported from one W&B run (history export or chart export)."""
     file = Path(path)
-    rows = list(csv.reader(io.StringIO(read_text(file), newline="")))
+    try:
+        rows = list(csv.reader(io.StringIO(read_text(file), newline="")))
+    except csv.Error as e:  # a field over csv's limit (131,072 characters), a NUL byte
+        raise ValueError(f"{file}: not a CSV export ({e})") from None
     if not rows or not any(cell.strip() for cell in rows[0]):
         raise ValueError(f"{file}: empty CSV file")
     header = rows[0]
@@ -244,54 +375,106 @@ def _csv_float(cell: str) -> float | str:
         return text
 
 
-def detect_format(path: str | Path) -> str:
-    """Which of FORMATS `path` is, from its name and first record (see the module docstring)."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / "metrics.jsonl").is_file():
-            return "entroprl"
-        if (path / "trainer_state.json").is_file():
-            return "trl"
-        raise ValueError(
-            f"{path}: neither an entroprl run directory (no metrics.jsonl) nor a TRL checkpoint "
-            "(no trainer_state.json)"
-        )
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file or directory")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return "wandb"
-    if suffix == ".json":
+def _detect_dir(path: Path) -> str:
+    if (path / "metrics.jsonl").is_file():
+        return "entroprl"
+    if (path / "trainer_state.json").is_file():
         return "trl"
-    if suffix == ".jsonl":
-        first = next((line for line in read_text(path).splitlines() if line.strip()), None)
-        if first is None:
-            raise ValueError(f"{path}: empty file")
-        try:
-            record = json.loads(first)
-        except (json.JSONDecodeError, RecursionError):
-            raise ValueError(f"{path}:1: not a JSON object: {first[:80]!r}") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:1: not a JSON object: {first[:80]!r}")
-        if isinstance(record.get("data"), dict):
-            return "verl"
-        if "step" not in record and "global_step" not in record:
-            raise ValueError(f"{path}:1: no 'step' or 'global_step': not a metrics log")
-        if path.name == "metrics.jsonl" and (path.parent / "config.yaml").is_file():
-            return "entroprl"
-        return "verl"
+    if any(f.is_file() for f in path.rglob("*tfevents*")):
+        return "tensorboard"
     raise ValueError(
-        f"{path}: unknown log format (expected a run directory, trainer_state.json, *.jsonl or "
-        "*.csv)"
+        f"{path}: not an entroprl run directory (no metrics.jsonl), a TRL checkpoint (no "
+        "trainer_state.json) or a TensorBoard log (no events.out.tfevents.* file)"
     )
 
 
-READERS = {"entroprl": read_entroprl, "trl": read_trl, "verl": read_verl, "wandb": read_wandb_csv}
+def _detect_json(path: Path, text: str) -> str:
+    """trl, verl, jsonl or entroprl for a file whose content starts with "{"."""
+    try:
+        whole = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        whole = None  # several JSON documents (JSON lines), or a truncated one
+    # a trainer state holds "global_step" too, but a metrics record has "step" or "data"
+    if isinstance(whole, dict) and ("log_history" in whole or not {"step", "data"} & whole.keys()):
+        return "trl"  # read_trl names what is missing when it is not a trainer state
+    first = next(line for line in text.splitlines() if line.strip())
+    try:
+        record = json.loads(first)
+    except (json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{path}:1: not a JSON object: {first[:80]!r}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:1: not a JSON object: {first[:80]!r}")
+    if isinstance(record.get("data"), dict):
+        return "verl"
+    if "step" not in record and "global_step" not in record:
+        raise ValueError(f"{path}:1: no 'step' or 'global_step': not a metrics log")
+    if path.name == "metrics.jsonl" and (path.parent / "config.yaml").is_file():
+        return "entroprl"
+    return "jsonl"
+
+
+def _has_step_column(text: str) -> bool:
+    try:
+        header = next(csv.reader(io.StringIO(text.split("\n", 1)[0])), [])
+    except csv.Error:  # a field over csv's limit: no CSV header
+        return False
+    return len(header) > 1 and any(cell.strip() in STEP_KEYS for cell in header)
+
+
+def detect_format(path: str | Path) -> str:
+    """Which of FORMATS `path` holds, from what is in it (the module docstring lists them); a
+    ".csv" name is taken as a W&B export. Raises ValueError naming the path when it is none."""
+    path = Path(path)
+    if path.is_dir():
+        return _detect_dir(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file or directory")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    # an event file is a TFRecord whose first record is the Event holding "brain.Event:<version>"
+    if b"brain.Event:" in head or "tfevents" in path.name:
+        return "tensorboard"
+    if path.suffix.lower() == ".csv":
+        return "wandb"
+    text = read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path}: empty file")
+    if text.lstrip().startswith("{"):
+        return _detect_json(path, text)
+    if any(_CONSOLE_STEP.search(_ANSI.sub("", line).rstrip()) for line in text.splitlines()):
+        return "verl-console"
+    if _has_step_column(text):
+        return "wandb"
+    raise ValueError(
+        f"{path}: unknown log format: not an entroprl run, a trainer_state.json, JSON lines with "
+        "a step, verl console lines (step:N - key:value), TensorBoard events or a CSV with a step "
+        "column"
+    )
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A log format's reader and what it reads, in words."""
+
+    read: Callable[[str | Path], MetricsTable]
+    description: str
+
+
+READERS = {
+    "entroprl": Reader(read_entroprl, "entroprl's metrics.jsonl"),
+    "trl": Reader(read_trl, "the log_history of a Hugging Face trainer_state.json (TRL)"),
+    "verl": Reader(read_verl, 'verl JSON lines ({"step": N, "data": {...}}, its file logger)'),
+    "jsonl": Reader(read_json_lines_log, "JSON lines of flat records with step or global_step"),
+    "verl-console": Reader(read_verl_console, "verl console lines (step:N - key:value - ...)"),
+    "tensorboard": Reader(read_tensorboard, "TensorBoard event files (tensorboard's reader)"),
+    "wandb": Reader(read_wandb_csv, "a W&B CSV export"),
+}
+FORMATS = tuple(READERS)
 
 
 def read_log(path: str | Path) -> MetricsTable:
     """Detect the format of `path` and read it into a `MetricsTable`."""
-    return READERS[detect_format(path)](path)
+    return READERS[detect_format(path)].read(path)
 
 
 def find_metric(table: MetricsTable, name: str) -> str | None:
@@ -334,11 +517,15 @@ def _require(name: str, key: str, columns: list[str]) -> str:
 
 
 def map_keys(
-    table: MetricsTable, *, entropy_key: str | None = None, accuracy_key: str | None = None
+    table: MetricsTable,
+    *,
+    entropy_key: str | None = None,
+    accuracy_key: str | None = None,
+    require: bool = True,
 ) -> KeyMap:
     """Guess the entropy, accuracy and reward columns (docs/foreign-runs.md), or check the given
-    ones. Raises ValueError when a given key is not a column, or when neither an entropy nor an
-    accuracy column can be found."""
+    ones. Raises ValueError when a given key is not a column, or (with `require`) when neither an
+    entropy nor an accuracy column can be found; without it, that is a note."""
     columns = list(table.columns)
     notes = []
     if entropy_key is not None:
@@ -356,11 +543,14 @@ def map_keys(
         if note:
             notes.append(note)
     if entropy is None and not accuracy:
-        raise ValueError(
+        missing = (
             f"{table.source}: no entropy or accuracy metric recognised among "
             f"{', '.join(columns[:30]) or 'no numeric columns'}; name them with --entropy-key and "
             "--accuracy-key (docs/foreign-runs.md lists the names recognised)"
         )
+        if require:
+            raise ValueError(missing)
+        notes.append(missing)
     reward = next((k for k in REWARD_KEYS if k in table.columns), None)
     return KeyMap(entropy=entropy, accuracy=accuracy, reward=reward, notes=tuple(notes))
 

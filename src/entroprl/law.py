@@ -241,7 +241,8 @@ class LawIntervals:
 
     `a`, `b` and `ceiling` are percentile intervals over `resamples` fits to the pooled points
     drawn with replacement; `a_samples` and `b_samples` are those fits (NaN where a resample's
-    entropy was constant), for bands (`band`)."""
+    entropy was constant), for bands (`band`). `entropy_low` and `entropy_high` bound the entropy
+    of the points fitted."""
 
     fit: LawFit
     runs: int
@@ -250,6 +251,8 @@ class LawIntervals:
     ceiling: Interval
     a_samples: np.ndarray
     b_samples: np.ndarray
+    entropy_low: float
+    entropy_high: float
 
     def band(self, entropy, confidence: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Pointwise percentile band of the bootstrap laws' predictions at each `entropy`."""
@@ -266,7 +269,27 @@ class LawIntervals:
             "runs": self.runs,
             "resamples": int(self.a_samples.size),
             "interval": {k: getattr(self, k).to_dict() for k in ("a", "b", "ceiling")},
+            "entropy_range": [self.entropy_low, self.entropy_high],
         }
+
+
+def _intervals(
+    h: np.ndarray, r: np.ndarray, runs: int, resamples: int, confidence: float, seed: int
+) -> LawIntervals:
+    """`LawIntervals` of the usable points (h, r), already free of NaN."""
+    fit = _fit(h, r)
+    a, b = _resample_fits(h, r, resamples, np.random.default_rng(seed))
+    return LawIntervals(
+        fit=fit,
+        runs=runs,
+        a=percentile_interval(a, fit.a, confidence),
+        b=percentile_interval(b, fit.b, confidence),
+        ceiling=percentile_interval(b - a, fit.ceiling, confidence),
+        a_samples=a,
+        b_samples=b,
+        entropy_low=float(h.min()),
+        entropy_high=float(h.max()),
+    )
 
 
 def law_intervals(
@@ -288,18 +311,16 @@ def law_intervals(
     h = np.concatenate([h for h, _ in pairs])
     r = np.concatenate([r for _, r in pairs])
     usable = ~(np.isnan(h) | np.isnan(r))
-    h, r = h[usable], r[usable]
-    fit = _fit(h, r)
-    a, b = _resample_fits(h, r, resamples, np.random.default_rng(seed))
-    return LawIntervals(
-        fit=fit,
-        runs=len(pairs),
-        a=percentile_interval(a, fit.a, confidence),
-        b=percentile_interval(b, fit.b, confidence),
-        ceiling=percentile_interval(b - a, fit.ceiling, confidence),
-        a_samples=a,
-        b_samples=b,
-    )
+    return _intervals(h[usable], r[usable], len(pairs), resamples, confidence, seed)
+
+
+@dataclass(frozen=True, eq=False)
+class ForecastInterval:
+    """The law fitted on the pooled fit parts of runs (with its bootstrap), and the forecast's
+    final error with its interval."""
+
+    law: LawIntervals
+    error: Interval
 
 
 def forecast_error_interval(
@@ -310,14 +331,14 @@ def forecast_error_interval(
     resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
-) -> tuple[LawFit, Interval]:
+) -> ForecastInterval:
     """The forecast of `forecast` pooled over runs: the law fitted on the fit parts (the first
     `fit_fraction` of each run's steps) of all `runs` together, and its error at each run's last
     usable step, ``mean over runs of (predicted - actual)``, with a bootstrap interval over the
     pooled fit-part points (so it carries the fit's uncertainty, not the last points' noise).
 
-    Returns (the fit, the interval of the error). Raises ValueError as `forecast` does for any run,
-    and as `law_intervals` does.
+    `law` of the result is `law_intervals` of the pooled fit-part points, from the same resamples.
+    Raises ValueError as `forecast` does for any run, and as `law_intervals` does.
     """
     pairs = _usable_pairs(runs)
     heads, ends = [], []
@@ -328,11 +349,122 @@ def forecast_error_interval(
     hh = np.concatenate([h for h, _ in heads])
     rr = np.concatenate([r for _, r in heads])
     end_h, end_r = np.array(ends).T
-    fit = _fit(hh, rr)
-    a, b = _resample_fits(hh, rr, resamples, np.random.default_rng(seed))
+    law = _intervals(hh, rr, len(pairs), resamples, confidence, seed)
+    a, b = law.a_samples, law.b_samples
     errors = (-a[:, None] * np.exp(end_h)[None, :] + b[:, None] - end_r[None, :]).mean(axis=1)
-    estimate = float(np.mean(fit.predict(end_h) - end_r))
-    return fit, percentile_interval(errors, estimate, confidence)
+    estimate = float(np.mean(law.fit.predict(end_h) - end_r))
+    return ForecastInterval(law=law, error=percentile_interval(errors, estimate, confidence))
+
+
+MIN_POINTS = 8
+"""Fewest points (both entropy and performance present) for the law or a forecast to be taken as
+describing a run (algorithms.md §9.5)."""
+MIN_ENTROPY_RANGE = 0.1
+"""Least span, in nats, of the entropy over the points fitted (algorithms.md §9.5)."""
+
+
+@dataclass(frozen=True)
+class LawCriteria:
+    """When a fit of the law is taken to describe a run (algorithms.md §9.5)."""
+
+    min_points: int = MIN_POINTS
+    min_entropy_range: float = MIN_ENTROPY_RANGE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_points, bool) or not isinstance(self.min_points, int):
+            raise ValueError(f"min_points must be an integer, got {self.min_points!r}")
+        if self.min_points < 4:
+            raise ValueError(
+                f"min_points must be at least 4 (on 3 points the bootstrap interval is "
+                f"unreliable), got {self.min_points}"
+            )
+        if not (math.isfinite(self.min_entropy_range) and self.min_entropy_range >= 0):
+            raise ValueError(
+                f"min_entropy_range must be a finite number >= 0 (nats), got "
+                f"{self.min_entropy_range!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a fit of the law describes its points, and in words why not (`judge_law`)."""
+
+    valid: bool
+    reasons: tuple[str, ...]
+    n: int
+    entropy_range: float
+    a: Interval
+    r2: float
+    criteria: LawCriteria
+
+    def summary(self) -> str:
+        """The numbers the verdict rests on, in one line."""
+        return (
+            f"a = {self.a.estimate:.3g}, {self.a.confidence:.0%} interval [{self.a.low:.3g}, "
+            f"{self.a.high:.3g}]; {self.n} points (at least {self.criteria.min_points}); "
+            f"entropy range {self.entropy_range:.3g} nats (at least "
+            f"{self.criteria.min_entropy_range:g}); R² {self.r2:.2f}"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "valid": self.valid,
+            "reasons": list(self.reasons),
+            "checks": {
+                "n": self.n,
+                "min_points": self.criteria.min_points,
+                "entropy_span": self.entropy_range,
+                "min_entropy_range": self.criteria.min_entropy_range,
+                "a_interval": [self.a.low, self.a.high],
+                "r2": self.r2,
+            },
+        }
+
+
+def judge_law(law: LawIntervals, criteria: LawCriteria | None = None) -> Verdict:
+    """Whether the fit `law` describes its points (algorithms.md §9.5): all of
+
+        n >= criteria.min_points                      enough points
+        max(H) - min(H) >= criteria.min_entropy_range  the entropy moved (nats)
+        a > 0                                         accuracy falls as entropy rises
+        low end of a's bootstrap interval > 0         ... beyond the points' noise
+
+    Each failed condition gives a reason in words; R² is reported, not judged.
+    """
+    criteria = criteria or LawCriteria()
+    fit, a = law.fit, law.a
+    spread = law.entropy_high - law.entropy_low
+    reasons = []
+    if fit.n < criteria.min_points:
+        reasons.append(
+            f"too few points: {fit.n} with both entropy and accuracy, at least "
+            f"{criteria.min_points} are needed"
+        )
+    if spread < criteria.min_entropy_range:
+        reasons.append(
+            f"no entropy range: the entropy spans {spread:.3g} nats ({law.entropy_low:.3g} to "
+            f"{law.entropy_high:.3g}) over the points, under the {criteria.min_entropy_range:g} "
+            "needed to tell accuracy as a function of it"
+        )
+    if fit.a <= 0:
+        reasons.append(
+            f"wrong sign: a = {fit.a:.3g}, accuracy does not fall as entropy rises (the law has "
+            "a > 0)"
+        )
+    if a.low <= 0 <= a.high:
+        reasons.append(
+            f"flat noise: the {a.confidence:.0%} interval of a, [{a.low:.3g}, {a.high:.3g}], "
+            f"holds 0: accuracy does not change with entropy beyond its noise (R² {fit.r2:.2f})"
+        )
+    return Verdict(
+        valid=not reasons,
+        reasons=tuple(reasons),
+        n=fit.n,
+        entropy_range=spread,
+        a=a,
+        r2=fit.r2,
+        criteria=criteria,
+    )
 
 
 @dataclass(frozen=True, eq=False)

@@ -138,14 +138,15 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 def load_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    model_sd: dict[str, Tensor],
+    model_sd: dict[str, Tensor] | None,
     optimizer_sd: dict[str, Any],
 ) -> None:
     """Load full state dicts (as `model_state` and `optimizer_state` give them). A sharded model
     reads them from rank 0 only (others may pass {}) and keeps its shard on every rank."""
     model = unwrapped(model)
     options = _SCATTER if is_sharded(model) else StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_sd, options=options)
+    if model_sd is not None:  # None: the weights are loaded already (a LoRA adapter)
+        set_model_state_dict(model, model_sd, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_sd, options=options)
 
 

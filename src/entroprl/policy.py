@@ -1,8 +1,10 @@
-"""The policy a run trains or evaluates: its checkpoint (or the demo's warm start), its device."""
+"""The policy a run trains or evaluates: its checkpoint (a folder or a Hugging Face hub id, or the
+demo's warm start), its device."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +29,46 @@ def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
 
         path = warm_start(WarmStartConfig(), default_cache_dir())
     else:
-        path = Path(config.model.path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"model.path={path}: not a Hugging Face model directory (no config.json)"
-            )
+        path = model_dir(config.model.path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if config.model.gradient_checkpointing:
         # non-reentrant: the reentrant form breaks FSDP's per-layer parameter gathering
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+"""A Hugging Face hub repository id: `org/name` (or a bare `name`)."""
+WEIGHT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+"""What a model needs from a hub repository: config, weights, tokenizer, chat template."""
+
+
+def model_dir(name: str) -> Path:
+    """`model.path` as a local folder: a directory as given, or a Hugging Face hub id resolved
+    through huggingface_hub's cache (downloaded when missing, unless HF_HUB_OFFLINE=1)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.path={name}: not a Hugging Face model directory (no config.json)"
+            )
+        return path
+    if not HUB_ID.fullmatch(name):
+        raise ConfigError(f"model.path={name}: no such directory, and not a hub id (org/name)")
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        local = Path(snapshot_download(name, allow_patterns=WEIGHT_FILES))
+    except Exception as e:  # not found, offline without a copy, no network, a gated repo...
+        offline = " (HF_HUB_OFFLINE is set: only the local cache was searched)"
+        raise ConfigError(
+            f"model.path={name}: no such directory, and the Hugging Face hub id could not be "
+            f"resolved{offline if constants.HF_HUB_OFFLINE else ''}: {type(e).__name__}: {e}"
+        ) from None
+    if not (local / "config.json").is_file():
+        raise ConfigError(f"model.path={name}: the hub repository has no config.json")
+    return local
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,11 +1,12 @@
-"""`entroprl analyze` and `entroprl compare`: figures (matplotlib, Agg) and one self-contained HTML
-report, with every PNG embedded as a base64 data URI so that it opens offline.
+"""`entroprl analyze`: figures (matplotlib, Agg) and one self-contained HTML report per run, with
+every PNG embedded as a base64 data URI so that it opens offline; and the pieces of HTML and the
+figures that the comparison report (`entroprl.comparison`) shares.
 
     analyze RUN  ->  OUT/report.html, OUT/*.png, OUT/analysis.json   (OUT: RUN/analysis by default)
-    compare RUNS ->  OUT/report.html, OUT/compare.png, OUT/comparison.json
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly, so the global pyplot
-state and the user's backend are left alone.
+state and the user's backend are left alone. A law that does not hold (`law.judge_law`) is never
+headlined: no ceiling, no forecast, and the reasons written instead.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from entroprl.analysis import RunAnalysis, analyze, law_arrays, load_run
-from entroprl.law import forecast_error_interval, law_intervals
+from entroprl.analysis import COV_GROUPS, Run, RunAnalysis, SeedBand, analyze, load_run, seed_band
+from entroprl.foreign import find_metric
+from entroprl.law import LawCriteria, LawFit, Verdict
 from entroprl.rundir import atomic_write_text, make_dir
 from entroprl.stats import Interval
+
+ENTROPY_LABEL = "entropy H (nats)"
 
 _TITLES = {
     "stages": "Training stages",
@@ -46,14 +51,16 @@ table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f2f2f2; }
-.omitted { color: #8a5a00; background: #fff7e6; padding: 0.4em 0.7em;
-           border-left: 3px solid #e0a030; }
+.omitted, .flag { color: #8a5a00; background: #fff7e6; padding: 0.4em 0.7em;
+                  border-left: 3px solid #e0a030; }
+.holds { background: #eef7ee; padding: 0.4em 0.7em; border-left: 3px solid #4a9a4a; }
 .note { color: #555; font-size: 0.92em; }
 code { background: #f4f4f4; padding: 0 0.2em; }
 """
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: floats to `digits` significant digits, None and NaN as "-"."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
@@ -61,28 +68,156 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _table(head: list[str], rows: list[list[Any]]) -> str:
+def html_table(head: list[str], rows: list[list[Any]]) -> str:
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>" for row in rows
     )
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def paragraph(text: str, kind: str = "note") -> str:
+    """`text` escaped, as a paragraph of CSS class `kind` (note, omitted, flag, holds)."""
+    return f'<p class="{kind}">{html.escape(text)}</p>'
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100)
     return path
 
 
-def _img(path: Path, alt: str) -> str:
+def embed_png(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def _present(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def present(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keep = ~np.isnan(values)
     return steps[keep], values[keep]
+
+
+def html_page(title: str, body: str) -> str:
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    )
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def ci_text(interval: Interval, digits: int = 4) -> str:
+    return f"{interval.estimate:.{digits}g} [{interval.low:.{digits}g}, {interval.high:.{digits}g}]"
+
+
+def verdict_text(verdict: Verdict, subject: str) -> tuple[str, str]:
+    """(CSS class, sentence) saying whether the law describes `subject`, with the numbers."""
+    if verdict.valid:
+        return "holds", f"The law describes {subject}: {verdict.summary()}."
+    return "omitted", (
+        f"The law does not describe {subject}, so nothing is predicted from it: "
+        f"{'; '.join(verdict.reasons)}."
+    )
+
+
+# -- drawing pieces shared with the comparison ---------------------------------------------------
+
+
+def draw_law(
+    ax: Axes, fit: LawFit, low: float, high: float, *, color: str, label: str, lw: float = 1.4
+) -> None:
+    """The curve of `fit`: solid over the entropy [low, high] of the points it was fitted on,
+    dashed where it is extrapolated, down to H = 0 where its ceiling is read."""
+    inside = np.linspace(low, high, 100)
+    ax.plot(inside, fit.predict(inside), color=color, lw=lw, label=label)
+    if low > 0:
+        below = np.linspace(0.0, low, 50)
+        ax.plot(below, fit.predict(below), color=color, lw=lw, ls="--")
+
+
+def extrapolation_key(ax: Axes) -> None:
+    """A legend entry for the dashed part of `draw_law`'s curves."""
+    ax.plot([], [], color="grey", ls="--", lw=1.2, label="dashed: extrapolated beyond the points")
+
+
+def draw_band(ax: Axes, band: SeedBand, color: str, label: str) -> None:
+    """A `SeedBand`: the mean over runs, and its t band shaded when there are several runs."""
+    ax.plot(band.steps, band.mean, color=color, lw=1.8, label=label)
+    if band.low is not None:
+        ax.fill_between(band.steps, band.low, band.high, color=color, alpha=0.2, lw=0)
+
+
+def band_label(method: str, band: SeedBand) -> str:
+    if band.runs == 1:
+        return method
+    return f"{method}: mean of {band.runs} runs, 95% t band"
+
+
+def draw_method(ax: Axes, runs: list[Run], values, color: str, method: str) -> str | None:
+    """The series `values(run)` (None: not logged) of a method's runs against the step: each run
+    thin when there are several, their `seed_band` bold. Returns why nothing or no band was drawn,
+    or None."""
+    logged = [(run, v) for run in runs if (v := values(run)) is not None and not np.isnan(v).all()]
+    if not logged:
+        return "logged by none of its runs"
+    if len(logged) > 1:
+        for run, v in logged:
+            ax.plot(*present(run.steps, v), color=color, lw=0.6, alpha=0.35)
+    try:
+        band = seed_band([run.steps for run, _ in logged], [v for _, v in logged])
+    except ValueError as e:
+        return f"no band: {e}"
+    draw_band(ax, band, color, band_label(method, band))
+    missing = len(runs) - len(logged)
+    return f"{missing} of its {len(runs)} runs do not log it" if missing else None
+
+
+def covariance_figure(
+    methods: dict[str, list[Run]], colors: dict[str, str], path: Path
+) -> tuple[Path | None, list[str]]:
+    """The covariance groups (cov/top_0.02% ... cov/all) against the step, one panel per group
+    logged, each method as `draw_method` draws it. Returns the figure (None when no run logs a
+    group) and notes on what is missing."""
+    groups = [
+        g
+        for g in COV_GROUPS
+        if any(find_metric(run.table, f"cov/{g}") for runs in methods.values() for run in runs)
+    ]
+    if not groups:
+        return None, []
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig = Figure(figsize=(4.4 * cols, 3.3 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    notes = []
+    for ax, group in zip(axes, groups, strict=False):
+        for method, runs in methods.items():
+
+            def values(run: Run, group: str = group) -> np.ndarray | None:
+                key = find_metric(run.table, f"cov/{group}")
+                return None if key is None else run.table.columns[key]
+
+            why = draw_method(ax, runs, values, colors[method], method)
+            if why is not None:
+                notes.append(f"{method}, cov/{group}: {why}")
+        ax.set_title(f"cov/{group}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax.grid(alpha=0.3)
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
+    entries = {}  # one legend for the figure: each method once, whichever panels it is in
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        entries |= dict(zip(labels, handles, strict=True))
+    if entries:
+        fig.legend(
+            entries.values(), entries.keys(), loc="outside upper center", ncols=min(3, len(entries))
+        )
+    return save_figure(fig, path), notes
 
 
 # -- figures of one run ------------------------------------------------------------------------
@@ -91,15 +226,15 @@ def _present(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndar
 def _curves_figure(result: RunAnalysis, path: Path) -> Path:
     run = result.run
     labels = {
-        "entropy": f"entropy ({run.keys.entropy})",
+        "entropy": f"entropy (nats)\n{run.keys.entropy}",
         "accuracy": "validation accuracy",
-        "reward": f"reward ({run.keys.reward})",
+        "reward": f"reward\n{run.keys.reward}",
     }
     shown = [k for k in ("entropy", "accuracy", "reward") if not np.isnan(run.series[k]).all()]
     fig = Figure(figsize=(10, 2.6 * len(shown) + 0.6), layout="constrained")
     axes = fig.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0]
     for ax, key in zip(axes, shown, strict=True):
-        steps, values = _present(run.steps, run.series[key])
+        steps, values = present(run.steps, run.series[key])
         marker = "o" if key == "accuracy" else None
         ax.plot(steps, values, marker=marker, ms=3, lw=1.2, color="C0", label=key)
         if key == "entropy" and result.stages is not None:
@@ -119,14 +254,11 @@ def _curves_figure(result: RunAnalysis, path: Path) -> Path:
     if result.plateau_step is not None:
         axes[0].set_title(f"rising stage | plateau from step {result.plateau_step}", fontsize=10)
     axes[-1].set_xlabel("step")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _law_figure(result: RunAnalysis, path: Path) -> Path:
-    law, f = result.law, result.forecast
-    fig = Figure(figsize=(12, 4.6) if f else (6.5, 4.6), layout="constrained")
-    axes = fig.subplots(1, 2 if f else 1, squeeze=False)[0]
-    ax = axes[0]
+def _law_panel(ax: Axes, result: RunAnalysis) -> None:
+    law, ci, verdict, f = result.law, result.law_intervals, result.law_verdict, result.forecast
     h, r, steps = result.law_entropy, result.law_accuracy, result.law_steps
     if f is not None:
         last_fit = result.forecast_first_step + f.n_fit - 1
@@ -135,58 +267,80 @@ def _law_figure(result: RunAnalysis, path: Path) -> Path:
         ax.scatter(h[~head], r[~head], s=18, color="C0", label="rest of the run", zorder=3)
     else:
         ax.scatter(h, r, s=18, color="C0", label="evaluations", zorder=3)
-    grid = np.linspace(0.0, max(float(h.max()), 1e-3) * 1.05, 200)
-    ax.plot(
-        grid,
-        law.predict(grid),
-        color="k",
-        lw=1.4,
-        label=f"fit: R = -{law.a:.3g} exp(H) + {law.b:.3g}  (R² {law.r2:.3f})",
-    )
-    if f is not None:
-        ax.plot(
-            grid,
-            f.fit.predict(grid),
-            color="C1",
-            ls="--",
-            lw=1.2,
-            label=f"fit on the first {result.fit_fraction:.0%}",
+    if verdict.valid:
+        draw_law(
+            ax,
+            law,
+            ci.entropy_low,
+            ci.entropy_high,
+            color="k",
+            label=f"law: R = -{law.a:.3g} exp(H) + {law.b:.3g}  (R² {law.r2:.3f})",
         )
-    ax.axhline(law.ceiling, color="C3", ls=":", lw=1.2)
-    ax.plot(
-        [0.0],
-        [law.ceiling],
-        marker="*",
-        ms=12,
-        color="C3",
-        ls="none",
-        label=f"predicted ceiling (H = 0): {law.ceiling:.3f}",
-    )
-    ax.set_xlabel("entropy H")
+        ax.axhline(law.ceiling, color="C3", ls=":", lw=1.2)
+        ax.plot(
+            [0.0],
+            [law.ceiling],
+            marker="*",
+            ms=12,
+            color="C3",
+            ls="none",
+            label=f"predicted ceiling (H = 0): {law.ceiling:.3f}",
+        )
+        ax.set_title("the law holds", fontsize=10)
+    else:
+        inside = np.linspace(ci.entropy_low, ci.entropy_high, 100)
+        ax.plot(inside, law.predict(inside), color="grey", ls=":", lw=1.2, label="least squares")
+        ax.set_title("the law does not hold here: no ceiling (see the text)", fontsize=10)
+    if f is not None and result.forecast_verdict.valid:
+        first = result.forecast_error.law
+        draw_law(
+            ax,
+            f.fit,
+            first.entropy_low,
+            first.entropy_high,
+            color="C1",
+            lw=1.2,
+            label=f"law fitted on the first {result.fit_fraction:.0%}",
+        )
+    if verdict.valid or (f is not None and result.forecast_verdict.valid):
+        extrapolation_key(ax)
+    ax.set_xlabel(ENTROPY_LABEL)
     ax.set_ylabel("validation accuracy R")
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    if f is not None:
-        ax = axes[1]
-        first = result.forecast_first_step
-        ax.plot(steps, r, "o", ms=4, color="C0", label="measured")
+
+
+def _forecast_panel(ax: Axes, result: RunAnalysis) -> None:
+    f, first = result.forecast, result.forecast_first_step
+    ax.plot(result.law_steps, result.law_accuracy, "o", ms=4, color="C0", label="measured")
+    ax.axvspan(first, first + f.n_fit - 1, color="C1", alpha=0.12, label="fit part")
+    if result.forecast_verdict.valid:
         ax.plot(
             f.steps_rest + first,
             f.predicted,
-            "-",
+            "--",
             color="C1",
             lw=1.5,
             label="forecast from the law fitted on the first part",
         )
-        ax.axvspan(first, first + f.n_fit - 1, color="C1", alpha=0.12, label="fit part")
-        ax.set_title(
-            f"forecast RMSE {f.rmse:.4f}, final-step error {f.final_error:+.4f}", fontsize=10
-        )
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation accuracy R")
-        ax.legend(fontsize=8, loc="best")
-        ax.grid(alpha=0.3)
-    return _save(fig, path)
+        title = f"forecast RMSE {f.rmse:.4f}, final-step error {f.final_error:+.4f}"
+    else:
+        title = "no forecast: the law does not hold on the first part"
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation accuracy R")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+
+
+def _law_figure(result: RunAnalysis, path: Path) -> Path:
+    f = result.forecast
+    fig = Figure(figsize=(12, 4.6) if f else (6.5, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2 if f else 1, squeeze=False)[0]
+    _law_panel(axes[0], result)
+    if f is not None:
+        _forecast_panel(axes[1], result)
+    return save_figure(fig, path)
 
 
 def _dynamics_figure(result: RunAnalysis, path: Path) -> Path:
@@ -205,13 +359,13 @@ def _dynamics_figure(result: RunAnalysis, path: Path) -> Path:
     )
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
-    ax.set_xlabel(f"predicted entropy change ({d.x_key})")
-    ax.set_ylabel(f"measured entropy change ({d.y_key})")
+    ax.set_xlabel(f"predicted entropy change, nats ({d.x_key})")
+    ax.set_ylabel(f"measured entropy change, nats ({d.y_key})")
     ax.set_title(f"Pearson r = {d.r:.3f} over {d.x.size} steps", fontsize=10)
     ax.ticklabel_format(style="sci", scilimits=(-2, 3))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _position_figure(result: RunAnalysis, path: Path) -> Path:
@@ -228,11 +382,11 @@ def _position_figure(result: RunAnalysis, path: Path) -> Path:
             label=f"{name} ({profile.responses} responses)",
         )
     ax.set_xlabel("relative position in the response")
-    ax.set_ylabel("mean token entropy")
+    ax.set_ylabel("mean token entropy (nats)")
     ax.set_xlim(0, 1)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _perplexity_figure(result: RunAnalysis, path: Path) -> Path:
@@ -249,7 +403,7 @@ def _perplexity_figure(result: RunAnalysis, path: Path) -> Path:
     )
     ax.set_ylabel("response perplexity exp(-mean log p)")
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -269,11 +423,76 @@ def _bounds(interval: Interval | None) -> list[float | None]:
     return [None, None] if interval is None else [interval.low, interval.high]
 
 
+def _law_html(result: RunAnalysis, out: Path) -> str:
+    law, ci, verdict = result.law, result.law_intervals, result.law_verdict
+    kind, sentence = verdict_text(verdict, "this run")
+    text = paragraph(sentence, kind)
+    if verdict.valid:
+        text += (
+            f"<p>R = -a&middot;exp(H) + b fitted on {law.n} evaluations; predicted ceiling "
+            f"b - a = <b>{law.ceiling:.4f}</b> (the accuracy at entropy 0, extrapolated from the "
+            f"lowest entropy fitted, {ci.entropy_low:.3g} nats), 95% bootstrap interval "
+            f"[{ci.ceiling.low:.4f}, {ci.ceiling.high:.4f}] ({ci.a_samples.size} resamples of "
+            "the points).</p>"
+        )
+        keys = ("a", "b", "ceiling", "r2", "rmse", "n")
+    else:
+        text += paragraph(
+            "The least-squares numbers below are for the record; analysis.json holds them "
+            "with law.valid = false and the reasons."
+        )
+        keys = ("a", "b", "r2", "rmse", "n")
+    text += paragraph(_smooth_note(result.smooth))
+    if result.interpolated:
+        text += paragraph(
+            f"{result.interpolated} evaluations fell on steps without a logged entropy; their "
+            "entropy is interpolated between the neighbouring logged steps."
+        )
+    img = embed_png(_law_figure(result, out / "law.png"), "accuracy against entropy")
+    rows = [[k, law.to_dict()[k], *_bounds(getattr(ci, k, None))] for k in keys]
+    return text + img + html_table(["", "value", "95% low", "95% high"], rows)
+
+
+def _forecast_html(result: RunAnalysis) -> str:
+    f, first, verdict = result.forecast, result.forecast_first_step, result.forecast_verdict
+    part = (
+        f"steps {first}-{first + f.n_fit - 1} (the first {result.fit_fraction:.0%} of the run, "
+        f"{f.fit.n} evaluations)"
+    )
+    if not verdict.valid:
+        return paragraph(
+            f"No forecast: the law fitted on {part} does not hold there: "
+            f"{'; '.join(verdict.reasons)}. Its numbers are in analysis.json (forecast.valid = "
+            "false).",
+            "omitted",
+        )
+    error = result.forecast_error.error
+    return (
+        f"<p>Law fitted on {part}: a = {f.fit.a:.4g}, b = {f.fit.b:.4g}, and applied to the "
+        f"entropy of the {f.steps_rest.size} later evaluations: RMSE <b>{f.rmse:.4f}</b>, error at "
+        f"the last one (step {int(f.steps_rest[-1]) + first}) <b>{f.final_error:+.4f}</b> "
+        f"(predicted - measured; 95% bootstrap interval over the fit points "
+        f"[{error.low:+.4f}, {error.high:+.4f}]). The right panel of the figure above draws "
+        "it.</p>" + paragraph(verdict_text(verdict, "the first part")[1], "holds")
+    )
+
+
+def _covariance_html(result: RunAnalysis, out: Path) -> str:
+    run = result.run
+    rows = [[r["group"], r["mean"], r["first"], r["last"], r["n"]] for r in result.covariance]
+    figure, _ = covariance_figure({run.name: [run]}, {run.name: "C0"}, out / "covariance.png")
+    return (
+        "<p>Mean token covariance cov = (log p - mean)(A - mean) of the tokens with the largest "
+        "covariance in each group (top x% of the valid tokens).</p>"
+        + embed_png(figure, "covariance groups against the step")
+        + html_table(["group", "mean over steps", "first step", "last step", "steps"], rows)
+    )
+
+
 def _section_html(result: RunAnalysis, section: str, out: Path) -> str:
     title = f"<h2>{_TITLES[section]}</h2>"
     if section in result.omitted:
-        reason = html.escape(result.omitted[section])
-        return f'{title}<p class="omitted">Omitted: {reason}</p>'
+        return title + paragraph(f"Omitted: {result.omitted[section]}", "omitted")
     if section == "stages":
         step = result.plateau_step
         found = (
@@ -284,40 +503,12 @@ def _section_html(result: RunAnalysis, section: str, out: Path) -> str:
         criterion = html.escape(result.stages.criterion)
         return f'{title}<p>{found}</p><p class="note">Criterion: {criterion}.</p>'
     if section == "law":
-        law, ci = result.law, result.law_intervals
-        text = (
-            f"<p>R = -a&middot;exp(H) + b fitted on {law.n} evaluations; predicted ceiling "
-            f"b - a = <b>{law.ceiling:.4f}</b> (accuracy at entropy 0), 95% bootstrap interval "
-            f"[{ci.ceiling.low:.4f}, {ci.ceiling.high:.4f}] ({ci.a_samples.size} resamples of the "
-            f'points).</p><p class="note">{html.escape(_smooth_note(result.smooth))}</p>'
-        )
-        if result.interpolated:
-            text += (
-                f'<p class="note">{result.interpolated} evaluations fell on steps without a '
-                "logged entropy; their entropy is interpolated between the neighbouring "
-                "logged steps.</p>"
-            )
-        img = _img(_law_figure(result, out / "law.png"), "accuracy against entropy")
-        rows = [
-            [k, law.to_dict()[k], *_bounds(getattr(ci, k, None))]
-            for k in ("a", "b", "ceiling", "r2", "rmse", "n")
-        ]
-        return title + text + img + _table(["", "value", "95% low", "95% high"], rows)
+        return title + _law_html(result, out)
     if section == "forecast":
-        f, first = result.forecast, result.forecast_first_step
-        return (
-            f"{title}<p>Law fitted on steps {first}-{first + f.n_fit - 1} (the first "
-            f"{result.fit_fraction:.0%} of the run, {f.fit.n} evaluations: a = "
-            f"{f.fit.a:.4g}, b = {f.fit.b:.4g}) and applied to the entropy of the "
-            f"{f.steps_rest.size} later evaluations: RMSE <b>{f.rmse:.4f}</b>, error at the "
-            f"last one (step {int(f.steps_rest[-1]) + first}) <b>{f.final_error:+.4f}</b> "
-            f"(predicted - measured; 95% bootstrap interval over the fit points "
-            f"[{result.forecast_error.low:+.4f}, {result.forecast_error.high:+.4f}]). The right "
-            "panel of the figure above draws it.</p>"
-        )
+        return title + _forecast_html(result)
     if section == "dynamics":
         d = result.dynamics
-        img = _img(_dynamics_figure(result, out / "dynamics.png"), "covariance vs entropy change")
+        img = embed_png(_dynamics_figure(result, out / "dynamics.png"), "covariance vs change")
         return (
             f"{title}<p>Per step, the first-order entropy change predicted by the token "
             f"covariance (x = <code>{html.escape(d.x_key)}</code>) against the entropy "
@@ -326,20 +517,17 @@ def _section_html(result: RunAnalysis, section: str, out: Path) -> str:
             f"{d.x.size} steps.</p>{img}"
         )
     if section == "covariance":
-        rows = [[r["group"], r["mean"], r["first"], r["last"], r["n"]] for r in result.covariance]
-        return (
-            f"{title}<p>Mean token covariance cov = (log p - mean)(A - mean) of the tokens "
-            "with the largest covariance in each group (top x% of the valid tokens).</p>"
-            + _table(["group", "mean over steps", "first step", "last step", "steps"], rows)
-        )
+        return title + _covariance_html(result, out)
     if section == "position_entropy":
-        img = _img(_position_figure(result, out / "position_entropy.png"), "entropy vs position")
+        img = embed_png(
+            _position_figure(result, out / "position_entropy.png"), "entropy vs position"
+        )
         return (
             f"{title}<p>Mean entropy of the sampled tokens in ten equal bins of relative "
             f"position t/L, from the saved rollout samples.</p>{img}"
         )
     p = result.perplexity.to_dict()
-    img = _img(_perplexity_figure(result, out / "perplexity.png"), "perplexity box plot")
+    img = embed_png(_perplexity_figure(result, out / "perplexity.png"), "perplexity box plot")
     rows = [
         [side, p[side]["n"], p[side]["mean"], p[side]["median"], p[side]["q1"], p[side]["q3"]]
         for side in ("positive", "negative")
@@ -347,7 +535,7 @@ def _section_html(result: RunAnalysis, section: str, out: Path) -> str:
     return (
         f"{title}<p>Per response exp(-mean token log-prob) under the rollout policy, split by "
         f"the sign of its advantage ({p['zero_advantage']} responses with advantage 0 left "
-        f"out).</p>{img}" + _table(["advantage", "n", "mean", "median", "q1", "q3"], rows)
+        f"out).</p>{img}" + html_table(["advantage", "n", "mean", "median", "q1", "q3"], rows)
     )
 
 
@@ -355,37 +543,28 @@ def _source_html(result: RunAnalysis) -> str:
     run, keys = result.run, result.run.keys
     rows = [
         ["format", run.table.format],
+        ["read by", run.table.reader],
         ["source", str(run.table.source)],
         ["entropy", keys.entropy],
         ["accuracy", ", ".join(keys.accuracy) or None],
         ["reward", keys.reward],
         ["steps", f"{int(run.steps[0])}-{int(run.steps[-1])} ({run.steps.size} logged)"],
     ]
-    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in keys.notes)
+    notes = "".join(paragraph(n) for n in (*run.table.notes, *keys.notes))
+    flags = "".join(paragraph(f"Warning: {flag}.", "flag") for flag in result.flags)
     final = result.final()
     finals = [[k, v["step"] if v else None, v["value"] if v else None] for k, v in final.items()]
     return (
-        _table(["run", run.name], rows)
+        html_table(["run", run.name], rows)
         + notes
+        + flags
         + "<h2>Final values</h2>"
-        + _table(["metric", "step", "value"], finals)
-    )
-
-
-def _page(title: str, body: str) -> str:
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+        + html_table(["metric", "step", "value"], finals)
     )
 
 
 def _default_out(run: Path) -> Path:
     return run / "analysis" if run.is_dir() else run.parent / f"{run.stem}_analysis"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def analyze_run(
@@ -396,10 +575,12 @@ def analyze_run(
     smooth: int = 1,
     entropy_key: str | None = None,
     accuracy_key: str | None = None,
+    criteria: LawCriteria | None = None,
 ) -> Path:
     """Analyse one run (any format of `entroprl.foreign`) and write its report; returns the path
     of report.html. `out` defaults to RUN/analysis (RUN_STEM_analysis beside a log file);
-    `smooth` is the window of `analysis.smooth_performance` (1: the performance as logged).
+    `smooth` is the window of `analysis.smooth_performance` (1: the performance as logged);
+    `criteria` say when the law is taken to hold (`law.LawCriteria`, its defaults when None).
 
     Raises ValueError when the run cannot be read or nothing in it can be mapped; a section the
     run lacks the inputs for is omitted with its reason, in the HTML and in analysis.json.
@@ -410,255 +591,16 @@ def analyze_run(
         load_run(run, entropy_key=entropy_key, accuracy_key=accuracy_key),
         fit_fraction=fit_fraction,
         smooth=smooth,
+        criteria=criteria,
     )
     make_dir(out)
     body = [
         _source_html(result),
         "<h2>Entropy, accuracy and reward</h2>",
-        _img(_curves_figure(result, out / "curves.png"), "entropy, accuracy, reward"),
+        embed_png(_curves_figure(result, out / "curves.png"), "entropy, accuracy, reward"),
     ]
     body += [_section_html(result, section, out) for section in _TITLES]
-    _write_json(out / "analysis.json", result.to_dict())
+    write_json(out / "analysis.json", result.to_dict())
     report = out / "report.html"
-    atomic_write_text(report, _page(f"entroprl analysis: {result.run.name}", "".join(body)))
-    return report
-
-
-# -- several runs ------------------------------------------------------------------------------
-
-
-def _unique_names(paths: list[Path]) -> list[str]:
-    names: list[str] = []
-    for path in paths:
-        base = path.name if path.is_dir() else path.stem
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base} #{k}", k + 1
-        names.append(name)
-    return names
-
-
-def _compare_figure(results: list[RunAnalysis], path: Path) -> Path:
-    fig = Figure(figsize=(13, 4.6), layout="constrained")
-    ent, acc, law = fig.subplots(1, 3)
-    for i, result in enumerate(results):
-        run, color = result.run, f"C{i % 10}"
-        ent.plot(*_present(run.steps, run.series["entropy"]), color=color, lw=1.2, label=run.name)
-        acc.plot(
-            *_present(run.steps, run.series["accuracy"]),
-            marker="o",
-            ms=3,
-            color=color,
-            lw=1.2,
-            label=run.name,
-        )
-        if result.law is not None:
-            law.scatter(result.law_entropy, result.law_accuracy, s=14, color=color, alpha=0.7)
-            grid = np.linspace(0.0, float(result.law_entropy.max()) * 1.05, 100)
-            law.plot(
-                grid,
-                result.law.predict(grid),
-                color=color,
-                lw=1.2,
-                label=f"{run.name}: ceiling {result.law.ceiling:.3f}",
-            )
-    for ax, ylabel, xlabel in (
-        (ent, "entropy", "step"),
-        (acc, "validation accuracy", "step"),
-        (law, "validation accuracy", "entropy H"),
-    ):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    law.set_title("law fits R = -a exp(H) + b", fontsize=10)
-    return _save(fig, path)
-
-
-def _summary(result: RunAnalysis) -> dict[str, Any]:
-    data = result.to_dict()
-    return {
-        "name": result.run.name,
-        "path": str(result.run.path),
-        "format": result.run.table.format,
-        "final": data["final"],
-        "law": data.get("law"),
-        "forecast": (
-            {k: data["forecast"][k] for k in ("fit_steps", "rmse", "final_error")}
-            if "forecast" in data
-            else None
-        ),
-        "plateau_start_step": result.plateau_step,
-        "omitted": data["omitted"],
-    }
-
-
-def _pool_names(paths: list[Path]) -> list[str]:
-    """Each run's pool: the name of the folder that holds it (the demo's METHOD/seed_K)."""
-    return [path.resolve().parent.name for path in paths]
-
-
-def _pooled(results: list[RunAnalysis], fit_fraction: float) -> dict[str, Any]:
-    """The law on the points of `results` together (`law.law_intervals`) and the pooled 15%
-    forecast's error (`law.forecast_error_interval`), each None with a reason when it fails."""
-    pool: dict[str, Any] = {"runs": [r.run.name for r in results], "law": None, "forecast": None}
-    try:
-        arrays = [law_arrays(r)[1:3] for r in results]
-        h, r = np.concatenate([h for h, _ in arrays]), np.concatenate([r for _, r in arrays])
-        pool["points"] = (h[~np.isnan(r)], r[~np.isnan(r)])
-        pool["law"] = law_intervals(arrays)
-        pool["forecast"] = forecast_error_interval(arrays, fit_fraction=fit_fraction)
-    except ValueError as e:
-        pool["omitted"] = str(e)
-    return pool
-
-
-def _pool_dict(pool: dict[str, Any]) -> dict[str, Any]:
-    fc = pool["forecast"]
-    return {
-        "runs": pool["runs"],
-        "law": pool["law"].to_dict() if pool["law"] is not None else None,
-        "forecast": {"fit": fc[0].to_dict(), "final_error": fc[1].to_dict()} if fc else None,
-        **({"omitted": pool["omitted"]} if "omitted" in pool else {}),
-    }
-
-
-def _pooled_figure(pools: dict[str, dict[str, Any]], path: Path) -> Path:
-    fig = Figure(figsize=(7.5, 5), layout="constrained")
-    ax = fig.subplots()
-    for i, (name, pool) in enumerate(pools.items()):
-        law, color = pool["law"], f"C{i % 10}"
-        if law is None:
-            continue
-        h, r = pool["points"]
-        ax.scatter(h, r, s=10, color=color, alpha=0.45)
-        grid = np.linspace(0.0, float(h.max()) * 1.05, 100)
-        low, high = law.band(grid)
-        ax.fill_between(grid, low, high, color=color, alpha=0.2, lw=0)
-        ax.plot(
-            grid,
-            law.fit.predict(grid),
-            color=color,
-            lw=1.4,
-            label=f"{name} ({law.runs} runs): ceiling {law.ceiling.estimate:.3f} "
-            f"[{law.ceiling.low:.3f}, {law.ceiling.high:.3f}]",
-        )
-    ax.set_xlabel("entropy H")
-    ax.set_ylabel("validation accuracy R")
-    ax.set_title("law fitted on each pool's points; band: 95% bootstrap", fontsize=10)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def _ci(interval: Interval, digits: int = 4) -> str:
-    return f"{interval.estimate:.{digits}g} [{interval.low:.{digits}g}, {interval.high:.{digits}g}]"
-
-
-def _pooled_html(pools: dict[str, dict[str, Any]], out: Path) -> str:
-    rows = []
-    for name, pool in pools.items():
-        law, fc = pool["law"], pool["forecast"]
-        rows.append(
-            [name, len(pool["runs"])]
-            + (
-                [law.fit.n, _ci(law.a), _ci(law.b), _ci(law.ceiling), law.fit.r2]
-                if law is not None
-                else [None] * 5
-            )
-            + [_ci(fc[1]) if fc else pool.get("omitted")]
-        )
-    head = ["pool", "runs", "points", "a", "b", "ceiling", "R²", "forecast final error"]
-    img = _img(_pooled_figure(pools, out / "pooled_law.png"), "pooled law fits")
-    return (
-        "<h2>Law fitted on the pooled runs</h2><p>Runs in one folder (seeds of one method) are "
-        "pooled: R = -a&middot;exp(H) + b fitted on all their evaluations together, with 95% "
-        "percentile intervals over 1000 bootstrap resamples of the points. The forecast is fitted "
-        "on the pooled first part of each run and its error is the mean over the runs of "
-        "(predicted - measured) at their last evaluation.</p>" + img + _table(head, rows)
-    )
-
-
-def compare_runs(
-    runs: list[str | Path],
-    out: str | Path,
-    *,
-    fit_fraction: float = 0.15,
-    smooth: int = 1,
-    pool: bool = False,
-    entropy_key: str | None = None,
-    accuracy_key: str | None = None,
-) -> Path:
-    """Overlay the entropy and accuracy curves and law fits of several runs (any formats) and
-    tabulate their final metrics and law fits; returns the path of OUT/report.html (beside it
-    compare.png and comparison.json). The key and `smooth` options apply to every run. With
-    `pool`, the runs held by one folder are also fitted together (`_pooled`), drawn with their
-    bootstrap band in pooled_law.png, and tabulated.
-
-    Raises ValueError on no runs or a run that cannot be read.
-    """
-    if not runs:
-        raise ValueError("compare needs at least one run")
-    paths = [Path(r) for r in runs]
-    results = [
-        analyze(
-            load_run(p, entropy_key=entropy_key, accuracy_key=accuracy_key, name=n),
-            fit_fraction=fit_fraction,
-            smooth=smooth,
-        )
-        for p, n in zip(paths, _unique_names(paths), strict=True)
-    ]
-    out = Path(out)
-    make_dir(out)
-    summaries = [_summary(r) for r in results]
-    head = [
-        "run",
-        "format",
-        "last step",
-        "entropy",
-        "accuracy",
-        "reward",
-        "law a",
-        "law b",
-        "law R²",
-        "ceiling",
-        "forecast RMSE",
-        "forecast final error",
-        "plateau from step",
-    ]
-    rows = []
-    for s in summaries:
-        final, law, fc = s["final"], s["law"] or {}, s["forecast"] or {}
-        rows.append(
-            [s["name"], s["format"], max(v["step"] for v in final.values() if v)]
-            + [final[k]["value"] if final[k] else None for k in ("entropy", "accuracy", "reward")]
-            + [law.get(k) for k in ("a", "b", "r2", "ceiling")]
-            + [fc.get("rmse"), fc.get("final_error"), s["plateau_start_step"]]
-        )
-    omitted = "".join(
-        f'<p class="omitted">{html.escape(s["name"])}: {html.escape(section)} omitted: '
-        f"{html.escape(reason)}</p>"
-        for s in summaries
-        for section, reason in s["omitted"].items()
-        if section in ("law", "forecast", "stages")
-    )
-    body = (
-        _img(_compare_figure(results, out / "compare.png"), "entropy and accuracy of the runs")
-        + "<h2>Final metrics and law fits</h2>"
-        + _table(head, rows)
-        + omitted
-    )
-    data: dict[str, Any] = {"fit_fraction": fit_fraction, "smooth": smooth, "runs": summaries}
-    if pool:
-        members: dict[str, list[RunAnalysis]] = {}
-        for name, result in zip(_pool_names(paths), results, strict=True):
-            members.setdefault(name, []).append(result)
-        pools = {name: _pooled(rs, fit_fraction) for name, rs in members.items()}
-        body += _pooled_html(pools, out)
-        data["pools"] = {name: _pool_dict(p) for name, p in pools.items()}
-    _write_json(out / "comparison.json", data)
-    report = out / "report.html"
-    atomic_write_text(report, _page(f"entroprl comparison of {len(results)} runs", body))
+    atomic_write_text(report, html_page(f"entroprl analysis: {result.run.name}", "".join(body)))
     return report

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from entroprl import parallel
+from entroprl.progress import bars
 from entroprl.sampler import sample
 
 
@@ -184,7 +185,7 @@ class HFBackend:
             desc="generate",
             unit="chunk",
             leave=False,
-            disable=not self.progress or len(starts) == 1,
+            disable=not bars(self.progress) or len(starts) == 1,
         )
         with parallel.gathered(self.model):  # a sharded model: gathered once, not every token
             for start in bar:

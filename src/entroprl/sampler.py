@@ -24,6 +24,7 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -107,19 +108,21 @@ def sample(
     # (3-4% of a call at hidden 128); its tensors cannot enter a forward that will be
     # differentiated, so the tokens leave it as an ordinary copy.
     decode = _decode_static if static_cache else _decode
+    how = Draw(temperature, top_p, max_new_tokens, eos_token_id, pad_token_id)
     with torch.inference_mode():
-        tokens = decode(
-            model,
-            prompt_ids,
-            prompt_mask,
-            repeats,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        )
+        tokens = decode(model, prompt_ids, prompt_mask, repeats, how)
     return tokens.clone()
+
+
+@dataclass(frozen=True)
+class Draw:
+    """How `sample` draws: the decoders' settings."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    eos_token_id: int
+    pad_token_id: int
 
 
 def _decode(
@@ -127,12 +130,7 @@ def _decode(
     prompt_ids: Tensor,
     prompt_mask: Tensor,
     repeats: Tensor,
-    *,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
+    how: Draw,
 ) -> Tensor:
     device = prompt_ids.device
     key = cache_keyword(model)
@@ -149,15 +147,17 @@ def _decode(
     logits = out.logits[expand, -1]
     attention = prompt_mask[expand]
     rows = len(expand)
-    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    tokens = torch.full(
+        (rows, how.max_new_tokens), how.pad_token_id, dtype=torch.long, device=device
+    )
     batch_rows = torch.arange(rows, device=device)  # the output row of each row in the batch
     live = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows still sampling
-    for step in range(max_new_tokens):
-        next_tokens = draw(logits, temperature, top_p, rows, batch_rows)
+    for step in range(how.max_new_tokens):
+        next_tokens = draw(logits, how.temperature, how.top_p, rows, batch_rows)
         tokens[batch_rows[live], step] = next_tokens[live]
-        live &= next_tokens != eos_token_id
+        live &= next_tokens != how.eos_token_id
         going = int(live.sum())
-        if step == max_new_tokens - 1 or going == 0:
+        if step == how.max_new_tokens - 1 or going == 0:
             return tokens[:, : step + 1]
         if len(live) - going > COMPACT_AT * len(live):
             kept = live.nonzero().squeeze(-1)
@@ -181,15 +181,10 @@ def _decode_static(
     prompt_ids: Tensor,
     prompt_mask: Tensor,
     repeats: Tensor,
-    *,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
+    how: Draw,
 ) -> Tensor:
     """`_decode` with shapes fixed for the whole call: every row is prefilled (no prompt shared)
-    and decodes to the end, finished rows padded, into a `StaticCache` of P + max_new_tokens
+    and decodes to the end, finished rows padded, into a `StaticCache` of P + how.max_new_tokens
     positions, each step's forward given a prepared additive 4-D mask of the cache positions its
     row sees (its prompt's tokens and every decoded one) and its position id."""
     from transformers import StaticCache
@@ -198,7 +193,7 @@ def _decode_static(
     expand = torch.arange(len(repeats), device=device).repeat_interleave(repeats.to(device))
     ids, prompt = prompt_ids[expand], prompt_mask[expand]
     rows, P = ids.shape
-    width = P + max_new_tokens
+    width = P + how.max_new_tokens
     key = cache_keyword(model)
     cache = StaticCache(config=parallel.unwrapped(model).config, max_cache_len=width)
     dtype = next(model.parameters()).dtype
@@ -230,14 +225,16 @@ def _decode_static(
         ).logits
 
     run = _Replay(forward) if device.type == "cuda" else forward
-    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    tokens = torch.full(
+        (rows, how.max_new_tokens), how.pad_token_id, dtype=torch.long, device=device
+    )
     live = torch.ones(rows, dtype=torch.bool, device=device)
     with grouped_attention(parallel.unwrapped(model)):
-        for step in range(max_new_tokens):
-            next_tokens = draw(logits, temperature, top_p, rows)
-            tokens[:, step] = torch.where(live, next_tokens, pad_token_id)
-            live &= next_tokens != eos_token_id
-            if step == max_new_tokens - 1 or not bool(live.any()):
+        for step in range(how.max_new_tokens):
+            next_tokens = draw(logits, how.temperature, how.top_p, rows)
+            tokens[:, step] = torch.where(live, next_tokens, how.pad_token_id)
+            live &= next_tokens != how.eos_token_id
+            if step == how.max_new_tokens - 1 or not bool(live.any()):
                 return tokens[:, : step + 1]
             step_ids.copy_(next_tokens[:, None])
             step_mask[..., P + step] = 0  # the new token's key, written at cache position P + step

@@ -97,3 +97,30 @@ def percentile_interval(samples, estimate: float, confidence: float = 0.95) -> I
     return Interval(
         estimate=float(estimate), low=float(low), high=float(high), n=s.size, confidence=confidence
     )
+
+
+@dataclass(frozen=True, eq=False)
+class Band:
+    """Per point, the mean of `n` values and the two-sided `confidence` t interval of that mean."""
+
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    n: int
+    confidence: float
+
+
+def t_band(values, confidence: float = 0.95) -> Band:
+    """`t_interval` of every column of a (runs, points) array at once: ``mean ± t_{(1+c)/2, n-1}
+    * sd / sqrt(n)`` with the sample sd of each column. Raises ValueError on fewer than 2 rows, NaN
+    or inf, or `confidence` outside (0, 1)."""
+    _check_confidence(confidence)
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"a band needs a (runs >= 2, points) array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("values must be finite")
+    mean = x.mean(axis=0)
+    half = float(stats.t.ppf((1 + confidence) / 2, x.shape[0] - 1)) * x.std(axis=0, ddof=1)
+    half /= math.sqrt(x.shape[0])
+    return Band(mean=mean, low=mean - half, high=mean + half, n=x.shape[0], confidence=confidence)

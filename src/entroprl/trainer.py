@@ -28,10 +28,12 @@ from entroprl import (
     checkpoint,
     distributed,
     dynamics,
+    lora,
     losses,
     mismatch,
     parallel,
     precision,
+    progress,
     rundir,
 )
 from entroprl.advantages import (
@@ -52,8 +54,9 @@ from entroprl.evaluation import evaluate, score_samples
 from entroprl.forward import batched_log_probs, forward_log_probs
 from entroprl.law import detect_plateau_online
 from entroprl.policy import load_policy, pick_device
+from entroprl.progress import bars
 from entroprl.rollout import RolloutBatch, concat_batches
-from entroprl.tasks.base import Task
+from entroprl.tasks.base import Example, Task
 from entroprl.tasks.registry import build_task
 
 
@@ -79,6 +82,21 @@ class UpdateBatch:
         return UpdateBatch(*(take(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
+@dataclass
+class UpdateResult:
+    """What one `update_policy` call did."""
+
+    metrics: dict[str, float]
+    log_prob: Tensor
+    """(B, R) detached log-probs of the first epoch's training forwards, for every row, before
+    any update touched them on-policy."""
+    entropy: Tensor
+    """(B, R) the entropies of the same forwards."""
+    moved: bool
+    """Whether an optimizer step has changed the weights since the rollout (in this call, or
+    before it when the call was told so)."""
+
+
 def update_policy(
     model,
     optimizer: torch.optim.Optimizer,
@@ -88,7 +106,8 @@ def update_policy(
     generator: torch.Generator,
     entropy_coef: float = 0.0,
     progress: bool = False,
-) -> tuple[dict[str, float], tuple[Tensor, Tensor]]:
+    moved: bool = False,
+) -> UpdateResult:
     """`epochs x mini-batches` optimizer steps on one rollout batch (this rank's rows).
 
     Each mini-batch is split into micro-batches whose losses use the whole mini-batch's
@@ -106,8 +125,8 @@ def update_policy(
     epoch) the old log-probs are the training forward's, detached, so the ratio is exactly 1; a
     whole-mini-batch selection uses the old log-probs while the weights have not moved yet (the
     first mini-batch), and the training forward's own when the mini-batch is one micro-batch.
-    Returns the metrics and the log-probs and entropies (detached, (B, R)) that the first epoch's
-    training forwards computed for every row, before any update touched them on-policy.
+    `moved` says that the weights have already changed since the rollout (an earlier call on the
+    same rollout, as Lopti's second pass), so that no selection trusts the old log-probs then.
     """
     a, o = config.algorithm, config.optim
     spec = losses.get_policy_loss(a.policy_loss)
@@ -126,14 +145,13 @@ def update_policy(
     seen_log_prob = batch.response_mask.new_zeros(n, R)
     seen_entropy = batch.response_mask.new_zeros(n, R)
     skipped = empty = 0
-    moved = False  # whether an optimizer step has changed the weights since the rollout
     per_epoch = math.ceil(n / o.mini_batch_size)
     bar = tqdm(
         total=o.epochs * per_epoch,
         desc="update",
         unit="step",
         leave=False,
-        disable=not progress or o.epochs * per_epoch == 1,
+        disable=not bars(progress) or o.epochs * per_epoch == 1,
     )
     for epoch in range(o.epochs):
         # drawn on the CPU (the generator's device), so the order is the same on every device
@@ -214,18 +232,15 @@ def update_policy(
                         )
                     elif spec.select is not None:  # an empty micro-batch: nothing to select
                         extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
-                    # The importance weight scales each token's policy-gradient term, as verl's
-                    # pg_losses * rollout_is_weights: for w >= 0 the PPO and Clip-Cov token
-                    # losses at advantage w * A are w times those at A (clip and dual clip
-                    # included); KL-Cov's penalty stays unweighted. The selections above use the
-                    # unweighted advantages.
-                    adv = mb.advantages
+                    # The importance weight multiplies each token's whole policy loss, KL-Cov's
+                    # penalty included, as verl's pg_losses * rollout_is_weights; the selections
+                    # above use the unweighted advantages, as verl's do.
                     if mb.rollout_is_weights is not None:
-                        adv = adv * mb.rollout_is_weights
+                        extra["weights"] = mb.rollout_is_weights
                     loss, m = spec.fn(
                         log_prob,
                         old,
-                        adv,
+                        mb.advantages,
                         mb.response_mask,
                         denominators=denominators,
                         **kwargs,
@@ -276,7 +291,7 @@ def update_policy(
     out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
     out["actor/skipped_updates"] = skipped
     out["actor/empty_minibatches"] = empty
-    return out, (seen_log_prob, seen_entropy)
+    return UpdateResult(out, seen_log_prob, seen_entropy, moved)
 
 
 class Trainer:
@@ -326,21 +341,26 @@ class Trainer:
         self.task = task or build_task(c.data, tokenizer)
         self.tokenizer = tokenizer
         sharded = c.trainer.strategy == "fsdp"
+        if c.model.lora_rank:
+            m = c.model
+            model = lora.attach(model, m.lora_rank, m.lora_alpha, m.lora_target_modules)
         # FSDP moves each layer to the device as it shards it: no whole copy on the GPU first
         self.model = model if sharded else model.to(self.device)
         self.model.train()
         if self.device.type == "cpu" and (c.model.compute_dtype or c.model.dtype) == "bfloat16":
             precision.float32_attention(self.model)  # the copies below inherit it
         self.ref_model = None
+        """A frozen copy of the initial policy for algorithm.kl_coef (LoRA: none, the adapters
+        are switched off instead, `lora.reference`)."""
         compute_dtype = c.model.compute_dtype and getattr(torch, c.model.compute_dtype)
-        if c.algorithm.kl_coef > 0:
+        if c.algorithm.kl_coef > 0 and not c.model.lora_rank:
             import copy
 
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             if sharded:
                 parallel.shard(self.ref_model, compute_dtype=compute_dtype, device=self.device)
             elif compute_dtype:  # the reference log-probs in the policy's forward precision
-                self.ref_model.to(compute_dtype)
+                precision.cast_parameters(self.ref_model, compute_dtype)
         # the module updates run through: self.model itself when sharded (FSDP shards in place),
         # its compute-dtype copy under mixed precision without FSDP (precision.ComputeCopy)
         self.wrapped = parallel.wrap(
@@ -553,7 +573,13 @@ class Trainer:
     def _check_shapes(self, path: Path, state: dict[str, Any]) -> None:
         """Raise TrainingError when the model's weights and the checkpoint's differ in shape."""
         stored = checkpoint.stored_shapes(path, state)
-        here = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        if lora.is_lora(self.model):  # the checkpoint holds the adapters, under peft's names
+            from peft import get_peft_model_state_dict
+
+            weights = get_peft_model_state_dict(self.model)
+        else:
+            weights = self.model.state_dict()
+        here = {name: tuple(t.shape) for name, t in weights.items()}
         common = stored.keys() & here.keys()
         wrong = sorted(name for name in common if stored[name] != here[name])
         if common and not wrong:
@@ -572,6 +598,11 @@ class Trainer:
     def _load_full(self, path: Path) -> None:
         """Load a checkpoint of full state dicts: read by every rank, or by rank 0 alone and
         scattered when the model is sharded."""
+        if lora.is_lora(self.model):
+            lora.load_adapter(self.model, path / "model")
+            optimizer_state = checkpoint.load_optimizer_state(path)
+            parallel.load_state(self.model, self.optimizer, None, optimizer_state)
+            return
         model_state, optimizer_state = {}, {}
         if self.rank == 0 or not parallel.is_sharded(self.model):
             dtype = getattr(torch, self.config.model.dtype)
@@ -632,7 +663,8 @@ class Trainer:
         picks = picks[size * batch : size * (batch + 1)]
         return picks.tensor_split(self.world)[self.rank].tolist()
 
-    def rollout(self, step: int, batch: int = 0) -> tuple[RolloutBatch, list[Any]]:
+    def rollout(self, step: int, batch: int = 0) -> tuple[RolloutBatch, list[Example]]:
+        """This rank's sampled responses of `step` (its `batch`-th draw), and each row's problem."""
         r = self.config.rollout
         examples = [self.task.train[i] for i in self.prompts_for(step, batch)]
         if batch == 0:
@@ -646,13 +678,15 @@ class Trainer:
             top_p=r.top_p,
             max_new_tokens=r.max_new_tokens,
         )
-        return out, [examples[g].answer for g in out.group_ids.tolist()]
+        return out, [examples[g] for g in out.group_ids.tolist()]
 
-    def score(self, batch: RolloutBatch, answers: list[Any]) -> tuple[Tensor, Tensor]:
+    def score(self, batch: RolloutBatch, examples: list[Example]) -> tuple[Tensor, Tensor]:
         """Verifier scores (1 for a correct answer) and rewards (scores plus the overlong
         penalty, algorithms.md §6)."""
         c, a = self.config, self.config.algorithm
-        correct = torch.tensor(self.task.score(batch.texts, answers), device=self.device)
+        answers, prompts = [e.answer for e in examples], [e.prompt for e in examples]
+        scores = self.task.score(batch.texts, answers, prompts)
+        correct = torch.tensor(scores, device=self.device)
         rewards = correct.clone()
         if a.overlong_buffer > 0:
             rewards = rewards + overlong_penalty(
@@ -678,9 +712,9 @@ class Trainer:
         c, n = self.config, self.config.rollout.n
         share = c.rollout.prompts_per_step // self.world
         begin = time.perf_counter()
-        batch, answers = self.rollout(step)
+        batch, examples = self.rollout(step)
         start = time.perf_counter()
-        scores, rewards = self.score(batch, answers)
+        scores, rewards = self.score(batch, examples)
         scoring = time.perf_counter() - start
         sampled = 1
         while sampled < c.algorithm.dynamic_sampling_max_batches:
@@ -688,9 +722,9 @@ class Trainer:
             short = max(share - int(informative.sum().item()), 0)
             if distributed.all_reduce_sum(torch.tensor(short, device=self.device)).item() == 0:
                 break
-            more, more_answers = self.rollout(step, sampled)
+            more, more_examples = self.rollout(step, sampled)
             start = time.perf_counter()
-            more_scores, more_rewards = self.score(more, more_answers)
+            more_scores, more_rewards = self.score(more, more_examples)
             scoring += time.perf_counter() - start
             batch = concat_batches([batch, more], self.tokenizer.pad_token_id)
             scores = torch.cat([scores, more_scores])
@@ -804,6 +838,9 @@ class Trainer:
         ref = None
         if self.ref_model is not None:
             ref, _ = self.log_probs(self.ref_model, batch, c.rollout.temperature)
+        elif a.kl_coef > 0:  # LoRA: the base policy is the model with its adapters off
+            with lora.reference(self.forward_model) as base:
+                ref, _ = self.log_probs(base, batch, c.rollout.temperature)
         # update
         update_batch = UpdateBatch(
             batch.input_ids,
@@ -895,8 +932,9 @@ class Trainer:
                 replace(batch, advantages=batch.advantages * low),
                 replace(batch, advantages=batch.advantages * high),
             ]
-        results = [
-            update_policy(
+        results, moved = [], False
+        for part in parts:
+            result = update_policy(
                 self.wrapped,
                 self.optimizer,
                 part,
@@ -904,12 +942,13 @@ class Trainer:
                 generator=generator,
                 entropy_coef=coef,
                 progress=c.trainer.progress and self.rank == 0,
+                moved=moved,
             )
-            for part in parts
-        ]
-        self.seen = results[0][1]  # the first pass's forwards, before any update
-        updates = [part_metrics for part_metrics, _ in results]
-        # Lopti's two passes: counts add up, the rest is the mean over both
+            moved = result.moved
+            results.append(result)
+        self.seen = results[0].log_prob, results[0].entropy  # before any update
+        updates = [result.metrics for result in results]
+        # Lopti's two passes: counts add up, the rest is the mean over both (as AR-Lopti merges)
         metrics = {}
         for key in dict.fromkeys(k for u in updates for k in u):
             values = [u[key] for u in updates if key in u]
@@ -1100,10 +1139,11 @@ class Trainer:
             bar = tqdm(
                 range(self.step + 1, c.trainer.steps + 1),
                 desc="rl steps",
-                disable=not c.trainer.progress or self.rank != 0,
+                disable=not progress.bars(c.trainer.progress) or self.rank != 0,
                 initial=self.step,
                 total=c.trainer.steps,
             )
+            lines = c.trainer.progress and self.rank == 0 and not progress.on_terminal()
             for step in bar:
                 try:
                     metrics = self.train_step(step)
@@ -1126,6 +1166,8 @@ class Trainer:
                     entropy=f"{metrics.get('actor/entropy_seq_mean', float('nan')):.3f}",
                     acc=f"{metrics['train/acc']:.2f}",
                 )
+                if lines:
+                    print(progress.step_line(step, c.trainer.steps, metrics), flush=True)
                 if step % c.trainer.save_every == 0 or step == c.trainer.steps:
                     try:
                         self.save()

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from entroprl.forward import batched_log_probs
 from entroprl.models import build_model, publish_dir, tiny_config
+from entroprl.progress import bars
 from entroprl.rollout import HFBackend
 from entroprl.sampler import position_ids
 from entroprl.tasks.countdown import (
@@ -286,7 +287,7 @@ def _train(
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
     model.train()
-    bar = tqdm(range(config.steps), desc="warm start", leave=False)
+    bar = tqdm(range(config.steps), desc="warm start", leave=False, disable=not bars(True))
     for _ in bar:
         prob = torch.randint(len(per_problem), (config.batch_size,), generator=gen)
         wrong = torch.rand(config.batch_size, generator=gen) < config.wrong_fraction

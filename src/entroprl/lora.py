@@ -1,0 +1,60 @@
+"""LoRA through `peft` (`pip install 'entroprl[lora]'`): `model.lora_rank > 0` trains low-rank
+adapters on the policy's linear layers while its weights stay frozen, as verl's `lora_rank`.
+
+The entropy diagnostics are unchanged: they read the adapted policy's forwards like any other.
+The reference policy of `algorithm.kl_coef` is the same model with its adapters switched off
+(`reference`), not a second copy. Checkpoints hold the adapter (peft's `adapter_model.safetensors`
+and `adapter_config.json`), which `entroprl eval --model` and Hugging Face load on top of the base
+model. One process or DDP; not with FSDP or the vLLM backend, which load whole weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from entroprl.errors import ConfigError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def attach(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> torch.nn.Module:
+    """`model` with LoRA adapters of `rank` on the modules `targets` names (peft's
+    `target_modules`: `all-linear`, or comma-separated module names such as `q_proj,v_proj`),
+    only the adapters trainable."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError(
+            "model.lora_rank: LoRA needs peft: pip install 'entroprl[lora]'"
+        ) from None
+    modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # target modules not found in the model
+        raise ConfigError(f"model.lora_target_modules={targets}: {e}") from None
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def reference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` with its adapters off inside the block: the frozen base policy."""
+    with model.disable_adapter():
+        yield model
+
+
+def load_adapter(model: torch.nn.Module, folder: Path) -> None:
+    """Load the adapter weights of checkpoint folder `folder` (its `model/`) into `model`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(folder / ADAPTER_WEIGHTS))
