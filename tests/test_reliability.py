@@ -5,6 +5,7 @@ that need real processes and signals are in tests/test_faults.py (slow)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from entroprl import analysis, checkpoint, cli, config, rundir
+from entroprl import analysis, checkpoint, cli, config, losses, rundir
 from entroprl.cli import main
 from entroprl.config import ConfigError, load_config
 from entroprl.errors import TrainingError
@@ -430,6 +431,62 @@ def test_a_seed_out_of_range_names_its_key():
     assert "trainer.seed" in fails(["eval", "trainer.seed=99999999999999999999"])
     assert "trainer.seed" in fails(["eval", "trainer.seed=-1"])
     assert load_config(None, [f"trainer.seed={2**32 - 1}"]).trainer.seed == 2**32 - 1
+
+
+HOSTILE_VALUES = {
+    "a string": "x",
+    "a list": "[1, 2]",
+    "a mapping": "{a: 1}",
+    "null": "null",
+    "a bool": "true",
+    "2**66": str(2**66),
+    "2**63 - 1": str(2**63 - 1),
+    "-1": "-1",
+    "0": "0",
+    "nan": ".nan",
+    "-inf": "-.inf",
+    "a subnormal": "1e-320",
+    "5,000 characters": "z" * 5000,
+    "a NUL": "'\\0'",
+}
+
+
+def config_keys() -> list[str]:
+    """Every key of the configuration, each loss's settings included."""
+    defaults, keys = config.Config(), []
+    for section in dataclasses.fields(defaults):
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            if f"{section.name}.{f.name}" == "algorithm.loss":
+                keys += [
+                    f"algorithm.loss.{name}.{g.name}"
+                    for name, spec in losses.POLICY_LOSSES.items()
+                    for g in dataclasses.fields(spec.settings())
+                ]
+            else:
+                keys.append(f"{section.name}.{f.name}")
+    return keys
+
+
+def test_every_key_with_every_hostile_value():
+    """Each value either loads or is refused with one short line naming its key, never another
+    error: 14 values on every key of the configuration."""
+    bad, refused, accepted = [], 0, 0
+    for key in config_keys():
+        for label, value in HOSTILE_VALUES.items():
+            try:
+                load_config(None, [f"{key}={value}"])
+                accepted += 1
+            except ConfigError as e:
+                message = str(e)
+                short = "\n" not in message and len(message) < 600
+                if short and key.rsplit(".", 1)[0] in message:
+                    refused += 1
+                else:
+                    bad.append((key, label, message[:200]))
+            except Exception as e:
+                bad.append((key, label, f"{type(e).__name__}: {str(e)[:200]}"))
+    assert not bad, bad
+    assert refused > 1000 and accepted > 100  # the count of cases, and that both outcomes occur
 
 
 def deep_json(depth: int = 100_000) -> str:

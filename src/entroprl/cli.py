@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if isinstance(e, TrainingError | RewardError):
             _fail(str(e))
-        if _out_of_memory(e):
+        if _too_large(e):
             _fail(
                 f"out of memory ({str(e).strip() or type(e).__name__}): lower "
                 "rollout.prompts_per_step, rollout.n, rollout.max_new_tokens, "
@@ -424,14 +424,17 @@ def main(argv: list[str] | None = None) -> None:
         raise
 
 
-def _out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is an allocation that failed: Python's MemoryError, torch's on a GPU
-    (OutOfMemoryError) or on the CPU (a RuntimeError from its allocator)."""
+def _too_large(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed or could not even be sized: Python's
+    MemoryError, torch's on a GPU (OutOfMemoryError), on the CPU (a RuntimeError from its
+    allocator), or a tensor size that overflows 64 bits (a count of 2**62 rows, say)."""
     text = str(error)
     return (
         isinstance(error, MemoryError)
         or type(error).__name__ == "OutOfMemoryError"
         or "can't allocate memory" in text
+        or "overflow" in text.lower()
+        or "cannot be represented as a SymInt" in text
     )
 
 

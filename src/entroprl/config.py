@@ -504,6 +504,7 @@ class Config:
         )
         need(r.n >= 1, "rollout.n", "must be >= 1")
         need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+        need(r.generation_batch_size >= 1, "rollout.generation_batch_size", "must be >= 1")
         need(low <= r.temperature <= high, "rollout.temperature", f"must be in [{low}, {high}]")
         need(
             t.eval_temperature == 0 or low <= t.eval_temperature <= high,

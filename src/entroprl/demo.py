@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib import resources
@@ -30,6 +31,7 @@ import yaml
 
 from entroprl import __version__
 from entroprl.config import config_from_dict
+from entroprl.errors import Interrupted
 from entroprl.law import judge_law, law_intervals
 from entroprl.rundir import atomic_write_text, lock_directory, make_dir, read_metrics
 from entroprl.stats import paired_interval, t_interval
@@ -261,6 +263,12 @@ def _train_and_analyze(values: dict[str, Any], threads: int) -> dict[str, Any]:
     return summary
 
 
+def _ignore_ctrl_c() -> None:
+    """In a run's process: Ctrl-C reaches the whole process group, and the demo's process alone
+    answers it (stopping the runs itself), so that no run prints a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _settings(values: dict[str, Any]) -> dict[str, Any]:
     """What a seed's results depend on: its configuration but where it is written and whether it
     shows progress, and the entroprl version; as JSON reads it back."""
@@ -350,20 +358,31 @@ def _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config) ->
     # spawn: a fresh interpreter per run (one task per child), so no state of an earlier run or of
     # the parent's torch threads reaches a run, and its numbers do not depend on the scheduling.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, max_tasks_per_child=1, initializer=_ignore_ctrl_c
+    ) as pool:
         futures = {
             pool.submit(_train_and_analyze, values, threads): (name, seed)
             for name, seed, values in todo
         }
-        for done, future in enumerate(as_completed(futures), len(tasks) - len(todo) + 1):
-            name, seed = futures[future]
-            s = results[name][seed] = future.result()
-            print(
-                f"[{done}/{len(tasks)}] {name} seed {seed}: entropy {s['entropy_end']:.3f}, "
-                f"acc {s['accuracy_end']:.3f}, {s['pass_at_k']} {s['pass_at_k_end']:.3f} "
-                f"({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
+        try:
+            for done, future in enumerate(as_completed(futures), len(tasks) - len(todo) + 1):
+                name, seed = futures[future]
+                s = results[name][seed] = future.result()
+                print(
+                    f"[{done}/{len(tasks)}] {name} seed {seed}: entropy {s['entropy_end']:.3f}, "
+                    f"acc {s['accuracy_end']:.3f}, {s['pass_at_k']} {s['pass_at_k_end']:.3f} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for child in multiprocessing.active_children():  # the runs still training
+                child.terminate()
+            raise Interrupted(
+                f"interrupted; the runs that finished are kept in {out}, and the next demo "
+                "into it with these settings reuses them"
+            ) from None
     summary = {
         "seeds": list(range(seeds)),
         "confidence": 0.95,

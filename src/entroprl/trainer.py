@@ -1106,8 +1106,8 @@ class Trainer:
             if self.step >= c.trainer.steps:  # resume refuses a step count below it
                 if self.rank == 0:
                     print(
-                        f"{c.trainer.out_dir} is at step {self.step}, trainer.steps: nothing to "
-                        "do (raise trainer.steps to train further)"
+                        f"{c.trainer.out_dir} is already at step {self.step}, trainer.steps: "
+                        "nothing to do (raise trainer.steps to train further)"
                     )
                 return False
         else:
