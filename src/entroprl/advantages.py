@@ -186,8 +186,9 @@ def qae_advantages(
         A_i = (r_i - b_g) / (std_g + eps)   or   r_i - b_g   without norm_by_std
 
     std_g is GRPO's (unbiased, around the group mean). A group of one has baseline 0 and std 1, as
-    in GRPO. With 0/1 rewards and K = 0.4 in a group of 8, b_g is 0 while at most 5 responses
-    are right (only successes get a signal) and 1 from 7 on (only failures do). Returns (B,).
+    in GRPO. With 0/1 rewards and K = 0.4 in a group of 8, b_g is 0 while at most 4 responses
+    are right (only successes get a signal), 0.8 with 5, and 1 from 6 on (only failures get one).
+    Returns (B,).
     """
     QAESettings(quantile, norm_by_std).validate()
     _check_rewards(rewards, group_ids)
