@@ -1,10 +1,23 @@
 import json
+import math
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from entroprl.demo import METRICS, aggregate, format_table, run_demo, summarize_run
+from entroprl.config import config_from_dict
+from entroprl.demo import (
+    DEFAULT_METHODS,
+    METHODS,
+    METRICS,
+    _run_values,
+    aggregate,
+    demo_config,
+    format_table,
+    parse_methods,
+    run_demo,
+    summarize_run,
+)
 from entroprl.warmstart import WarmStartConfig
 
 
@@ -121,3 +134,38 @@ def test_end_values_average_the_last_steps(tmp_path):
     assert s["accuracy_end"] == pytest.approx(0.3) and s["pass_at_k_end"] == pytest.approx(0.6)
     assert s["end_steps"] == [20, 40] and s["steps"] == 40 and s["pass_at_k"] == "pass@8"
     assert s["law"]["a"] is not None
+
+
+def test_methods_parse_and_every_method_is_a_valid_configuration(tmp_path):
+    """--methods: known names in the order given, each once; every method's configuration (the
+    demo's with its overrides) validates, and differs from GRPO's where it should."""
+    assert parse_methods("grpo, passk,grpo,qae") == ("grpo", "passk", "qae")
+    with pytest.raises(ValueError, match=r"unknown method.*'nope'.*known: grpo, clip_cov"):
+        parse_methods("grpo,nope")
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods(" , ")
+    assert set(DEFAULT_METHODS) <= set(METHODS)
+    configs = {
+        name: config_from_dict(_run_values(demo_config(), name, 1, tmp_path, tmp_path / "out"))
+        for name in METHODS
+    }
+    chosen = {name: (c.algorithm.policy_loss, c.algorithm.advantage) for name, c in configs.items()}
+    assert chosen == {
+        "grpo": ("ppo", "grpo"),
+        "clip_cov": ("clip_cov", "grpo"),
+        "kl_cov": ("kl_cov", "grpo"),
+        "entropic": ("entropic", "grpo"),
+        "ce_gppo": ("ce_gppo", "grpo"),
+        "qae": ("ppo", "qae"),
+        "passk": ("ppo", "passk"),
+    }
+    # EntroPIC's target in the demo is the law's (algorithms.md §4.9)
+    assert configs["entropic"].loss_settings().target_entropy() == pytest.approx(
+        math.log((0.270 - 0.9 * (0.270 - 0.046)) / 0.046)
+    )
+    assert all(c.trainer.seed == 1 for c in configs.values())
+
+
+def test_paired_table_has_the_entropy_difference():
+    table = format_table(aggregate(fake_runs()))
+    assert "entropy end diff" in table.splitlines()[-4]
