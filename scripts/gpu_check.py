@@ -1,5 +1,12 @@
-"""The first-GPU check: a few GRPO steps of a Qwen2.5-0.5B-shaped policy with FSDP, bf16 compute
-and the vLLM engine colocated, nothing downloaded. Run through scripts/gpu_check.sh.
+"""The first-GPU check: a few GRPO steps of a Qwen2.5-0.5B-shaped policy in bf16 compute, with the
+vLLM engine colocated (FSDP) or Hugging Face sampling (one process), nothing downloaded. Run through
+scripts/gpu_check.sh.
+
+With the HF backend on one GPU the policy is not sharded (`trainer.strategy=ddp`, a process of
+one: the bfloat16 compute copy of `entroprl.precision`), so the sampler decodes with its static
+cache replayed as a CUDA graph, all rows in one call, and the update runs micro-batches of 128
+responses. `--legacy` runs the settings of the first GPU run instead (FSDP over a group of one,
+the eager sampler in chunks of 256 rows, micro-batches of 32): the "before" of docs/benchmarks.md.
 
 The model has Qwen2.5-0.5B's architecture and vocabulary size (24 layers, hidden 896, 14 query
 and 2 key/value heads, 151,936 tokens, tied embeddings) with random weights; the prompts are the
@@ -27,24 +34,13 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config
 
-from entroprl.cli import init_distributed
+from entroprl import distributed
 from entroprl.config import config_from_dict
-from entroprl.models import build_model, save_model
+from entroprl.models import QWEN25_05B, build_model, save_model
+from entroprl.precision import native_bfloat16
 from entroprl.tokenizer import build_char_tokenizer
 from entroprl.trainer import Trainer
 
-QWEN25_05B = {
-    "vocab_size": 151_936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32_768,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-}
 TINY = QWEN25_05B | {
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -73,14 +69,18 @@ def build(shape: dict, path: Path) -> int:
 
 def run_config(args: argparse.Namespace, model_dir: Path, out_dir: Path) -> dict:
     cpu = args.device == "cpu"
+    # bfloat16 where it is fast: the trainer refuses it on a CPU without native bfloat16
+    compute = "bfloat16" if not cpu or native_bfloat16() else None
     return {
-        "model": {"path": str(model_dir), "dtype": "float32", "compute_dtype": "bfloat16"},
+        "model": {"path": str(model_dir), "dtype": "float32", "compute_dtype": compute},
         "data": {"train_size": 2048, "test_size": 8},
         "rollout": {
             "backend": args.backend,
             "prompts_per_step": args.prompts,
             "n": args.n,
             "max_new_tokens": args.new_tokens,
+            "generation_batch_size": args.generation_batch,
+            "static_cache": False if args.legacy else None,
             "gpu_memory_utilization": 0.05 if cpu else 0.3,
             "enforce_eager": cpu,  # torch.compile's start-up is minutes on a CPU
         },
@@ -94,7 +94,7 @@ def run_config(args: argparse.Namespace, model_dir: Path, out_dir: Path) -> dict
             "steps": args.steps,
             "out_dir": str(out_dir),
             "device": args.device,
-            "strategy": "fsdp",
+            "strategy": args.strategy,
             "eval_every": 0,
             "rollout_samples": 0,
             "progress": False,
@@ -123,13 +123,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 4 (tiny: 2)")
     parser.add_argument("--device", default=None, help="default: cuda if there is one, else cpu")
     parser.add_argument("--peak-tflops", type=float, default=None, help="for the MFU")
+    parser.add_argument(
+        "--legacy",
+        action="store_true",
+        help="the first GPU run's settings: FSDP, eager sampling in chunks of 256, micro-batch 32",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default=None,
+        help="default: fsdp with vLLM and with --legacy, else ddp (one process: not sharded)",
+    )
+    parser.add_argument("--micro-batch", type=int, default=None, help="responses per backward")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else QWEN25_05B
     args.steps = args.steps or (2 if args.tiny else 4)
     args.prompts, args.n = (4, 2) if args.tiny else (64, 8)
     args.new_tokens = 8 if args.tiny else 256
-    args.micro_batch = 4 if args.tiny else 32
+    args.strategy = args.strategy or ("fsdp" if args.backend == "vllm" or args.legacy else "ddp")
+    if args.micro_batch is None:
+        args.micro_batch = 4 if args.tiny else 32 if args.legacy else 128
+    args.generation_batch = 256 if args.legacy else args.prompts * args.n
     peak = args.peak_tflops
     if peak is None and args.device != "cpu":
         name = torch.cuda.get_device_name()
@@ -140,7 +155,9 @@ def main() -> None:
     params = build(shape, work / "model")
     print(f"model: {params / 1e6:.1f}M parameters, built in {time.perf_counter() - start:.1f} s")
     config = config_from_dict(run_config(args, work / "model", work / "run"))
-    init_distributed("fsdp")  # a process group of one
+    distributed.init(args.strategy)  # FSDP: a process group of one
+    settings = ("strategy", "micro_batch", "generation_batch", "legacy")
+    print("settings: " + ", ".join(f"{k} {getattr(args, k)}" for k in settings))
     start = time.perf_counter()
     trainer = Trainer(config)
     print(f"trainer and {args.backend} engine ready in {time.perf_counter() - start:.1f} s")

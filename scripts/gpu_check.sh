@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The first-GPU check (scripts/gpu_check.py): a few GRPO steps of a Qwen2.5-0.5B-shaped policy with
-# FSDP, bf16 compute and vLLM colocated, nothing downloaded; meant to finish in under 8 minutes on
-# one H100 or H200. Needs torch, transformers and vLLM installed (entroprl itself is taken from
-# src/); without vLLM it says so and samples with Hugging Face generate instead, which measures
-# everything but the engine and the mismatch. Extra arguments go to gpu_check.py (--tiny: the
-# CPU-sized run that the vLLM tests make).
+# bf16 compute and vLLM colocated, nothing downloaded, then the GPU tests (pytest -m gpu); meant to
+# finish in under 8 minutes on one H100 or H200. Needs torch, transformers and pytest, and vLLM
+# for the engine (entroprl itself is taken from src/); without vLLM it says so and samples with
+# the Hugging Face backend instead, which measures everything but the engine and the mismatch.
+# Extra arguments go to gpu_check.py (--tiny: the CPU-sized run that the vLLM tests make, which
+# skips the GPU tests; --legacy: the first GPU run's settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,4 +19,7 @@ if ! "$PY" -c "import vllm" >/dev/null 2>&1; then
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, '| device:',
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU, CPU')"
-exec timeout 470 "$PY" scripts/gpu_check.py --backend "$backend" "$@"
+timeout 470 "$PY" scripts/gpu_check.py --backend "$backend" "$@"
+if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+fi

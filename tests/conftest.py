@@ -28,3 +28,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("vllm") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_run_device_left_behind():
+    """A trainer declares its device to the collectives (`distributed.use_device`); the next
+    test starts without it."""
+    yield
+    from entroprl import distributed
+
+    distributed.use_device(None)

@@ -1,7 +1,17 @@
 """A tiny untrained policy for tests: a 1-layer Qwen2 and the project's char-level tokenizer."""
 
+import pytest
+import torch
+
 from entroprl.models import build_model, tiny_config
+from entroprl.precision import native_bfloat16
 from entroprl.tokenizer import build_char_tokenizer
+
+needs_native_bfloat16 = pytest.mark.skipif(
+    not native_bfloat16(),
+    reason="this CPU has no native bfloat16 (AVX-512 BF16 or AMX with torch's AVX-512 kernels): "
+    "the trainer refuses bfloat16 here",
+)
 
 
 def make_tiny_policy(seed: int = 0):
@@ -16,3 +26,12 @@ def make_tiny_policy(seed: int = 0):
         bos_token_id=tok.bos_token_id,
     )
     return build_model(config, seed=seed), tok
+
+
+def alternating_scores(batch, answers):
+    """A stand-in for `Trainer.score`: scores (and rewards) 0, 1, 0, 1, ... down the batch, so
+    that every group of an even size holds both. The untrained tiny policy solves no problem: with
+    the real verifier every reward, advantage and gradient of a step is 0, no update moves a
+    weight, and a test comparing two updates compares nothing."""
+    scores = (torch.arange(len(batch.texts)) % 2).float()
+    return scores, scores.clone()

@@ -19,7 +19,7 @@ from entroprl import checkpoint
 from entroprl.checks import NonFiniteError
 from entroprl.rundir import read_metrics
 from entroprl.trainer import Trainer, TrainingError
-from tests.policies import make_tiny_policy
+from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_trainer import small_config
 
 STEPS = 4
@@ -35,6 +35,7 @@ def run_config(out_dir, **trainer):
 def train(out_dir, *, resume=False, overwrite=False, **trainer):
     model, tok = make_tiny_policy()
     t = Trainer(run_config(out_dir, **trainer), model=model, tokenizer=tok)
+    t.score = alternating_scores  # every step moves the weights: resuming has state to restore
     t.train(resume=resume, overwrite=overwrite)
     return t
 
@@ -93,6 +94,10 @@ def test_the_base_run(base_run):
     state = json.loads((base_run / "checkpoints" / "step_000004" / "state.json").read_text())
     assert state["step"] == 4
     assert "model/model.safetensors" in state["files"]
+    # every step moved the weights, so the bit-for-bit comparisons below compare something
+    for earlier, later in ((2, 3), (3, 4)):
+        a, b = weights(base_run, earlier), weights(base_run, later)
+        assert any(not torch.equal(a[name], b[name]) for name in a), (earlier, later)
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))

@@ -12,15 +12,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
-from entroprl import losses, parallel
+from entroprl import checkpoint, cli, losses, parallel
 from entroprl.advantages import compute_advantages
 from entroprl.config import config_from_dict
+from entroprl.forward import forward_log_probs
 from entroprl.models import save_model
+from entroprl.precision import native_bfloat16
 from entroprl.rundir import read_metrics
-from entroprl.trainer import Trainer, update_policy
+from entroprl.trainer import Trainer, UpdateBatch, update_policy
 from tests import toy_loss  # noqa: F401  (registers a plug-in loss: the tests run it too)
-from tests.policies import make_tiny_policy
+from tests.policies import make_tiny_policy, needs_native_bfloat16
+from tests.test_shared_prefix import grouped_batch
 from tests.test_trainer import TIMING, _update_batch, controller_kwargs, small_config
 
 # Every registered loss (the plug-in of tests/toy_loss.py included), each with an aggregation mode,
@@ -63,16 +67,57 @@ def _one_update(policy_loss, mode, rows, mini, micro, strategy=None, keep=None):
     with torch.no_grad():  # as the trainer's old log-probs: FSDP must not keep the root gathered
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    metrics, _ = update_policy(
+    metrics = update_policy(
         wrapped,
         opt,
         batch,
         config,
         generator=torch.Generator().manual_seed(0),
         loss_kwargs=controller_kwargs(config),
-    )
+    ).metrics
     state = parallel.model_state(model)  # gathered to rank 0 when sharded
     return {n: state[n].clone() for n in names if n in state}, metrics
+
+
+def _shared_prefix_policy():
+    model, tok = make_tiny_policy(seed=1)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # away from the init's near-uniform logits
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model, tok
+
+
+def _shared_prefix_update(rows, strategy=None, shared=False):
+    """Two epochs of one mini-batch (micro-batches of 4) on four groups of 4 responses, each
+    group's prompt its own: with `shared`, each prompt is computed once per micro-batch, two
+    forwards of the root module (`forward.shared_prefix_logits`)."""
+    model, tok = _shared_prefix_policy()
+    ids, attention, mask = grouped_batch(tok, G=4, R=7)
+    with torch.no_grad():
+        old, _ = forward_log_probs(model, ids, attention, 7)
+    g = torch.Generator().manual_seed(2)
+    advantages = torch.randn(16, 1, generator=g).expand(16, 7) * mask
+    batch = UpdateBatch(ids, attention, mask, old, advantages.contiguous()).rows(rows)
+    config = config_from_dict(
+        {
+            "rollout": {"max_new_tokens": 7},
+            "optim": {
+                "mini_batch_size": len(rows),
+                "micro_batch_size": 4,
+                "epochs": 2,
+                "shared_prefix": shared,
+            },
+        }
+    )
+    names = [n for n, _ in model.named_parameters()]
+    wrapped = parallel.wrap(model, strategy) if strategy else model
+    with torch.no_grad():  # as the trainer's old log-probs: FSDP must not keep the root gathered
+        model(input_ids=ids[rows], attention_mask=attention[rows])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    update_policy(wrapped, opt, batch, config, generator=torch.Generator().manual_seed(0))
+    state = parallel.model_state(model)
+    return {n: state[n].clone() for n in names if n in state}
 
 
 def _whitening_inputs():
@@ -96,6 +141,11 @@ def _worker(rank, world, init_file, out_dir):
                 params, _ = _one_update(policy_loss, mode, rows, mini=4, micro=2, strategy=strategy)
                 if rank == 0:
                     save_file(params, f"{out_dir}/{strategy}-{policy_loss}-{mode}.safetensors")
+            params = _shared_prefix_update(
+                torch.arange(16).tensor_split(world)[rank], strategy, True
+            )
+            if rank == 0:
+                save_file(params, f"{out_dir}/{strategy}-shared-prefix.safetensors")
         # rank 1's rows are all filtered out: REINFORCE++ whitens over the kept tokens of both
         # ranks, and the update keeps or skips a mini-batch by its global token count
         rewards, groups, mask = _whitening_inputs()
@@ -131,6 +181,18 @@ def test_two_ranks_match_one_process(tmp_path):
                 )
                 moved += (value - dict(initial.named_parameters())[name]).abs().sum().item()
             assert moved > 1e-3, f"{policy_loss}/{mode}: the update changed nothing"
+    # the prompts computed once per micro-batch, two forwards of the root module each: sharded
+    # or not, the update of the full forwards in one process
+    single = _shared_prefix_update(torch.arange(16))
+    initial = dict(_shared_prefix_policy()[0].named_parameters())
+    assert max((single[n] - initial[n]).abs().max().item() for n in single) > 1e-3
+    for strategy in parallel.STRATEGIES:
+        split = load_file(tmp_path / f"{strategy}-shared-prefix.safetensors")
+        assert split.keys() == single.keys()
+        for name, value in single.items():
+            torch.testing.assert_close(
+                split[name], value, atol=1e-5, rtol=1e-5, msg=f"{strategy} shared prefix: {name}"
+            )
     rewards, groups, mask = _whitening_inputs()
     whole = compute_advantages("reinforce_pp_baseline", rewards, groups, mask)
     halves = [load_file(tmp_path / f"whitening-{rank}.safetensors") for rank in (0, 1)]
@@ -176,10 +238,11 @@ def _trainer_worker(rank, world, init_file, out):
         _run(f"{out}/resumed", 2, "fsdp")
         _run(f"{out}/resumed", 3, "fsdp", resume=True)
         _run(f"{out}/fsdp", 4, "ddp", resume=True)
-        mixed = _run(f"{out}/bf16", 2, "fsdp", model={"compute_dtype": "bfloat16"})
-        if rank == 0:
-            dtypes = {p.dtype for p in mixed.model.parameters()}
-            assert dtypes == {torch.float32}, f"master weights must stay float32: {dtypes}"
+        if native_bfloat16():  # the trainer refuses bfloat16 on a CPU without it
+            mixed = _run(f"{out}/bf16", 2, "fsdp", model={"compute_dtype": "bfloat16"})
+            if rank == 0:
+                dtypes = {p.dtype for p in mixed.model.parameters()}
+                assert dtypes == {torch.float32}, f"master weights must stay float32: {dtypes}"
     finally:
         dist.destroy_process_group()
 
@@ -208,13 +271,31 @@ def test_fsdp_trainer_matches_ddp_evaluates_and_resumes(tmp_path):
             for key, value in a.items():
                 assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (r1["step"], key)
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step_000004" / "model"
-    assert (ckpt / "model.safetensors").is_file()
-    bf16 = read_metrics(tmp_path / "bf16" / "metrics.jsonl")
-    assert all(r["actor/skipped_updates"] == 0 for r in bf16[1:])
+    assert (ckpt / "model.safetensors").is_file()  # saved by the DDP run: whole
+    # FSDP saved each rank's shards, and the resumed run ended where the straight one did, bit
+    # for bit (weights and AdamW state)
+    straight, resumed_ckpt = (
+        tmp_path / run / "checkpoints" / "step_000003" for run in ("fsdp", "resumed")
+    )
+    for path in (straight, resumed_ckpt):
+        assert checkpoint.is_sharded(checkpoint.verify(path))
+        assert len(list((path / checkpoint.SHARDED).glob("*.distcp"))) == 2  # one per rank
+        assert not (path / "model" / "model.safetensors").exists()
+    a, b = (checkpoint.read_sharded(p) for p in (straight, resumed_ckpt))
+    assert a.keys() == b.keys() and any(".exp_avg_sq" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cli.main(["export", str(tmp_path / "resumed"), "--out", str(tmp_path / "exported")])
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert all(torch.equal(exported[k], a[f"model.{k}"]) for k in exported)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "exported") is not None
+    if native_bfloat16():
+        bf16 = read_metrics(tmp_path / "bf16" / "metrics.jsonl")
+        assert all(r["actor/skipped_updates"] == 0 for r in bf16[1:])
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@needs_native_bfloat16
 def test_command_line_fsdp_under_torchrun_and_alone(tmp_path):
     """`entroprl train` with trainer.strategy=fsdp from a checkpoint directory: under torchrun on
     two ranks, and as a plain process (a group of one), in bf16 mixed precision with gradient

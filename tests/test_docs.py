@@ -136,3 +136,18 @@ def test_every_reference_to_the_page_resolves(kind):
     known = set(section_numbers(text)) if kind == "section" else anchors(text)
     broken = [(f, v) for f, k, v in all_references() if k == kind and v not in known]
     assert not broken, f"references to missing {kind}s of docs/algorithms.md: {broken}"
+
+
+def test_the_configuration_reference_is_current_and_complete():
+    """docs/config.md is what `python -m entroprl.config_reference` prints, and every key in it
+    has a description (a key added without a docstring fails here)."""
+    from entroprl.config_reference import reference
+
+    text = reference()
+    assert (ROOT / "docs" / "config.md").read_text() == text, (
+        "docs/config.md is out of date: python -m entroprl.config_reference > docs/config.md"
+    )
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) > 90
+    undocumented = [row[1].strip() for row in rows if not row[4].strip()]
+    assert not undocumented, f"keys without a docstring: {undocumented}"

@@ -31,6 +31,7 @@ from entroprl.evaluation import (
     run_benchmarks,
     write_report,
 )
+from entroprl.models import save_model
 from entroprl.rollout import HFBackend
 from entroprl.vllm_backend import VLLMBackend, assemble_batch
 
@@ -455,16 +456,17 @@ def test_vllm_missing_gives_a_clear_error(tiny_policy, monkeypatch):
         VLLMBackend("/ckpt", tok)
 
 
-def test_make_backend_follows_the_config(tiny_policy, fake_vllm):
+def test_make_backend_follows_the_config(tiny_policy, fake_vllm, tmp_path):
     model, tok = tiny_policy
+    path = str(save_model(model, tok, tmp_path / "m"))
     hf = make_backend(config_from_dict({"rollout": {"generation_batch_size": 7}}), model, tok)
     assert isinstance(hf, HFBackend) and hf.batch_size == 7
     vllm_cfg = {"rollout": {"backend": "vllm"}, "trainer": {"seed": 3}}
     with pytest.raises(ConfigError, match=r"model\.path"):
         make_backend(config_from_dict(vllm_cfg), model, tok)
-    vllm = make_backend(config_from_dict({**vllm_cfg, "model": {"path": "/m"}}), model, tok)
+    vllm = make_backend(config_from_dict({**vllm_cfg, "model": {"path": path}}), model, tok)
     assert isinstance(vllm, VLLMBackend)
-    assert (vllm.llm.kwargs["model"], vllm.llm.kwargs["seed"]) == ("/m", 3)
+    assert (vllm.llm.kwargs["model"], vllm.llm.kwargs["seed"]) == (path, 3)
     assert vllm.llm.kwargs["dtype"] == "float32"
     assert vllm.llm.kwargs["gpu_memory_utilization"] == 0.5
     assert vllm.llm.kwargs["enforce_eager"] is False
@@ -472,7 +474,7 @@ def test_make_backend_follows_the_config(tiny_policy, fake_vllm):
     # samples in the dtype the policy's forward runs in, on the share of the GPU it is given
     mixed = {
         "rollout": {"backend": "vllm", "gpu_memory_utilization": 0.3},
-        "model": {"path": "/m", "compute_dtype": "bfloat16"},
+        "model": {"path": path, "compute_dtype": "bfloat16"},
         "trainer": {"strategy": "fsdp"},
     }
     vllm = make_backend(config_from_dict(mixed), model, tok)

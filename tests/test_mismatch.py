@@ -1,6 +1,7 @@
 """The rollout/training mismatch metrics and truncated importance sampling (`entroprl.mismatch`),
 against independent computations, and in the trainer with a backend that reports log-probs."""
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from entroprl.config import ConfigError, config_from_dict
 from entroprl.forward import forward_log_probs
 from entroprl.mismatch import mismatch_metrics, rollout_is_weights
 from entroprl.rollout import HFBackend
-from entroprl.trainer import Trainer
+from entroprl.trainer import Trainer, update_policy
 from tests.test_trainer import small_config
 
 
@@ -91,6 +92,21 @@ def test_bad_inputs_name_what_is_wrong():
         config_from_dict({"algorithm": {"rollout_is_threshold": -1.0}})
 
 
+def test_a_loss_that_takes_no_weights_is_refused_with_rollout_is(monkeypatch):
+    def plain(log_prob, old_log_prob, advantages, response_mask, *, loss_agg_mode, denominators):
+        raise AssertionError("never called")
+
+    monkeypatch.setitem(losses.POLICY_LOSSES, "plain", losses.PolicyLossSpec("plain", plain))
+    with pytest.raises(ConfigError, match=r"algorithm\.rollout_is: policy loss 'plain' takes no"):
+        config_from_dict(
+            {
+                "algorithm": {"rollout_is": "token", "policy_loss": "plain"},
+                "rollout": {"backend": "vllm"},
+            }
+        )
+    config_from_dict({"algorithm": {"policy_loss": "plain"}})  # without the correction it may
+
+
 # -- a synthetic mismatch, corrected in expectation ------------------------------------------------
 
 V = 6
@@ -107,14 +123,14 @@ def _policies():
 
 def _sampled_gradient(n, weights_fn, seed=0):
     """-grad of the trainer's PPO loss (token-mean) over n tokens drawn from mu, on-policy with
-    respect to pi (old = current log-probs), the advantage scaled by the weights as the trainer
-    does: (1/n) sum_i w_i A(y_i) grad log pi(y_i)."""
+    respect to pi (old = current log-probs), each token's loss weighted as the trainer weights
+    it: (1/n) sum_i w_i A(y_i) grad log pi(y_i)."""
     pi_logits, mu, advantage = _policies()
     y = torch.multinomial(mu, n, replacement=True, generator=torch.Generator().manual_seed(seed))
     logp = torch.log_softmax(pi_logits, -1)[y][:, None]
     mask = torch.ones(n, 1)
     w = weights_fn(logp.detach(), mu.log()[y][:, None], mask)
-    loss, _ = losses.ppo_loss(logp, logp.detach(), advantage[y][:, None] * w, mask)
+    loss, _ = losses.ppo_loss(logp, logp.detach(), advantage[y][:, None], mask, weights=w)
     (grad,) = torch.autograd.grad(-loss, pi_logits)
     return grad
 
@@ -170,22 +186,24 @@ def test_sequence_level_is_is_unbiased_for_whole_responses():
     assert weighted.mean().item() == pytest.approx(want, abs=four_sigma)
 
 
-@pytest.mark.parametrize("policy_loss", ["ppo", "clip_cov"])
-def test_weighted_advantage_is_the_weighted_token_loss(policy_loss):
-    """The trainer applies w through the advantage: the loss at w * A equals the token-mean of
-    w_t times the token loss at A (verl's pg_losses * rollout_is_weights), for w >= 0."""
+@pytest.mark.parametrize("policy_loss", sorted(losses.POLICY_LOSSES))
+def test_weights_multiply_each_token_loss(policy_loss):
+    """Every registered loss with `weights` is the token-mean of w_t times each token's loss
+    alone (verl's pg_losses * rollout_is_weights), its selection's penalty or zero included."""
     g = torch.Generator().manual_seed(0)
     logp = -torch.rand(5, 7, generator=g) * 3
     old = logp + 0.4 * torch.randn(5, 7, generator=g)  # ratios on both sides of the clip range
     adv = torch.randn(5, 7, generator=g)
     w = torch.rand(5, 7, generator=g) * 2
     mask = torch.ones(5, 7)
-    extra = {"selected": torch.zeros(5, 7, dtype=torch.bool)} if policy_loss == "clip_cov" else {}
-    loss_fn = losses.get_policy_loss(policy_loss).fn
-    weighted, _ = loss_fn(logp, old, adv * w, mask, **extra)
+    spec = losses.get_policy_loss(policy_loss)
+    extra = {}
+    if spec.select is not None:  # a third of the tokens treated apart
+        extra["selected"] = torch.rand(5, 7, generator=g) < 1 / 3
+    weighted, _ = spec.fn(logp, old, adv, mask, weights=w, **extra)
     per_token = torch.stack(
         [
-            loss_fn(logp[i : i + 1, t : t + 1], old[i : i + 1, t : t + 1],
+            spec.fn(logp[i : i + 1, t : t + 1], old[i : i + 1, t : t + 1],
                     adv[i : i + 1, t : t + 1], mask[i : i + 1, t : t + 1],
                     **({k: v[i : i + 1, t : t + 1] for k, v in extra.items()}))[0]
             for i in range(5)
@@ -286,3 +304,57 @@ def test_rollout_log_probs_follow_their_rows_through_concat_and_rows():
     assert both.rows(torch.tensor([1, 0])).rollout_log_probs.tolist() == [[-3, 0], [-1, -2]]
     no_log_probs = assemble_batch([[5]], [[7]], 1, tok)
     assert concat_batches([a, no_log_probs], tok.pad_token_id).rollout_log_probs is None
+
+
+def test_trainer_weights_kl_cov_penalty_as_verl():
+    """With rollout IS, an update's KL-Cov loss is verl's compute_policy_loss_kl_cov: the weight
+    multiplies each token's whole loss, the |logp - old| penalty of the selected tokens included
+    (pg_losses * rollout_is_weights), written out here by hand, selection included."""
+    from dataclasses import replace
+
+    from tests.policies import make_tiny_policy
+    from tests.test_trainer import _update_batch
+
+    model, tok = make_tiny_policy()
+    batch = _update_batch(tok)  # off-policy old log-probs: the penalty is not 0
+    g = torch.Generator().manual_seed(1)
+    w = torch.rand(batch.response_mask.shape, generator=g) * 2 * batch.response_mask
+    batch = replace(batch, rollout_is_weights=w)
+    config = config_from_dict(
+        {
+            "algorithm": {
+                "policy_loss": "kl_cov",
+                "loss": {"kl_cov": {"ratio": 0.25, "coef": 0.7}},
+            },
+            "rollout": {"max_new_tokens": 6},
+            "optim": {"mini_batch_size": 8, "micro_batch_size": 8, "grad_clip": 1e9},
+        }
+    )
+    # by hand, on a copy: verl's per-token loss, times w, token-mean
+    reference = copy.deepcopy(model)
+    logp, _ = forward_log_probs(reference, batch.input_ids, batch.attention_mask, 6)
+    valid = batch.response_mask.bool()
+    # the top-k by cov, of the rollout's log-probs: the first mini-batch's, as nothing has moved
+    # (algorithms.md §3.4)
+    lp, adv = batch.old_log_prob[valid].double(), batch.advantages[valid].double()
+    cov = (lp - lp.mean()) * (adv - adv.mean())
+    k = int(0.25 * valid.sum())
+    selected = torch.zeros_like(valid)
+    selected[valid.nonzero()[cov.argsort(descending=True)[:k]].unbind(-1)] = True
+    log_ratio = logp - batch.old_log_prob
+    per_token = -batch.advantages * log_ratio.exp() + 0.7 * log_ratio.abs() * selected
+    expected = (w * per_token)[valid].sum() / valid.sum()
+    expected.backward()
+    assert (w * 0.7 * log_ratio.abs() * selected)[valid].sum() > 0.05  # the penalty counts
+    lr = 0.5
+    metrics = update_policy(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        batch,
+        config,
+        generator=torch.Generator().manual_seed(0),
+    ).metrics
+    assert metrics["actor/pg_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["actor/kl_cov_selected"] == k
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach() - lr * q.grad, atol=1e-6, rtol=1e-5)

@@ -25,7 +25,7 @@ def generate_reference(model, tok, prompts, n, batch_size, temperature, top_p, m
         return_tensors="pt",
         padding=True,
         add_special_tokens=False,
-    )
+    ).to(model.device)
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         if temperature > 0
@@ -136,3 +136,55 @@ def test_sampled_tokens_can_be_trained_on(tiny_policy):
     log_prob, _ = forward_log_probs(model, batch.input_ids, batch.attention_mask, R)
     log_prob.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def grouped_policy(seed: int = 0):
+    """A tiny grouped-query policy: 4 query heads sharing 2 key/value heads."""
+    from entroprl.models import build_model, tiny_config
+    from entroprl.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    config = tiny_config(
+        len(tok),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    config.num_key_value_heads = 2
+    return build_model(config, seed=seed), tok
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_static_cache_draws_what_generate_draws(tiny_policy, grouped, temperature, top_p):
+    """The fixed-shape decode (a GPU's, here without the graph): every row to the end in a
+    static cache with a prepared mask, grouped-query heads as rows; `model.generate`'s tokens."""
+    model, tok = grouped_policy() if grouped else tiny_policy
+    torch.manual_seed(0)
+    batch = HFBackend(model, tok, static_cache=True).generate(
+        PROMPTS, n=4, temperature=temperature, top_p=top_p, max_new_tokens=12
+    )
+    model.eval()
+    torch.manual_seed(0)
+    expected = generate_reference(model, tok, PROMPTS, 4, 256, temperature, top_p, 12)
+    assert torch.equal(batch.response_ids, expected)
+    assert model.config._attn_implementation == "sdpa"  # the grouped attention is put back
+
+
+def test_grouped_attention_is_transformers_sdpa():
+    """Query heads as rows of their key/value head's attention: transformers' SDPA (which
+    repeats the keys and values per query head), number for number."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model, _ = grouped_policy()
+    attention = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, n, 16, generator=g) for h, n in ((4, 1), (2, 10), (2, 10)))
+    mask = torch.zeros(3, 1, 1, 10)
+    mask[0, ..., 6:] = mask[2, ..., :3] = torch.finfo(torch.float32).min
+    ours, _ = sampler.sdpa_grouped(attention, q, k, v, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(attention, q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)

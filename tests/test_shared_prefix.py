@@ -9,7 +9,7 @@ import torch
 from entroprl.errors import ConfigError
 from entroprl.forward import forward_log_probs
 from entroprl.trainer import Trainer
-from tests.policies import make_tiny_policy
+from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_trainer import SPLIT_TEST_SETTINGS, small_config
 
 
@@ -64,7 +64,8 @@ def test_log_probs_entropies_and_gradients_equal_the_full_forward(G):
 @pytest.mark.parametrize("policy_loss", ["ppo", "clip_cov"])
 def test_training_step_equals_the_full_forward(tmp_path, policy_loss):
     """A whole step (rollout, old log-probs or not, update over shuffled micro-batches) with the
-    prompts computed once: the same weights and logged values."""
+    prompts computed once: the same weights and logged values, for an update that moves them."""
+    initial = torch.cat([p.detach().flatten() for p in make_tiny_policy()[0].parameters()])
     results = []
     for shared in (False, True):
         model, tok = make_tiny_policy()
@@ -75,10 +76,12 @@ def test_training_step_equals_the_full_forward(tmp_path, policy_loss):
             trainer={"eval_every": 0, "entropy_change_every": 1},
         )
         trainer = Trainer(config, model=model, tokenizer=tok)
+        trainer.score = alternating_scores
         metrics = trainer.train_step(1)
         weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         results.append((metrics, weights))
     (full, w_full), (shared, w_shared) = results
+    assert full["actor/grad_norm"] > 0 and (w_full - initial).abs().max() > 1e-4
     torch.testing.assert_close(w_shared, w_full, atol=1e-6, rtol=1e-5)
     for key, value in full.items():
         if not key.startswith(("timing_s/", "perf/")):

@@ -15,7 +15,7 @@ from entroprl.rundir import read_metrics
 from entroprl.tasks.base import Example, RewardError, Task
 from entroprl.trainer import Trainer, TrainingError, UpdateBatch, update_policy
 from tests import toy_loss
-from tests.policies import make_tiny_policy
+from tests.policies import alternating_scores, make_tiny_policy
 
 TIMING = ("timing_s/", "perf/")
 
@@ -83,13 +83,21 @@ def test_generation_is_seeded_and_masks_padding(tiny_policy):
     assert (pad == tok.pad_token_id).all()
 
 
+def _scripted(trainer: Trainer) -> Trainer:
+    """`trainer` with rewards that differ within each group, so that its updates move the
+    weights (the untrained policy solves nothing)."""
+    trainer.score = alternating_scores
+    return trainer
+
+
 def test_train_writes_run_directory_and_resume_matches(tiny_policy, tmp_path):
     model, tok = tiny_policy
     straight = tmp_path / "straight"
     config = small_config(straight, trainer={"steps": 4, "entropy_change_every": 2})
-    Trainer(config, model=model, tokenizer=tok).train()
+    _scripted(Trainer(config, model=model, tokenizer=tok)).train()
     records = read_metrics(straight / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert all(r["actor/grad_norm"] > 0 for r in records[1:])  # what resumes is not nothing
     for key in (
         "critic/score/mean",
         "actor/entropy",
@@ -121,10 +129,10 @@ def test_train_writes_run_directory_and_resume_matches(tiny_policy, tmp_path):
     model2, tok2 = make_tiny_policy()
     resumed = tmp_path / "resumed"
     config = small_config(resumed, trainer={"steps": 2, "entropy_change_every": 2})
-    Trainer(config, model=model2, tokenizer=tok2).train()
+    _scripted(Trainer(config, model=model2, tokenizer=tok2)).train()
     model3, tok3 = make_tiny_policy()
     config = small_config(resumed, trainer={"steps": 4, "entropy_change_every": 2})
-    Trainer(config, model=model3, tokenizer=tok3).train(resume=True)
+    _scripted(Trainer(config, model=model3, tokenizer=tok3)).train(resume=True)
     again = read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in again] == [0, 1, 2, 3, 4]
     for r1, r2 in zip(records, again, strict=True):
@@ -308,14 +316,18 @@ def test_masked_out_rows_update_like_dropped_rows(policy_loss, mode):
 
 
 def test_dynamic_sampling_run(tiny_policy, tmp_path):
+    """The untrained policy solves nothing: dynamic sampling filters every group out, and each
+    step is skipped, weights untouched, but logged."""
     model, tok = tiny_policy
+    before = copy.deepcopy(model.state_dict())
     config = small_config(
         tmp_path, algorithm={"dynamic_sampling": True}, trainer={"steps": 2, "eval_every": 0}
     )
     Trainer(config, model=model, tokenizer=tok).train()
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
-    assert all(0.0 <= r["batch/kept_fraction"] <= 1.0 for r in records)
+    assert all(r["batch/kept_fraction"] == 0 and r["actor/skipped_updates"] == 1 for r in records)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
 
 
 def test_concat_and_rows_keep_every_row_intact(tiny_policy):
@@ -461,12 +473,14 @@ def test_no_grad_passes_use_their_own_micro_batch(tiny_policy, tmp_path, monkeyp
         )
         calls.clear()
         trainer = Trainer(config, model=copy.deepcopy(model), tokenizer=tok)
+        trainer.score = alternating_scores  # an update that moves the weights
         trainer.train()
         # old and reference log-probs, a selection pass for the second of the 2 mini-batches
         # (the first selects with the old log-probs: no update has moved the weights yet), and
         # the entropy after the update
         assert calls == [size or 4] * 4, name
         runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")[0]
+    assert runs["default"]["actor/grad_norm"] > 0 and runs["default"]["actor/kl_loss"] > 0
     for key in ("actor/entropy", "actor/kl_loss", "actor/pg_loss", "actor/grad_norm"):
         assert runs["large"][key] == pytest.approx(runs["default"][key], rel=1e-4, abs=1e-6), key
 

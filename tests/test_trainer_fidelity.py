@@ -5,6 +5,7 @@ batch is split."""
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from entroprl.config import config_from_dict
 from entroprl.forward import forward_log_probs
 from entroprl.law import detect_plateau_online
 from entroprl.rundir import read_metrics
-from entroprl.trainer import Trainer, UpdateBatch, update_policy
-from tests.policies import make_tiny_policy
+from entroprl.trainer import Trainer, UpdateBatch, UpdateResult, update_policy
+from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_trainer import (
     SPLIT_TEST_SETTINGS,
     _update_batch,
@@ -221,14 +222,14 @@ def test_empty_minibatch_is_skipped_and_counted(policy_loss, cov_scope):
     )
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    metrics, _ = update_policy(
+    metrics = update_policy(
         model,
         opt,
         batch,
         config,
         generator=torch.Generator().manual_seed(0),
         loss_kwargs=controller_kwargs(config),
-    )
+    ).metrics
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert metrics["actor/empty_minibatches"] == 2 and metrics["actor/skipped_updates"] == 0
     assert not torch.equal(before, after)
@@ -258,14 +259,14 @@ def test_logged_metrics_do_not_depend_on_the_micro_batch_split(policy_loss):
             }
         )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        metrics, _ = update_policy(
+        metrics = update_policy(
             model,
             opt,
             batch,
             config,
             generator=torch.Generator().manual_seed(0),
             loss_kwargs=controller_kwargs(config),
-        )
+        ).metrics
         runs.append(metrics)
     assert runs[0]["actor/pg_loss"] != 0
     for other in runs[1:]:
@@ -288,8 +289,11 @@ def test_lopti_logs_both_passes(tmp_path, monkeypatch):
             {"actor/pg_loss": 3.0, "actor/skipped_updates": 0, "actor/empty_minibatches": 2},
         ]
     )
+    empty = torch.zeros(0)
     monkeypatch.setattr(
-        trainer_module, "update_policy", lambda *args, **kwargs: (next(passes), None)
+        trainer_module,
+        "update_policy",
+        lambda *args, **kwargs: UpdateResult(next(passes), empty, empty, moved=True),
     )
     model, tok = make_tiny_policy()
     config = small_config(tmp_path, algorithm={"lopti_eta": 0.5}, trainer={"eval_every": 0})
@@ -310,10 +314,12 @@ def test_lopti_logs_both_passes(tmp_path, monkeypatch):
 def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, policy_loss, micro):
     """With one mini-batch and one epoch, the old log-probs and the entropy come from the training
     forward, detached (no pass of their own): the same update and the same logged values as with
-    the separate no-grad pass, and one forward fewer."""
+    the separate no-grad pass, and one forward fewer. Scripted rewards differ within every group,
+    so that the update has a gradient and moves the weights."""
     import entroprl.trainer as trainer_module
 
     results = []
+    initial = torch.cat([p.detach().flatten() for p in make_tiny_policy()[0].parameters()])
     for on_policy in (True, False):
         model, tok = make_tiny_policy()
         config = small_config(
@@ -323,6 +329,7 @@ def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, pol
             trainer={"eval_every": 0},
         )
         trainer = Trainer(config, model=model, tokenizer=tok)
+        trainer.score = alternating_scores
         assert trainer.on_policy
         passes = []
         real = trainer_module.batched_log_probs
@@ -339,6 +346,7 @@ def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, pol
         weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         results.append((metrics, weights, len(passes)))
     (fused, w_fused, n_fused), (separate, w_separate, n_separate) = results
+    assert separate["actor/grad_norm"] > 0 and (w_separate - initial).abs().max() > 1e-4
     torch.testing.assert_close(w_fused, w_separate, atol=1e-6, rtol=1e-5)
     for key, value in separate.items():
         if not key.startswith(("timing_s/", "perf/")):
@@ -366,3 +374,55 @@ def test_on_policy_needs_nothing_before_the_update(tmp_path):
     assert not Trainer(config, model=model, tokenizer=tok).on_policy
     config = small_config(tmp_path)  # two mini-batches
     assert not Trainer(config, model=model, tokenizer=tok).on_policy
+
+
+# -- Lopti: the second pass starts from moved weights ----------------------------------------------
+
+
+@pytest.mark.parametrize("policy_loss", ["kl_cov", "clip_cov"])
+def test_lopti_second_pass_selects_with_the_current_log_probs(tmp_path, monkeypatch, policy_loss):
+    """With cov_logp=exact every whole-mini-batch selection sees the log-probs of the weights it
+    is about to update (algorithms.md §3.4). Lopti's second pass starts where the first pass's
+    optimizer steps left the weights, so its first mini-batch must not select with the
+    rollout's log-probs, as if nothing had moved."""
+    model, tok = make_tiny_policy()
+    batch = _update_batch(tok)
+    with torch.no_grad():  # the rollout's log-probs, as the trainer's own pass computes them
+        old, _ = forward_log_probs(model, batch.input_ids, batch.attention_mask, 6)
+    batch = replace(batch, old_log_prob=old)
+    valid = batch.response_mask.bool()
+    # half the tokens in each pass, so that both passes have advantages to select by
+    eta = old[valid].exp().median().item()
+    config = small_config(
+        tmp_path,
+        algorithm={"policy_loss": policy_loss, "loss": SPLIT_TEST_SETTINGS, "lopti_eta": eta},
+        rollout={"max_new_tokens": 6},
+        optim={"lr": 3e-2, "mini_batch_size": 8, "micro_batch_size": 4},
+        trainer={"eval_every": 0},
+    )
+    trainer = Trainer(config, model=model, tokenizer=tok)
+    spec = losses.get_policy_loss(policy_loss)
+    gaps = []  # per selection: (|selecting - current|, |current - rollout|), max over its tokens
+
+    def spying(log_prob, old_log_prob, advantages, mask, settings, **kwargs):
+        # the mini-batch's rows, found by their (distinct) rollout log-probs
+        rows = torch.stack([(old == row).all(-1).nonzero()[0, 0] for row in old_log_prob])
+        with torch.no_grad():
+            current, _ = forward_log_probs(
+                model, batch.input_ids[rows], batch.attention_mask[rows], 6
+            )
+        m = mask.bool()
+        gaps.append(
+            (
+                (log_prob - current)[m].abs().max().item(),
+                (current - old_log_prob)[m].abs().max().item(),
+            )
+        )
+        return spec.select(log_prob, old_log_prob, advantages, mask, settings, **kwargs)
+
+    monkeypatch.setitem(losses.POLICY_LOSSES, policy_loss, replace(spec, select=spying))
+    trainer.update(batch, 1)
+    assert len(gaps) == 2  # one mini-batch per pass
+    assert gaps[1][1] > 0.05, gaps  # the first pass moved the weights: the check is not vacuous
+    for selecting_vs_current, _ in gaps:
+        assert selecting_vs_current < 1e-5, gaps

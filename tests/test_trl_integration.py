@@ -197,6 +197,7 @@ def test_selection_spans_the_optimizer_step(tmp_path, loss_type):
     )
     parts = [make_inputs(trainer, seed=s) for s in (4, 5)]
     trainer._buffered_inputs, trainer._step = parts, 0
+    trainer.current_gradient_accumulation_steps = 2  # as the training loop sets it
     trainer.model.train()
     first = trainer._step_selection(trainer.model)
     trainer._step = 1
@@ -227,6 +228,55 @@ def test_selection_spans_the_optimizer_step(tmp_path, loss_type):
         assert not torch.equal(alone, first)
 
 
+@pytest.mark.parametrize("loss_type", ["clip_cov", "kl_cov"])
+def test_selection_follows_a_short_last_window(tmp_path, loss_type):
+    """Three micro-batches an epoch (one generation batch of steps_per_generation=3) and
+    gradient_accumulation_steps=2: each epoch's last optimizer step accumulates one micro-batch,
+    and the next epoch's windows start afresh. Every selection scope is one optimizer step's
+    micro-batches (within one generation batch), never two steps'."""
+    from transformers import TrainerCallback
+
+    boundaries = []  # micro-batches done at each optimizer step
+
+    class Boundaries(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            boundaries.append(trainer._step)
+
+    model, tok = make_tiny_policy()
+    args = CovGRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=6,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        gradient_accumulation_steps=2,
+        steps_per_generation=3,
+        num_train_epochs=2,
+        save_strategy="no",
+        loss_type=loss_type,
+        clip_cov_ratio=0.2,
+        kl_cov_ratio=0.2,
+        **WIDE,
+    )
+    trainer = CovGRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:3]}),
+        processing_class=tok,
+        callbacks=[Boundaries()],
+    )
+    scopes = []
+    select = trainer._select
+    trainer._select = lambda model, steps: (scopes.append(list(steps)), select(model, steps))[1]
+    trainer.train()
+    assert boundaries == [2, 3, 5, 6]  # windows [0, 1], [2] | [3, 4], [5]
+    assert scopes == [[0, 1], [2], [3, 4], [5]]
+
+
 def _rank_selection(rank, world, port, out_dir):
     """One of `world` data-parallel ranks (accelerate's own process group, gloo on CPU): its two
     micro-batches of an optimizer step, and the selections each loss type makes for them."""
@@ -251,6 +301,7 @@ def _rank_selection(rank, world, port, out_dir):
         assert trainer.accelerator.num_processes == world
         parts = [make_inputs(trainer, seed=20 + 2 * rank + i) for i in range(2)]
         trainer._buffered_inputs, trainer._step = parts, 0
+        trainer.current_gradient_accumulation_steps = 2  # as the training loop sets it
         trainer.model.train()
         selected = [trainer._step_selection(trainer.model)]
         trainer._step = 1

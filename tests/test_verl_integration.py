@@ -89,7 +89,9 @@ GLOBAL_INFO = {"dp_size": 1, "batch_num_tokens": 200, "global_batch_size": 10}
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["no-is", "rollout-is"])
 @pytest.mark.parametrize(
-    "info", [{}, GLOBAL_INFO | {"loss_scale_factor": 32}], ids=["local", "global"]
+    "info",
+    [{}, GLOBAL_INFO | {"loss_scale_factor": 32}, GLOBAL_INFO | {"dp_size": 2}],
+    ids=["local", "global", "global-dp2"],
 )
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
@@ -110,6 +112,47 @@ def test_micro_batch_scope_equals_verl(name, mode, info, weighted):
     # verl's ppo_kl is the signed mean for Clip-Cov and the mean absolute value for KL-Cov
     key = "actor/ppo_kl" if name == "clip_cov" else "actor/kl_cov_abs_diff"
     assert mine[2][key] == pytest.approx(theirs[2]["actor/ppo_kl"], rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weighted_ppo_loss_equals_verl_vanilla(mode):
+    """The trainer's PPO loss with the rollout importance weights (`weights`) is verl's
+    compute_policy_loss_vanilla with `rollout_is_weights`: loss, gradient and clip fractions."""
+    old, log_prob, advantages, mask, weights = micro_batch(seed=14)
+    config = actor_config()
+    theirs = run(
+        core_algos.compute_policy_loss_vanilla,
+        old,
+        log_prob,
+        advantages,
+        mask,
+        mode,
+        config,
+        weights,
+    )
+    ours_mode, denominators, _ = ours._aggregation(mode, mask, config)
+
+    def ppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, **kwargs):
+        loss, metrics = losses.ppo_loss(
+            log_prob,
+            old_log_prob,
+            advantages,
+            response_mask,
+            clip_low=config.clip_ratio_low,
+            clip_high=config.clip_ratio_high,
+            clip_ratio_c=config.clip_ratio_c,
+            loss_agg_mode=ours_mode,
+            denominators=denominators,
+            weights=kwargs["rollout_is_weights"],
+        )
+        return loss, metrics
+
+    mine = run(ppo, old, log_prob, advantages, mask, mode, config, weights)
+    torch.testing.assert_close(mine[0], theirs[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mine[1], theirs[1], rtol=1e-6, atol=1e-8)
+    assert theirs[2]["actor/pg_clipfrac"] > 0  # the clip acts on some tokens
+    for key in ("pg_clipfrac", "pg_clipfrac_lower"):
+        assert mine[2][key] == pytest.approx(theirs[2][f"actor/{key}"], rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])

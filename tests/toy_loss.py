@@ -49,6 +49,7 @@ def toy_scaled_loss(
     selected=None,
     loss_agg_mode="token-mean",
     denominators=None,
+    weights=None,
 ):
     """L = -A * exp(logp - old_logp), times `weight` on the selected tokens."""
     if selected is None:
@@ -63,5 +64,7 @@ def toy_scaled_loss(
         )
     per_token = -advantages * torch.exp(log_prob - old_log_prob)
     per_token = torch.where(selected, weight * per_token, per_token)
-    loss = losses.aggregate_loss(per_token, response_mask, loss_agg_mode, denominators=denominators)
+    loss = losses.aggregate_loss(
+        per_token, response_mask, loss_agg_mode, denominators=denominators, weights=weights
+    )
     return loss, {"pg_loss": loss.item(), "toy_selected": float(selected.sum())}

@@ -11,6 +11,7 @@ from entroprl import distributed, parallel
 from entroprl.checks import check_choice
 from entroprl.config import BACKENDS, Config
 from entroprl.errors import ConfigError
+from entroprl.policy import model_dir
 from entroprl.rollout import HFBackend, RolloutBatch
 from entroprl.vllm_backend import VLLMBackend
 
@@ -48,6 +49,7 @@ def make_backend(
             config.rollout.generation_batch_size,
             progress=config.trainer.progress and distributed.rank() == 0,
             synced=parallel.is_sharded(model) and distributed.world_size() > 1,
+            static_cache=config.rollout.static_cache,
         )
     if config.model.path is None:
         raise ConfigError(
@@ -56,7 +58,7 @@ def make_backend(
         )
     device = next(model.parameters()).device if model is not None else None
     return VLLMBackend(
-        config.model.path,
+        str(model_dir(config.model.path)),
         tokenizer,
         dtype=config.model.compute_dtype or config.model.dtype,
         seed=config.trainer.seed,

@@ -4,6 +4,13 @@
                                optimizer.safetensors, optimizer.json, rng.safetensors, state.json
     CHECKPOINTS/latest         the name of the newest checkpoint, for people and scripts
 
+A model sharded with FSDP is saved sharded (`save_sharded`): each rank writes its own shards of the
+weights and the AdamW state with `torch.distributed.checkpoint` into `sharded/`, and `model/` holds
+the Hugging Face config and the tokenizer without weights; no rank ever holds the whole state (a
+7B model's full state with AdamW is about 90 GB). It resumes on any number of ranks, sharded or
+not (`load_sharded`), and `export_hf` turns it into a Hugging Face folder
+(`entroprl export CHECKPOINT --out DIR`).
+
 `state.json` is written last, once every other file is written and synced to disk, and records
 the size and SHA-256 of each of them; then the folder is renamed into place. A run killed at any
 moment therefore leaves no checkpoint of that step or a complete one, and a checkpoint damaged
@@ -15,24 +22,35 @@ optimizer state holding NaN or inf are never written. Nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from entroprl.checks import NonFiniteError
 from entroprl.rundir import atomic_write_text
 
 STATE = "state.json"
 LATEST = "latest"
+SHARDED = "sharded"
+"""The folder of a sharded checkpoint's `torch.distributed.checkpoint` files."""
 _OS_ERROR = re.compile(r"os error (\d+)")
 
 
@@ -66,16 +84,50 @@ def save(
     tensors, meta = _optimizer_to_tensors(optimizer_state)
     _check_finite("weight", model_state)
     _check_finite("optimizer state", tensors)
-    name = checkpoint_name(step)
-    tmp, final = folder / f".{name}.tmp", folder / name
-    try:
-        folder.mkdir(exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    tmp = _fresh_tmp(folder, step)
+    with _written(folder, step):
         model.save_pretrained(tmp / "model", state_dict=model_state, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
         save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(meta))
+    return _finish(folder, step, state, keep)
+
+
+def _fresh_tmp(folder: Path, step: int) -> Path:
+    """The empty temporary folder checkpoint `step` is written into."""
+    tmp = folder / f".{checkpoint_name(step)}.tmp"
+    with _written(folder, step):
+        folder.mkdir(exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    return tmp
+
+
+@contextlib.contextmanager
+def _written(folder: Path, step: int) -> Iterator[None]:
+    """A file-system failure inside the block removes the temporary folder of checkpoint `step`
+    and raises OSError naming the checkpoint (disk full, read-only)."""
+    name = checkpoint_name(step)
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(folder / f".{name}.tmp", ignore_errors=True)
+        code = _errno(e)
+        raise OSError(
+            code,
+            f"{os.strerror(code)}: the checkpoint of step {step} was not written "
+            "(the checkpoints before it are intact)",
+            str(folder / name),
+        ) from e
+
+
+def _finish(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Complete the temporary folder of checkpoint `step`: the RNG states, state.json with each
+    file's size and SHA-256, everything synced, then renamed into place, `latest` pointed at it
+    and the folder pruned to `keep` checkpoints."""
+    name = checkpoint_name(step)
+    tmp, final = folder / f".{name}.tmp", folder / name
+    with _written(folder, step):
         save_file(_rng_tensors(), tmp / "rng.safetensors")
         files = {
             f.relative_to(tmp).as_posix(): _synced_record(f)
@@ -88,19 +140,119 @@ def save(
         # Only a damaged checkpoint of this step can be here: resuming skipped it for an older one.
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-    except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        code = _errno(e)
-        raise OSError(
-            code,
-            f"{os.strerror(code)}: the checkpoint of step {step} was not written "
-            "(the checkpoints before it are intact)",
-            str(final),
-        ) from e
     _sync(folder)
     atomic_write_text(folder / LATEST, name)
     prune(folder, keep, step)
     return final
+
+
+def save_sharded(
+    folder: Path,
+    step: int,
+    model,
+    optimizer: torch.optim.Optimizer,
+    tokenizer,
+    state: dict[str, Any],
+    keep: int,
+    *,
+    writer: bool,
+) -> Path:
+    """Write checkpoint `step` of an FSDP-sharded `model` into `folder`, every rank its own shards
+    (every rank must call it; `writer`, one rank, writes the rest and completes the checkpoint as
+    `save` does). Raises NonFiniteError on every rank, writing nothing, when any shard of a weight
+    or of the optimizer state holds NaN or inf."""
+    from entroprl import distributed, parallel
+
+    model_state = get_model_state_dict(model)
+    tensors, meta = _optimizer_to_tensors(get_optimizer_state_dict(model, optimizer), cpu=False)
+    if not parallel.all_finite([*model_state.values(), *tensors.values()]):
+        raise NonFiniteError("a weight or the optimizer state holds NaN or inf")
+    tmp = _fresh_tmp(folder, step) if writer else folder / f".{checkpoint_name(step)}.tmp"
+    _barrier()  # the folder exists before any rank writes into it
+    with _written(folder, step):
+        dcp.save({"model": model_state, "optimizer": tensors}, checkpoint_id=tmp / SHARDED)
+    failure = None
+    if writer:
+        try:
+            with _written(folder, step):
+                model.config.save_pretrained(tmp / "model")
+                tokenizer.save_pretrained(tmp / "model")
+                (tmp / "optimizer.json").write_text(json.dumps(meta))
+            _finish(folder, step, {**state, "format": SHARDED}, keep)
+        except OSError as e:
+            failure = e
+    # every rank leaves together, once the checkpoint is in place or known not to be
+    stop = torch.tensor(int(failure is not None), device=_device_of(model_state))
+    if int(distributed.all_reduce_sum(stop)):
+        raise failure or OSError(errno.EIO, f"rank 0 could not write the checkpoint of step {step}")
+    return folder / checkpoint_name(step)
+
+
+def is_sharded(state: dict[str, Any]) -> bool:
+    """Whether the checkpoint whose state.json is `state` was saved by `save_sharded`."""
+    return state.get("format") == SHARDED
+
+
+def load_sharded(path: Path, model, optimizer: torch.optim.Optimizer) -> None:
+    """Load sharded checkpoint `path` into `model` and `optimizer`, every rank reading what its
+    own layout needs: the same shards on the same number of ranks, other slices of them on
+    another number, whole tensors for a model that is not sharded. Every rank must call it."""
+    model_state = get_model_state_dict(model)
+    tensors, _ = _optimizer_to_tensors(get_optimizer_state_dict(model, optimizer), cpu=False)
+    dcp.load({"model": model_state, "optimizer": tensors}, checkpoint_id=path / SHARDED)
+    meta = json.loads((path / "optimizer.json").read_text())
+    set_model_state_dict(model, model_state)
+    set_optimizer_state_dict(model, optimizer, _optimizer_from_tensors(tensors, meta))
+
+
+def read_sharded(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The whole tensors of sharded checkpoint `path` whose names start with `prefix` (`model.`,
+    `optimizer.`), read in one process with no process group."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(path / SHARDED)
+    stored = reader.read_metadata().state_dict_metadata
+    tensors = {
+        name: torch.empty(meta.size, dtype=meta.properties.dtype, device="cpu")
+        for name, meta in stored.items()
+        if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors
+
+
+def export_hf(path: Path, out: Path) -> Path:
+    """A Hugging Face model folder at `out` (weights and tokenizer) from checkpoint `path`,
+    verified first; in one process, with no process group, for a sharded checkpoint too."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    state = verify(path)
+    if not is_sharded(state):
+        shutil.copytree(path / "model", out)
+        return out
+    weights = {k.removeprefix("model."): v for k, v in read_sharded(path, "model.").items()}
+    dtype = next(iter(weights.values())).dtype
+    config = AutoConfig.from_pretrained(path / "model")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())  # saved under one name or two
+    if unexpected or set(missing) - tied:
+        raise DamagedCheckpoint(
+            f"its weights do not fit its config.json (missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)})"
+        )
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(path / "model").save_pretrained(out)
+    return out
+
+
+def _device_of(tensors: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(tensors.values())).device
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def verify(path: Path, *, hashes: bool = True) -> dict[str, Any]:
@@ -247,14 +399,15 @@ def _sync(directory: Path) -> None:
         os.close(fd)
 
 
-def _optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split a name-keyed optimizer state dict (`parallel.optimizer_state`) into safetensors
-    tensors ``"<parameter name>.<slot>"`` and the JSON rest."""
+def _optimizer_to_tensors(state: dict, *, cpu: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a name-keyed optimizer state dict (`parallel.optimizer_state`) into tensors
+    ``"<parameter name>.<slot>"`` (on the CPU and contiguous, for safetensors, with `cpu`; else as
+    they are, shards included) and the JSON rest."""
     tensors, scalars = {}, {}
     for param, slots in state["state"].items():
         for slot, value in slots.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{param}.{slot}"] = value.detach().cpu().contiguous()
+                tensors[f"{param}.{slot}"] = value.detach().cpu().contiguous() if cpu else value
             else:
                 scalars[f"{param}.{slot}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}

@@ -1,10 +1,11 @@
-"""The `entroprl` command: train, eval, demo.
+"""The `entroprl` command: train, eval, demo, analyze, compare, export.
 
     entroprl train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     entroprl eval --model DIR --bench [NAME=]FORMAT:PATH [--bench ...]
     entroprl demo [--out DIR] [--methods A,B,...] [--seeds N] [--jobs N] [--threads N]
     entroprl analyze RUN [--out DIR] [--smooth N]
     entroprl compare RUN [RUN ...] [--out DIR] [--smooth N] [--pool]
+    entroprl export CHECKPOINT|RUN --out DIR
 
 Under `torchrun`, `train` runs on every rank (NCCL on GPUs, gloo on CPU), the model replicated
 (`trainer.strategy=ddp`) or sharded (`trainer.strategy=fsdp`). FSDP without torchrun runs as a
@@ -17,7 +18,6 @@ ends the command with one line naming the problem and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from pathlib import Path
@@ -27,24 +27,10 @@ from entroprl.errors import ConfigError, TrainingError
 
 
 def init_distributed(strategy: str) -> None:
-    """Join torchrun's process group (it sets WORLD_SIZE), or start a group of one for FSDP."""
-    import torch
-    import torch.distributed as dist
+    """`entroprl.distributed.init` (its old place, kept for scripts that import it from here)."""
+    from entroprl import distributed
 
-    launched = "WORLD_SIZE" in os.environ
-    if dist.is_initialized() or not (launched or strategy == "fsdp"):
-        return
-    if torch.cuda.is_available():
-        # before the group forms, so that NCCL and FSDP's device mesh use this rank's GPU
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if launched:
-        dist.init_process_group(backend)
-    else:
-        import tempfile
-
-        store = Path(tempfile.mkdtemp(prefix="entroprl-pg-")) / "store"
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    distributed.init(strategy)
 
 
 def _quiet_thread_os_error(args: threading.ExceptHookArgs) -> None:
@@ -79,7 +65,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="local Hugging Face model directory (default: model.path of the config)",
+        help="a Hugging Face model: local directory or hub id (default: the config's model.path)",
     )
     parser.add_argument(
         "--bench",
@@ -155,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         run_benchmarks,
         write_report,
     )
-    from entroprl.policy import load_policy, pick_device
+    from entroprl.policy import load_policy, model_dir, pick_device
     from entroprl.tasks import math_problems
     from entroprl.tasks.base import Task
     from entroprl.tasks.registry import build_task
@@ -171,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         if config.model.path is None:
             raise ConfigError("model.path: rollout.backend=vllm needs a checkpoint directory")
         model = None
-        tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir(config.model.path))
     else:
         model, tokenizer = load_policy(config)
         model = model.to(pick_device(config.trainer.device)).eval()
@@ -235,6 +221,25 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from entroprl import checkpoint
+
+    source, out = Path(args.checkpoint), Path(args.out)
+    if out.exists():
+        raise ValueError(f"{out} exists: name a new folder for the exported model")
+    if (source / "checkpoints").is_dir():  # a run: its newest valid checkpoint
+        source, _, skipped = checkpoint.find_resumable(source / "checkpoints")
+        for line in skipped:
+            print(f"skipped checkpoint {line}")
+        if source is None:
+            raise ValueError(f"{args.checkpoint}: no valid checkpoint to export")
+    try:
+        checkpoint.export_hf(source, out)
+    except checkpoint.DamagedCheckpoint as e:
+        raise ValueError(f"{source}: {e}") from None
+    print(f"exported {source} to {out} (Hugging Face format)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from entroprl.demo import run_demo
 
@@ -273,6 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("eval", help="evaluate a model on benchmark files or a task's test set")
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "export",
+        help="a Hugging Face model folder from a checkpoint (a sharded FSDP one too)",
+    )
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run (its newest valid checkpoint)")
+    p.add_argument("--out", required=True, help="the new model folder")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="watch GRPO collapse entropy and Clip-Cov/KL-Cov hold it")
     p.add_argument("--out", default="runs/demo", help="output directory")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import re
 import types
@@ -55,16 +56,22 @@ MOVED_KEYS = {
 @dataclass
 class ModelConfig:
     path: str | None = None
-    """Local Hugging Face checkpoint directory; None builds the demo's warm-started tiny model."""
+    """A Hugging Face model: a local directory or a hub id (`Qwen/Qwen2.5-0.5B`, resolved through
+    huggingface_hub's cache; HF_HUB_OFFLINE=1 keeps it to the cache); None builds the demo's
+    warm-started tiny model."""
     dtype: str = "float32"
     """Dtype of the trained weights, their gradients and the AdamW state."""
     compute_dtype: str | None = None
     """Mixed precision: the training forwards and backward in this dtype (`bfloat16`) while the
     weights, their gradients and AdamW stay in `dtype` (`entroprl.precision`): FSDP's gathered
     weights under trainer.strategy=fsdp, else (one process only) a bfloat16 copy of the model.
-    Sampling from the HF backend stays in `dtype`; vLLM samples in this dtype. On a CPU with AMX
-    it made the update 1.6x (hidden 128) to 2.2x (hidden 256) faster (docs/benchmarks.md)."""
+    The HF backend samples from that copy on a GPU and in `dtype` on the CPU; vLLM samples in
+    this dtype. Refused on a CPU without native bfloat16, where it is many times slower (speeds:
+    docs/benchmarks.md)."""
     gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them
+    (transformers' non-reentrant checkpointing): less memory for about a third more compute.
+    Not with optim.shared_prefix."""
 
 
 @dataclass
@@ -81,11 +88,17 @@ class DataConfig:
     train_size: int = 2000
     """Countdown problems generated for training (file tasks use `train_limit`)."""
     test_size: int = 200
+    """Countdown problems generated for the held-out evaluation."""
     train_limit: int | None = None
     """Use only the first N usable rows of `train_file`; None: all."""
     test_limit: int | None = None
     reward: str | None = None
-    """`math` or `gsm8k`; None: the task's own (gsm8k for gsm8k, math for math and jsonl)."""
+    """`math` or `gsm8k`; or your own function, `module:function`, with TRL's reward signature
+    (`entroprl.tasks.custom_reward`); None: the task's own (gsm8k for gsm8k, math for math and
+    jsonl, the Countdown verifier for countdown)."""
+    reward_timeout: float = 60.0
+    """Seconds your own reward function (`data.reward: module:function`) may take for one batch
+    before its sandbox process is killed and the run stops."""
     instruction: str = math_problems.DEFAULT_INSTRUCTION
     """Appended to every question on a new line; empty for none."""
     chat_template: bool = True
@@ -96,18 +109,35 @@ class DataConfig:
     """File tasks: questions longer than this (in characters) are left out, and reported, before
     any tokenizer sees them (a 10 MB question exhausted memory inside the tokenizer)."""
     seed: int = 0
+    """Seed of the generated Countdown problems (file tasks are read in file order)."""
 
 
 @dataclass
 class RolloutConfig:
     backend: str = "hf"
+    """What samples the rollouts: `hf`, the training model itself through `entroprl.sampler`,
+    or `vllm`, a vLLM engine synced with the policy before each rollout."""
     prompts_per_step: int = 16
+    """Prompts sampled per step, over all ranks (divisible by the number of ranks)."""
     n: int = 8
     """Responses per prompt: the group size G."""
     temperature: float = 1.0
+    """Sampling temperature; the old log-probs and the ratio use the same temperature, the
+    logged entropy is at temperature 1 (algorithms.md §1.4)."""
     top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability exceeds top_p (1: the
+    whole distribution)."""
     max_new_tokens: int = 16
+    """Longest response, in tokens; a response stops earlier at the tokenizer's EOS."""
     generation_batch_size: int = 256
+    """HF backend: sequences sampled together (the prompts' groups split into chunks of at most
+    this many rows). On a GPU one chunk of the whole batch is fastest where memory allows: each
+    decoding step costs about the same for few rows as for many."""
+    static_cache: bool | None = None
+    """HF backend: decode every row to the end in a cache of fixed shape, each step's forward
+    replayed as a CUDA graph (`entroprl.sampler`). None: on a GPU (for a model that is not
+    sharded over ranks); false: never (finished rows leave the batch instead, the CPU's
+    default); true: also on the CPU, where no graph is captured. The same tokens either way."""
     gpu_memory_utilization: float = 0.5
     """vLLM: the fraction of each GPU its engine takes (weights and KV cache); the rest is left
     for training. On vLLM's CPU backend: the fraction of the machine's memory given to its KV
@@ -125,8 +155,8 @@ class AlgorithmConfig:
     losses (`entroprl.losses.register_policy_loss`) or advantage estimators under new names.
     Each must be importable (installed, or on PYTHONPATH)."""
     advantage: str = "grpo"
-    """A registered advantage estimator (`entroprl.advantages.ADVANTAGE_ESTIMATORS`): grpo,
-    dr_grpo, rloo, reinforce_pp_baseline, qae, passk, or a plug-in's."""
+    """A registered advantage estimator (`entroprl.advantages.ADVANTAGE_ESTIMATORS`, algorithms.md
+    §6): grpo, dr_grpo, rloo, reinforce_pp_baseline, qae, passk, or a plug-in's."""
     advantage_settings: dict[str, Any] = field(default_factory=dict)
     """Each estimator's own settings, `advantage_settings.<name>.<setting>` (e.g.
     `advantage_settings.qae.quantile`); those of `advantage` not given take their defaults."""
@@ -138,6 +168,8 @@ class AlgorithmConfig:
     settings of `policy_loss` not given here take their defaults (`losses.PPOSettings`,
     `ClipCovSettings`, `KLCovSettings`, `CEGPPOSettings`, `EntroPICSettings`)."""
     loss_agg_mode: str = "token-mean"
+    """How token losses become one loss (algorithms.md §5.1): `token-mean`, `seq-mean-token-
+    mean`, `seq-mean-token-sum`, `seq-mean-token-sum-norm` (verl's names)."""
     cov_scope: str = "minibatch"
     """Scope of a loss's token selection (Clip-Cov, KL-Cov): `minibatch`, the whole optimizer
     mini-batch on all ranks (algorithms.md §3.3); `micro`, per micro-batch per rank, the
@@ -147,13 +179,23 @@ class AlgorithmConfig:
     `old`: select with the rollout-time log-probs (no extra forward; exact on the first
     mini-batch of a step only)."""
     entropy_coef: float = 0.0
+    """Entropy bonus: `- entropy_coef * H` added to the loss (algorithms.md §4.4); 0: off. With
+    entropy_target, the controller's starting value."""
     entropy_target: float | None = None
     """Set to switch the entropy bonus to the adaptive controller aiming at this entropy."""
     entropy_coef_delta: float = 1e-4
+    """Adaptive entropy bonus: the step by which the coefficient moves each step towards
+    entropy_target."""
     entropy_coef_min: float = 0.0
+    """Adaptive entropy bonus: the lowest coefficient."""
     entropy_coef_max: float = 1e-2
+    """Adaptive entropy bonus: the highest coefficient."""
     kl_coef: float = 0.0
+    """Weight of the KL penalty to the initial policy (a frozen reference model; algorithms.md
+    §4.5); 0: no reference model."""
     kl_estimator: str = "k3"
+    """Estimator of that KL per token: `k1`, `k2`, `k3` (`low_var_kl`, its clamped form as verl
+    computes it)."""
     high_entropy_rho: float | None = None
     dynamic_sampling: bool = False
     """DAPO: groups whose scores are all equal leave the loss (algorithms.md §6)."""
@@ -171,9 +213,16 @@ class AlgorithmConfig:
     train batch in the papers' scripts); the step keeps prompts_per_step of their groups,
     informative ones first. None: rollout.prompts_per_step."""
     overlong_buffer: int = 0
+    """DAPO's soft overlong punishment (algorithms.md §6.7): responses longer than
+    rollout.max_new_tokens minus this many tokens lose up to overlong_factor of reward; 0: off."""
     overlong_factor: float = 1.0
+    """The largest overlong punishment, reached at rollout.max_new_tokens."""
     ppl_shaping_alpha: float = 0.0
+    """Perplexity shaping (Deng et al., algorithms.md §7.1): advantages scaled by clamp(1 -
+    alpha * w, 0.8, 1.2), w the response's standardised log-perplexity in its group; 0: off."""
     position_shaping_alpha: float = 0.0
+    """Position shaping (Deng et al., algorithms.md §7.2): later tokens' |A| raised by up to
+    alpha, in the plateau stage (position_shaping_start/_end, or detected); 0: off."""
     position_shaping_start: int | None = None
     """First step of position shaping; None detects the plateau stage from the run's entropy."""
     position_shaping_end: int | None = None
@@ -182,12 +231,15 @@ class AlgorithmConfig:
     plateau stage online (`law.detect_plateau_online`; odd, >= 3). Once found, the plateau stays:
     position shaping is on from then to the end of the run."""
     low_prob_alpha: float = 0.0
+    """Low-probability token reweighting (Yang et al., algorithms.md §8.1): A * (alpha * p + 1
+    - alpha); 0: off."""
     lopti_eta: float | None = None
     rollout_is: str | None = None
     """Truncated importance sampling on the rollout/training mismatch (`entroprl.mismatch`,
     verl's ``rollout_correction.rollout_is``): `token` or `sequence` weights
-    min(pi_train / pi_rollout, rollout_is_threshold) on each token's policy-gradient term; None:
-    off. Needs the engine's log-probs, which rollout.backend=vllm reports."""
+    min(pi_train / pi_rollout, rollout_is_threshold) on each token's policy loss (KL-Cov's
+    penalty included, as verl); None: off. Needs the engine's log-probs, which
+    rollout.backend=vllm reports."""
     rollout_is_threshold: float = 2.0
     """The truncation C of rollout_is."""
 
@@ -195,12 +247,20 @@ class AlgorithmConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-6
+    """AdamW's learning rate (the peak of the schedule)."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.999
+    """AdamW's second-moment decay."""
     warmup_steps: int = 0
+    """Steps of linear warm-up from lr / warmup_steps to lr."""
     schedule: str = "constant"
+    """The learning rate after warm-up: `constant`, `cosine` (to 0 at trainer.steps) or
+    `linear` (to 0)."""
     grad_clip: float = 1.0
+    """Global gradient-norm clipping of each optimizer step."""
     epochs: int = 1
     """Passes over each rollout batch (PPO epochs)."""
     mini_batch_size: int = 128
@@ -227,17 +287,27 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     steps: int = 100
+    """RL steps of the run (a resumed run continues to this step)."""
     seed: int = 0
+    """Seeds the prompt order, the sampling and the selections of every step (a resumed run
+    draws what the uninterrupted one would)."""
     out_dir: str = "runs/default"
+    """The run directory: config, metrics.jsonl, TensorBoard events, checkpoints, rollout
+    samples."""
     device: str = "auto"
+    """`auto` (this rank's GPU if there is one, else the CPU), `cpu`, `cuda` (this rank's GPU:
+    torchrun's LOCAL_RANK) or `cuda:N`."""
     strategy: str = "ddp"
     """`ddp`: every rank holds the whole model (replicated); `fsdp`: parameters, gradients and
     AdamW state sharded over the ranks (FSDP2), for models too large to replicate."""
     eval_every: int = 10
+    """Held-out evaluation every this many steps, before the first and at the last; 0: never."""
     eval_samples: int = 4
     """Samples per held-out problem: pass@1 is their mean accuracy, pass@k uses all of them."""
     eval_temperature: float = 1.0
+    """Sampling temperature of the held-out evaluation (0: greedy)."""
     save_every: int = 50
+    """A checkpoint every this many steps, and at the last."""
     keep_checkpoints: int = 2
     """Checkpoints kept: the newest and the ones before it (`entroprl.checkpoint.prune`)."""
     rollout_samples: int = 8
@@ -250,11 +320,14 @@ class TrainerConfig:
     no-grad forward) and log the measured change, `dynamics/entropy_change`; 0: never. Every 10
     steps keeps its cost near 1% of training."""
     tensorboard: bool = True
+    """Also write the metrics as TensorBoard events under out_dir/tb."""
     wandb: bool = False
     """Also log the metrics to a Weights & Biases run (`pip install 'entroprl[wandb]'`), named
     after out_dir, under the same names; `WANDB_MODE=offline` keeps it on disk in out_dir/wandb."""
     wandb_project: str = "entroprl"
+    """The W&B project of trainer.wandb."""
     progress: bool = True
+    """Progress bars on long work (steps, sampling chunks, updates)."""
 
 
 @dataclass
@@ -349,6 +422,13 @@ class Config:
             a.rollout_is is None or r.backend == "vllm",
             "algorithm.rollout_is",
             "needs the rollout engine's log-probs, which only rollout.backend=vllm reports",
+        )
+        need(
+            a.rollout_is is None
+            or _takes_keyword(losses.POLICY_LOSSES[a.policy_loss].fn, "weights"),
+            "algorithm.rollout_is",
+            f"policy loss {a.policy_loss!r} takes no `weights` argument, through which the "
+            "importance weights reach its per-token loss (entroprl.losses.PolicyLoss)",
         )
         need(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "in (0, 1)")
         need(
@@ -460,10 +540,12 @@ class Config:
             f"task {d.task!r} evaluates on a file: set it, or trainer.eval_every=0",
         )
         need(
-            d.reward is None or d.reward in math_problems.REWARDS,
+            d.reward is None or d.reward in math_problems.REWARDS or ":" in d.reward,
             "data.reward",
-            f"unknown reward {d.reward!r}; known: {sorted(math_problems.REWARDS)}",
+            f"unknown reward {d.reward!r}; known: {sorted(math_problems.REWARDS)}, or "
+            "module:function for your own",
         )
+        need(d.reward_timeout > 0, "data.reward_timeout", "must be > 0")
         need("{message}" in d.plain_template, "data.plain_template", "must contain {message}")
         need(d.train_limit is None or d.train_limit >= 1, "data.train_limit", "must be >= 1")
         need(d.test_limit is None or d.test_limit >= 1, "data.test_limit", "must be >= 1")
@@ -543,6 +625,11 @@ def _apply_registered_settings(store: dict[str, Any], values: dict[str, Any], ke
             raise ConfigError(f"{key}.{name}: expected a mapping, got {settings!r}")
         target = store.setdefault(name, registry[name].settings())
         _apply(target, settings, f"{key}.{name}.")
+
+
+def _takes_keyword(fn, name: str) -> bool:
+    parameters = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _import_plugins(values: dict[str, Any]) -> None:

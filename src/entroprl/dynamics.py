@@ -103,7 +103,7 @@ def covariance_summary(
     values = cov.detach()[mask.bool()].to(torch.float64)
     if across_ranks:
         values, _ = distributed.all_gather_cat(values)
-    n = check_nonempty(torch.tensor(values.numel()), "mask (for the covariance summary)")
+    n = check_nonempty(values.new_tensor(values.numel()), "mask (for the covariance summary)")
     cumulative = torch.sort(values, descending=True).values.cumsum(0)
     summary = {}
     for p in fractions:
@@ -173,7 +173,7 @@ def response_covariance(
 
     dx = x - group_mean(x)[group]
     dy = y - group_mean(y)[group]
-    totals = torch.stack([group_mean(dx * dy).sum(), torch.tensor(float(sizes.numel()))])
+    totals = torch.stack([group_mean(dx * dy).sum(), sizes.new_tensor(sizes.numel())])
     if across_ranks:
         totals = distributed.all_reduce_sum(totals)
     check_nonempty(totals[1], "response batch")

@@ -65,13 +65,28 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
 
 
-def _logp_entropy_rows(
-    logits: Tensor, tokens: Tensor, rows: slice, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """logp of the sampled tokens and H for rows `rows`; its buffers die when it returns."""
-    log_q = log_softmax_rows(logits, rows, compute_dtype(logits), temperature)
-    logp = log_q.gather(1, tokens[rows, None]).squeeze(1)
-    return logp, -rowdot(log_q.exp(), log_q)
+def blocks(batch: int, length: int, chunk_rows: int) -> Iterator[tuple[slice, slice]]:
+    """(batch rows, positions) blocks of at most `chunk_rows` tokens covering a (batch, length)
+    grid: whole rows of the batch when a row fits, else slices of one row. A block of a sliced
+    (B, T, V) tensor such as `logits[:, :-1]` is a view, never a copy, since each row's positions
+    are contiguous."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if length <= chunk_rows:
+        for rows in row_slices(batch, chunk_rows // max(length, 1)):
+            yield rows, slice(0, length)
+        return
+    for row in range(batch):
+        for positions in row_slices(length, chunk_rows):
+            yield slice(row, row + 1), positions
+
+
+def _scaled_log_softmax(z: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """log softmax over the last dim of `z / temperature`, in `dtype` (one fused kernel at
+    temperature 1)."""
+    if temperature != 1.0:
+        z = z.to(dtype, copy=True).div_(temperature)
+    return torch.log_softmax(z, dim=-1, dtype=dtype)
 
 
 class _ChunkedLogpEntropy(torch.autograd.Function):
@@ -80,22 +95,25 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
     With z = logits / temperature, p = softmax(z), y the sampled token:
         d logp / dz = onehot(y) - p
         d H / dz    = -p * (log p + H)
-    Only the logits (already alive), the tokens and the (N,) entropies are saved, so autograd does
-    not keep a float32 copy of every chunk alive until backward.
+    Only the logits (already alive), the tokens and the (B, T) entropies are saved, so autograd
+    does not keep a float32 copy of every chunk alive until backward.
     """
 
     @staticmethod
     def forward(
         ctx, logits: Tensor, tokens: Tensor, temperature: float, chunk_rows: int, entropy_grad: bool
     ) -> tuple[Tensor, Tensor]:
-        flat_tokens = tokens.reshape(-1)
-        logp = torch.empty(tokens.numel(), dtype=compute_dtype(logits), device=logits.device)
+        dtype = compute_dtype(logits)
+        logp = torch.empty(tokens.shape, dtype=dtype, device=logits.device)
         entropy = torch.empty_like(logp)
-        for rows in row_slices(tokens.numel(), chunk_rows):
-            logp[rows], entropy[rows] = _logp_entropy_rows(logits, flat_tokens, rows, temperature)
-        ctx.save_for_backward(logits, flat_tokens, entropy)
+        for rows, positions in blocks(*tokens.shape, chunk_rows):
+            log_q = _scaled_log_softmax(logits[rows, positions], dtype, temperature)
+            logp[rows, positions] = log_q.gather(-1, tokens[rows, positions, None]).squeeze(-1)
+            flat = log_q.view(-1, log_q.shape[-1])
+            entropy[rows, positions] = -rowdot(flat.exp(), flat).view(log_q.shape[:-1])
+            del log_q, flat  # before the next block allocates its own
+        ctx.save_for_backward(logits, tokens, entropy)
         ctx.temperature, ctx.chunk_rows, ctx.entropy_grad = temperature, chunk_rows, entropy_grad
-        logp, entropy = logp.view(tokens.shape), entropy.view(tokens.shape)
         if not entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return logp, entropy
@@ -105,24 +123,24 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
     def backward(ctx, grad_logp: Tensor, grad_entropy: Tensor):
         logits, tokens, entropy = ctx.saved_tensors
         dtype, temperature = entropy.dtype, ctx.temperature
-        # The 1/temperature of dz/dlogits is folded into the per-row coefficients.
-        g_logp = grad_logp.reshape(-1, 1).to(dtype) / temperature
-        g_ent = grad_entropy.reshape(-1, 1).to(dtype) / temperature
-        grad = logits.new_empty(tokens.numel(), logits.shape[-1])
-        for rows in row_slices(tokens.numel(), ctx.chunk_rows):
-            log_q = log_softmax_rows(logits, rows, dtype, temperature)
+        # The 1/temperature of dz/dlogits is folded into the per-token coefficients.
+        g_logp = grad_logp.to(dtype)[..., None] / temperature
+        g_ent = grad_entropy.to(dtype)[..., None] / temperature
+        grad = logits.new_empty(logits.shape)
+        for rows, positions in blocks(*tokens.shape, ctx.chunk_rows):
+            block = rows, positions
+            log_q = _scaled_log_softmax(logits[block], dtype, temperature)
             if ctx.entropy_grad:
                 # -p * (g_logp + g_ent * (log p + H)), as one addcmul and one product
-                offset = -(g_logp[rows] + g_ent[rows] * entropy[rows, None])
-                coef = torch.addcmul(offset, log_q, -g_ent[rows])
+                offset = -(g_logp[block] + g_ent[block] * entropy[block][..., None])
+                coef = torch.addcmul(offset, log_q, -g_ent[block])
             else:
-                coef = -g_logp[rows]
+                coef = -g_logp[block]
             gz = log_q.exp_().mul_(coef)
-            gz.scatter_add_(1, tokens[rows, None], g_logp[rows])
-            grad[rows] = gz
-            # Drop this chunk's buffers before the next chunk allocates its own.
+            gz.scatter_add_(-1, tokens[block][..., None], g_logp[block])
+            grad[block] = gz
             del log_q, coef, gz
-        return grad.view(logits.shape), None, None, None, None
+        return grad, None, None, None, None
 
 
 def logprobs_and_entropy(

@@ -75,7 +75,7 @@ def evaluate(
     0/1 matrix.
     """
     problems = task.test if problems is None else problems
-    prompts, answers = [e.prompt for e in problems], [e.answer for e in problems]
+    prompts = [e.prompt for e in problems]
     texts = sample_texts(
         backend,
         prompts,
@@ -85,7 +85,7 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         prompts_per_call=len(prompts),
     )
-    correct = _scored(task, texts, answers)
+    correct = _scored(task, texts, problems)
     return score_samples(correct, ks=[samples] if samples > 1 else []), correct
 
 
@@ -207,9 +207,11 @@ def pass_ks(n: int) -> list[int]:
     return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
 
 
-def _scored(task: Task, texts: list[list[str]], answers: list[Any]) -> np.ndarray:
+def _scored(task: Task, texts: list[list[str]], examples: list[Example]) -> np.ndarray:
+    """Whether each sampled text (one row of samples per example) is correct."""
     flat = [t for row in texts for t in row]
-    rewards = task.score(flat, [a for a, row in zip(answers, texts, strict=True) for _ in row])
+    each = [e for e, row in zip(examples, texts, strict=True) for _ in row]
+    rewards = task.score(flat, [e.answer for e in each], [e.prompt for e in each])
     return (np.asarray(rewards) >= 1.0).reshape(len(texts), -1)
 
 
@@ -232,7 +234,7 @@ def evaluate_benchmark(
         max_new_tokens=p.max_new_tokens,
         prompts_per_call=p.prompts_per_call,
     )
-    greedy_ok = _scored(bench.task, greedy, answers)[:, 0]
+    greedy_ok = _scored(bench.task, greedy, examples)[:, 0]
     metrics: dict[str, Any] = {"problems": len(examples), "greedy@1": float(greedy_ok.mean())}
     records = [
         {
@@ -256,7 +258,7 @@ def evaluate_benchmark(
             max_new_tokens=p.max_new_tokens,
             prompts_per_call=max(1, p.prompts_per_call // k),
         )
-        correct = _scored(bench.task, texts, answers)
+        correct = _scored(bench.task, texts, examples)
         metrics |= score_samples(correct, ks=pass_ks(k))
         metrics[f"avg@{k}"] = metrics.pop(f"mean@{k}")
         votes = [[_vote(t, bench.reward) for t in row] for row in texts]

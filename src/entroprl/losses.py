@@ -186,9 +186,11 @@ def aggregate_loss(
     loss_agg_mode: str,
     *,
     denominators: LossDenominators | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Aggregate a per-token loss `l` (B, T) over the mask `m` into a scalar (algorithms.md §5
-    table):
+    table), `l` first multiplied by `weights` (B, T) when given (the rollout importance weights,
+    as verl's ``pg_losses * rollout_is_weights``; the denominators stay token and sequence counts):
 
         token-mean               sum(l*m) / tokens
         seq-mean-token-mean      sum_i [sum_t(l*m) / sum_t(m)] / sequences   (empty rows add 0)
@@ -205,6 +207,10 @@ def aggregate_loss(
     mask = check_mask(response_mask)
     if denominators is None:
         denominators = loss_denominators(mask, across_ranks=False)
+    if weights is not None:
+        check_same_shape(loss_mat=loss_mat, weights=weights)
+        check_finite("weights", weights, mask)
+        loss_mat = loss_mat * _zero_padding(weights, mask)
     masked = torch.where(
         mask, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device)
     )
@@ -394,7 +400,10 @@ def high_entropy_mask(
 
 PolicyLoss = Callable[..., tuple[Tensor, dict[str, float]]]
 """``fn(log_prob, old_log_prob, advantages, response_mask, *, loss_agg_mode, denominators,
-**settings[, selected]) -> (loss, metrics)``: the one signature of every registered loss."""
+**settings[, selected][, weights]) -> (loss, metrics)``: the one signature of every registered
+loss. `weights` (B, T), the rollout importance weights, multiply each token's whole loss term
+before aggregation (`aggregate_loss(..., weights=weights)`); a trainer passes them only when the
+correction is on."""
 Selection = Callable[..., Tensor]
 """``select(log_prob, old_log_prob, advantages, response_mask, settings, *, generator,
 across_ranks) -> (B, T) bool``: the tokens a loss treats apart, chosen over a whole scope."""
@@ -432,7 +441,8 @@ class PolicyLossSpec:
     """A registered policy loss: what a trainer needs to call it without knowing which it is.
 
     fn: the loss (`PolicyLoss`); it receives `loss_agg_mode`, `denominators` and every field of
-        `settings` as keyword arguments, and `selected` when the loss has a selection.
+        `settings` as keyword arguments, `selected` when the loss has a selection, and `weights`
+        when the trainer corrects the rollout mismatch.
     settings: a dataclass of the loss's own settings (each field a keyword argument of `fn`, with
         its default and a docstring), whose `validate()` raises `SettingError` naming a field. A
         configuration holds them under ``algorithm.loss.<name>.<field>``.
@@ -529,9 +539,11 @@ class ClipCovSettings:
     lb: float = 1.0
     """Candidates have lb < cov < ub (absolute values: they depend on the advantage scale)."""
     ub: float = 5.0
+    """Upper bound of the candidates' covariance (see lb)."""
     clip_low: float = 0.2
     """PPO clip range of the loss and of the candidate filter (the authors' runs use 1 and 1)."""
     clip_high: float = 0.2
+    """Upper end of that clip range: [1 - clip_low, 1 + clip_high]."""
 
     def validate(self) -> None:
         _check_fraction("ratio", self.ratio, upper=1.0)
@@ -602,6 +614,7 @@ def ppo_loss(
     clip_ratio_c: float = 3.0,
     loss_agg_mode: str = "token-mean",
     denominators: LossDenominators | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate with dual clip, the GRPO/DAPO policy loss (algorithms.md §4).
 
@@ -609,9 +622,10 @@ def ppo_loss(
         L1 = -A*r,   L2 = -A*clamp(r, 1 - clip_low, 1 + clip_high),   L = max(L1, L2)
         L  = min(L, -A*clip_ratio_c)   where A < 0   (dual clip, clip_ratio_c > 1)
 
-    aggregated with `loss_agg_mode` (algorithms.md §5). DAPO's clip-higher is `clip_high=0.28`.
-    Metrics: pg_loss; pg_clipfrac, fraction of valid tokens with L2 > L1; pg_clipfrac_lower,
-    fraction with A < 0 and max(L1, L2) > -A*c; ppo_kl, mean(old_logp - logp) over valid tokens.
+    aggregated with `loss_agg_mode` (algorithms.md §5), each token's L times its `weights` when
+    given. DAPO's clip-higher is `clip_high=0.28`. Metrics: pg_loss; pg_clipfrac, fraction of
+    valid tokens with L2 > L1; pg_clipfrac_lower, fraction with A < 0 and max(L1, L2) > -A*c;
+    ppo_kl, mean(old_logp - logp) over valid tokens.
     """
     log_prob, old_log_prob, advantages, mask = _check_loss_inputs(
         log_prob, old_log_prob, advantages, response_mask, loss_agg_mode
@@ -625,7 +639,7 @@ def ppo_loss(
     l3 = -advantages * clip_ratio_c
     negative = advantages < 0
     loss_mat = torch.where(negative, torch.minimum(clipped, l3), clipped)
-    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators)
+    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators, weights=weights)
     metrics = _metrics(
         mask,
         pg_clipfrac=(l2 > l1).to(torch.float64),
@@ -651,12 +665,14 @@ def clip_cov_loss(
     generator: torch.Generator | None = None,
     selected: Tensor | None = None,
     denominators: LossDenominators | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clip-Cov policy loss of Cui et al. (algorithms.md §4).
 
         r = exp(logp - old_logp)   (not clamped, as in the reference)
         L = 0 on the selected tokens (no gradient; they still count in the denominators),
             max(-A*r, -A*clamp(r, 1 - clip_low, 1 + clip_high)) elsewhere;   no dual clip
+        times `weights` per token when given
 
     `selected` is the mask from `clip_cov_select` over the trainer's scope (the whole mini-batch);
     None selects over the tensors passed with `ratio`, `lb`, `ub`, `generator` (the reference
@@ -687,7 +703,7 @@ def clip_cov_loss(
     l2 = -advantages * torch.clamp(r, 1 - clip_low, 1 + clip_high)
     # where (not a product with 0) keeps a selected token's term 0 even if r overflowed to inf.
     loss_mat = torch.where(selected, torch.zeros_like(l1), torch.maximum(l1, l2))
-    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators)
+    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators, weights=weights)
     metrics = _metrics(
         mask,
         pg_clipfrac=(l2 > l1).to(torch.float64),
@@ -725,11 +741,13 @@ def kl_cov_loss(
     loss_agg_mode: str = "token-mean",
     selected: Tensor | None = None,
     denominators: LossDenominators | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """KL-Cov policy loss of Cui et al. (algorithms.md §4).
 
         r = exp(logp - old_logp)   (no clipping)
         L = -A*r + coef*|logp - old_logp| on the selected tokens,   -A*r elsewhere
+        times `weights` per token when given, the penalty included (as verl)
 
     `selected` is the mask from `kl_cov_select` over the trainer's scope; None selects the top
     `max(floor(ratio*N), 1)` tokens by cov over the tensors passed (the reference behaviour).
@@ -749,7 +767,7 @@ def kl_cov_loss(
     log_ratio = log_prob - old_log_prob
     pg = -advantages * torch.exp(log_ratio)
     loss_mat = torch.where(selected, pg + coef * log_ratio.abs(), pg)
-    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators)
+    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators, weights=weights)
     metrics = _metrics(mask, ppo_kl=-log_ratio, kl_cov_abs_diff=log_ratio.abs())
     return loss, {
         "pg_loss": loss.item(),
@@ -769,6 +787,7 @@ class CEGPPOSettings:
     clip_low: float = 0.2
     """PPO's clip range [1 - clip_low, 1 + clip_high]; outside it the bounded gradient applies."""
     clip_high: float = 0.2
+    """The upper end of that range, 1 + clip_high."""
     clip_ratio_c: float = 3.0
     """Dual clip for negative advantages, as PPO's; > 1 (the authors' scripts set 10)."""
     beta1: float = 0.75
@@ -806,6 +825,7 @@ def ce_gppo_loss(
     beta2: float = 1.0,
     loss_agg_mode: str = "token-mean",
     denominators: LossDenominators | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """CE-GPPO of Su et al. (algorithms.md §4.8): PPO whose clipped tokens keep a bounded gradient.
 
@@ -817,7 +837,8 @@ def ce_gppo_loss(
         L    = min(L, -A*clip_ratio_c)   where A < 0   (dual clip)
 
     On low and high tokens PPO's value, (1 - clip_low) or (1 + clip_high) times -A, is kept up to
-    the factor beta, and the gradient is beta times that value's times grad logp. Metrics: pg_loss;
+    the factor beta, and the gradient is beta times that value's times grad logp. Aggregated with
+    `loss_agg_mode`, each token's L times its `weights` when given. Metrics: pg_loss;
     pg_clipfrac, fraction of valid tokens on low or high (PPO's clip fraction); pg_clipfrac_lower,
     fraction with A < 0 whose loss the dual clip caps; ppo_kl; ce_gppo_low_frac, ce_gppo_high_frac.
     """
@@ -840,7 +861,7 @@ def ce_gppo_loss(
     negative = advantages < 0
     capped = negative & (loss_mat > l3)
     loss_mat = torch.where(negative, torch.minimum(loss_mat, l3), loss_mat)
-    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators)
+    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, denominators=denominators, weights=weights)
     metrics = _metrics(
         mask,
         pg_clipfrac=(low | high).to(torch.float64),
@@ -863,9 +884,11 @@ _ENTROPIC_ALPHA_BOUND = 1.0
 @dataclass
 class EntroPICSettings:
     clip_low: float = 0.2
-    """PPO's clip range and dual clip, as `ppo`."""
+    """PPO's lower clip: the ratio is clamped to [1 - clip_low, ...], as `ppo`."""
     clip_high: float = 0.2
+    """PPO's upper clip: [..., 1 + clip_high], as `ppo`."""
     clip_ratio_c: float = 3.0
+    """PPO's dual clip for negative advantages, as `ppo`; > 1."""
     high_prob_threshold: float = 0.95
     """Tokens with probability above it (current policy) get the control term; in (0, 1)."""
     kp: float = 1.0
@@ -879,7 +902,9 @@ class EntroPICSettings:
     """H_target from the law R = -a*exp(H) + b of an earlier run (`entroprl analyze`): the entropy
     at which it predicts law_fraction of its ceiling b - a."""
     law_b: float | None = None
+    """The law's b (with law_a): its ceiling is b - a."""
     law_fraction: float = 0.9
+    """The fraction of the law's ceiling at whose entropy H_target is set; in (0, 1)."""
     entropy: str = "token_mean"
     """Which batch entropy the controller tracks: token_mean (the authors', with token-mean
     aggregation) or seq_mean_token_mean (the paper's H, which the law is fitted on)."""
@@ -1018,14 +1043,16 @@ def entropic_loss(
     selected: Tensor | None = None,
     denominators: LossDenominators | None = None,
     selected_denominators: LossDenominators | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """EntroPIC policy loss of Yang et al. (algorithms.md §4.9): PPO plus a controlled term on
     high-probability tokens.
 
         L = L_PPO + alpha * agg_S(-r * |A|),   S = {valid t : logp_t > log(high_prob_threshold)}
 
-    L_PPO is `ppo_loss` (clamped ratio r, dual clip); agg_S aggregates over S alone with
-    `loss_agg_mode`, with `selected_denominators` (of S over the trainer's scope; None: S's own
+    L_PPO is `ppo_loss` (clamped ratio r, dual clip; its tokens times `weights` when given, the
+    term unweighted, as the authors' code weights pg_losses only); agg_S aggregates over S alone
+    with `loss_agg_mode`, with `selected_denominators` (of S over the trainer's scope; None: S's own
     over the tensors passed); it is 0 when S is empty, as the authors' masked mean gives. `alpha`
     is the controller's (`EntroPICController`); 0 gives PPO. `selected` is S from
     `high_prob_select` over the scope; None computes it from `log_prob`. Metrics: ppo_loss's,
@@ -1046,6 +1073,7 @@ def entropic_loss(
         clip_ratio_c=clip_ratio_c,
         loss_agg_mode=loss_agg_mode,
         denominators=denominators,
+        weights=weights,
     )
     mask = check_mask(response_mask)
     if selected is None:

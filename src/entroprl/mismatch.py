@@ -116,12 +116,12 @@ def rollout_is_weights(
         sequence:  w_t = min(exp(sum_{s in response} d_s), C)   for every token of the response
 
     C = `threshold` (verl's ``rollout_is_threshold``, default 2). The trainer multiplies each
-    token's policy-gradient term by w_t, so that the expectation over tokens drawn from mu is
-    (up to the truncation) the expectation under pi: E_mu[rho * g] = E_pi[g]. Token level is
-    biased and low-variance, sequence level unbiased for whole-response objectives with a
-    variance that grows with the length; truncation trades a bias where rho > C for bounded
-    variance. Metrics (``rollout_corr/`` prefix): rollout_is_mean (mean weight over valid
-    tokens, after truncation), rollout_is_max (before truncation) and
+    token's policy loss by w_t (the whole term, as verl: KL-Cov's penalty included), so that the
+    expectation over tokens drawn from mu is (up to the truncation) the expectation under pi:
+    E_mu[rho * g] = E_pi[g]. Token level is biased and low-variance, sequence level unbiased for
+    whole-response objectives with a variance that grows with the length; truncation trades a
+    bias where rho > C for bounded variance. Metrics (``rollout_corr/`` prefix): rollout_is_mean
+    (mean weight over valid tokens, after truncation), rollout_is_max (before truncation) and
     rollout_is_ratio_fraction_high (fraction of valid tokens truncated, rho > C).
     """
     check_choice("rollout_is level", level, ROLLOUT_IS_LEVELS)

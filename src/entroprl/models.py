@@ -21,6 +21,20 @@ from transformers import (
 from entroprl.checks import check_choice
 
 ARCHS = {"qwen2": Qwen2Config, "llama": LlamaConfig}
+QWEN25_05B = {
+    "vocab_size": 151_936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32_768,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+"""Qwen2.5-0.5B's architecture (a `Qwen2Config`'s arguments): the GPU checks' policy, built with
+random weights since nothing can be downloaded."""
 
 
 def tiny_config(

@@ -180,8 +180,11 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether no element of `tensors` is NaN or inf on any rank, each rank checking its own shard
     of a sharded tensor; every rank must call it. One sum per tensor tells, without a copy of it:
     NaN and inf carry through a sum, and weights never come near float32's overflow."""
+    tensors = list(tensors)
+    # on the run's device: an optimizer's step counters are CPU scalars beside GPU weights
+    device = distributed.run_device() or tensors[0].device
     sums = [
-        (t.to_local() if isinstance(t, DTensor) else t).detach().sum(dtype=torch.float32)
+        (t.to_local() if isinstance(t, DTensor) else t).detach().sum(dtype=torch.float32).to(device)
         for t in tensors
     ]
     bad = (~torch.isfinite(torch.stack(sums))).sum()

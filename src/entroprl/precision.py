@@ -2,13 +2,19 @@
 `model.dtype` (float32).
 
 Under `trainer.strategy=fsdp` FSDP casts the gathered weights itself (`parallel.shard`). In one
-process without FSDP the forwards run through `ComputeCopy`, a bfloat16 copy of the model whose
-gradients are added to the float32 weights' and which an optimizer step refreshes: the arithmetic
-of FSDP's `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`, verl's default. It
+process without FSDP the forwards run through `ComputeCopy`, a copy of the model with bfloat16
+parameters (its buffers, such as rotary embeddings' inv_freq, stay float32) whose gradients are
+added to the float32 weights' and which an optimizer step refreshes: the arithmetic of FSDP's
+`MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`, verl's default. It
 is faster than `torch.autocast` on the CPU (1.3-1.9x on the forward and backward,
 docs/benchmarks.md), which casts every activation a matrix product reads. Sampling from the HF
 backend stays in float32: decoding's small matrix products gain nothing from bfloat16 on the CPU,
-so the rollout and the update differ by bfloat16 rounding, as they do with vLLM.
+so the rollout and the update differ by bfloat16 rounding, as they do with vLLM. On a GPU the HF
+backend samples from the bfloat16 copy.
+
+bfloat16 arithmetic on a CPU is fast only where the CPU has it natively (AVX-512 BF16 or AMX, and
+torch's AVX-512 kernels): under AVX2 kernels a step in bfloat16 is about 11x slower than in float32
+(docs/benchmarks.md), so the trainer refuses it there (`check_native_bfloat16`).
 
 On the CPU the attention runs in float32 inside the bfloat16 forward (`float32_attention`): torch's
 bfloat16 scaled-dot-product attention kernel there is about 5x slower than its float32 kernel at a
@@ -23,12 +29,39 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from entroprl.errors import ConfigError
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively, with torch's kernels that use it: AVX-512
+    BF16 or AMX instructions, and torch's AVX-512 kernels (not AVX2, which convert)."""
+    cpu = torch.cpu
+    hardware = (
+        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return hardware and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def check_native_bfloat16(dtype: str | None) -> None:
+    """Refuse bfloat16 training on a CPU without native bfloat16, where it is ~11x slower."""
+    if dtype != "bfloat16" or native_bfloat16():
+        return
+    raise ConfigError(
+        "model.compute_dtype / model.dtype: bfloat16 on this CPU (torch capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, no native AVX-512 BF16 or AMX) runs about 11x "
+        "slower than float32: train in float32 here (model.compute_dtype=null, "
+        "model.dtype=float32), or in bfloat16 on a GPU"
+    )
+
+
 FLOAT32_SDPA = "sdpa_float32"
 """The name under which `float32_attention` registers its attention with transformers."""
 
 
 class ComputeCopy(torch.nn.Module):
-    """`model`'s forwards and backward in `dtype`, through a copy of it.
+    """`model`'s forwards and backward in `dtype`, through a copy of it whose parameters are cast
+    to `dtype` (`cast_parameters`: its buffers stay as they are).
 
     `parameters()` are `model`'s own (the master weights the optimizer steps): each gradient the
     copy's backward accumulates is added to its master's in the master's dtype, summing
@@ -40,7 +73,8 @@ class ComputeCopy(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
         super().__init__()
         self.master = model
-        self._copy = (copy.deepcopy(model).to(dtype),)  # a tuple: not a submodule of this one
+        # a tuple: not a submodule of this one
+        self._copy = (cast_parameters(copy.deepcopy(model), dtype),)
         for master, low in zip(model.parameters(), self.module.parameters(), strict=True):
             if low.requires_grad:
                 low.register_post_accumulate_grad_hook(partial(_add_to_master, master))
@@ -56,6 +90,18 @@ class ComputeCopy(torch.nn.Module):
     def refresh(self) -> None:
         for master, low in zip(self.master.parameters(), self.module.parameters(), strict=True):
             low.copy_(master)
+
+
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast `module`'s floating-point parameters to `dtype` in place and return it; its buffers
+    keep their dtype, as under FSDP2's `MixedPrecisionPolicy(param_dtype=dtype)`, which casts
+    parameters only. Rotary embeddings' `inv_freq` thus stays float32: rounded to bfloat16, the
+    angle `position * inv_freq` drifts further from its float32 value the further the position.
+    """
+    for param in module.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    return module
 
 
 def _add_to_master(master: Tensor, low: Tensor) -> None:

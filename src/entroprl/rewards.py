@@ -30,6 +30,7 @@ import atexit
 import json
 import logging
 import math
+import numbers
 import os
 import pickle
 import re
@@ -461,24 +462,50 @@ def _run_bounded(fn: Callable[..., float], args: tuple[Any, ...], timeout: float
     """`fn(*args)` in a helper process, killed after `timeout` seconds (0.0 then)."""
     if _IN_SANDBOX and threading.current_thread() is threading.main_thread():
         return fn(*args)  # already in a sandbox, whose parent bounds it
+    status, value = call_bounded(fn, args, timeout)
+    if status == "timeout":
+        logger.warning("reward computation timed out after %.1f s; scoring 0.0", timeout)
+    elif status == "crash":
+        logger.warning("reward helper process failed or crashed; scoring 0.0")
+    return _to_reward(value) if status == "ok" else 0.0
+
+
+def call_bounded(fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> tuple[str, Any]:
+    """``fn(*args)`` in a sandbox process, killed after `timeout` seconds: ``("ok", value)``
+    (a number, or a list of numbers and Nones, as `_serve` sends them), ``("error", "Type:
+    message")`` when it raised, ``("timeout", None)`` or ``("crash", None)`` (the helper failed
+    to start, died or sent a malformed reply). `fn` and `args` must pickle."""
     worker = _take_worker()
     if not worker.wait_ready(HELPER_START_TIMEOUT_S) or not worker.submit(fn, args, timeout):
-        logger.error("reward helper process failed to start; scoring 0.0")
         worker.kill()
-        return 0.0
+        return "crash", None
     if not worker.inbox.poll(timeout):
-        logger.warning("reward computation timed out after %.1f s; scoring 0.0", timeout)
         worker.kill()
         _give_back(_Worker())  # start the replacement now, so the next call finds it warm
-        return 0.0
+        return "timeout", None
     try:
         status, value = worker.reply()
     except (EOFError, OSError, ValueError):
-        logger.warning("reward helper process crashed or sent a malformed reply; scoring 0.0")
         worker.kill()
-        return 0.0
+        return "crash", None
     _give_back(worker)
-    return _to_reward(value) if status == "ok" else 0.0
+    return status, value
+
+
+def _sendable(result: Any) -> Any:
+    """A function's result as a sandbox sends it: a number, or for a list or tuple each item as a
+    number, None, or the name of its type (which the caller reports as a wrong result)."""
+    if not isinstance(result, list | tuple):
+        return _to_reward(result)
+    out = []
+    for item in result:
+        if item is None:
+            out.append(None)
+        elif isinstance(item, numbers.Real) and not isinstance(item, bool):
+            out.append(float(item) if math.isfinite(item) else None)
+        else:
+            out.append(type(item).__name__)
+    return out
 
 
 class _Worker:
@@ -624,6 +651,6 @@ def _serve(read_fd: int, write_fd: int) -> None:
             cpu_cap = min(cpu_cap, cpu_hard)
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_cap, cpu_hard))
         try:
-            send("ok", _to_reward(fn(*args)))
+            send("ok", _sendable(fn(*args)))
         except (Exception, TimeoutException) as exc:
-            send("error", type(exc).__name__)
+            send("error", f"{type(exc).__name__}: {exc}"[:500])

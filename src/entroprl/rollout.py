@@ -141,6 +141,10 @@ class HFBackend:
     generation_config applied); every rank must then make the same calls with the same number of
     prompts. A sharded model is gathered once for each call (a whole copy in its compute dtype on
     every rank, as verl's Hugging Face rollout does), not for every token.
+
+    `static_cache` (None: on a GPU, for a model that is not sharded) decodes with the sampler's
+    fixed-shape cache, each step replayed as a CUDA graph there (`sampler._decode_static`); True
+    also on the CPU, where no graph is captured.
     """
 
     def __init__(
@@ -151,11 +155,12 @@ class HFBackend:
         *,
         progress: bool = False,
         synced: bool = False,
+        static_cache: bool | None = None,
     ):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an EOS token for batched rollout")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.progress, self.synced = progress, synced
+        self.progress, self.synced, self.static_cache = progress, synced, static_cache
 
     def sync_weights(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -220,6 +225,9 @@ class HFBackend:
         """Responses (counts.sum(), T) to the distinct prompts `ids`, `counts[i]` to prompt i."""
         tok = self.tokenizer
         if not self.synced:
+            static = self.static_cache
+            if static is None:
+                static = ids.device.type == "cuda" and not parallel.is_sharded(self.model)
             return sample(
                 self.model,
                 ids,
@@ -230,6 +238,7 @@ class HFBackend:
                 max_new_tokens=max_new_tokens,
                 eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
+                static_cache=static,
             )
         sampling = (
             # top_k=0: sample from the policy itself, not transformers' default top-50

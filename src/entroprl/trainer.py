@@ -53,7 +53,7 @@ from entroprl.law import detect_plateau_online
 from entroprl.policy import load_policy, pick_device
 from entroprl.rollout import RolloutBatch, concat_batches
 from entroprl.rundir import RunDir
-from entroprl.tasks.base import Task
+from entroprl.tasks.base import Example, Task
 from entroprl.tasks.registry import build_task
 
 
@@ -79,6 +79,21 @@ class UpdateBatch:
         return UpdateBatch(*(take(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
+@dataclass
+class UpdateResult:
+    """What one `update_policy` call did."""
+
+    metrics: dict[str, float]
+    log_prob: Tensor
+    """(B, R) detached log-probs of the first epoch's training forwards, for every row, before
+    any update touched them on-policy."""
+    entropy: Tensor
+    """(B, R) the entropies of the same forwards."""
+    moved: bool
+    """Whether an optimizer step has changed the weights since the rollout (in this call, or
+    before it when the call was told so)."""
+
+
 def update_policy(
     model,
     optimizer: torch.optim.Optimizer,
@@ -88,8 +103,9 @@ def update_policy(
     generator: torch.Generator,
     entropy_coef: float = 0.0,
     progress: bool = False,
+    moved: bool = False,
     loss_kwargs: dict[str, Any] | None = None,
-) -> tuple[dict[str, float], tuple[Tensor, Tensor]]:
+) -> UpdateResult:
     """`epochs x mini-batches` optimizer steps on one rollout batch (this rank's rows).
 
     Each mini-batch is split into micro-batches whose losses use the whole mini-batch's
@@ -107,10 +123,10 @@ def update_policy(
     epoch) the old log-probs are the training forward's, detached, so the ratio is exactly 1; a
     whole-mini-batch selection uses the old log-probs while the weights have not moved yet (the
     first mini-batch), and the training forward's own when the mini-batch is one micro-batch.
+    `moved` says that the weights have already changed since the rollout (an earlier call on the
+    same rollout, as Lopti's second pass), so that no selection trusts the old log-probs then.
     `loss_kwargs` replaces the loss's settings as its keyword arguments (those of its
     `LossController`, when it has one).
-    Returns the metrics and the log-probs and entropies (detached, (B, R)) that the first epoch's
-    training forwards computed for every row, before any update touched them on-policy.
     """
     a, o = config.algorithm, config.optim
     spec = losses.get_policy_loss(a.policy_loss)
@@ -131,12 +147,12 @@ def update_policy(
         raise ValueError("old_log_prob=None (on-policy) needs one mini-batch and one epoch")
     norm_constant = config.rollout.max_new_tokens
     params = [p for p in model.parameters() if p.requires_grad]
+    device = batch.response_mask.device
     summed = spec.summed_metrics | {"kl_loss"}
     metrics: dict[str, list[float]] = defaultdict(list)
     seen_log_prob = batch.response_mask.new_zeros(n, R)
     seen_entropy = batch.response_mask.new_zeros(n, R)
     skipped = empty = 0
-    moved = False  # whether an optimizer step has changed the weights since the rollout
     per_epoch = math.ceil(n / o.mini_batch_size)
     bar = tqdm(
         total=o.epochs * per_epoch,
@@ -146,7 +162,8 @@ def update_policy(
         disable=not progress or o.epochs * per_epoch == 1,
     )
     for epoch in range(o.epochs):
-        order = torch.randperm(n, generator=generator)
+        # drawn on the CPU (the generator's device), so the order is the same on every device
+        order = torch.randperm(n, generator=generator, device="cpu").to(device)
         for mini_rows in order.split(o.mini_batch_size):
             bar.update()
             mini = batch.rows(mini_rows)
@@ -190,7 +207,7 @@ def update_policy(
             step_sums: dict[str, float] = defaultdict(float)
             for i, start in enumerate(micro_starts):
                 rows = slice(start, start + o.micro_batch_size)
-                mb = mini.rows(torch.arange(mini_rows.numel())[rows])
+                mb = mini.rows(torch.arange(mini_rows.numel(), device=device)[rows])
                 tokens = mb.response_mask.sum().item()
                 # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch
                 # (it has no no_sync), which keeps its gradients sharded
@@ -237,18 +254,15 @@ def update_policy(
                                 allow_empty=True,
                             )
                         )
-                    # The importance weight scales each token's policy-gradient term, as verl's
-                    # pg_losses * rollout_is_weights: for w >= 0 the PPO and Clip-Cov token
-                    # losses at advantage w * A are w times those at A (clip and dual clip
-                    # included); KL-Cov's penalty stays unweighted. The selections above use the
-                    # unweighted advantages.
-                    adv = mb.advantages
+                    # The importance weight multiplies each token's whole policy loss, KL-Cov's
+                    # penalty included, as verl's pg_losses * rollout_is_weights; the selections
+                    # above use the unweighted advantages, as verl's do.
                     if mb.rollout_is_weights is not None:
-                        adv = adv * mb.rollout_is_weights
+                        extra["weights"] = mb.rollout_is_weights
                     loss, m = spec.fn(
                         log_prob,
                         old,
-                        adv,
+                        mb.advantages,
                         mb.response_mask,
                         denominators=denominators,
                         **kwargs,
@@ -277,9 +291,7 @@ def update_policy(
             # rank: they are the mini-batch's, whatever its split over micro-batches and ranks
             keys = sorted(step_sums)
             totals = distributed.all_reduce_sum(
-                torch.tensor(
-                    [step_sums[k] for k in keys], dtype=torch.float64, device=params[0].device
-                )
+                torch.tensor([step_sums[k] for k in keys], dtype=torch.float64, device=device)
             )
             for key, total in zip(keys, totals.tolist(), strict=True):
                 metrics[key].append(total if key in summed else total / denominators.tokens)
@@ -301,7 +313,7 @@ def update_policy(
     out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
     out["actor/skipped_updates"] = skipped
     out["actor/empty_minibatches"] = empty
-    return out, (seen_log_prob, seen_entropy)
+    return UpdateResult(out, seen_log_prob, seen_entropy, moved)
 
 
 class Trainer:
@@ -338,9 +350,11 @@ class Trainer:
                 + (f"torch sees only {gpus} CUDA GPU(s)" if gpus else "no CUDA GPU is visible")
                 + "; use trainer.device=auto (a GPU if there is one) or cpu"
             )
+        distributed.use_device(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # FSDP shards on the current device
         elif self.device.type == "cpu":  # activations come from malloc: fault their pages in once
+            precision.check_native_bfloat16(c.model.compute_dtype or c.model.dtype)
             allocator.keep_freed_memory()
         if model is None:
             model, tokenizer = load_policy(c)
@@ -361,7 +375,7 @@ class Trainer:
             if sharded:
                 parallel.shard(self.ref_model, compute_dtype=compute_dtype, device=self.device)
             elif compute_dtype:  # the reference log-probs in the policy's forward precision
-                self.ref_model.to(compute_dtype)
+                precision.cast_parameters(self.ref_model, compute_dtype)
         # the module updates run through: self.model itself when sharded (FSDP shards in place),
         # its compute-dtype copy under mixed precision without FSDP (precision.ComputeCopy)
         self.wrapped = parallel.wrap(
@@ -369,6 +383,10 @@ class Trainer:
         )
         self.forward_model = parallel.unwrapped(self.wrapped)
         """The module the no-grad passes run: the policy in the update's precision."""
+        self.sampling_model = self.forward_model if self.device.type == "cuda" else self.model
+        """What the rollout backend samples from: on a GPU the policy in the update's precision,
+        whose bfloat16 decoding is fast there; on the CPU the weights in model.dtype
+        (`entroprl.precision`)."""
         o = c.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -453,8 +471,23 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Checkpoint on rank 0; every rank takes part, since a sharded model is gathered. Raises
-        NonFiniteError, writing nothing, if the weights or optimizer state hold NaN or inf."""
+        """Checkpoint on rank 0, or on every rank its shards when the model is sharded
+        (`checkpoint.save_sharded`); every rank takes part. Raises NonFiniteError, writing
+        nothing, if the weights or optimizer state hold NaN or inf."""
+        c = self.config.trainer
+        if parallel.is_sharded(self.model):
+            checkpoint.save_sharded(
+                Path(c.out_dir) / "checkpoints",
+                self.step,
+                self.model,
+                self.optimizer,
+                self.tokenizer,
+                self.state(),
+                keep=c.keep_checkpoints,
+                writer=self.rank == 0,
+            )
+            self.saved_step = self.step
+            return
         model_state = parallel.model_state(self.model)
         optimizer_state = parallel.optimizer_state(self.model, self.optimizer)
         if self.run is not None:
@@ -477,9 +510,9 @@ class Trainer:
         before its first); raises TrainingError, changing nothing, when it holds checkpoints and
         none of them is valid.
 
-        Rank 0 chooses and verifies the checkpoint. Every rank reads the small state files; the
-        weights and optimizer state are read by every rank under DDP and by rank 0 alone under
-        FSDP, which scatters them."""
+        Rank 0 chooses and verifies the checkpoint. Every rank reads the small state files; a
+        sharded checkpoint is read by every rank, each the slices its own layout needs; a full
+        one by every rank under DDP and by rank 0 alone under FSDP, which scatters it."""
         out = self.config.trainer.out_dir
         chosen, problem = -1, None
         if self.run is not None:
@@ -501,18 +534,14 @@ class Trainer:
         if step < 0:
             return False
         path = Path(out) / "checkpoints" / checkpoint.checkpoint_name(step)
-        model_state, optimizer_state = {}, {}
-        if self.rank == 0 or not parallel.is_sharded(self.model):
-            dtype = getattr(torch, self.config.model.dtype)
-            loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=dtype)
-            model_state = loaded.state_dict()
-            optimizer_state = checkpoint.load_optimizer_state(path)
-            del loaded
-        parallel.load_state(self.model, self.optimizer, model_state, optimizer_state)
+        state = checkpoint.verify(path, hashes=False)  # rank 0 has checked the hashes
+        if checkpoint.is_sharded(state):
+            checkpoint.load_sharded(path, self.model, self.optimizer)
+        else:
+            self._load_full(path)
         if isinstance(self.wrapped, precision.ComputeCopy):
             self.wrapped.refresh()
         checkpoint.restore_rng(path)
-        state = checkpoint.verify(path, hashes=False)  # rank 0 has checked the hashes
         self.step = self.saved_step = state["step"]
         self.entropy_history = state["entropy_history"]
         self.plateau_start = state.get("plateau_start")  # absent from checkpoints before it
@@ -524,6 +553,18 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from step {self.step} ({path})")
         return True
+
+    def _load_full(self, path: Path) -> None:
+        """Load a checkpoint of full state dicts: read by every rank, or by rank 0 alone and
+        scattered when the model is sharded."""
+        model_state, optimizer_state = {}, {}
+        if self.rank == 0 or not parallel.is_sharded(self.model):
+            dtype = getattr(torch, self.config.model.dtype)
+            loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=dtype)
+            model_state = loaded.state_dict()
+            optimizer_state = checkpoint.load_optimizer_state(path)
+            del loaded
+        parallel.load_state(self.model, self.optimizer, model_state, optimizer_state)
 
     def _start_afresh(self, overwrite: bool) -> None:
         """A new run: refuse a directory that holds a run, unless `overwrite`, which deletes it."""
@@ -568,16 +609,17 @@ class Trainer:
         c = self.config
         size = c.algorithm.dynamic_sampling_gen_prompts or c.rollout.prompts_per_step
         g = torch.Generator().manual_seed(c.trainer.seed * 1_000_003 + step)
-        picks = torch.randperm(len(self.task.train), generator=g)
+        picks = torch.randperm(len(self.task.train), generator=g, device="cpu")  # indices
         picks = picks.repeat(math.ceil(size * (batch + 1) / len(picks)))
         picks = picks[size * batch : size * (batch + 1)]
         return picks.tensor_split(self.world)[self.rank].tolist()
 
-    def rollout(self, step: int, batch: int = 0) -> tuple[RolloutBatch, list[Any]]:
+    def rollout(self, step: int, batch: int = 0) -> tuple[RolloutBatch, list[Example]]:
+        """This rank's sampled responses of `step` (its `batch`-th draw), and each row's problem."""
         r = self.config.rollout
         examples = [self.task.train[i] for i in self.prompts_for(step, batch)]
         if batch == 0:
-            self.backend.sync_weights(self.model)
+            self.backend.sync_weights(self.sampling_model)
         seed = self.config.trainer.seed * 7919 + step * 104729 + self.rank
         torch.manual_seed(seed + batch * 1_000_033)
         out = self.backend.generate(
@@ -587,13 +629,15 @@ class Trainer:
             top_p=r.top_p,
             max_new_tokens=r.max_new_tokens,
         )
-        return out, [examples[g].answer for g in out.group_ids.tolist()]
+        return out, [examples[g] for g in out.group_ids.tolist()]
 
-    def score(self, batch: RolloutBatch, answers: list[Any]) -> tuple[Tensor, Tensor]:
+    def score(self, batch: RolloutBatch, examples: list[Example]) -> tuple[Tensor, Tensor]:
         """Verifier scores (1 for a correct answer) and rewards (scores plus the overlong
         penalty, algorithms.md §6)."""
         c, a = self.config, self.config.algorithm
-        correct = torch.tensor(self.task.score(batch.texts, answers), device=self.device)
+        answers, prompts = [e.answer for e in examples], [e.prompt for e in examples]
+        scores = self.task.score(batch.texts, answers, prompts)
+        correct = torch.tensor(scores, device=self.device)
         rewards = correct.clone()
         if a.overlong_buffer > 0:
             rewards = rewards + overlong_penalty(
@@ -619,19 +663,19 @@ class Trainer:
         c, n = self.config, self.config.rollout.n
         share = c.rollout.prompts_per_step // self.world
         begin = time.perf_counter()
-        batch, answers = self.rollout(step)
+        batch, examples = self.rollout(step)
         start = time.perf_counter()
-        scores, rewards = self.score(batch, answers)
+        scores, rewards = self.score(batch, examples)
         scoring = time.perf_counter() - start
         sampled = 1
         while sampled < c.algorithm.dynamic_sampling_max_batches:
             informative = self.informative(batch, scores, rewards).view(-1, n)[:, 0]
             short = max(share - int(informative.sum().item()), 0)
-            if distributed.all_reduce_sum(torch.tensor(short)).item() == 0:
+            if distributed.all_reduce_sum(torch.tensor(short, device=self.device)).item() == 0:
                 break
-            more, more_answers = self.rollout(step, sampled)
+            more, more_examples = self.rollout(step, sampled)
             start = time.perf_counter()
-            more_scores, more_rewards = self.score(more, more_answers)
+            more_scores, more_rewards = self.score(more, more_examples)
             scoring += time.perf_counter() - start
             batch = concat_batches([batch, more], self.tokenizer.pad_token_id)
             scores = torch.cat([scores, more_scores])
@@ -843,8 +887,9 @@ class Trainer:
                 replace(batch, advantages=batch.advantages * low),
                 replace(batch, advantages=batch.advantages * high),
             ]
-        results = [
-            update_policy(
+        results, moved = [], False
+        for part in parts:
+            result = update_policy(
                 self.wrapped,
                 self.optimizer,
                 part,
@@ -852,13 +897,14 @@ class Trainer:
                 generator=generator,
                 entropy_coef=coef,
                 progress=c.trainer.progress and self.rank == 0,
+                moved=moved,
                 loss_kwargs=self.loss_controller.loss_kwargs() if self.loss_controller else None,
             )
-            for part in parts
-        ]
-        self.seen = results[0][1]  # the first pass's forwards, before any update
-        updates = [part_metrics for part_metrics, _ in results]
-        # Lopti's two passes: counts add up, the rest is the mean over both
+            moved = result.moved
+            results.append(result)
+        self.seen = results[0].log_prob, results[0].entropy  # before any update
+        updates = [result.metrics for result in results]
+        # Lopti's two passes: counts add up, the rest is the mean over both (as AR-Lopti merges)
         metrics = {}
         for key in dict.fromkeys(k for u in updates for k in u):
             values = [u[key] for u in updates if key in u]
@@ -950,7 +996,7 @@ class Trainer:
         """Held-out accuracy, every rank sampling an equal share of the problems (the last share
         padded with repeats, so that sharded models run the same forwards on every rank)."""
         c = self.config
-        self.backend.sync_weights(self.model)
+        self.backend.sync_weights(self.sampling_model)
         test = self.task.test
         share = math.ceil(len(test) / self.world)
         indices = [(self.rank * share + i) % len(test) for i in range(share)]

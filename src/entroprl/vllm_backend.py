@@ -190,15 +190,16 @@ def assemble_batch(
         raise ValueError("an empty response: the engine must return at least one token")
     if log_probs is not None and [len(x) for x in log_probs] != [len(r) for r in responses]:
         raise ValueError("log_probs must hold one value per response token")
+    # assembled on the CPU from the engine's lists, then moved in one copy per tensor
     pad = tokenizer.pad_token_id
     prompts = _padded([p for p in prompt_ids for _ in range(n)], pad, "left")
     response = _padded(responses, pad, "right")
-    lengths = torch.tensor([len(r) for r in responses])
-    in_response = torch.arange(response.shape[1]) < lengths[:, None]
+    lengths = torch.tensor([len(r) for r in responses], device="cpu")
+    in_response = torch.arange(response.shape[1], device="cpu") < lengths[:, None]
     response_mask = response_mask_from_ids(response, tokenizer.eos_token_id) * in_response
-    prompt_lengths = torch.tensor([len(p) for p in prompt_ids]).repeat_interleave(n)
+    prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device="cpu").repeat_interleave(n)
     width = prompts.shape[1]
-    prompt_mask = (torch.arange(width) >= width - prompt_lengths[:, None]).long()
+    prompt_mask = (torch.arange(width, device="cpu") >= width - prompt_lengths[:, None]).long()
     device = torch.device(device)
     rollout_log_probs = None
     if log_probs is not None:
@@ -216,7 +217,7 @@ def assemble_batch(
 
 def _padded(rows: Iterable[list], pad: float, side: str, dtype: torch.dtype = torch.long) -> Tensor:
     return pad_sequence(
-        [torch.tensor(r, dtype=dtype) for r in rows],
+        [torch.tensor(r, dtype=dtype, device="cpu") for r in rows],
         batch_first=True,
         padding_value=pad,
         padding_side=side,

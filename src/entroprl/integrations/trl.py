@@ -21,7 +21,9 @@ training forwards). TRL generates a generation batch lazily, in the micro-batch 
 it: when an optimizer step spans several generation batches (`steps_per_generation *
 num_iterations` not a multiple of `gradient_accumulation_steps`), each generation batch's
 micro-batches of the step form one scope. With TRL's default `steps_per_generation =
-gradient_accumulation_steps` the scope is always the whole step.
+gradient_accumulation_steps` the scope is always the whole step. A step has the micro-batches the
+training loop accumulates for it: `current_gradient_accumulation_steps`, fewer than
+`gradient_accumulation_steps` in an epoch's last step when the epoch does not divide evenly.
 
 Diagnostics, per optimizer step over the same micro-batches and ranks, from the training forwards'
 log-probs and entropies (at TRL's sampling temperature, like its `entropy`): `cov/all`,
@@ -218,6 +220,7 @@ class CovGRPOTrainer(GRPOTrainer):
                 stacklevel=2,
             )
         self._selected: dict[int, Tensor] = {}  # step -> its micro-batch's selection
+        self._window_end = 0  # the first step after the current accumulation window
         self._capture = False
         self._forward: tuple[Tensor, Tensor | None, Tensor | None] | None = None
         self._window: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
@@ -356,14 +359,18 @@ class CovGRPOTrainer(GRPOTrainer):
     # -- selection -----------------------------------------------------------------------------
 
     def _step_selection(self, model) -> Tensor:
-        """This micro-batch's selected tokens, selecting over its scope when it opens one."""
-        if self._step not in self._selected:
-            ga = self.args.gradient_accumulation_steps
+        """This micro-batch's selected tokens, selecting over its scope when it opens one: the
+        rest of its accumulation window within its generation batch. A window is the
+        `current_gradient_accumulation_steps` micro-batches from the one that opens it, as the
+        training loop counts them: the last window of an epoch can be shorter than
+        `gradient_accumulation_steps`, and the next epoch opens a new one."""
+        step = self._step
+        if step >= self._window_end:
+            self._window_end = step + self.current_gradient_accumulation_steps
+        if step not in self._selected:
             period = self.args.steps_per_generation * self.num_iterations
-            step = self._step
-            end = min(step - step % ga + ga, step - step % period + period)
-            self._select(model, range(step, end))
-        return self._selected.pop(self._step)
+            self._select(model, range(step, min(self._window_end, step - step % period + period)))
+        return self._selected.pop(step)
 
     def _select(self, model, steps: range) -> None:
         """Select over the micro-batches of `steps` (all already generated) on every rank."""

@@ -146,18 +146,16 @@ def compute_policy_loss_entroprl_clip_cov(
         generator=generator,
         across_ranks=across,
     )
-    # verl multiplies the per-token loss by the (non-negative) importance weights; for PPO's
-    # max(-A*r, -A*clip(r)) that is the loss of the weighted advantages.
-    weighted = advantages if rollout_is_weights is None else advantages * rollout_is_weights
     mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
     loss, m = spec.fn(
         log_prob,
         old_log_prob,
-        weighted,
+        advantages,
         mask,
         loss_agg_mode=mode,
         selected=selected,
         denominators=denominators,
+        weights=rollout_is_weights,  # verl's pg_losses * rollout_is_weights
         **asdict(settings),
     )
     metrics = {
@@ -187,21 +185,17 @@ def compute_policy_loss_entroprl_kl_cov(
         log_prob, advantages, mask, ratio=policy.kl_cov_ratio, across_ranks=across
     )
     mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
-    kwargs = {"loss_agg_mode": mode, "selected": selected, "denominators": denominators}
-    if rollout_is_weights is None:
-        loss, m = losses.kl_cov_loss(
-            log_prob, old_log_prob, advantages, mask, coef=policy.ppo_kl_coef, **kwargs
-        )
-    else:
-        # verl weights the whole per-token loss, penalty included: the policy-gradient term
-        # through the advantages, the penalty here
-        loss, m = losses.kl_cov_loss(
-            log_prob, old_log_prob, advantages * rollout_is_weights, mask, coef=0.0, **kwargs
-        )
-        penalty = policy.ppo_kl_coef * rollout_is_weights * (log_prob - old_log_prob).abs()
-        loss = loss + losses.aggregate_loss(
-            torch.where(selected, penalty, 0.0), mask, mode, denominators=denominators
-        )
+    loss, m = losses.kl_cov_loss(
+        log_prob,
+        old_log_prob,
+        advantages,
+        mask,
+        coef=policy.ppo_kl_coef,
+        loss_agg_mode=mode,
+        selected=selected,
+        denominators=denominators,
+        weights=rollout_is_weights,  # the whole per-token loss, penalty included, as verl
+    )
     _ON_POLICY.observe(log_prob, old_log_prob, mask, config, across)
     metrics = {
         "actor/pg_clipfrac": m["pg_clipfrac"],
@@ -295,16 +289,15 @@ def compute_policy_loss_entroprl_ce_gppo(
         beta2=config.policy_loss.get("ce_gppo_beta2", defaults.beta2),
     )
     mask = response_mask.bool()
-    # For weights w >= 0 every CE-GPPO token loss at w*A is w times the one at A, as for PPO.
-    weighted = advantages if rollout_is_weights is None else advantages * rollout_is_weights
     mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
     loss, m = losses.ce_gppo_loss(
         log_prob,
         old_log_prob,
-        weighted,
+        advantages,
         mask,
         loss_agg_mode=mode,
         denominators=denominators,
+        weights=rollout_is_weights,  # verl's pg_losses * rollout_is_weights
         **asdict(settings),
     )
     keys = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "ce_gppo_low_frac", "ce_gppo_high_frac")

@@ -27,8 +27,11 @@ class Task:
     reward_fn: Callable[[str, Any], float]
     """`reward_fn(completion, answer) -> float`; 1.0 means correct."""
 
-    def score(self, completions: list[str], answers: list[Any]) -> list[float]:
-        """Rewards of `completions`; a reward function that raises becomes a `RewardError`."""
+    def score(
+        self, completions: list[str], answers: list[Any], prompts: list[str] | None = None
+    ) -> list[float]:
+        """Rewards of `completions` (to `prompts`, which a task's reward may read); a reward
+        function that raises becomes a `RewardError`."""
         rewards = []
         for i, (text, answer) in enumerate(zip(completions, answers, strict=True)):
             try:

@@ -100,7 +100,9 @@ class BatchScoredTask(Task):
 
     num_workers: int | None = 0
 
-    def score(self, completions: list[str], answers: list[Any]) -> list[float]:
+    def score(
+        self, completions: list[str], answers: list[Any], prompts: list[str] | None = None
+    ) -> list[float]:
         return score_batch(self.reward_fn, completions, answers, num_workers=self.num_workers)
 
 
@@ -427,4 +429,5 @@ def file_task(cfg: DataConfig, tokenizer: Any = None) -> Task:
     `test_file`, scored with `data.reward` or the format's own reward."""
     train = file_examples(cfg, "train_file", tokenizer)
     test = [] if cfg.test_file is None else file_examples(cfg, "test_file", tokenizer)
-    return make_task(cfg.task, train, test, cfg.reward or default_reward(cfg.task))
+    reward = cfg.reward if cfg.reward in REWARDS else default_reward(cfg.task)
+    return make_task(cfg.task, train, test, reward)  # a user's function replaces it after

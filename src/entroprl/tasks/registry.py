@@ -1,4 +1,5 @@
-"""The tasks by name: `data.task` picks one, and `build_task` builds it from the `data` section."""
+"""The tasks by name: `data.task` picks one, and `build_task` builds it from the `data` section
+(scored by the user's own reward function when `data.reward` names one)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from entroprl.errors import ConfigError
-from entroprl.tasks import countdown, math_problems
+from entroprl.tasks import countdown, custom_reward, math_problems
 from entroprl.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -23,4 +24,7 @@ def build_task(cfg: DataConfig, tokenizer: Any = None) -> Task:
     (when it has one); without it they use `cfg.plain_template`."""
     if cfg.task not in TASKS:
         raise ConfigError(f"data.task: unknown task {cfg.task!r}; known: {sorted(TASKS)}")
-    return TASKS[cfg.task](cfg, tokenizer)
+    task = TASKS[cfg.task](cfg, tokenizer)
+    if custom_reward.is_custom(cfg.reward):
+        return custom_reward.with_custom_reward(task, cfg.reward, cfg.reward_timeout)
+    return task
