@@ -91,13 +91,13 @@ def test_table_shows_mean_and_half_width():
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
-    """The whole demo path on a small budget: warm start, three methods x 2 seeds in parallel
-    processes, table, summary with per-seed values and intervals, reports."""
+    """The whole demo path on a small budget: warm start, the default methods x 2 seeds in
+    parallel processes, table, summary with per-seed values and intervals, reports."""
     monkeypatch.setenv("ENTROPRL_CACHE_DIR", str(tmp_path / "cache"))
     small = WarmStartConfig(steps=30, num_problems=100, eval_problems=20)
     summary = run_demo(tmp_path / "demo", steps=3, seeds=2, warm_start_config=small)
     methods = summary["methods"]
-    assert list(methods) == ["grpo", "clip_cov", "kl_cov"]
+    assert list(methods) == list(DEFAULT_METHODS)
     written = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
     for method, m in written["methods"].items():
@@ -114,7 +114,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "demo" / "analysis" / "pooled_law.png").is_file()
     out = capsys.readouterr().out
     assert format_table(methods) in out
-    assert "[6/6]" in out and "comparison report:" in out
+    runs = 2 * len(DEFAULT_METHODS)
+    assert f"[{runs}/{runs}]" in out and "comparison report:" in out
 
 
 def test_end_values_average_the_last_steps(tmp_path):
