@@ -25,7 +25,7 @@ from entroprl.trainer import Trainer, UpdateBatch, update_policy
 from tests import toy_loss  # noqa: F401  (registers a plug-in loss: the tests run it too)
 from tests.policies import make_tiny_policy, needs_native_bfloat16
 from tests.test_shared_prefix import grouped_batch
-from tests.test_trainer import TIMING, _update_batch, small_config
+from tests.test_trainer import TIMING, _update_batch, controller_kwargs, small_config
 
 # Every registered loss (the plug-in of tests/toy_loss.py included), each with an aggregation mode,
 # and PPO with all of them.
@@ -55,6 +55,7 @@ def _one_update(policy_loss, mode, rows, mini, micro, strategy=None, keep=None):
                 "loss": {
                     "kl_cov": {"ratio": 0.1},
                     "clip_cov": {"ratio": 1.0, "lb": 0.0, "ub": 10.0},
+                    "entropic": {"high_prob_threshold": 0.045},
                 },
             },
             "rollout": {"max_new_tokens": 6},
@@ -67,7 +68,12 @@ def _one_update(policy_loss, mode, rows, mini, micro, strategy=None, keep=None):
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     metrics = update_policy(
-        wrapped, opt, batch, config, generator=torch.Generator().manual_seed(0)
+        wrapped,
+        opt,
+        batch,
+        config,
+        generator=torch.Generator().manual_seed(0),
+        loss_kwargs=controller_kwargs(config),
     ).metrics
     state = parallel.model_state(model)  # gathered to rank 0 when sharded
     return {n: state[n].clone() for n in names if n in state}, metrics

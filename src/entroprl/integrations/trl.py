@@ -49,10 +49,15 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from entroprl import distributed, dynamics, losses
+from entroprl.advantages import PassKSettings, QAESettings, passk_advantages, qae_advantages
 from entroprl.checks import check_choice
 from entroprl.entropy import batch_entropy
 
 COV_LOSS_TYPES = ("clip_cov", "kl_cov")
+ENTROPRL_LOSS_TYPES = (*COV_LOSS_TYPES, "ce_gppo")
+"""The loss types this trainer adds, each on top of `cov_base_loss_type`'s TRL loss."""
+ADVANTAGE_ESTIMATORS = ("grpo", "qae", "passk")
+"""`advantage_estimator`: TRL's own advantages, or entroprl's from the same rewards."""
 # TRL's loss types built on the clipped token-level surrogate, whose aggregation the new types take
 BASE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # The model inputs beside the token ids that TRL's `_compute_loss` passes to its forward
@@ -105,6 +110,33 @@ class CovGRPOConfig(GRPOConfig):
             "'bnpo', 'dr_grpo' or 'dapo' (TRL's default)."
         },
     )
+    ce_gppo_beta1: float = field(
+        default=losses.CEGPPOSettings.beta1,
+        metadata={
+            "help": "CE-GPPO: gradient weight of tokens with a negative advantage below "
+            "1 - epsilon (TRL's clip gives them none)."
+        },
+    )
+    ce_gppo_beta2: float = field(
+        default=losses.CEGPPOSettings.beta2,
+        metadata={
+            "help": "CE-GPPO: gradient weight of tokens with a positive advantage above "
+            "1 + epsilon_high."
+        },
+    )
+    advantage_estimator: str = field(
+        default="grpo",
+        metadata={
+            "help": "'grpo': TRL's advantages; 'qae' (quantile baseline) or 'passk' (pass@k "
+            "training): entroprl's, from the same summed rewards, per group of num_generations."
+        },
+    )
+    qae_quantile: float = field(
+        default=QAESettings.quantile, metadata={"help": "QAE: K, the baseline's group quantile."}
+    )
+    pass_k: int = field(
+        default=PassKSettings.k, metadata={"help": "Pass@k training: k <= num_generations."}
+    )
     cov_diagnostics: bool = field(
         default=True,
         metadata={
@@ -128,7 +160,19 @@ class CovGRPOConfig(GRPOConfig):
             )
         if not (math.isfinite(self.kl_cov_coef) and self.kl_cov_coef >= 0):
             raise ValueError(f"kl_cov_coef must be a finite number >= 0, got {self.kl_cov_coef}")
-        if self.loss_type in COV_LOSS_TYPES and self.importance_sampling_level != "token":
+        check_choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        losses.CEGPPOSettings(beta1=self.ce_gppo_beta1, beta2=self.ce_gppo_beta2).validate()
+        QAESettings(quantile=self.qae_quantile).validate()
+        PassKSettings(k=self.pass_k).validate()
+        if (
+            self.advantage_estimator != "grpo"
+            and self.multi_objective_aggregation != "sum_then_normalize"
+        ):
+            raise ValueError(
+                f"advantage_estimator={self.advantage_estimator!r} reads the summed rewards: it "
+                "needs multi_objective_aggregation='sum_then_normalize'"
+            )
+        if self.loss_type in ENTROPRL_LOSS_TYPES and self.importance_sampling_level != "token":
             raise ValueError(
                 f"loss_type={self.loss_type!r} selects tokens: it needs "
                 f"importance_sampling_level='token', got {self.importance_sampling_level!r}"
@@ -139,6 +183,13 @@ def loss_mask(inputs: dict[str, Any]) -> Tensor:
     """The tokens of TRL's loss: the completion, less tool outputs."""
     mask = inputs["completion_mask"]
     return mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
+
+
+def _old_logps(inputs: dict[str, Any], logps: Tensor) -> Tensor:
+    """TRL's old log-probs, or the training forward's, detached, when it skipped them
+    (on-policy)."""
+    old = inputs.get("old_per_token_logps")
+    return logps.detach() if old is None else old
 
 
 def token_advantages(inputs: dict[str, Any]) -> Tensor:
@@ -187,7 +238,7 @@ class CovGRPOTrainer(GRPOTrainer):
     def _base_loss(self) -> Iterator[None]:
         """TRL's `_compute_loss` as the base loss type, capturing its forward's outputs."""
         saved = self.loss_type, self.epsilon_low, self.epsilon_high
-        if self.loss_type in COV_LOSS_TYPES:
+        if self.loss_type in ENTROPRL_LOSS_TYPES:
             self.loss_type = self.args.cov_base_loss_type
         if saved[0] == "kl_cov":
             # KL-Cov clips no ratio (Cui et al.): the clipped surrogate with an infinite range
@@ -221,6 +272,10 @@ class CovGRPOTrainer(GRPOTrainer):
                 penalty, penalty_sum = self._kl_cov_penalty(inputs, logps, entropies, selected)
                 loss = loss + penalty
             self._log_selection(selected, mask, penalty_sum)
+        if self.loss_type == "ce_gppo":
+            correction, low, high = self._ce_gppo_correction(inputs, logps, entropies)
+            loss = loss + correction
+            self._log_fractions(mask, ce_gppo_low_frac=low, ce_gppo_high_frac=high)
         if train and self.args.cov_diagnostics:
             self._collect_diagnostics(logps, entropies, mask, token_advantages(inputs))
         return loss
@@ -232,10 +287,39 @@ class CovGRPOTrainer(GRPOTrainer):
         TRL weights and aggregates its own per-token loss; and the sum of |logp - old_logp| over
         the loss tokens (for the kl_cov_abs_diff metric)."""
         mask = loss_mask(inputs)
-        old = inputs.get("old_per_token_logps")
-        old = logps.detach() if old is None else old
-        abs_diff = (logps - old).abs()
+        abs_diff = (logps - _old_logps(inputs, logps)).abs()
         per_token = torch.where(selected, self.args.kl_cov_coef * abs_diff, 0.0)
+        penalty = self._as_trl_token_loss(per_token, inputs, logps, entropies)
+        return penalty, torch.where(mask.bool(), abs_diff.detach(), 0.0).sum()
+
+    def _ce_gppo_correction(
+        self, inputs: dict[str, Any], logps: Tensor, entropies: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """What turns TRL's clipped surrogate into CE-GPPO (algorithms.md §4.8): on a token TRL
+        clips, its loss is the constant -bound * A; CE-GPPO's is -beta * bound * A * r / sg(r).
+        Their difference, weighted and aggregated as TRL's own per-token loss; and the low and
+        high masks (for the metrics)."""
+        advantages = token_advantages(inputs)
+        ratio = torch.exp(logps - _old_logps(inputs, logps))
+        kept = ratio / ratio.detach()  # value 1, gradient of logp
+        lower, upper = 1 - self.epsilon_low, 1 + self.epsilon_high
+        low = (advantages < 0) & (ratio < lower)
+        high = (advantages > 0) & (ratio > upper)
+        a = self.args
+        per_token = torch.where(
+            low,
+            -lower * advantages * (a.ce_gppo_beta1 * kept - 1),
+            torch.where(high, -upper * advantages * (a.ce_gppo_beta2 * kept - 1), 0.0),
+        )
+        return self._as_trl_token_loss(per_token, inputs, logps, entropies), low, high
+
+    def _as_trl_token_loss(
+        self, per_token: Tensor, inputs: dict[str, Any], logps: Tensor, entropies: Tensor
+    ) -> Tensor:
+        """A per-token loss beside TRL's, weighted by the masks and importance ratios TRL applies
+        to its own per-token loss and aggregated as `cov_base_loss_type` aggregates."""
+        mask = loss_mask(inputs)
+        old = _old_logps(inputs, logps)
         if self.off_policy_mask_threshold is not None:
             per_token = per_token * self.get_off_policy_mask(
                 advantages=token_advantages(inputs)[:, :1],
@@ -251,8 +335,7 @@ class CovGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             per_token = per_token * inputs["importance_sampling_ratio"]
         mode, denominators = self._base_aggregation(inputs)
-        penalty = losses.aggregate_loss(per_token, mask, mode, denominators=denominators)
-        return penalty, torch.where(mask.bool(), abs_diff.detach(), 0.0).sum()
+        return losses.aggregate_loss(per_token, mask, mode, denominators=denominators)
 
     def _base_aggregation(self, inputs: dict[str, Any]) -> tuple[str, losses.LossDenominators]:
         """entroprl's aggregation that equals TRL's for `cov_base_loss_type` on this micro-batch
@@ -367,6 +450,47 @@ class CovGRPOTrainer(GRPOTrainer):
         metrics[f"{self.loss_type}_frac"].append(n_selected / n_tokens)
         if self.loss_type == "kl_cov":
             metrics["kl_cov_abs_diff"].append(abs_diff / n_tokens)
+
+    def _log_fractions(self, mask: Tensor, **flags: Tensor) -> None:
+        """Log each (B, T) bool flag's fraction of the loss tokens, over every rank."""
+        counts = torch.stack(
+            [mask.sum().to(torch.float64)]
+            + [(flag & mask.bool()).sum().to(torch.float64) for flag in flags.values()]
+        )
+        n_tokens, *n_flagged = distributed.all_reduce_sum(counts).tolist()
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for name, count in zip(flags, n_flagged, strict=True):
+            metrics[name].append(count / max(n_tokens, 1.0))
+
+    # -- advantages ----------------------------------------------------------------------------
+
+    def _calculate_rewards(self, *args, **kwargs):
+        rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        self._rewards_per_func = rewards_per_func  # every process's, as TRL gathers them
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.args.advantage_estimator != "grpo":
+            output["advantages"] = self.entroprl_advantages(output["advantages"].shape[0])
+        return output
+
+    def entroprl_advantages(self, local_rows: int) -> Tensor:
+        """This process's advantages from `advantage_estimator` (QAE or pass@k, algorithms.md
+        §6.8, §6.9), computed from the summed weighted rewards TRL just gathered from every
+        process, each run of `num_generations` completions one group (TRL's layout)."""
+        per_func = self._rewards_per_func
+        rewards = (per_func * self.reward_weights.to(per_func)).nansum(dim=1)
+        train = self.model.training
+        size = self.num_generations if train else self.num_generations_eval
+        groups = torch.arange(rewards.shape[0], device=rewards.device) // size
+        a = self.args
+        if a.advantage_estimator == "qae":
+            values = qae_advantages(rewards, groups, quantile=a.qae_quantile)
+        else:
+            values = passk_advantages(rewards, groups, k=a.pass_k)
+        start = self.accelerator.process_index * local_rows
+        return values[start : start + local_rows]
 
     def _collect_diagnostics(
         self, logps: Tensor, entropies: Tensor, mask: Tensor, advantages: Tensor
