@@ -4,7 +4,6 @@ import json
 import math
 import os
 import socket
-import warnings
 from pathlib import Path
 
 import pytest
@@ -345,12 +344,30 @@ def test_selection_is_global_over_data_parallel_ranks(tmp_path):
         torch.testing.assert_close(selected, expected)
 
 
-def test_kl_cov_warns_when_on_policy(tmp_path):
-    with pytest.warns(UserWarning, match="KL-Cov on-policy"):
-        make_trainer(tmp_path, loss_type="kl_cov", gradient_accumulation_steps=2)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="KL-Cov on-policy")
-        make_trainer(tmp_path, loss_type="kl_cov", gradient_accumulation_steps=2, num_iterations=2)
+def test_kl_cov_where_it_cannot_act_says_so_in_one_line(tmp_path, caplog):
+    """With TRL's defaults every optimizer step is on-policy: KL-Cov's penalty |logp - old_logp|
+    is 0 there, which the trainer says at start-up in one line naming the settings that make it
+    act; the documented diff's setting does not trigger it."""
+    caplog.set_level("WARNING", logger="entroprl.integrations.trl")
+    make_trainer(tmp_path, loss_type="kl_cov", gradient_accumulation_steps=2)
+    said = [r.getMessage() for r in caplog.records if "plain policy gradient" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "steps_per_generation" in said[0]
+    caplog.clear()
+    make_trainer(tmp_path, loss_type="kl_cov", steps_per_generation=4)  # the documented diff
+    make_trainer(tmp_path, loss_type="kl_cov", gradient_accumulation_steps=2, num_iterations=2)
+    assert not [r for r in caplog.records if "plain policy gradient" in r.getMessage()]
+
+
+def test_cov_defaults_are_entroprls():
+    """One source of defaults: the plug-in's are the trainer's settings dataclasses'."""
+    args = CovGRPOConfig(output_dir="unused", use_cpu=True, report_to="none")
+    clip, kl = losses.ClipCovSettings(), losses.KLCovSettings()
+    assert (args.clip_cov_ratio, args.clip_cov_lb, args.clip_cov_ub) == (
+        clip.ratio,
+        clip.lb,
+        clip.ub,
+    )
+    assert (args.kl_cov_ratio, args.kl_cov_coef) == (kl.ratio, kl.coef)
 
 
 def test_config_checks(tmp_path):

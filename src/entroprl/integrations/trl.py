@@ -1,7 +1,7 @@
 """Clip-Cov, KL-Cov and the covariance diagnostics inside TRL's `GRPOTrainer` (docs/trl.md).
 
     from entroprl.integrations.trl import CovGRPOConfig, CovGRPOTrainer
-    args = CovGRPOConfig(..., loss_type="kl_cov", kl_cov_ratio=2e-3)
+    args = CovGRPOConfig(..., loss_type="kl_cov", steps_per_generation=4)
     trainer = CovGRPOTrainer(model=..., reward_funcs=..., args=args, train_dataset=...)
 
 Both loss types run on TRL's own loss code. `cov_base_loss_type` (one of TRL's "grpo", "bnpo",
@@ -36,8 +36,8 @@ through TRL's `_metrics`, so they reach `trainer_state.json` and every `report_t
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,12 +75,15 @@ _FORWARD_KEYS = (
 )
 
 
+logger = logging.getLogger(__name__)
+
+
 @dataclass
 class CovGRPOConfig(GRPOConfig):
     """TRL's `GRPOConfig` with entroprl's settings; `loss_type` also takes clip_cov and kl_cov."""
 
     clip_cov_ratio: float = field(
-        default=2e-4,
+        default=losses.ClipCovSettings.ratio,
         metadata={
             "help": "Clip-Cov: fraction of an optimizer step's loss tokens whose gradient is "
             "detached, drawn among the unclipped tokens with clip_cov_lb < cov < clip_cov_ub. "
@@ -88,20 +91,23 @@ class CovGRPOConfig(GRPOConfig):
         },
     )
     clip_cov_lb: float = field(
-        default=1.0, metadata={"help": "Clip-Cov: lower bound on a token's covariance."}
+        default=losses.ClipCovSettings.lb,
+        metadata={"help": "Clip-Cov: lower bound on a token's covariance."},
     )
     clip_cov_ub: float = field(
-        default=5.0, metadata={"help": "Clip-Cov: upper bound on a token's covariance."}
+        default=losses.ClipCovSettings.ub,
+        metadata={"help": "Clip-Cov: upper bound on a token's covariance."},
     )
     kl_cov_ratio: float = field(
-        default=2e-3,
+        default=losses.KLCovSettings.ratio,
         metadata={
             "help": "KL-Cov: fraction of an optimizer step's loss tokens, those of largest "
             "covariance, that get the |logp - old_logp| penalty. 0 switches the penalty off."
         },
     )
     kl_cov_coef: float = field(
-        default=1.0, metadata={"help": "KL-Cov: coefficient of the |logp - old_logp| penalty."}
+        default=losses.KLCovSettings.coef,
+        metadata={"help": "KL-Cov: coefficient of the |logp - old_logp| penalty."},
     )
     cov_base_loss_type: str = field(
         default="dapo",
@@ -179,6 +185,17 @@ class CovGRPOConfig(GRPOConfig):
             )
 
 
+def on_policy_kl_cov(args: CovGRPOConfig) -> bool:
+    """Whether KL-Cov is asked for where it cannot act: every optimizer step the first on its
+    generation batch (steps_per_generation * num_iterations divides the accumulation)."""
+    generate_every = args.steps_per_generation * args.num_iterations
+    return (
+        args.loss_type == "kl_cov"
+        and args.kl_cov_ratio > 0
+        and args.gradient_accumulation_steps % generate_every == 0
+    )
+
+
 def loss_mask(inputs: dict[str, Any]) -> Tensor:
     """The tokens of TRL's loss: the completion, less tool outputs."""
     mask = inputs["completion_mask"]
@@ -209,15 +226,14 @@ class CovGRPOTrainer(GRPOTrainer):
             raise TypeError(
                 f"CovGRPOTrainer needs args=CovGRPOConfig(...), got {type(args).__name__}"
             )
-        generate_every = args.steps_per_generation * args.num_iterations
-        if args.loss_type == "kl_cov" and args.gradient_accumulation_steps % generate_every == 0:
-            warnings.warn(
-                "KL-Cov on-policy: every optimizer step is the first on its generation batch "
-                f"(gradient_accumulation_steps={args.gradient_accumulation_steps} is a multiple of "
-                f"steps_per_generation * num_iterations = {generate_every}), so logp == old_logp "
-                "and the |logp - old_logp| penalty and its gradient are 0: this is plain policy "
-                "gradient. Raise num_iterations or steps_per_generation.",
-                stacklevel=2,
+        if on_policy_kl_cov(args):
+            # one line at start-up (a warning's traceback-style two lines get lost in TRL's log)
+            logger.warning(
+                "loss_type='kl_cov' is plain policy gradient here: every optimizer step is the "
+                "first on its generation batch, where logp == old_logp and the |logp - old_logp| "
+                "penalty is 0; set steps_per_generation to a multiple of "
+                "gradient_accumulation_steps (e.g. 4x, as the paper's 8 mini-batches per "
+                "rollout) or num_iterations >= 2"
             )
         self._selected: dict[int, Tensor] = {}  # step -> its micro-batch's selection
         self._window_end = 0  # the first step after the current accumulation window
