@@ -25,11 +25,15 @@ from entroprl.advantages import (
     lopti_split,
     low_prob_reweight,
     overlong_penalty,
+    passk_advantages,
     position_shaping,
     ppl_shaping,
+    qae_advantages,
+    register_advantage_estimator,
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
+from entroprl.losses import SettingError
 
 F64 = torch.float64
 
@@ -77,6 +81,18 @@ def ref_centered(r, gids):
     for i in range(len(r)):
         vals = [r[j] for j in ref_group_members(gids, i)]
         out[i] = r[i] - (np.mean(vals) if len(vals) > 1 else 0.0)
+    return out
+
+
+def ref_qae(r, gids, quantile=0.4, eps=1e-6):
+    """numpy's linear quantile (its default method) as the baseline, GRPO's std."""
+    out = np.zeros(len(r))
+    for i in range(len(r)):
+        vals = np.array([r[j] for j in ref_group_members(gids, i)])
+        if len(vals) == 1:
+            out[i] = r[i] / (1.0 + eps)
+        else:
+            out[i] = (r[i] - np.quantile(vals, quantile)) / (vals.std(ddof=1) + eps)
     return out
 
 
@@ -213,7 +229,105 @@ def test_compute_advantages_broadcasts_to_valid_tokens():
     expected = ref_rpp_tokens(rewards.tolist(), gids.tolist(), mask.numpy())
     out = compute_advantages("reinforce_pp_baseline", rewards, gids, mask)
     torch.testing.assert_close(out, torch.from_numpy(expected))
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"}
+    builtin = {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "qae", "passk"}
+    assert set(ADVANTAGE_ESTIMATORS) == builtin
+
+
+# ---------------------------------------------------------------- algorithms.md §6.8, §6.9: QAE and
+# pass@k (the authors' code is run in tests/test_method_references.py)
+
+
+def test_qae_binary_groups_by_hand():
+    # G = 8, K = 0.4: the quantile sits at position 0.4 * 7 = 2.8 of the sorted rewards
+    rewards = t([1, 1, 0, 0, 0, 0, 0, 0] + [1, 1, 1, 1, 1, 0, 0, 0] + [1] * 7 + [0])
+    gids = ids([0] * 8 + [1] * 8 + [2] * 8)
+    out = qae_advantages(rewards, gids)
+    std2, std5, std7 = (math.sqrt(c * (8 - c) / 56) for c in (2, 5, 7))
+    # 2 right: baseline 0, failures get 0; 5 right: 0 + 0.8 * (1 - 0) = 0.8; 7 right: baseline 1
+    expected = [1 / (std2 + 1e-6)] * 2 + [0.0] * 6
+    expected += [0.2 / (std5 + 1e-6)] * 5 + [-0.8 / (std5 + 1e-6)] * 3
+    expected += [0.0] * 7 + [-1 / (std7 + 1e-6)]
+    torch.testing.assert_close(out, t(expected))
+    centered = qae_advantages(rewards, gids, norm_by_std=False)
+    torch.testing.assert_close(centered[8:16], t([0.2] * 5 + [-0.8] * 3))
+    # a group of one: baseline 0 and std 1, as GRPO's
+    torch.testing.assert_close(qae_advantages(t([0.5]), ids([3])), t([0.5 / (1 + 1e-6)]))
+
+
+def test_qae_float32_and_settings_are_checked():
+    out = qae_advantages(t([0.0, 1.0, 1.0], dtype=torch.float32), ids([0, 0, 0]), quantile=0.5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([-1.7320499, 0.0, 0.0]), rtol=1e-6, atol=1e-6)
+    for bad in (0.0, 1.0, math.nan):
+        with pytest.raises(SettingError, match="quantile"):
+            qae_advantages(t([0.0, 1.0]), ids([0, 0]), quantile=bad)
+
+
+def ref_passk_enumerated(r, k):
+    """The expectation the analytical form replaces: every draw of k of the group scores its best
+    response; GRPO-normalise the C(G, k) scores (population std); a response's advantage is the
+    mean over the draws that contain it."""
+    from itertools import combinations
+
+    draws = list(combinations(range(len(r)), k))
+    scores = np.array([max(r[j] for j in d) for d in draws], dtype=float)
+    mean, std = scores.mean(), scores.std()
+    normalised = (scores - mean) / (std + 1e-6)
+    pairs = list(zip(normalised, draws, strict=True))
+    return [np.mean([a for a, d in pairs if i in d]) for i in range(len(r))]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_passk_is_the_mean_over_all_draws_of_k(k):
+    groups = [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]]
+    groups += [[0] * 8, [1] * 8]
+    rewards = t([v for g in groups for v in g])
+    gids = ids([i for i, g in enumerate(groups) for _ in g])
+    expected = [a for g in groups for a in ref_passk_enumerated(g, k)]
+    torch.testing.assert_close(passk_advantages(rewards, gids, k=k), t(expected), atol=1e-9, rtol=0)
+
+
+def test_passk_k1_is_grpo_with_the_population_std():
+    rewards = t([1, 0, 0, 1, 1, 0, 1, 1, 1])
+    gids = ids([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    expected = []
+    for g in (rewards[:5].numpy(), rewards[5:].numpy()):
+        expected += list((g - g.mean()) / (g.std() + 1e-6))
+    torch.testing.assert_close(passk_advantages(rewards, gids, k=1), t(expected))
+
+
+def test_passk_rejects_non_binary_rewards_and_small_groups():
+    with pytest.raises(ValueError, match="rewards must be 0 or 1"):
+        passk_advantages(t([1.0, 0.5, 0.0, 0.0]), ids([0, 0, 0, 0]), k=2)
+    with pytest.raises(ValueError, match="k=4 exceeds the size of a group"):
+        passk_advantages(t([1.0, 0.0, 0.0]), ids([0, 0, 0]), k=4)
+    with pytest.raises(SettingError, match="k"):
+        passk_advantages(t([1.0, 0.0]), ids([0, 0]), k=0)
+    with pytest.raises(ValueError, match="rewards must be 0 or 1"):
+        compute_advantages("passk", t([0.5, 1.0]), ids([0, 0]), torch.ones(2, 2))
+
+
+def test_estimator_settings_reach_the_estimator_and_plugins_register():
+    rewards, gids, mask = t([1.0, 0.0, 0.0, 0.0]), ids([0] * 4), torch.ones(4, 2)
+    settings = ADVANTAGE_ESTIMATORS["qae"].settings(quantile=0.9, norm_by_std=False)
+    out = compute_advantages("qae", rewards, gids, mask, settings=settings)
+    # the 0.9-quantile of [0, 0, 0, 1] is 0 + 0.7 * 1
+    torch.testing.assert_close(out, t([[0.3] * 2, [-0.7] * 2, [-0.7] * 2, [-0.7] * 2]))
+    with pytest.raises(SettingError, match="quantile"):
+        compute_advantages("qae", rewards, gids, mask, settings=type(settings)(quantile=2.0))
+
+    @register_advantage_estimator("test_constant")
+    def constant(rewards, group_ids):
+        return torch.full_like(rewards, 2.0)
+
+    try:
+        torch.testing.assert_close(
+            compute_advantages("test_constant", rewards, gids, mask), 2.0 * mask.to(F64)
+        )
+        with pytest.raises(ValueError, match="already registered"):
+            register_advantage_estimator("grpo")(constant)
+    finally:
+        del ADVANTAGE_ESTIMATORS["test_constant"]
 
 
 # ---------------------------------------------------------------- algorithms.md §6: sampling and
@@ -461,8 +575,10 @@ def batches(draw):
 @given(batches())
 def test_estimators_property_finite_zero_padding_match_reference(batch):
     rewards, gids, mask, _, _ = batch
-    refs = {"grpo": ref_grpo, "dr_grpo": ref_centered, "rloo": ref_rloo}
+    refs = {"grpo": ref_grpo, "dr_grpo": ref_centered, "rloo": ref_rloo, "qae": ref_qae}
     for name in ADVANTAGE_ESTIMATORS:
+        if name == "passk":  # needs 0/1 rewards and groups of k: test_passk_*
+            continue
         if name == "reinforce_pp_baseline" and not mask.any():
             with pytest.raises(ValueError, match="response_mask"):
                 compute_advantages(name, rewards, gids, mask)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from entroprl.config import ConfigError, load_config, parse_overrides
@@ -45,6 +47,12 @@ def test_int_accepted_for_float_and_none_for_optional():
         ("algorithm.loss.nope.ratio=1", r"algorithm.loss.nope: unknown loss"),
         ("algorithm.loss.kl_cov.ratio=0", r"algorithm.loss.kl_cov.ratio"),
         ("algorithm.loss.clip_cov.lb=9", r"algorithm.loss.clip_cov.lb"),
+        ("algorithm.loss.ce_gppo.beta1=-1", r"algorithm.loss.ce_gppo.beta1"),
+        ("algorithm.loss.entropic.target=null", r"algorithm.loss.entropic.target"),
+        ("algorithm.advantage=quantile", "algorithm.advantage"),
+        ("algorithm.advantage_settings.qae.quantile=1.5", r"advantage_settings.qae.quantile"),
+        ("algorithm.advantage_settings.passk.k=2.5", r"advantage_settings.passk.k"),
+        ("algorithm.advantage_settings.nope.k=2", r"advantage_settings.nope: unknown estimator"),
         ("algorithm.plugins=[no_such_module_x]", r"algorithm.plugins\[0\]: cannot import"),
         ("trainer.strategy=zero3", "trainer.strategy"),
         ("optim.log_prob_micro_batch_size=0", "optim.log_prob_micro_batch_size"),
@@ -112,3 +120,29 @@ def test_nonfinite_and_absurd_values_name_the_key(override, named):
 )
 def test_sensible_values_pass(override):
     load_config(None, [override])
+
+
+def test_estimator_and_loss_settings_from_overrides():
+    config = load_config(
+        None,
+        [
+            "algorithm.advantage=qae",
+            "algorithm.advantage_settings.qae.quantile=0.3",
+            "algorithm.advantage_settings.passk.k=2",
+            "algorithm.policy_loss=entropic",
+            "algorithm.loss.entropic.target=null",
+            "algorithm.loss.entropic.law_a=0.05",
+            "algorithm.loss.entropic.law_b=0.3",
+        ],
+    )
+    assert config.estimator_settings().quantile == 0.3
+    assert config.algorithm.advantage_settings["passk"].k == 2
+    assert config.loss_settings().target_entropy() == pytest.approx(
+        math.log((0.3 - 0.9 * 0.25) / 0.05)
+    )
+    # defaults filled in for the estimator in use, and written with the run's config
+    assert load_config(None, ["algorithm.advantage=passk"]).estimator_settings().k == 4
+    assert config.to_dict()["algorithm"]["advantage_settings"]["qae"] == {
+        "quantile": 0.3,
+        "norm_by_std": True,
+    }

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,12 +11,18 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from entroprl.config import config_from_dict
 from entroprl.demo import (
+    DEFAULT_METHODS,
+    METHODS,
     METRICS,
     RESULT,
+    _run_values,
     aggregate,
+    demo_config,
     format_law,
     format_table,
+    parse_methods,
     run_demo,
     summarize_run,
 )
@@ -94,13 +101,13 @@ def test_table_shows_mean_and_half_width():
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
-    """The whole demo path on a small budget: warm start, three methods x 2 seeds in parallel
-    processes, table, summary with per-seed values and intervals, reports."""
+    """The whole demo path on a small budget: warm start, the default methods x 2 seeds in
+    parallel processes, table, summary with per-seed values and intervals, reports."""
     monkeypatch.setenv("ENTROPRL_CACHE_DIR", str(tmp_path / "cache"))
     small = WarmStartConfig(steps=30, num_problems=100, eval_problems=20)
     summary = run_demo(tmp_path / "demo", steps=3, seeds=2, warm_start_config=small)
     methods = summary["methods"]
-    assert list(methods) == ["grpo", "clip_cov", "kl_cov"]
+    assert list(methods) == list(DEFAULT_METHODS)
     written = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
     for method, m in written["methods"].items():
@@ -117,7 +124,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "demo" / "analysis" / "pooled_law.png").is_file()
     out = capsys.readouterr().out
     assert format_table(methods) in out and format_law(methods) in out
-    assert "[6/6]" in out and "comparison report:" in out
+    runs = 2 * len(DEFAULT_METHODS)
+    assert f"[{runs}/{runs}]" in out and "comparison report:" in out
 
 
 def test_end_values_average_the_last_steps(tmp_path):
@@ -163,6 +171,41 @@ def test_the_law_lines_give_each_verdict_with_its_numbers():
     assert lines[3] == "  kl_cov: not fitted: no usable point"
 
 
+def test_methods_parse_and_every_method_is_a_valid_configuration(tmp_path):
+    """--methods: known names in the order given, each once; every method's configuration (the
+    demo's with its overrides) validates, and differs from GRPO's where it should."""
+    assert parse_methods("grpo, passk,grpo,qae") == ("grpo", "passk", "qae")
+    with pytest.raises(ValueError, match=r"unknown method.*'nope'.*known: grpo, clip_cov"):
+        parse_methods("grpo,nope")
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods(" , ")
+    assert set(DEFAULT_METHODS) <= set(METHODS)
+    configs = {
+        name: config_from_dict(_run_values(demo_config(), name, 1, tmp_path, tmp_path / "out"))
+        for name in METHODS
+    }
+    chosen = {name: (c.algorithm.policy_loss, c.algorithm.advantage) for name, c in configs.items()}
+    assert chosen == {
+        "grpo": ("ppo", "grpo"),
+        "clip_cov": ("clip_cov", "grpo"),
+        "kl_cov": ("kl_cov", "grpo"),
+        "entropic": ("entropic", "grpo"),
+        "ce_gppo": ("ce_gppo", "grpo"),
+        "qae": ("ppo", "qae"),
+        "passk": ("ppo", "passk"),
+    }
+    # EntroPIC's target in the demo is the law's (algorithms.md §4.9)
+    assert configs["entropic"].loss_settings().target_entropy() == pytest.approx(
+        math.log((0.270 - 0.9 * (0.270 - 0.046)) / 0.046)
+    )
+    assert all(c.trainer.seed == 1 for c in configs.values())
+
+
+def test_paired_table_has_the_entropy_difference():
+    table = format_table(aggregate(fake_runs()))
+    assert "entropy end diff" in table.splitlines()[-4]
+
+
 DEMO = """
 import sys
 from pathlib import Path
@@ -170,7 +213,14 @@ from entroprl.demo import run_demo
 from entroprl.warmstart import WarmStartConfig
 
 small = WarmStartConfig(steps=30, num_problems=100, eval_problems=20)
-run_demo(Path(sys.argv[1]), steps=int(sys.argv[2]), seeds=1, jobs=1, warm_start_config=small)
+run_demo(
+    Path(sys.argv[1]),
+    steps=int(sys.argv[2]),
+    methods=["grpo", "clip_cov", "kl_cov"],
+    seeds=1,
+    jobs=1,
+    warm_start_config=small,
+)
 """
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from entroprl import distributed, dynamics, losses
-from entroprl.advantages import compute_advantages
+from entroprl.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
 from entroprl.entropy import batch_entropy
 from entroprl.mismatch import mismatch_metrics
 from entroprl.policy import pick_device
@@ -125,6 +125,13 @@ def test_per_step_statistics_make_nothing_off_their_data(default_device_elsewher
     mismatch_metrics(logp, logp + 0.01, mask)
 
 
+@pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
+def test_every_registered_estimator_makes_nothing_off_its_data(name, default_device_elsewhere):
+    _, mask, rewards, groups = _data(2)  # 0/1 rewards, groups of 4: every estimator takes them
+    adv = compute_advantages(name, rewards, groups, mask, across_ranks=True)
+    assert adv.device.type == "cpu"
+
+
 @pytest.mark.parametrize("name", sorted(losses.POLICY_LOSSES))
 def test_every_registered_loss_makes_nothing_off_its_data(name, default_device_elsewhere):
     logp, mask, rewards, groups = _data(1)
@@ -143,6 +150,12 @@ def test_every_registered_loss_makes_nothing_off_its_data(name, default_device_e
             generator=torch.Generator(device="cpu").manual_seed(0),
             across_ranks=True,
         )
+    if spec.selection_denominators:
+        extra["selected_denominators"] = losses.loss_denominators(
+            extra["selected"], norm_constant=6, allow_empty=True
+        )
+    # a loss with a controller is called with the controller's keyword arguments (Trainer.update)
+    kwargs = spec.controller(settings).loss_kwargs() if spec.controller else vars(settings)
     loss, _ = spec.fn(
         logp.clone().requires_grad_(),
         logp + 0.1,
@@ -150,7 +163,7 @@ def test_every_registered_loss_makes_nothing_off_its_data(name, default_device_e
         mask,
         denominators=denominators,
         loss_agg_mode="token-mean",
-        **vars(settings),
+        **kwargs,
         **extra,
     )
     assert loss.device.type == "cpu"

@@ -25,7 +25,7 @@ from entroprl.trainer import Trainer, UpdateBatch, update_policy
 from tests import toy_loss  # noqa: F401  (registers a plug-in loss: the tests run it too)
 from tests.policies import make_tiny_policy, needs_native_bfloat16
 from tests.test_shared_prefix import grouped_batch
-from tests.test_trainer import TIMING, _update_batch, small_config
+from tests.test_trainer import TIMING, _update_batch, controller_kwargs, small_config
 
 # Every registered loss (the plug-in of tests/toy_loss.py included), each with an aggregation mode,
 # and PPO with all of them.
@@ -55,6 +55,7 @@ def _one_update(policy_loss, mode, rows, mini, micro, strategy=None, keep=None):
                 "loss": {
                     "kl_cov": {"ratio": 0.1},
                     "clip_cov": {"ratio": 1.0, "lb": 0.0, "ub": 10.0},
+                    "entropic": {"high_prob_threshold": 0.045},
                 },
             },
             "rollout": {"max_new_tokens": 6},
@@ -67,7 +68,12 @@ def _one_update(policy_loss, mode, rows, mini, micro, strategy=None, keep=None):
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     metrics = update_policy(
-        wrapped, opt, batch, config, generator=torch.Generator().manual_seed(0)
+        wrapped,
+        opt,
+        batch,
+        config,
+        generator=torch.Generator().manual_seed(0),
+        loss_kwargs=controller_kwargs(config),
     ).metrics
     state = parallel.model_state(model)  # gathered to rank 0 when sharded
     return {n: state[n].clone() for n in names if n in state}, metrics
@@ -324,8 +330,10 @@ def test_command_line_fsdp_under_torchrun_and_alone(tmp_path):
         records = read_metrics(out / "metrics.jsonl")
         assert [r["step"] for r in records] == [0, 1, 2], name
         assert all(r["actor/skipped_updates"] == 0 for r in records[1:]), name
-        saved = load_file(out / "checkpoints" / "step_000002" / "model" / "model.safetensors")
-        assert saved.keys() >= {n for n, _ in model.named_parameters()} - {"lm_head.weight"}
+        # FSDP saves sharded, in the weights' own dtype (bfloat16 compute leaves them float32)
+        saved = checkpoint.read_sharded(out / "checkpoints" / "step_000002", "model.")
+        names = {n.removeprefix("model.") for n in saved}
+        assert names >= {n for n, _ in model.named_parameters()} - {"lm_head.weight"}
         assert {v.dtype for v in saved.values()} == {torch.float32}, name
 
 

@@ -21,10 +21,15 @@ from entroprl.dynamics import token_covariance
 from entroprl.losses import (
     POLICY_LOSSES,
     AdaptiveEntropyCoef,
+    EntroPICController,
+    EntroPICSettings,
     LossDenominators,
+    SettingError,
     aggregate_loss,
+    ce_gppo_loss,
     clip_cov_loss,
     clip_cov_select,
+    entropic_loss,
     entropy_bonus,
     get_policy_loss,
     high_entropy_mask,
@@ -37,7 +42,7 @@ from entroprl.losses import (
 )
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-LOSSES = ["ppo", "clip_cov", "kl_cov"]
+LOSSES = ["ppo", "clip_cov", "kl_cov", "ce_gppo", "entropic"]
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -442,20 +447,33 @@ def test_kl_cov_penalty_has_no_gradient_on_the_first_mini_batch():
 # All losses: split invariance (algorithms.md §5) and empty-row edge cases
 
 
-def _call(name, log_prob, old, adv, mask, mode, selected, denominators):
-    kwargs = {"loss_agg_mode": mode, "denominators": denominators}
-    if name != "ppo":
+# Settings that make each loss's own terms act on these batches (a loss not named: defaults):
+# selections of several tokens, and EntroPIC's term switched on over 40% of the tokens.
+TEST_SETTINGS = {
+    "clip_cov": {"ratio": 0.3, "lb": -2.0, "ub": 2.0},
+    "kl_cov": {"ratio": 0.2},
+    "entropic": {"high_prob_threshold": 0.3},
+}
+TEST_KWARGS = {"entropic": {"alpha": 0.7, "high_prob_threshold": 0.3}}
+
+
+def _call(name, log_prob, old, adv, mask, mode, selected, denominators, selected_den=None):
+    spec = get_policy_loss(name)
+    kwargs = {"loss_agg_mode": mode, "denominators": denominators, **TEST_KWARGS.get(name, {})}
+    if spec.select is not None:
         kwargs["selected"] = selected
-    return get_policy_loss(name).fn(log_prob, old, adv, mask, **kwargs)
+    if spec.selection_denominators:
+        kwargs["selected_denominators"] = selected_den
+    return spec.fn(log_prob, old, adv, mask, **kwargs)
 
 
 def _whole_selection(name, log_prob, old, adv, mask):
-    if name == "clip_cov":
-        g = torch.Generator().manual_seed(0)
-        return clip_cov_select(log_prob, old, adv, mask, ratio=0.3, lb=-2.0, ub=2.0, generator=g)
-    if name == "kl_cov":
-        return kl_cov_select(log_prob, adv, mask, ratio=0.2)
-    return None
+    spec = get_policy_loss(name)
+    if spec.select is None:
+        return None
+    settings = spec.settings(**TEST_SETTINGS.get(name, {}))
+    g = torch.Generator().manual_seed(0)
+    return spec.select(log_prob, old, adv, mask, settings, generator=g, across_ranks=False)
 
 
 def _check_split_invariance(name, mode, mask, lp, old, adv, parts):
@@ -464,10 +482,13 @@ def _check_split_invariance(name, mode, mask, lp, old, adv, parts):
     whole, _ = _call(name, log_prob, old_t, adv_t, m, mode, selected, None)
     (whole_grad,) = torch.autograd.grad(whole, log_prob)
     den = loss_denominators(m)
+    sel_den = None
+    if selected is not None:
+        sel_den = loss_denominators(selected, across_ranks=False, allow_empty=True)
     chunks = [x.tensor_split(parts) for x in (log_prob, old_t, adv_t, m)]
     sel_chunks = selected.tensor_split(parts) if selected is not None else [None] * parts
     total = sum(
-        _call(name, lpc, oc, ac, mc, mode, sc, den)[0]
+        _call(name, lpc, oc, ac, mc, mode, sc, den, sel_den)[0]
         for lpc, oc, ac, mc, sc in zip(*chunks, sel_chunks, strict=True)
     )
     (split_grad,) = torch.autograd.grad(total, log_prob)
@@ -560,6 +581,117 @@ def test_adaptive_entropy_coef_steps_clips_and_round_trips():
         ctl.update(float("nan"))
 
 
+# --------------------------------------------------------------------------------------------------
+# CE-GPPO and EntroPIC by hand (algorithms.md §4.8, §4.9; the authors' code: test_method_references)
+
+
+def test_ce_gppo_by_hand():
+    # ratios 0.5 (A < 0: below 1 - 0.2), 1.5 (A > 0: above 1.2), 1.1 (inside), 4 (A < 0: dual clip)
+    log_prob = t64([[math.log(0.5), math.log(1.5), math.log(1.1), math.log(4.0)]])
+    log_prob.requires_grad_()
+    old = t64([[0.0, 0.0, 0.0, 0.0]])
+    adv = t64([[-2.0, 1.0, 1.0, -1.0]])
+    loss, metrics = ce_gppo_loss(log_prob, old, adv, torch.ones(1, 4), beta1=0.75, beta2=1.5)
+    # values: -0.75*0.8*(-2) = 1.2; -1.5*1.2*1 = -1.8; -1.1; min(4, 3) = 3
+    assert loss.item() == pytest.approx((1.2 - 1.8 - 1.1 + 3.0) / 4)
+    loss.backward()
+    # d/dlogp: beta * bound * (-A) on low and high, -A*r inside, 0 under the dual clip
+    assert_values(log_prob.grad, [[0.75 * 0.8 * 2 / 4, -1.5 * 1.2 / 4, -1.1 / 4, 0.0]])
+    assert metrics["pg_clipfrac"] == 0.5 and metrics["pg_clipfrac_lower"] == 0.25
+    assert metrics["ce_gppo_low_frac"] == 0.25 and metrics["ce_gppo_high_frac"] == 0.25
+    with pytest.raises(SettingError, match="beta1"):
+        ce_gppo_loss(log_prob, old, adv, torch.ones(1, 4), beta1=-0.1)
+
+
+def test_ce_gppo_with_betas_of_one_has_ppos_value_and_more_gradient():
+    log_prob, old, adv, mask = torch_batch(FIXED_MASK, *random_batch(FIXED_MASK, 3, noise=0.5))
+    ours, _ = ce_gppo_loss(log_prob, old, adv, mask, beta1=1.0, beta2=1.0)
+    ppo, _ = ppo_loss(log_prob, old, adv, mask)
+    # beta = 1: PPO's value everywhere, a gradient where PPO has none
+    assert ours.item() == pytest.approx(ppo.item(), rel=1e-12)
+    (g_ours,) = torch.autograd.grad(ours, log_prob)
+    (g_ppo,) = torch.autograd.grad(ppo, log_prob)
+    assert ((g_ppo == 0) & (g_ours != 0)).any()
+
+
+def test_entropic_by_hand():
+    # p = 0.99, 0.5, 0.97, 0.2: the first and third are above 0.95
+    log_prob = t64([[math.log(0.99), math.log(0.5)], [math.log(0.97), math.log(0.2)]])
+    log_prob.requires_grad_()
+    old = log_prob.detach().clone()
+    adv = t64([[1.0, 1.0], [-2.0, -2.0]])
+    mask = torch.ones(2, 2)
+    loss, metrics = entropic_loss(log_prob, old, adv, mask, alpha=0.5)
+    ppo = (-1 - 1 + 2 + 2) / 4  # ratio 1
+    term = (-1 * 1 + -1 * 2) / 2  # mean of -r|A| over the two high-probability tokens
+    assert loss.item() == pytest.approx(ppo + 0.5 * term)
+    assert metrics["entropic_term"] == pytest.approx(term)
+    assert metrics["entropic_high_prob_frac"] == 0.5
+    loss.backward()
+    # PPO's -A/4 plus 0.5 * (-|A|/2) on the two selected tokens
+    assert_values(log_prob.grad, [[-0.25 - 0.25, -0.25], [0.5 - 0.5, 0.5]])
+    zero, _ = entropic_loss(log_prob, old, adv, mask, alpha=0.0)
+    assert zero.item() == pytest.approx(ppo)
+    with pytest.raises(SettingError, match="alpha"):
+        entropic_loss(log_prob, old, adv, mask, alpha=math.nan)
+
+
+def test_entropic_controller_by_hand_and_round_trip():
+    ctl = EntroPICController(EntroPICSettings(target=0.5, kp=1.0, ki=0.1))
+    metrics = ctl.update({"token_mean": 0.8, "seq_mean_token_mean": 9.0})
+    # e = 0.3, no integral yet: alpha = 0.3, then I = 0.3
+    assert metrics == pytest.approx(
+        {
+            "actor/control_alpha": 0.3,
+            "actor/control_error": 0.3,
+            "actor/control_integral": 0.3,
+            "actor/control_target": 0.5,
+        }
+    )
+    ctl.update({"token_mean": 0.2, "seq_mean_token_mean": 9.0})  # e = -0.3: -0.3 + 0.03
+    assert ctl.alpha == pytest.approx(-0.27) and ctl.integral == pytest.approx(0.0)
+    ctl.update({"token_mean": 5.0, "seq_mean_token_mean": 9.0})
+    assert ctl.alpha == 1.0  # clipped
+    assert ctl.loss_kwargs() == {
+        "clip_low": 0.2,
+        "clip_high": 0.2,
+        "clip_ratio_c": 3.0,
+        "high_prob_threshold": 0.95,
+        "alpha": 1.0,
+    }
+    other = EntroPICController(EntroPICSettings(target=0.5, kp=1.0, ki=0.1))
+    other.load_state_dict(json.loads(json.dumps(ctl.state_dict())))
+    assert (other.alpha, other.integral) == (ctl.alpha, ctl.integral)
+    with pytest.raises(ValueError, match="keys"):
+        other.load_state_dict({"alpha": 0.1})
+    with pytest.raises(ValueError, match="finite"):
+        ctl.update({"token_mean": math.nan, "seq_mean_token_mean": 0.0})
+    seq = EntroPICController(EntroPICSettings(target=1.0, entropy="seq_mean_token_mean"))
+    assert seq.update({"token_mean": 0.0, "seq_mean_token_mean": 1.5})["actor/control_error"] == 0.5
+
+
+def test_entropic_target_from_the_law():
+    # R = -0.046 exp(H) + 0.270 (ceiling 0.224); 90% of it at H = log((0.270 - 0.2016) / 0.046)
+    settings = EntroPICSettings(target=None, law_a=0.046, law_b=0.270, law_fraction=0.9)
+    expected = math.log((0.270 - 0.9 * 0.224) / 0.046)
+    assert EntroPICController(settings).target == pytest.approx(expected)
+    law_at = -0.046 * math.exp(expected) + 0.270
+    assert law_at == pytest.approx(0.9 * 0.224)
+    for bad, key in [
+        ({"target": 0.1, "law_a": 0.046, "law_b": 0.27}, "target"),
+        ({"target": None}, "target"),
+        ({"target": None, "law_a": 0.046}, "law_a"),
+        ({"target": None, "law_a": 0.3, "law_b": 0.27}, "law_a"),
+        ({"target": None, "law_a": 0.046, "law_b": 0.27, "law_fraction": 1.0}, "law_a"),
+        ({"target": -0.1}, "target"),
+        ({"high_prob_threshold": 1.0}, "high_prob_threshold"),
+        ({"entropy": "mean"}, "entropy"),
+    ]:
+        with pytest.raises(SettingError) as error:
+            EntroPICSettings(**bad).validate()
+        assert error.value.key == key, bad
+
+
 def test_kl_penalty_estimators_by_hand():
     log_prob, ref = t64([0.0, -1.0, -2.0]), t64([0.0, -2.0, -1.0])
     d = [0.0, -1.0, 1.0]  # ref - logp
@@ -593,18 +725,35 @@ def test_high_entropy_mask_count_is_not_fooled_by_float_rounding():
 
 
 def test_registry():
-    builtin = {"ppo": ppo_loss, "clip_cov": clip_cov_loss, "kl_cov": kl_cov_loss}
+    builtin = {
+        "ppo": ppo_loss,
+        "clip_cov": clip_cov_loss,
+        "kl_cov": kl_cov_loss,
+        "ce_gppo": ce_gppo_loss,
+        "entropic": entropic_loss,
+    }
     assert {name: POLICY_LOSSES[name].fn for name in builtin} == builtin
+    assert set(builtin) == set(LOSSES)  # every built-in loss gets the split tests above
     assert get_policy_loss("kl_cov").fn is kl_cov_loss
-    # each loss's settings are exactly its function's keyword arguments, with the same defaults
+    # each loss's settings are exactly its function's keyword arguments, with the same defaults;
+    # a loss with a controller is called with the controller's keyword arguments instead
     for name, fn in builtin.items():
         spec = get_policy_loss(name)
         defaults = inspect.signature(fn).parameters
+        if spec.controller is not None:
+            kwargs = spec.controller(spec.settings()).loss_kwargs()
+            assert all(defaults[key].default == value for key, value in kwargs.items()), name
+            continue
         for field in dataclasses.fields(spec.settings):
             assert defaults[field.name].default == field.default, (name, field.name)
     assert get_policy_loss("ppo").select is None
     assert get_policy_loss("kl_cov").summed_metrics == {"pg_loss", "kl_cov_selected"}
     assert get_policy_loss("kl_cov").on_policy_note and not get_policy_loss("ppo").on_policy_note
+    assert get_policy_loss("ce_gppo").on_policy_note
+    assert not get_policy_loss("entropic").on_policy_note
+    assert get_policy_loss("entropic").selection_denominators
+    with pytest.raises(ValueError, match="selection_denominators needs a selection"):
+        register_policy_loss("custom_bad", selection_denominators=True)
     with pytest.raises(ValueError, match=r"unknown policy loss 'grpo'.*clip_cov.*kl_cov.*ppo"):
         get_policy_loss("grpo")
     with pytest.raises(ValueError, match="already registered"):
@@ -647,7 +796,7 @@ def test_losses_reject_bad_input(name):
         fn(lp, old, adv, mask, loss_agg_mode="token-sum")
     with pytest.raises(ValueError, match="only 0 and 1"):
         fn(lp, old, adv, mask * 2)
-    if name != "ppo":
+    if get_policy_loss(name).select is not None:
         with pytest.raises(ValueError, match="selected marks padding"):
             fn(lp, old, adv, mask, selected=torch.ones_like(mask, dtype=torch.bool))
 

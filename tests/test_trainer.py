@@ -222,7 +222,20 @@ def _update_batch(tok, n=8, seed=0):
 SPLIT_TEST_SETTINGS = {
     "kl_cov": {"ratio": 0.1},
     "clip_cov": {"ratio": 0.1, "lb": -10.0, "ub": 10.0},
+    "entropic": {"high_prob_threshold": 0.045},
 }
+
+
+def controller_kwargs(config):
+    """The loss's keyword arguments as `Trainer.update` passes them when the loss keeps a
+    controller (after one step at entropy 1, far from EntroPIC's target: alpha is 0.9), else
+    None."""
+    spec = losses.get_policy_loss(config.algorithm.policy_loss)
+    if spec.controller is None:
+        return None
+    controller = spec.controller(config.loss_settings())
+    controller.update({"token_mean": 1.0, "seq_mean_token_mean": 1.0})
+    return controller.loss_kwargs()
 
 
 @pytest.mark.parametrize("policy_loss", sorted(losses.POLICY_LOSSES))
@@ -245,7 +258,14 @@ def test_update_independent_of_micro_batch_split(policy_loss, mode):
             }
         )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        update_policy(model, opt, batch, config, generator=torch.Generator().manual_seed(0))
+        update_policy(
+            model,
+            opt,
+            batch,
+            config,
+            generator=torch.Generator().manual_seed(0),
+            loss_kwargs=controller_kwargs(config),
+        )
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     # AdamW divides by sqrt(v): where a gradient entry is near zero, the float rounding that
     # differs between splits moves that weight by up to ~1e-5 (an update is ~1e-2 here)
@@ -283,7 +303,14 @@ def test_masked_out_rows_update_like_dropped_rows(policy_loss, mode):
         else:
             batch = batch.rows(keep.nonzero().squeeze(1))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        update_policy(model, opt, batch, config, generator=torch.Generator().manual_seed(0))
+        update_policy(
+            model,
+            opt,
+            batch,
+            config,
+            generator=torch.Generator().manual_seed(0),
+            loss_kwargs=controller_kwargs(config),
+        )
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
 
@@ -557,3 +584,43 @@ def test_cuda_without_a_gpu_says_so(tiny_policy, tmp_path):
     model, tok = tiny_policy
     with pytest.raises(TrainingError, match=r"trainer\.device=cuda.*no CUDA"):
         Trainer(small_config(tmp_path, trainer={"device": "cuda"}), model=model, tokenizer=tok)
+
+
+def test_loss_controller_is_logged_checkpointed_and_resumed(tmp_path):
+    """EntroPIC's controller lives in the trainer through the generic hook: its alpha, error and
+    integral are logged every step, saved in checkpoints and restored on resume (the resumed run
+    logs what the straight one did)."""
+    algorithm = {
+        "policy_loss": "entropic",
+        "loss": {"entropic": {"target": 0.5, "ki": 0.5, "high_prob_threshold": 0.3}},
+        "advantage": "passk",
+        "advantage_settings": {"passk": {"k": 2}},
+    }
+    runs = {}
+    for name, plan in (("straight", [4]), ("resumed", [2, 4])):
+        for i, steps in enumerate(plan):
+            model, tok = make_tiny_policy()
+            config = small_config(
+                tmp_path / name,
+                algorithm=algorithm,
+                trainer={"steps": steps, "eval_every": 0},
+                optim={"mini_batch_size": 16},  # one mini-batch: on-policy but for the controller
+            )
+            trainer = Trainer(config, model=model, tokenizer=tok)
+            assert not trainer.on_policy
+            trainer.train(resume=i > 0)
+        runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+    straight = runs["straight"]
+    integral = 0.0
+    for record in straight:
+        error = record["actor/entropy"] - 0.5  # token-mean entropy before the update
+        assert record["actor/control_error"] == pytest.approx(error, abs=1e-9)
+        assert record["actor/control_alpha"] == pytest.approx(
+            min(max(error + 0.5 * integral, -1.0), 1.0), abs=1e-9
+        )
+        integral += error
+        assert record["actor/control_integral"] == pytest.approx(integral, abs=1e-9)
+        assert "actor/entropic_term" in record
+    for r1, r2 in zip(straight, runs["resumed"], strict=True):
+        for key in ("actor/control_alpha", "actor/control_integral", "actor/pg_loss"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-6), (r1["step"], key)

@@ -18,7 +18,12 @@ from entroprl.law import detect_plateau_online
 from entroprl.rundir import read_metrics
 from entroprl.trainer import Trainer, UpdateBatch, UpdateResult, update_policy
 from tests.policies import alternating_scores, make_tiny_policy
-from tests.test_trainer import SPLIT_TEST_SETTINGS, _update_batch, small_config
+from tests.test_trainer import (
+    SPLIT_TEST_SETTINGS,
+    _update_batch,
+    controller_kwargs,
+    small_config,
+)
 
 # -- position shaping: the plateau, once found, stays ----------------------------------------------
 
@@ -178,7 +183,14 @@ def test_entropy_and_covariance_are_logged_over_the_training_batch(tmp_path):
 
 @pytest.mark.parametrize(
     ("policy_loss", "cov_scope"),
-    [("ppo", "minibatch"), ("kl_cov", "minibatch"), ("kl_cov", "micro"), ("clip_cov", "micro")],
+    [
+        ("ppo", "minibatch"),
+        ("kl_cov", "minibatch"),
+        ("kl_cov", "micro"),
+        ("clip_cov", "micro"),
+        ("entropic", "minibatch"),
+        ("entropic", "micro"),
+    ],
 )
 def test_empty_minibatch_is_skipped_and_counted(policy_loss, cov_scope):
     """Only row 0 enters the loss: of the two random mini-batches of four, one is empty each
@@ -199,7 +211,11 @@ def test_empty_minibatch_is_skipped_and_counted(policy_loss, cov_scope):
     )
     config = config_from_dict(
         {
-            "algorithm": {"policy_loss": policy_loss, "cov_scope": cov_scope},
+            "algorithm": {
+                "policy_loss": policy_loss,
+                "cov_scope": cov_scope,
+                "loss": {"entropic": SPLIT_TEST_SETTINGS["entropic"]},
+            },
             "rollout": {"max_new_tokens": 6},
             "optim": {"mini_batch_size": 4, "micro_batch_size": 2, "epochs": 2},
         }
@@ -207,7 +223,12 @@ def test_empty_minibatch_is_skipped_and_counted(policy_loss, cov_scope):
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     metrics = update_policy(
-        model, opt, batch, config, generator=torch.Generator().manual_seed(0)
+        model,
+        opt,
+        batch,
+        config,
+        generator=torch.Generator().manual_seed(0),
+        loss_kwargs=controller_kwargs(config),
     ).metrics
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert metrics["actor/empty_minibatches"] == 2 and metrics["actor/skipped_updates"] == 0
@@ -239,7 +260,12 @@ def test_logged_metrics_do_not_depend_on_the_micro_batch_split(policy_loss):
         )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         metrics = update_policy(
-            model, opt, batch, config, generator=torch.Generator().manual_seed(0)
+            model,
+            opt,
+            batch,
+            config,
+            generator=torch.Generator().manual_seed(0),
+            loss_kwargs=controller_kwargs(config),
         ).metrics
         runs.append(metrics)
     assert runs[0]["actor/pg_loss"] != 0
@@ -279,7 +305,11 @@ def test_lopti_logs_both_passes(tmp_path, monkeypatch):
 # -- every forward once --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy_loss", sorted(losses.POLICY_LOSSES))
+@pytest.mark.parametrize(
+    # a loss with a controller needs the step's entropy before the update: never on-policy
+    "policy_loss",
+    sorted(name for name, spec in losses.POLICY_LOSSES.items() if spec.controller is None),
+)
 @pytest.mark.parametrize("micro", [16, 4])
 def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, policy_loss, micro):
     """With one mini-batch and one epoch, the old log-probs and the entropy come from the training
@@ -336,6 +366,7 @@ def test_on_policy_needs_nothing_before_the_update(tmp_path):
         {"lopti_eta": 0.5},
         {"high_entropy_rho": 0.2},
         {"position_shaping_alpha": 0.05},
+        {"policy_loss": "entropic"},
     ):
         config = small_config(tmp_path, algorithm=algorithm, optim=one_minibatch)
         assert not Trainer(config, model=model, tokenizer=tok).on_policy, algorithm

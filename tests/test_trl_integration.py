@@ -4,7 +4,6 @@ import json
 import math
 import os
 import socket
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from entroprl import cli, losses  # noqa: E402
+from entroprl.advantages import passk_advantages, qae_advantages  # noqa: E402
 from entroprl.integrations.trl import (  # noqa: E402
     CovGRPOConfig,
     CovGRPOTrainer,
@@ -344,12 +344,30 @@ def test_selection_is_global_over_data_parallel_ranks(tmp_path):
         torch.testing.assert_close(selected, expected)
 
 
-def test_kl_cov_warns_when_on_policy(tmp_path):
-    with pytest.warns(UserWarning, match="KL-Cov on-policy"):
-        make_trainer(tmp_path, loss_type="kl_cov", gradient_accumulation_steps=2)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="KL-Cov on-policy")
-        make_trainer(tmp_path, loss_type="kl_cov", gradient_accumulation_steps=2, num_iterations=2)
+def test_kl_cov_where_it_cannot_act_says_so_in_one_line(tmp_path, caplog):
+    """With TRL's defaults every optimizer step is on-policy: KL-Cov's penalty |logp - old_logp|
+    is 0 there, which the trainer says at start-up in one line naming the settings that make it
+    act; the documented diff's setting does not trigger it."""
+    caplog.set_level("WARNING", logger="entroprl.integrations.trl")
+    make_trainer(tmp_path, loss_type="kl_cov", gradient_accumulation_steps=2)
+    said = [r.getMessage() for r in caplog.records if "plain policy gradient" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "steps_per_generation" in said[0]
+    caplog.clear()
+    make_trainer(tmp_path, loss_type="kl_cov", steps_per_generation=4)  # the documented diff
+    make_trainer(tmp_path, loss_type="kl_cov", gradient_accumulation_steps=2, num_iterations=2)
+    assert not [r for r in caplog.records if "plain policy gradient" in r.getMessage()]
+
+
+def test_cov_defaults_are_entroprls():
+    """One source of defaults: the plug-in's are the trainer's settings dataclasses'."""
+    args = CovGRPOConfig(output_dir="unused", use_cpu=True, report_to="none")
+    clip, kl = losses.ClipCovSettings(), losses.KLCovSettings()
+    assert (args.clip_cov_ratio, args.clip_cov_lb, args.clip_cov_ub) == (
+        clip.ratio,
+        clip.lb,
+        clip.ub,
+    )
+    assert (args.kl_cov_ratio, args.kl_cov_coef) == (kl.ratio, kl.coef)
 
 
 def test_config_checks(tmp_path):
@@ -403,3 +421,110 @@ def test_training_logs_reach_trainer_state_and_analyze(tmp_path, loss_type):
     assert table["all"]["n"] == 4
     assert table["all"]["mean"] == pytest.approx(sum(h["cov/all"] for h in steps) / 4)
     assert analysis["run"]["keys"]["entropy"] == "entropy_seq_mean"
+
+
+# -- CE-GPPO and the advantage estimators (algorithms.md §4.8, §6.8, §6.9) -------------------------
+
+
+@pytest.mark.parametrize("base", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_ce_gppo_equals_entroprl_loss(tmp_path, base):
+    """TRL's clipped surrogate plus the correction on its clipped tokens is entroprl's CE-GPPO
+    (without dual clip, which TRL does not have), loss and gradient, in every base aggregation;
+    with both betas 1 the loss value is TRL's own."""
+    settings = {"gradient_accumulation_steps": 2, "epsilon_high": 0.1}
+    trainer = make_trainer(
+        tmp_path,
+        loss_type="ce_gppo",
+        cov_base_loss_type=base,
+        ce_gppo_beta1=0.5,
+        ce_gppo_beta2=1.5,
+        **settings,
+    )
+    reference = make_trainer(tmp_path, **settings)  # same initial weights
+    inputs = make_inputs(trainer, seed=4)
+    ours = loss_and_grads(trainer, inputs)
+    reference.model.train()
+    reference.model.zero_grad()
+    logp = reference._policy_logps(reference.model, inputs)
+    mask = loss_mask(inputs)
+    mode, denominators = base_aggregation(base, mask, inputs, 2, 8)
+    expected, metrics = losses.ce_gppo_loss(
+        logp,
+        inputs["old_per_token_logps"],
+        token_advantages(inputs),
+        mask,
+        clip_low=0.2,
+        clip_high=0.1,
+        clip_ratio_c=1e9,
+        beta1=0.5,
+        beta2=1.5,
+        loss_agg_mode=mode,
+        denominators=denominators,
+    )
+    assert metrics["ce_gppo_low_frac"] > 0 and metrics["ce_gppo_high_frac"] > 0
+    expected.backward()
+    assert_same(ours, (expected.detach(), [p.grad.clone() for p in reference.model.parameters()]))
+    ones = make_trainer(
+        tmp_path, loss_type="ce_gppo", cov_base_loss_type=base, ce_gppo_beta1=1.0, **settings
+    )
+    theirs = make_trainer(tmp_path, GRPOConfig, GRPOTrainer, loss_type=base, **settings)
+    torch.testing.assert_close(
+        loss_and_grads(ones, inputs)[0], loss_and_grads(theirs, inputs)[0], rtol=1e-6, atol=1e-8
+    )
+
+
+def binary_reward(completions, **kwargs):
+    return [float("1" in c) for c in completions]
+
+
+@pytest.mark.parametrize("estimator", ["qae", "passk"])
+def test_advantage_estimators_replace_trls(tmp_path, estimator):
+    """One step: the advantages the loss receives are entroprl's, from TRL's rewards, per group
+    of num_generations."""
+    model, tok = make_tiny_policy()
+    args = CovGRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        max_steps=1,
+        advantage_estimator=estimator,
+        qae_quantile=0.25,
+        pass_k=2,
+    )
+    trainer = CovGRPOTrainer(
+        model=model,
+        reward_funcs=binary_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tok,
+    )
+    seen = []
+    real = trainer._generate_and_score_completions
+
+    def capture(inputs):
+        output = real(inputs)
+        seen.append((trainer._rewards_per_func[:, 0].clone(), output["advantages"].clone()))
+        return output
+
+    trainer._generate_and_score_completions = capture
+    trainer.train()
+    rewards, advantages = seen[0]
+    groups = torch.arange(8) // 4
+    if estimator == "qae":
+        expected = qae_advantages(rewards, groups, quantile=0.25)
+    else:
+        expected = passk_advantages(rewards, groups, k=2)
+    torch.testing.assert_close(advantages, expected)
+    with pytest.raises(ValueError, match="multi_objective_aggregation"):
+        CovGRPOConfig(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            advantage_estimator="qae",
+            multi_objective_aggregation="normalize_then_sum",
+        )
+    with pytest.raises(ValueError, match="advantage_estimator"):
+        CovGRPOConfig(output_dir=str(tmp_path), use_cpu=True, advantage_estimator="rloo")

@@ -285,3 +285,110 @@ def test_selection_is_global_over_data_parallel_ranks(tmp_path):
             dynamics.token_covariance(old, advantages, mask), mask
         )["all"]
         assert [r[name]["cov_all"] for r in results] == [pytest.approx(cov_all)] * world
+
+
+# -- CE-GPPO and the advantage estimators (algorithms.md §4.8, §6.8, §6.9) -------------------------
+
+
+def ce_gppo_config(info, beta1, beta2):
+    config = FSDPActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=2,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        policy_loss=ours.EntroprlPolicyLossConfig(
+            loss_mode="entroprl_ce_gppo", ce_gppo_beta1=beta1, ce_gppo_beta2=beta2
+        ),
+    )
+    config.global_batch_info.update(info)
+    return config
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-is", "rollout-is"])
+@pytest.mark.parametrize(
+    "info", [{}, GLOBAL_INFO | {"loss_scale_factor": 32}], ids=["local", "global"]
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_ce_gppo_is_verls_ppo_in_value_and_in_gradient_inside_the_clip(mode, info, weighted):
+    """CE-GPPO keeps PPO's value times beta on the clipped tokens and their gradient times beta:
+    with beta = 1 its loss is verl's vanilla loss, with beta = 0 its gradient is verl's, in every
+    aggregation, with verl's global batch sizes and importance weights; between, the clipped
+    tokens get beta times the unclipped gradient."""
+    old, log_prob, advantages, mask, weights = micro_batch(seed=21)
+    old = old + 0.5 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
+    weights = weights if weighted else None
+    vanilla = core_algos.get_policy_loss_fn("vanilla")
+    fn = core_algos.get_policy_loss_fn("entroprl_ce_gppo")
+    theirs = run(vanilla, old, log_prob, advantages, mask, mode, actor_config(info), weights)
+    ones = run(fn, old, log_prob, advantages, mask, mode, ce_gppo_config(info, 1.0, 1.0), weights)
+    zeros = run(fn, old, log_prob, advantages, mask, mode, ce_gppo_config(info, 0.0, 0.0), weights)
+    torch.testing.assert_close(ones[0], theirs[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(zeros[1], theirs[1], rtol=1e-6, atol=1e-8)
+    clipped = (zeros[1] == 0) & (ones[1] != 0)
+    assert clipped.any() and ones[2]["actor/pg_clipfrac"] > 0
+    half = run(fn, old, log_prob, advantages, mask, mode, ce_gppo_config(info, 0.5, 0.5), weights)
+    torch.testing.assert_close(half[1][clipped], 0.5 * ones[1][clipped], rtol=1e-6, atol=1e-9)
+    assert set(ones[2]) == {
+        "actor/pg_clipfrac",
+        "actor/pg_clipfrac_lower",
+        "actor/ppo_kl",
+        "actor/ce_gppo_low_frac",
+        "actor/ce_gppo_high_frac",
+    }
+
+
+def test_ce_gppo_betas_reach_it_through_verls_config_target():
+    """`policy_loss._target_` names entroprl's config class: verl builds it from the YAML."""
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    actor = OmegaConf.create(
+        {
+            "_target_": "verl.workers.config.FSDPActorConfig",
+            "strategy": "fsdp",
+            "rollout_n": 1,
+            "ppo_micro_batch_size_per_gpu": 2,
+            "policy_loss": {
+                "_target_": "entroprl.integrations.verl.EntroprlPolicyLossConfig",
+                "loss_mode": "entroprl_ce_gppo",
+                "ce_gppo_beta1": 0.5,
+            },
+        }
+    )
+    config = omega_conf_to_dataclass(actor)
+    assert isinstance(config.policy_loss, ours.EntroprlPolicyLossConfig)
+    assert (config.policy_loss.ce_gppo_beta1, config.policy_loss.ce_gppo_beta2) == (0.5, 1.0)
+    # verl's own config class: the defaults
+    assert actor_config().policy_loss.get("ce_gppo_beta1", None) is None
+
+
+def test_estimators_through_verls_registry():
+    from omegaconf import OmegaConf
+
+    from entroprl.advantages import passk_advantages, qae_advantages
+
+    rng = torch.Generator().manual_seed(5)
+    rewards = (torch.rand(24, generator=rng) < 0.5).float()
+    uids = [f"prompt-{i % 3}" for i in range(24)]  # groups not contiguous, as verl's may be
+    groups = torch.tensor([i % 3 for i in range(24)])
+    token_rewards = torch.zeros(24, 5)
+    token_rewards[:, 2] = rewards
+    mask = torch.ones(24, 5)
+    mask[0, 3:] = 0
+    config = OmegaConf.create({"adv_estimator": "entroprl_qae", "quantile_k": 0.3, "pass_k": 2})
+    config.norm_adv_by_std_in_grpo = False
+    for name, expected in (
+        ("entroprl_qae", qae_advantages(rewards, groups, quantile=0.3, norm_by_std=False)),
+        ("entroprl_passk", passk_advantages(rewards, groups, k=2)),
+    ):
+        fn = core_algos.get_adv_estimator_fn(name)
+        advantages, returns = fn(
+            token_level_rewards=token_rewards, response_mask=mask, index=uids, config=config
+        )
+        torch.testing.assert_close(advantages, expected[:, None] * mask)
+        assert returns is advantages
+    with pytest.raises(ValueError, match="0 or 1"):
+        core_algos.get_adv_estimator_fn("entroprl_passk")(
+            token_level_rewards=token_rewards - 1, response_mask=mask, index=uids, config=config
+        )

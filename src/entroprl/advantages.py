@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from entroprl import distributed
 from entroprl.checks import check_choice, check_finite, check_mask, check_nonempty, check_same_shape
+from entroprl.losses import NoSettings, SettingError
 
 # The std floor below which PPL shaping's group std is replaced by 1 (algorithms.md §7).
 _PPL_MIN_STD = 1e-6
@@ -60,6 +63,14 @@ def _group_baseline(r: Tensor, inverse: Tensor, counts: Tensor) -> Tensor:
     return mean.masked_fill(counts == 1, 0.0)[inverse]
 
 
+def _group_std(r: Tensor, mean: Tensor, inverse: Tensor, counts: Tensor) -> Tensor:
+    """Per-response unbiased group std around the per-response group `mean`; 1 for a group of one
+    (verl's convention)."""
+    dev2 = _group_sum((r - mean) ** 2, inverse, len(counts))
+    std = (dev2 / (counts - 1).clamp(min=1).to(r.dtype)).sqrt().masked_fill(counts == 1, 1.0)
+    return std[inverse]
+
+
 def grpo_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6) -> Tensor:
     """GRPO advantages (algorithms.md §6): per group, `A = (r - mean) / (std + eps)`, std unbiased.
 
@@ -70,9 +81,7 @@ def grpo_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6) ->
     inverse, counts = _groups(group_ids)
     r = rewards.detach().to(torch.float64)
     mean = _group_baseline(r, inverse, counts)
-    dev2 = _group_sum((r - mean) ** 2, inverse, len(counts))
-    std = (dev2 / (counts - 1).clamp(min=1).to(r.dtype)).sqrt().masked_fill(counts == 1, 1.0)
-    return ((r - mean) / (std[inverse] + eps)).to(rewards.dtype)
+    return ((r - mean) / (_group_std(r, mean, inverse, counts) + eps)).to(rewards.dtype)
 
 
 def dr_grpo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
@@ -150,31 +159,173 @@ def reinforce_pp_baseline_advantages(
     return ((scores - mean) * torch.rsqrt(var + eps) * weights).to(rewards.dtype)
 
 
+@dataclass
+class QAESettings:
+    quantile: float = 0.4
+    """K: the group baseline is the K-quantile of the group's rewards (the authors' recipe 0.4)."""
+    norm_by_std: bool = True
+    """Divide by the group std as GRPO (the authors' DAPO recipe); False: r - baseline."""
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.quantile) and 0 < self.quantile < 1):
+            raise SettingError("quantile", f"must be in (0, 1), got {self.quantile}")
+
+
+def qae_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    quantile: float = 0.4,
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Quantile advantage estimation of Wu et al. (algorithms.md §6.8): GRPO with the group's
+    K-quantile as its baseline.
+
+        b_g = Q_K(r_g)   (linear interpolation between order statistics, torch.quantile's)
+        A_i = (r_i - b_g) / (std_g + eps)   or   r_i - b_g   without norm_by_std
+
+    std_g is GRPO's (unbiased, around the group mean). A group of one has baseline 0 and std 1, as
+    in GRPO. With 0/1 rewards and K = 0.4 in a group of 8, b_g is 0 while at most 4 responses
+    are right (only successes get a signal), 0.8 with 5, and 1 from 6 on (only failures get one).
+    Returns (B,).
+    """
+    QAESettings(quantile, norm_by_std).validate()
+    _check_rewards(rewards, group_ids)
+    inverse, counts = _groups(group_ids)
+    r = rewards.detach().to(torch.float64)
+    padded = _pad_groups(r, inverse, counts)
+    q = torch.nanquantile(padded, quantile, dim=1, interpolation="linear")
+    baseline = q.masked_fill(counts == 1, 0.0)[inverse]
+    advantages = r - baseline
+    if norm_by_std:
+        std = _group_std(r, _group_baseline(r, inverse, counts), inverse, counts)
+        advantages = advantages / (std + eps)
+    return advantages.to(rewards.dtype)
+
+
+@dataclass
+class PassKSettings:
+    k: int = 4
+    """Responses per pass@k draw; at most the group size."""
+
+    def validate(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise SettingError("k", f"must be an integer >= 1, got {self.k!r}")
+
+
+def _choose_ratio(top: Tensor, bottom: Tensor, k: int) -> Tensor:
+    """C(top, k) / C(bottom, k) for integer tensors `top <= bottom`, `k <= bottom`, as the product
+    prod_{i<k} (top - i) / (bottom - i): 0 when top < k, 1 when k = 0."""
+    i = torch.arange(k, dtype=torch.float64, device=top.device)
+    return ((top[:, None] - i) / (bottom[:, None] - i)).prod(dim=1)
+
+
+def passk_advantages(rewards: Tensor, group_ids: Tensor, *, k: int = 4, eps: float = 1e-6):
+    """Pass@k training's analytical advantages of Chen et al. (algorithms.md §6.9).
+
+    For a group of G responses with c correct (0/1 rewards):
+
+        rho   = 1 - C(G - c, k) / C(G, k)                 the group's unbiased pass@k
+        sigma = sqrt(rho * (1 - rho))
+        A_pos = (1 - rho) / (sigma + eps)
+        A_neg = (1 - rho - C(G - c - 1, k - 1) / C(G - 1, k - 1)) / (sigma + eps)
+
+    the expected GRPO advantage of the response over the C(G, k) draws of k of the group (a draw
+    scores its best response; a response takes the normalised scores of the draws it is in).
+    k = 1 is GRPO with the population std. All-equal groups get 0. Rewards must be 0 or 1 and
+    every group at least k responses; raises ValueError naming them otherwise. Returns (B,).
+    """
+    PassKSettings(k).validate()
+    _check_rewards(rewards, group_ids)
+    r = rewards.detach().to(torch.float64)
+    if bool(((r != 0) & (r != 1)).any()):
+        raise ValueError(
+            "rewards must be 0 or 1 for pass@k advantages (a response is right or wrong), got "
+            f"{sorted(set(r[(r != 0) & (r != 1)].tolist()))[:5]}"
+        )
+    inverse, counts = _groups(group_ids)
+    if bool((counts < k).any()):
+        raise ValueError(
+            f"k={k} exceeds the size of a group ({int(counts.min())} responses): pass@k needs "
+            "k <= rollout.n"
+        )
+    size = counts.to(torch.float64)
+    wrong = size - _group_sum(r, inverse, len(counts))
+    rho = 1 - _choose_ratio(wrong, size, k)
+    sigma = (rho * (1 - rho)).sqrt()
+    positive = (1 - rho) / (sigma + eps)
+    negative = (1 - rho - _choose_ratio(wrong - 1, size - 1, k - 1)) / (sigma + eps)
+    return torch.where(r == 1, positive[inverse], negative[inverse]).to(rewards.dtype)
+
+
 TokenEstimator = Callable[..., Tensor]
+"""``fn(rewards, group_ids, response_mask, *, across_ranks, **settings) -> (B, T)``: token-level
+advantages, 0 at padding; the one signature `compute_advantages` calls."""
 
 
-def _per_token(estimator: Callable[[Tensor, Tensor], Tensor]) -> TokenEstimator:
-    """A response-level estimator as a token-level one: its scalar on every valid token. Group
+@dataclass(frozen=True)
+class AdvantageEstimatorSpec:
+    """A registered advantage estimator: the token-level function and its settings dataclass
+    (each field a keyword argument of the function; configured as
+    ``algorithm.advantage_settings.<name>.<field>``, validated by its `validate()`)."""
+
+    name: str
+    fn: TokenEstimator
+    settings: type = NoSettings
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimatorSpec] = {}
+
+
+def _copied_to_tokens(estimator: Callable[..., Tensor]) -> TokenEstimator:
+    """A response-level estimator as a token-level one: its value on every valid token. Group
     statistics need no collective (a group never spans ranks), so `across_ranks` changes nothing."""
 
-    def token_level(
-        rewards: Tensor, group_ids: Tensor, response_mask: Tensor, *, across_ranks: bool = False
-    ) -> Tensor:
-        return estimator(rewards, group_ids)[:, None] * response_mask.to(rewards.dtype)
+    def token_level(rewards, group_ids, response_mask, *, across_ranks=False, **settings):
+        values = estimator(rewards, group_ids, **settings)
+        return values[:, None] * response_mask.to(rewards.dtype)
 
     token_level.__name__ = estimator.__name__
     token_level.__doc__ = estimator.__doc__
     return token_level
 
 
-# name -> fn(rewards, group_ids, response_mask, *, across_ranks) -> (B, T) token-level advantages,
-# 0 at padding.
-ADVANTAGE_ESTIMATORS: dict[str, TokenEstimator] = {
-    "grpo": _per_token(grpo_advantages),
-    "dr_grpo": _per_token(dr_grpo_advantages),
-    "rloo": _per_token(rloo_advantages),
-    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
-}
+def register_advantage_estimator(
+    name: str, *, settings: type = NoSettings, per_response: bool = True
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorator registering an advantage estimator under `name`; a name already taken raises.
+
+    With `per_response` the function is ``fn(rewards, group_ids, **settings) -> (B,)``, one value
+    per response, copied to every valid token (group statistics need no collective: a group never
+    spans ranks). Otherwise it is a `TokenEstimator`, given the mask of the responses that enter
+    the loss and `across_ranks` for batch statistics.
+    """
+
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in ADVANTAGE_ESTIMATORS and ADVANTAGE_ESTIMATORS[name].fn is not fn:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        token_level = _copied_to_tokens(fn) if per_response else fn
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimatorSpec(name, token_level, settings)
+        return fn
+
+    return register
+
+
+register_advantage_estimator("grpo")(grpo_advantages)
+register_advantage_estimator("dr_grpo")(dr_grpo_advantages)
+register_advantage_estimator("rloo")(rloo_advantages)
+register_advantage_estimator("reinforce_pp_baseline", per_response=False)(
+    reinforce_pp_baseline_advantages
+)
+register_advantage_estimator("qae", settings=QAESettings)(qae_advantages)
+register_advantage_estimator("passk", settings=PassKSettings)(passk_advantages)
+
+
+def get_advantage_estimator(name: str) -> AdvantageEstimatorSpec:
+    """The estimator registered as `name`; an unknown name raises, listing the known ones."""
+    check_choice("advantage estimator", name, ADVANTAGE_ESTIMATORS)
+    return ADVANTAGE_ESTIMATORS[name]
 
 
 def compute_advantages(
@@ -184,22 +335,25 @@ def compute_advantages(
     response_mask: Tensor,
     *,
     across_ranks: bool = False,
+    settings: Any = None,
 ) -> Tensor:
     """Token-level (B, T) advantages from the estimator `name` of `ADVANTAGE_ESTIMATORS`
-    (algorithms.md §6).
+    (algorithms.md §6), with its `settings` (None: their defaults).
 
     Response-level advantages are copied to every valid token; padding gets 0. Pass the mask of
     the responses that enter the loss (filtered groups' rows all 0): batch statistics such as
     REINFORCE++'s whitening are over those only, and with `across_ranks` over every rank's.
     """
-    check_choice("advantage estimator", name, ADVANTAGE_ESTIMATORS)
+    spec = get_advantage_estimator(name)
+    settings = spec.settings() if settings is None else settings
+    settings.validate()
     _check_rewards(rewards, group_ids)
     valid = check_mask(response_mask)
     if valid.shape[0] != rewards.shape[0]:
         raise ValueError(
             f"response_mask has {valid.shape[0]} rows but rewards has {rewards.shape[0]}"
         )
-    return ADVANTAGE_ESTIMATORS[name](rewards, group_ids, valid, across_ranks=across_ranks)
+    return spec.fn(rewards, group_ids, valid, across_ranks=across_ranks, **asdict(settings))
 
 
 def dynamic_sampling_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:

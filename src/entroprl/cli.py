@@ -2,7 +2,7 @@
 
     entroprl train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     entroprl eval --model DIR --bench [NAME=]FORMAT:PATH [--bench ...]
-    entroprl demo [--out DIR] [--seeds N] [--jobs N] [--threads N]
+    entroprl demo [--out DIR] [--methods A,B,...] [--seeds N] [--jobs N] [--threads N]
     entroprl analyze RUN [--out DIR] [--smooth N] [--min-points N] [--min-entropy-range NATS]
     entroprl compare RUN [RUN ...] [--out DIR] [--smooth N] [--pool] [--min-points N] ...
     entroprl export CHECKPOINT|RUN --out DIR
@@ -270,7 +270,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from entroprl.demo import run_demo
 
     run_demo(
-        Path(args.out), steps=args.steps, seeds=args.seeds, jobs=args.jobs, threads=args.threads
+        Path(args.out),
+        steps=args.steps,
+        methods=None if args.methods is None else args.methods.split(","),
+        seeds=args.seeds,
+        jobs=args.jobs,
+        threads=args.threads,
     )
 
 
@@ -317,6 +322,13 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("demo", help="watch GRPO collapse entropy and Clip-Cov/KL-Cov hold it")
     p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods, each raced with the same warm start and seeds and paired "
+        "with grpo (entroprl.demo.METHODS; an unknown name lists them); default: "
+        "entroprl.demo.DEFAULT_METHODS",
+    )
     p.add_argument("--steps", type=int, default=None, help="RL steps per method")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (intervals need >= 2)")
     p.add_argument(

@@ -207,15 +207,18 @@ class AlgorithmConfig:
     losses (`entroprl.losses.register_policy_loss`) or advantage estimators under new names.
     Each must be importable (installed, or on PYTHONPATH)."""
     advantage: str = "grpo"
-    """The advantage estimator (algorithms.md §6): `grpo`, `dr_grpo`, `rloo`,
-    `reinforce_pp_baseline`, or a plug-in's."""
+    """A registered advantage estimator (`entroprl.advantages.ADVANTAGE_ESTIMATORS`, algorithms.md
+    §6): grpo, dr_grpo, rloo, reinforce_pp_baseline, qae, passk, or a plug-in's."""
+    advantage_settings: dict[str, Any] = field(default_factory=dict)
+    """Each estimator's own settings, `advantage_settings.<name>.<setting>` (e.g.
+    `advantage_settings.qae.quantile`); those of `advantage` not given take their defaults."""
     policy_loss: str = "ppo"
-    """A registered policy loss (`entroprl.losses.POLICY_LOSSES`): ppo, clip_cov, kl_cov, or a
-    plug-in's."""
+    """A registered policy loss (`entroprl.losses.POLICY_LOSSES`): ppo, clip_cov, kl_cov, ce_gppo,
+    entropic, or a plug-in's."""
     loss: dict[str, Any] = field(default_factory=dict)
     """Each loss's own settings, `loss.<name>.<setting>` (e.g. `loss.clip_cov.ratio`); the
     settings of `policy_loss` not given here take their defaults (`losses.PPOSettings`,
-    `ClipCovSettings`, `KLCovSettings`)."""
+    `ClipCovSettings`, `KLCovSettings`, `CEGPPOSettings`, `EntroPICSettings`)."""
     loss_agg_mode: str = "token-mean"
     """How token losses become one loss (algorithms.md §5.1): `token-mean`, `seq-mean-token-
     mean`, `seq-mean-token-sum`, `seq-mean-token-sum-norm` (verl's names)."""
@@ -395,6 +398,11 @@ class Config:
         """The settings of `algorithm.policy_loss` (a `PolicyLossSpec.settings` instance)."""
         return self.algorithm.loss[self.algorithm.policy_loss]
 
+    def estimator_settings(self) -> Any:
+        """The settings of `algorithm.advantage` (an `AdvantageEstimatorSpec.settings`
+        instance)."""
+        return self.algorithm.advantage_settings[self.algorithm.advantage]
+
     def validate(self) -> Config:
         """Check value ranges and names; raise ConfigError naming the key at fault."""
 
@@ -430,11 +438,14 @@ class Config:
             f"unknown mode {_show(a.loss_agg_mode)}; known: {sorted(losses.LOSS_AGG_MODES)}",
         )
         a.loss.setdefault(a.policy_loss, losses.POLICY_LOSSES[a.policy_loss].settings())
-        for name, settings in a.loss.items():
-            try:
-                settings.validate()
-            except losses.SettingError as e:
-                raise ConfigError(f"algorithm.loss.{name}.{e.key}: {e.why}") from None
+        estimator = advantages.ADVANTAGE_ESTIMATORS[a.advantage]
+        a.advantage_settings.setdefault(a.advantage, estimator.settings())
+        for key, store in (("loss", a.loss), ("advantage_settings", a.advantage_settings)):
+            for name, settings in store.items():
+                try:
+                    settings.validate()
+                except losses.SettingError as e:
+                    raise ConfigError(f"algorithm.{key}.{name}.{e.key}: {e.why}") from None
         need(a.cov_scope in COV_SCOPES, "algorithm.cov_scope", " or ".join(COV_SCOPES))
         need(a.cov_logp in COV_LOGPS, "algorithm.cov_logp", " or ".join(COV_LOGPS))
         need(
@@ -659,29 +670,39 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
                 raise ConfigError(f"{dotted}: now {MOVED_KEYS[dotted]}")
             raise ConfigError(f"{dotted}: unknown key; known keys here: {sorted(names)}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) or dotted == "algorithm.loss":
+        if dataclasses.is_dataclass(current) or dotted in _REGISTRIES:
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted}: expected a mapping, got {_show(value)}")
-            if dotted == "algorithm.loss":
-                _apply_loss_settings(current, value)
+            if dotted in _REGISTRIES:
+                _apply_registered_settings(current, value, dotted)
             else:
                 _apply(current, value, f"{dotted}.")
         else:
             setattr(obj, key, _coerce(dotted, value, hints[key]))
 
 
-def _apply_loss_settings(store: dict[str, Any], values: dict[str, Any]) -> None:
-    """`algorithm.loss.<name>.<setting>`: each registered loss's own settings dataclass."""
+_REGISTRIES = {
+    "algorithm.loss": ("loss", lambda: losses.POLICY_LOSSES),
+    "algorithm.advantage_settings": ("estimator", lambda: advantages.ADVANTAGE_ESTIMATORS),
+}
+"""Keys holding `<name>.<setting>` for each entry of a registry: (what an entry is, the registry,
+read when the key is applied, after the plug-ins have registered theirs)."""
+
+
+def _apply_registered_settings(store: dict[str, Any], values: dict[str, Any], key: str) -> None:
+    """`<key>.<name>.<setting>`: the own settings dataclass of each registered loss or
+    estimator."""
+    kind, registry = _REGISTRIES[key][0], _REGISTRIES[key][1]()
     for name, settings in values.items():
-        if name not in losses.POLICY_LOSSES:
+        if name not in registry:
             raise ConfigError(
-                f"algorithm.loss.{name}: unknown loss; known: {sorted(losses.POLICY_LOSSES)} "
-                "(a plug-in's loss needs its module in algorithm.plugins)"
+                f"{key}.{name}: unknown {kind}; known: {sorted(registry)} "
+                f"(a plug-in's {kind} needs its module in algorithm.plugins)"
             )
         if not isinstance(settings, dict):
-            raise ConfigError(f"algorithm.loss.{name}: expected a mapping, got {_show(settings)}")
-        target = store.setdefault(name, losses.POLICY_LOSSES[name].settings())
-        _apply(target, settings, f"algorithm.loss.{name}.")
+            raise ConfigError(f"{key}.{name}: expected a mapping, got {_show(settings)}")
+        target = store.setdefault(name, registry[name].settings())
+        _apply(target, settings, f"{key}.{name}.")
 
 
 def _takes_keyword(fn, name: str) -> bool:

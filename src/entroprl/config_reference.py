@@ -1,6 +1,7 @@
 """docs/config.md, generated from the code: every configuration key with its type, default and the
-docstring it has in `entroprl.config` (and, for `algorithm.loss.<name>.<setting>`, in the settings
-dataclass of each registered policy loss).
+docstring it has in `entroprl.config` (and, for `algorithm.loss.<name>.<setting>` and
+`algorithm.advantage_settings.<name>.<setting>`, in the settings dataclass of each registered policy
+loss and advantage estimator).
 
     python -m entroprl.config_reference > docs/config.md
 
@@ -16,7 +17,7 @@ import itertools
 import textwrap
 from typing import Any
 
-from entroprl import config, losses
+from entroprl import advantages, config, losses
 
 HEADER = """# Configuration reference
 
@@ -78,18 +79,27 @@ def reference() -> str:
         if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("):
             lines += [" ".join(cls.__doc__.split()), ""]
         lines += [*_table(f"{section.name}.", cls), ""]
-    lines += [
-        "## `algorithm.loss.<name>`: each policy loss's own settings",
-        "",
-        "Set as `algorithm.loss.<name>.<setting>`; the loss `algorithm.policy_loss` names uses its "
-        "settings, the defaults below where none are given.",
-        "",
-    ]
-    for name, spec in sorted(losses.POLICY_LOSSES.items()):
-        # entroprl's own losses: a plug-in's settings are documented by the plug-in
-        if not spec.fn.__module__.startswith("entroprl.") or not dataclasses.fields(spec.settings):
-            continue
-        lines += [f"### `{name}`", "", *_table(f"algorithm.loss.{name}.", spec.settings), ""]
+    for key, kind, chooser, registry in (
+        ("algorithm.loss", "policy loss", "algorithm.policy_loss", losses.POLICY_LOSSES),
+        (
+            "algorithm.advantage_settings",
+            "advantage estimator",
+            "algorithm.advantage",
+            advantages.ADVANTAGE_ESTIMATORS,
+        ),
+    ):
+        lines += [
+            f"## `{key}.<name>`: each {kind}'s own settings",
+            "",
+            f"Set as `{key}.<name>.<setting>`; the {kind} `{chooser}` names uses its settings, "
+            "the defaults below where none are given.",
+            "",
+        ]
+        for name, spec in sorted(registry.items()):
+            # entroprl's own: a plug-in registered in this process is not part of the reference
+            builtin = spec.fn.__module__.startswith("entroprl.")
+            if builtin and dataclasses.fields(spec.settings):
+                lines += [f"### `{name}`", "", *_table(f"{key}.{name}.", spec.settings), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

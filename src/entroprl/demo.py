@@ -1,7 +1,9 @@
-"""`entroprl demo`: entropy collapse under GRPO, and Clip-Cov / KL-Cov holding entropy, on a CPU.
+"""`entroprl demo`: entropy collapse under GRPO, and the entropy-control methods against it, on a
+CPU.
 
-One warm-started tiny model (cached after the first run), then GRPO, Clip-Cov and KL-Cov from that
-start, each with several seeds and the same budget, run as parallel processes. One seed's margins
+One warm-started tiny model (cached after the first run), then GRPO and the chosen methods (by
+default Clip-Cov and KL-Cov; `METHODS` lists all) from that start, each with several seeds and the
+same budget, run as parallel processes. One seed's margins
 are of the size of the numerical noise (issue 15), so the table gives every method's mean over
 seeds with its 95% t interval, and each method's paired (same seed) difference to GRPO;
 `summary.json` holds the per-seed values next to them, and the comparison report the law fitted
@@ -40,7 +42,31 @@ METHODS: dict[str, dict[str, Any]] = {
     "grpo": {"algorithm": {"policy_loss": "ppo"}},
     "clip_cov": {"algorithm": {"policy_loss": "clip_cov"}},
     "kl_cov": {"algorithm": {"policy_loss": "kl_cov"}},
+    "entropic": {"algorithm": {"policy_loss": "entropic"}},
+    "ce_gppo": {"algorithm": {"policy_loss": "ce_gppo"}},
+    "qae": {"algorithm": {"advantage": "qae"}},
+    "passk": {"algorithm": {"advantage": "passk"}},
 }
+"""Each method's overrides of the demo configuration (whose `algorithm.loss` and
+`algorithm.advantage_settings` hold their settings); every other value is GRPO's."""
+DEFAULT_METHODS = ("grpo", "clip_cov", "kl_cov", "passk")
+"""What `entroprl demo` runs without --methods: GRPO, the covariance methods and pass@k training,
+the one new method of docs/demo.md's race that kept more entropy than GRPO (12 runs, within 10
+minutes on 2 cores)."""
+BASELINE = "grpo"
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """`grpo,clip_cov,...` as a tuple of known method names, in the order given, each once."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise ValueError(
+            f"--methods: unknown method(s) {unknown or text!r}; known: {', '.join(METHODS)}"
+        )
+    return names
+
+
 END_STEPS = 20
 """A run's end values average steps T - END_STEPS to T of a T-step run: the rollout entropy of
 21 batches and the 3 evaluations there (every 10 steps). One batch, or one evaluation on 300
@@ -139,7 +165,7 @@ def _derived(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def aggregate(runs: dict[str, dict[int, dict[str, Any]]], baseline: str = "grpo") -> dict:
+def aggregate(runs: dict[str, dict[int, dict[str, Any]]], baseline: str = BASELINE) -> dict:
     """Per method the per-seed summaries, the mean and 95% t interval of every metric over seeds,
     and against `baseline` the paired (same seed) difference of each metric and the ratio of the
     final entropies, each with its t interval (None where fewer than 2 seeds or a value is
@@ -177,7 +203,7 @@ def _pm(interval: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) ->
     )
 
 
-def format_table(methods: dict[str, Any], baseline: str = "grpo") -> str:
+def format_table(methods: dict[str, Any], baseline: str = BASELINE) -> str:
     """Mean ± half-width of the 95% t interval over seeds per method, then each method's paired
     difference to `baseline` (same seed)."""
     first = next(iter(methods.values()))
@@ -188,10 +214,12 @@ def format_table(methods: dict[str, Any], baseline: str = "grpo") -> str:
     rows = [head] + [
         (name, *(_pm(m["mean"][key]) for key in METRICS)) for name, m in methods.items()
     ]
-    vs_head = ("method", f"entropy end / {baseline}", "acc end diff", f"{k} end diff")
+    vs_head = ("method", "entropy end diff", f"entropy end / {baseline}", "acc end diff")
+    vs_head += (f"{k} end diff",)
     vs_rows = [vs_head] + [
         (
             name,
+            _pm(m[f"vs_{baseline}"]["entropy_end"]),
             _pm(m[f"vs_{baseline}"]["entropy_end_ratio"], digits=2),
             _pm(m[f"vs_{baseline}"]["accuracy_end"]),
             _pm(m[f"vs_{baseline}"]["pass_at_k_end"]),
@@ -295,18 +323,21 @@ def run_demo(
     out: Path,
     *,
     steps: int | None = None,
-    methods=tuple(METHODS),
+    methods=None,
     seeds: int = 3,
     jobs: int | None = None,
     threads: int = 1,
     warm_start_config=None,
 ) -> dict[str, Any]:
-    """Warm start, then every method with `seeds` seeds from it, `jobs` runs at a time (default:
-    one per `threads` cores), each in a process of its own on `threads` torch threads; returns the
-    summary also written to summary.json. Seeds that finished in `out` with the same settings
-    are reused (see the module docstring); the folder is locked while the demo runs."""
+    """Warm start, then each of `methods` (names of `METHODS`; None: `DEFAULT_METHODS`) with
+    `seeds` seeds from it, `jobs` runs at a time (default: one per `threads` cores), each in a
+    process of its own on `threads` torch threads; returns the summary also written to
+    summary.json. Paired differences need the baseline, grpo, among the methods. Seeds that
+    finished in `out` with the same settings are reused (see the module docstring); the folder
+    is locked while the demo runs."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
+    methods = DEFAULT_METHODS if methods is None else parse_methods(",".join(methods))
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     if jobs is not None and jobs < 1:

@@ -612,3 +612,25 @@ def detect_plateau_online(entropy, *, window: int = 15, fraction: float = 0.1) -
     start = split.plateau_start
     settled = start is not None and start + window - 1 <= h.size - 1 - 2 * (window // 2)
     return start if settled else None
+
+
+def entropy_at_ceiling_fraction(a: float, b: float, fraction: float) -> float:
+    """The entropy at which the law ``R = -a*exp(H) + b`` predicts `fraction` of its ceiling
+    ``b - a`` (algorithms.md §4.9): solving ``-a*exp(H) + b = fraction * (b - a)``,
+
+        H = log((b - fraction * (b - a)) / a)
+
+    which is > 0 for a > 0, b > a (a positive ceiling reached as H falls to 0) and fraction in
+    (0, 1): a fraction closer to 1 gives a lower entropy. Raises ValueError, naming the value,
+    outside that domain.
+    """
+    for name, value in (("a", a), ("b", b), ("fraction", fraction)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if a <= 0:
+        raise ValueError(f"a must be > 0 (performance rising as entropy falls), got {a}")
+    if b <= a:
+        raise ValueError(f"b must exceed a (a positive ceiling b - a), got a={a}, b={b}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    return math.log((b - fraction * (b - a)) / a)

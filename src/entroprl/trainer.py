@@ -107,6 +107,7 @@ def update_policy(
     entropy_coef: float = 0.0,
     progress: bool = False,
     moved: bool = False,
+    loss_kwargs: dict[str, Any] | None = None,
 ) -> UpdateResult:
     """`epochs x mini-batches` optimizer steps on one rollout batch (this rank's rows).
 
@@ -127,11 +128,21 @@ def update_policy(
     first mini-batch), and the training forward's own when the mini-batch is one micro-batch.
     `moved` says that the weights have already changed since the rollout (an earlier call on the
     same rollout, as Lopti's second pass), so that no selection trusts the old log-probs then.
+    `loss_kwargs` replaces the loss's settings as its keyword arguments (those of its
+    `LossController`, when it has one).
     """
     a, o = config.algorithm, config.optim
     spec = losses.get_policy_loss(a.policy_loss)
     settings = config.loss_settings()
-    kwargs = {"loss_agg_mode": a.loss_agg_mode, **asdict(settings)}
+    if loss_kwargs is None and spec.controller is not None:
+        raise ValueError(
+            f"policy loss {a.policy_loss!r} keeps a controller: pass its loss_kwargs() as "
+            "loss_kwargs (Trainer.update does)"
+        )
+    kwargs = {
+        "loss_agg_mode": a.loss_agg_mode,
+        **(asdict(settings) if loss_kwargs is None else loss_kwargs),
+    }
     world = distributed.world_size()
     n, R = batch.response_mask.shape
     on_policy = batch.old_log_prob is None
@@ -166,7 +177,7 @@ def update_policy(
                 empty += 1
                 continue
             micro_starts = range(0, mini_rows.numel(), o.micro_batch_size)
-            selected = None
+            selected = selected_denominators = None
             if spec.select is not None and a.cov_scope == "minibatch":
                 if not on_policy and (a.cov_logp == "old" or not moved):
                     # the rollout's log-probs: exact while no update has moved the weights
@@ -190,6 +201,9 @@ def update_policy(
                         settings,
                         generator=generator,
                         across_ranks=True,
+                    )
+                    selected_denominators = losses.loss_denominators(
+                        selected, norm_constant=norm_constant, allow_empty=True
                     )
             optimizer.zero_grad(set_to_none=True)
             finite = True
@@ -232,6 +246,17 @@ def update_policy(
                         )
                     elif spec.select is not None:  # an empty micro-batch: nothing to select
                         extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
+                    if spec.selection_denominators:
+                        extra["selected_denominators"] = (
+                            selected_denominators
+                            if selected is not None
+                            else losses.loss_denominators(
+                                extra["selected"],
+                                norm_constant=norm_constant,
+                                across_ranks=a.cov_scope == "minibatch",
+                                allow_empty=True,
+                            )
+                        )
                     # The importance weight multiplies each token's whole policy loss, KL-Cov's
                     # penalty included, as verl's pg_losses * rollout_is_weights; the selections
                     # above use the unweighted advantages, as verl's do.
@@ -394,6 +419,9 @@ class Trainer:
             if a.entropy_target is not None
             else None
         )
+        spec = losses.get_policy_loss(a.policy_loss)
+        self.loss_controller = spec.controller(c.loss_settings()) if spec.controller else None
+        """The policy loss's own per-step state (`losses.LossController`), if it keeps any."""
         self.seen: tuple[Tensor, Tensor] | None = None
         """The log-probs and entropies the last update's training forwards computed."""
         self.step = 0
@@ -412,7 +440,7 @@ class Trainer:
         mini-batch and one epoch per step when nothing before the update needs the step's
         log-probs or entropy (PPL shaping, low-probability reweighting, Lopti, high-entropy
         masking, plateau detection for position shaping, entropy at another temperature than the
-        sampling one, the rollout importance weights)."""
+        sampling one, the rollout importance weights, a loss controller)."""
         c, a, o = self.config, self.config.algorithm, self.config.optim
         rows = c.rollout.prompts_per_step // self.world * c.rollout.n
         return (
@@ -425,6 +453,7 @@ class Trainer:
             and a.high_entropy_rho is None
             and a.rollout_is is None
             and not (a.position_shaping_alpha > 0 and a.position_shaping_start is None)
+            and self.loss_controller is None
         )
 
     # -- state ---------------------------------------------------------------------------------
@@ -448,6 +477,7 @@ class Trainer:
             "entropy_coef": self.entropy_controller.state_dict()
             if self.entropy_controller
             else None,
+            "loss_controller": self.loss_controller.state_dict() if self.loss_controller else None,
         }
 
     def save(self) -> None:
@@ -533,6 +563,8 @@ class Trainer:
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         if self.entropy_controller and state["entropy_coef"]:
             self.entropy_controller.load_state_dict(state["entropy_coef"])
+        if self.loss_controller and state.get("loss_controller"):  # absent before controllers
+            self.loss_controller.load_state_dict(state["loss_controller"])
         if self.rank == 0:
             print(f"resumed from step {self.step} ({path})")
         return True
@@ -780,7 +812,12 @@ class Trainer:
         §8); 0 elsewhere."""
         a = self.config.algorithm
         advantages = compute_advantages(
-            a.advantage, rewards, batch.group_ids, mask, across_ranks=True
+            a.advantage,
+            rewards,
+            batch.group_ids,
+            mask,
+            across_ranks=True,
+            settings=self.config.estimator_settings(),
         )
         if a.ppl_shaping_alpha > 0:
             advantages = ppl_shaping(
@@ -851,6 +888,8 @@ class Trainer:
             ref,
             is_weights,
         )
+        if self.loss_controller is not None:  # never on-policy: the step's entropy is known
+            metrics |= self.loss_controller.update(batch_entropy(entropy, train_mask))
         metrics |= self.update(update_batch, step)
         if self.on_policy:
             old_log_prob, entropy = self.seen
@@ -943,6 +982,7 @@ class Trainer:
                 entropy_coef=coef,
                 progress=c.trainer.progress and self.rank == 0,
                 moved=moved,
+                loss_kwargs=self.loss_controller.loss_kwargs() if self.loss_controller else None,
             )
             moved = result.moved
             results.append(result)

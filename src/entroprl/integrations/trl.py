@@ -1,7 +1,7 @@
 """Clip-Cov, KL-Cov and the covariance diagnostics inside TRL's `GRPOTrainer` (docs/trl.md).
 
     from entroprl.integrations.trl import CovGRPOConfig, CovGRPOTrainer
-    args = CovGRPOConfig(..., loss_type="kl_cov", kl_cov_ratio=2e-3)
+    args = CovGRPOConfig(..., loss_type="kl_cov", steps_per_generation=4)
     trainer = CovGRPOTrainer(model=..., reward_funcs=..., args=args, train_dataset=...)
 
 Both loss types run on TRL's own loss code. `cov_base_loss_type` (one of TRL's "grpo", "bnpo",
@@ -36,8 +36,8 @@ through TRL's `_metrics`, so they reach `trainer_state.json` and every `report_t
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +49,15 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from entroprl import distributed, dynamics, losses
+from entroprl.advantages import PassKSettings, QAESettings, passk_advantages, qae_advantages
 from entroprl.checks import check_choice
 from entroprl.entropy import batch_entropy
 
 COV_LOSS_TYPES = ("clip_cov", "kl_cov")
+ENTROPRL_LOSS_TYPES = (*COV_LOSS_TYPES, "ce_gppo")
+"""The loss types this trainer adds, each on top of `cov_base_loss_type`'s TRL loss."""
+ADVANTAGE_ESTIMATORS = ("grpo", "qae", "passk")
+"""`advantage_estimator`: TRL's own advantages, or entroprl's from the same rewards."""
 # TRL's loss types built on the clipped token-level surrogate, whose aggregation the new types take
 BASE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # The model inputs beside the token ids that TRL's `_compute_loss` passes to its forward
@@ -70,12 +75,15 @@ _FORWARD_KEYS = (
 )
 
 
+logger = logging.getLogger(__name__)
+
+
 @dataclass
 class CovGRPOConfig(GRPOConfig):
     """TRL's `GRPOConfig` with entroprl's settings; `loss_type` also takes clip_cov and kl_cov."""
 
     clip_cov_ratio: float = field(
-        default=2e-4,
+        default=losses.ClipCovSettings.ratio,
         metadata={
             "help": "Clip-Cov: fraction of an optimizer step's loss tokens whose gradient is "
             "detached, drawn among the unclipped tokens with clip_cov_lb < cov < clip_cov_ub. "
@@ -83,20 +91,23 @@ class CovGRPOConfig(GRPOConfig):
         },
     )
     clip_cov_lb: float = field(
-        default=1.0, metadata={"help": "Clip-Cov: lower bound on a token's covariance."}
+        default=losses.ClipCovSettings.lb,
+        metadata={"help": "Clip-Cov: lower bound on a token's covariance."},
     )
     clip_cov_ub: float = field(
-        default=5.0, metadata={"help": "Clip-Cov: upper bound on a token's covariance."}
+        default=losses.ClipCovSettings.ub,
+        metadata={"help": "Clip-Cov: upper bound on a token's covariance."},
     )
     kl_cov_ratio: float = field(
-        default=2e-3,
+        default=losses.KLCovSettings.ratio,
         metadata={
             "help": "KL-Cov: fraction of an optimizer step's loss tokens, those of largest "
             "covariance, that get the |logp - old_logp| penalty. 0 switches the penalty off."
         },
     )
     kl_cov_coef: float = field(
-        default=1.0, metadata={"help": "KL-Cov: coefficient of the |logp - old_logp| penalty."}
+        default=losses.KLCovSettings.coef,
+        metadata={"help": "KL-Cov: coefficient of the |logp - old_logp| penalty."},
     )
     cov_base_loss_type: str = field(
         default="dapo",
@@ -104,6 +115,33 @@ class CovGRPOConfig(GRPOConfig):
             "help": "The TRL loss type whose aggregation clip_cov and kl_cov use: 'grpo', "
             "'bnpo', 'dr_grpo' or 'dapo' (TRL's default)."
         },
+    )
+    ce_gppo_beta1: float = field(
+        default=losses.CEGPPOSettings.beta1,
+        metadata={
+            "help": "CE-GPPO: gradient weight of tokens with a negative advantage below "
+            "1 - epsilon (TRL's clip gives them none)."
+        },
+    )
+    ce_gppo_beta2: float = field(
+        default=losses.CEGPPOSettings.beta2,
+        metadata={
+            "help": "CE-GPPO: gradient weight of tokens with a positive advantage above "
+            "1 + epsilon_high."
+        },
+    )
+    advantage_estimator: str = field(
+        default="grpo",
+        metadata={
+            "help": "'grpo': TRL's advantages; 'qae' (quantile baseline) or 'passk' (pass@k "
+            "training): entroprl's, from the same summed rewards, per group of num_generations."
+        },
+    )
+    qae_quantile: float = field(
+        default=QAESettings.quantile, metadata={"help": "QAE: K, the baseline's group quantile."}
+    )
+    pass_k: int = field(
+        default=PassKSettings.k, metadata={"help": "Pass@k training: k <= num_generations."}
     )
     cov_diagnostics: bool = field(
         default=True,
@@ -128,17 +166,47 @@ class CovGRPOConfig(GRPOConfig):
             )
         if not (math.isfinite(self.kl_cov_coef) and self.kl_cov_coef >= 0):
             raise ValueError(f"kl_cov_coef must be a finite number >= 0, got {self.kl_cov_coef}")
-        if self.loss_type in COV_LOSS_TYPES and self.importance_sampling_level != "token":
+        check_choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        losses.CEGPPOSettings(beta1=self.ce_gppo_beta1, beta2=self.ce_gppo_beta2).validate()
+        QAESettings(quantile=self.qae_quantile).validate()
+        PassKSettings(k=self.pass_k).validate()
+        if (
+            self.advantage_estimator != "grpo"
+            and self.multi_objective_aggregation != "sum_then_normalize"
+        ):
+            raise ValueError(
+                f"advantage_estimator={self.advantage_estimator!r} reads the summed rewards: it "
+                "needs multi_objective_aggregation='sum_then_normalize'"
+            )
+        if self.loss_type in ENTROPRL_LOSS_TYPES and self.importance_sampling_level != "token":
             raise ValueError(
                 f"loss_type={self.loss_type!r} selects tokens: it needs "
                 f"importance_sampling_level='token', got {self.importance_sampling_level!r}"
             )
 
 
+def on_policy_kl_cov(args: CovGRPOConfig) -> bool:
+    """Whether KL-Cov is asked for where it cannot act: every optimizer step the first on its
+    generation batch (steps_per_generation * num_iterations divides the accumulation)."""
+    generate_every = args.steps_per_generation * args.num_iterations
+    return (
+        args.loss_type == "kl_cov"
+        and args.kl_cov_ratio > 0
+        and args.gradient_accumulation_steps % generate_every == 0
+    )
+
+
 def loss_mask(inputs: dict[str, Any]) -> Tensor:
     """The tokens of TRL's loss: the completion, less tool outputs."""
     mask = inputs["completion_mask"]
     return mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
+
+
+def _old_logps(inputs: dict[str, Any], logps: Tensor) -> Tensor:
+    """TRL's old log-probs, or the training forward's, detached, when it skipped them
+    (on-policy)."""
+    old = inputs.get("old_per_token_logps")
+    return logps.detach() if old is None else old
 
 
 def token_advantages(inputs: dict[str, Any]) -> Tensor:
@@ -158,15 +226,14 @@ class CovGRPOTrainer(GRPOTrainer):
             raise TypeError(
                 f"CovGRPOTrainer needs args=CovGRPOConfig(...), got {type(args).__name__}"
             )
-        generate_every = args.steps_per_generation * args.num_iterations
-        if args.loss_type == "kl_cov" and args.gradient_accumulation_steps % generate_every == 0:
-            warnings.warn(
-                "KL-Cov on-policy: every optimizer step is the first on its generation batch "
-                f"(gradient_accumulation_steps={args.gradient_accumulation_steps} is a multiple of "
-                f"steps_per_generation * num_iterations = {generate_every}), so logp == old_logp "
-                "and the |logp - old_logp| penalty and its gradient are 0: this is plain policy "
-                "gradient. Raise num_iterations or steps_per_generation.",
-                stacklevel=2,
+        if on_policy_kl_cov(args):
+            # one line at start-up (a warning's traceback-style two lines get lost in TRL's log)
+            logger.warning(
+                "loss_type='kl_cov' is plain policy gradient here: every optimizer step is the "
+                "first on its generation batch, where logp == old_logp and the |logp - old_logp| "
+                "penalty is 0; set steps_per_generation to a multiple of "
+                "gradient_accumulation_steps (e.g. 4x, as the paper's 8 mini-batches per "
+                "rollout) or num_iterations >= 2"
             )
         self._selected: dict[int, Tensor] = {}  # step -> its micro-batch's selection
         self._window_end = 0  # the first step after the current accumulation window
@@ -187,7 +254,7 @@ class CovGRPOTrainer(GRPOTrainer):
     def _base_loss(self) -> Iterator[None]:
         """TRL's `_compute_loss` as the base loss type, capturing its forward's outputs."""
         saved = self.loss_type, self.epsilon_low, self.epsilon_high
-        if self.loss_type in COV_LOSS_TYPES:
+        if self.loss_type in ENTROPRL_LOSS_TYPES:
             self.loss_type = self.args.cov_base_loss_type
         if saved[0] == "kl_cov":
             # KL-Cov clips no ratio (Cui et al.): the clipped surrogate with an infinite range
@@ -221,6 +288,10 @@ class CovGRPOTrainer(GRPOTrainer):
                 penalty, penalty_sum = self._kl_cov_penalty(inputs, logps, entropies, selected)
                 loss = loss + penalty
             self._log_selection(selected, mask, penalty_sum)
+        if self.loss_type == "ce_gppo":
+            correction, low, high = self._ce_gppo_correction(inputs, logps, entropies)
+            loss = loss + correction
+            self._log_fractions(mask, ce_gppo_low_frac=low, ce_gppo_high_frac=high)
         if train and self.args.cov_diagnostics:
             self._collect_diagnostics(logps, entropies, mask, token_advantages(inputs))
         return loss
@@ -232,10 +303,39 @@ class CovGRPOTrainer(GRPOTrainer):
         TRL weights and aggregates its own per-token loss; and the sum of |logp - old_logp| over
         the loss tokens (for the kl_cov_abs_diff metric)."""
         mask = loss_mask(inputs)
-        old = inputs.get("old_per_token_logps")
-        old = logps.detach() if old is None else old
-        abs_diff = (logps - old).abs()
+        abs_diff = (logps - _old_logps(inputs, logps)).abs()
         per_token = torch.where(selected, self.args.kl_cov_coef * abs_diff, 0.0)
+        penalty = self._as_trl_token_loss(per_token, inputs, logps, entropies)
+        return penalty, torch.where(mask.bool(), abs_diff.detach(), 0.0).sum()
+
+    def _ce_gppo_correction(
+        self, inputs: dict[str, Any], logps: Tensor, entropies: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """What turns TRL's clipped surrogate into CE-GPPO (algorithms.md §4.8): on a token TRL
+        clips, its loss is the constant -bound * A; CE-GPPO's is -beta * bound * A * r / sg(r).
+        Their difference, weighted and aggregated as TRL's own per-token loss; and the low and
+        high masks (for the metrics)."""
+        advantages = token_advantages(inputs)
+        ratio = torch.exp(logps - _old_logps(inputs, logps))
+        kept = ratio / ratio.detach()  # value 1, gradient of logp
+        lower, upper = 1 - self.epsilon_low, 1 + self.epsilon_high
+        low = (advantages < 0) & (ratio < lower)
+        high = (advantages > 0) & (ratio > upper)
+        a = self.args
+        per_token = torch.where(
+            low,
+            -lower * advantages * (a.ce_gppo_beta1 * kept - 1),
+            torch.where(high, -upper * advantages * (a.ce_gppo_beta2 * kept - 1), 0.0),
+        )
+        return self._as_trl_token_loss(per_token, inputs, logps, entropies), low, high
+
+    def _as_trl_token_loss(
+        self, per_token: Tensor, inputs: dict[str, Any], logps: Tensor, entropies: Tensor
+    ) -> Tensor:
+        """A per-token loss beside TRL's, weighted by the masks and importance ratios TRL applies
+        to its own per-token loss and aggregated as `cov_base_loss_type` aggregates."""
+        mask = loss_mask(inputs)
+        old = _old_logps(inputs, logps)
         if self.off_policy_mask_threshold is not None:
             per_token = per_token * self.get_off_policy_mask(
                 advantages=token_advantages(inputs)[:, :1],
@@ -251,8 +351,7 @@ class CovGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             per_token = per_token * inputs["importance_sampling_ratio"]
         mode, denominators = self._base_aggregation(inputs)
-        penalty = losses.aggregate_loss(per_token, mask, mode, denominators=denominators)
-        return penalty, torch.where(mask.bool(), abs_diff.detach(), 0.0).sum()
+        return losses.aggregate_loss(per_token, mask, mode, denominators=denominators)
 
     def _base_aggregation(self, inputs: dict[str, Any]) -> tuple[str, losses.LossDenominators]:
         """entroprl's aggregation that equals TRL's for `cov_base_loss_type` on this micro-batch
@@ -367,6 +466,47 @@ class CovGRPOTrainer(GRPOTrainer):
         metrics[f"{self.loss_type}_frac"].append(n_selected / n_tokens)
         if self.loss_type == "kl_cov":
             metrics["kl_cov_abs_diff"].append(abs_diff / n_tokens)
+
+    def _log_fractions(self, mask: Tensor, **flags: Tensor) -> None:
+        """Log each (B, T) bool flag's fraction of the loss tokens, over every rank."""
+        counts = torch.stack(
+            [mask.sum().to(torch.float64)]
+            + [(flag & mask.bool()).sum().to(torch.float64) for flag in flags.values()]
+        )
+        n_tokens, *n_flagged = distributed.all_reduce_sum(counts).tolist()
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for name, count in zip(flags, n_flagged, strict=True):
+            metrics[name].append(count / max(n_tokens, 1.0))
+
+    # -- advantages ----------------------------------------------------------------------------
+
+    def _calculate_rewards(self, *args, **kwargs):
+        rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        self._rewards_per_func = rewards_per_func  # every process's, as TRL gathers them
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.args.advantage_estimator != "grpo":
+            output["advantages"] = self.entroprl_advantages(output["advantages"].shape[0])
+        return output
+
+    def entroprl_advantages(self, local_rows: int) -> Tensor:
+        """This process's advantages from `advantage_estimator` (QAE or pass@k, algorithms.md
+        §6.8, §6.9), computed from the summed weighted rewards TRL just gathered from every
+        process, each run of `num_generations` completions one group (TRL's layout)."""
+        per_func = self._rewards_per_func
+        rewards = (per_func * self.reward_weights.to(per_func)).nansum(dim=1)
+        train = self.model.training
+        size = self.num_generations if train else self.num_generations_eval
+        groups = torch.arange(rewards.shape[0], device=rewards.device) // size
+        a = self.args
+        if a.advantage_estimator == "qae":
+            values = qae_advantages(rewards, groups, quantile=a.qae_quantile)
+        else:
+            values = passk_advantages(rewards, groups, k=a.pass_k)
+        start = self.accelerator.process_index * local_rows
+        return values[start : start + local_rows]
 
     def _collect_diagnostics(
         self, logps: Tensor, entropies: Tensor, mask: Tensor, advantages: Tensor

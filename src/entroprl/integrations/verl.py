@@ -1,13 +1,18 @@
-"""entroprl's Clip-Cov and KL-Cov in verl's policy-loss registry (docs/verl.md).
+"""entroprl's losses and advantage estimators in verl's registries (docs/verl.md).
 
-Importing this module registers `entroprl_clip_cov` and `entroprl_kl_cov`. verl imports it into its
-workers when its model config names it:
+Importing this module registers the policy losses `entroprl_clip_cov`, `entroprl_kl_cov` and
+`entroprl_ce_gppo`, and the advantage estimators `entroprl_qae` and `entroprl_passk`. verl imports
+it into its workers when its model config names it:
 
     actor_rollout_ref.model.external_lib=entroprl.integrations.verl
     actor_rollout_ref.actor.policy_loss.loss_mode=entroprl_kl_cov
+    algorithm.adv_estimator=entroprl_qae          (the driver: VERL_USE_EXTERNAL_MODULES too)
 
 The settings are verl's own: `policy_loss.clip_cov_ratio`, `clip_cov_lb`, `clip_cov_ub`,
-`kl_cov_ratio`, `ppo_kl_coef`, `actor.clip_ratio(_low|_high)`, `actor.loss_agg_mode`.
+`kl_cov_ratio`, `ppo_kl_coef`, `actor.clip_ratio(_low|_high)`, `actor.clip_ratio_c`,
+`actor.loss_agg_mode`; CE-GPPO's betas in `EntroprlPolicyLossConfig`; the estimators' in
+`algorithm.quantile_k` (QAE's own flag) and `algorithm.pass_k`. EntroPIC is not offered: its
+controller needs the entropy of the training forward, which verl does not pass to a policy loss.
 
 What differs from verl's `clip_cov` / `kl_cov`:
 
@@ -36,11 +41,14 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
-from verl.trainer.ppo.core_algos import register_policy_loss
+from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
+from verl.workers.config import PolicyLossConfig
 
 from entroprl import distributed, dynamics, losses
+from entroprl.advantages import PassKSettings, QAESettings, passk_advantages, qae_advantages
 
 # Mean |logp - old_logp| over a mini-batch's tokens below which KL-Cov's penalty counts as zero
 ON_POLICY_TOLERANCE = 1e-6
@@ -245,3 +253,105 @@ class OnPolicyCheck:
 
 
 _ON_POLICY = OnPolicyCheck()
+
+
+@dataclass
+class EntroprlPolicyLossConfig(PolicyLossConfig):
+    """verl's `PolicyLossConfig` with CE-GPPO's two weights, for
+    ``actor.policy_loss._target_=entroprl.integrations.verl.EntroprlPolicyLossConfig``; without
+    it `entroprl_ce_gppo` takes the defaults of `losses.CEGPPOSettings`."""
+
+    ce_gppo_beta1: float = losses.CEGPPOSettings.beta1
+    """CE-GPPO: gradient weight of tokens with A < 0 below 1 - clip_ratio_low."""
+    ce_gppo_beta2: float = losses.CEGPPOSettings.beta2
+    """CE-GPPO: gradient weight of tokens with A > 0 above 1 + clip_ratio_high."""
+
+
+@register_policy_loss("entroprl_ce_gppo")
+def compute_policy_loss_entroprl_ce_gppo(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """CE-GPPO (`losses.ce_gppo_loss`, algorithms.md §4.8) with verl's signature: the clip range
+    and dual clip from the actor config, beta1 and beta2 from `policy_loss.ce_gppo_beta1/2`."""
+    low, high = _clip_range(config)
+    defaults = losses.CEGPPOSettings()
+    settings = losses.CEGPPOSettings(
+        clip_low=low,
+        clip_high=high,
+        clip_ratio_c=config.get("clip_ratio_c", defaults.clip_ratio_c),
+        beta1=config.policy_loss.get("ce_gppo_beta1", defaults.beta1),
+        beta2=config.policy_loss.get("ce_gppo_beta2", defaults.beta2),
+    )
+    mask = response_mask.bool()
+    mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
+    loss, m = losses.ce_gppo_loss(
+        log_prob,
+        old_log_prob,
+        advantages,
+        mask,
+        loss_agg_mode=mode,
+        denominators=denominators,
+        weights=rollout_is_weights,  # verl's pg_losses * rollout_is_weights
+        **asdict(settings),
+    )
+    keys = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "ce_gppo_low_frac", "ce_gppo_high_frac")
+    return loss * dp_size, {f"actor/{key}": m[key] for key in keys}
+
+
+def _token_advantages(estimator, token_level_rewards: Tensor, response_mask: Tensor, index, **kw):
+    """A response-level entroprl estimator in verl's advantage-estimator form: rewards summed per
+    response, verl's `uid`s as groups, the value on every response token; (advantages, returns)."""
+    _, groups = np.unique(np.asarray(index, dtype=object).astype(str), return_inverse=True)
+    scores = token_level_rewards.sum(dim=-1)
+    group_ids = torch.as_tensor(groups, device=scores.device)
+    values = estimator(scores, group_ids, **kw)[:, None] * response_mask.to(scores.dtype)
+    return values, values
+
+
+@register_adv_est("entroprl_qae")
+def compute_entroprl_qae_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index=None,
+    epsilon: float = 1e-6,
+    config=None,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """Quantile advantages (`advantages.qae_advantages`, algorithms.md §6.8): K from
+    `algorithm.quantile_k` (the authors' flag, default 0.4), the std from verl's
+    `algorithm.norm_adv_by_std_in_grpo`."""
+    get = config.get if config is not None else (lambda key, default: default)
+    defaults = QAESettings()
+    return _token_advantages(
+        qae_advantages,
+        token_level_rewards,
+        response_mask,
+        index,
+        quantile=float(get("quantile_k", defaults.quantile)),
+        norm_by_std=bool(get("norm_adv_by_std_in_grpo", defaults.norm_by_std)),
+        eps=epsilon,
+    )
+
+
+@register_adv_est("entroprl_passk")
+def compute_entroprl_passk_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index=None,
+    epsilon: float = 1e-6,
+    config=None,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """Pass@k training's analytical advantages (`advantages.passk_advantages`, algorithms.md
+    §6.9): k from `algorithm.pass_k` (default 4); rewards must be 0 or 1."""
+    get = config.get if config is not None else (lambda key, default: default)
+    k = get("pass_k", PassKSettings().k)
+    return _token_advantages(
+        passk_advantages, token_level_rewards, response_mask, index, k=int(k), eps=epsilon
+    )
