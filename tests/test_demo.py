@@ -280,3 +280,51 @@ def test_demo_rerun_reuses_finished_seeds_and_never_mixes_two_runs(tmp_path):
         assert m["seeds"]["0"]["steps"] == 3, name
         assert _steps_of(out / name / "seed_0" / RESULT) == 3
         assert read_metrics(out / name / "seed_0" / "metrics.jsonl")[-1]["step"] == 3
+
+
+DEMO_COMMAND = """
+import sys
+
+if __name__ == "__main__":  # the runs' processes (spawn) import this file again
+    import entroprl.demo as demo
+    from entroprl import cli
+    from entroprl.warmstart import WarmStartConfig
+
+    small = WarmStartConfig(steps=30, num_problems=100, eval_problems=20)
+    real = demo.run_demo
+    demo.run_demo = lambda out, **kw: real(out, warm_start_config=small, **kw)
+    cli.main(["demo", "--out", sys.argv[1], "--steps", "40", "--seeds", "1", "--jobs", "2",
+              "--methods", "grpo,clip_cov,kl_cov"])
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_demo_and_its_runs_with_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) once the first run is in: `entroprl demo`
+    exits 130 with one line, its runs print nothing of their own, the finished run is kept."""
+    script = tmp_path / "demo_command.py"
+    script.write_text(DEMO_COMMAND)
+    env = os.environ | {"ENTROPRL_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "demo"
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    for line in process.stdout:
+        if line.startswith("[1/3]"):
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 130, stderr[-3000:]
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith("entroprl: interrupted; the runs that finished are kept in")
+    ), stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert len(list(out.glob(f"*/seed_0/{RESULT}"))) >= 1
+    assert not (out / "summary.json").exists()

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib import resources
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from entroprl import __version__
 from entroprl.config import config_from_dict
@@ -293,8 +295,11 @@ def _train_and_analyze(values: dict[str, Any], threads: int) -> dict[str, Any]:
 
 def _ignore_ctrl_c() -> None:
     """In a run's process: Ctrl-C reaches the whole process group, and the demo's process alone
-    answers it (stopping the runs itself), so that no run prints a traceback of its own."""
+    answers it, terminating the runs, so that none prints a traceback of its own. tqdm's lock
+    is made a thread lock: its default, a multiprocessing one, would be reported as leaked by
+    a terminated run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
 
 
 def _settings(values: dict[str, Any]) -> dict[str, Any]:
@@ -407,9 +412,9 @@ def _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config) ->
                     flush=True,
                 )
         except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
             for child in multiprocessing.active_children():  # the runs still training
                 child.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise Interrupted(
                 f"interrupted; the runs that finished are kept in {out}, and the next demo "
                 "into it with these settings reuses them"
