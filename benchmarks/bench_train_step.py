@@ -79,7 +79,7 @@ def main() -> None:
                         "out_dir": out,
                         "eval_every": 0,
                         "progress": False,
-                        "tensorboard": False,
+                        "report_to": [],
                         "rollout_samples": 0,
                         "steps": args.steps + 1,
                     }

@@ -98,7 +98,7 @@ def run_config(args: argparse.Namespace, model_dir: Path, out_dir: Path) -> dict
             "eval_every": 0,
             "rollout_samples": 0,
             "progress": False,
-            "tensorboard": False,
+            "report_to": [],
         },
     }
 

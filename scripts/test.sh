@@ -23,7 +23,7 @@ build() {
 logs=$(mktemp -d)
 bash scripts/vllm_env.sh >"$logs/vllm" 2>&1 &
 vllm_job=$!
-build trl "data,trl,wandb" >"$logs/trl" 2>&1 &
+build trl "data,trl,trackers" >"$logs/trl" 2>&1 &
 trl_job=$!
 build verl verl >"$logs/verl" 2>&1 &
 verl_job=$!
@@ -63,6 +63,6 @@ integration() {
         echo "warning: $name could not be installed on this machine: its tests are skipped" >&2
     fi
 }
-integration trl "$trl_job" "trl or wandb" tests/test_trl_integration.py tests/test_wandb_logger.py \
+integration trl "$trl_job" "trl or trackers" tests/test_trl_integration.py tests/test_trackers.py \
     tests/test_trl_logs.py
 integration verl "$verl_job" verl tests/test_verl_integration.py tests/test_verl_logs.py

@@ -253,7 +253,7 @@ def test_disk_full_for_tensorboard(setup, tmp_path):
     config, _ = setup
     disk = tmp_path / "disk"
     disk.mkdir()
-    run = shlex.join([*command(config, disk / "run"), "trainer.tensorboard=true"])
+    run = shlex.join([*command(config, disk / "run"), "trainer.report_to=[tensorboard]"])
     message = one_line_error(in_namespace(f"mount -t tmpfs -o size=4k tmpfs {disk} && {run}"))
     assert "No space left on device" in message, message
 

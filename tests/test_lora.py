@@ -25,7 +25,7 @@ def _train(out, steps, resume=False, **sections):
     config = small_config(
         out,
         model=LORA,
-        trainer={"steps": steps, "save_every": 1, "eval_every": 0, "tensorboard": False},
+        trainer={"steps": steps, "save_every": 1, "eval_every": 0, "report_to": []},
         **sections,
     )
     trainer = Trainer(config, model=model, tokenizer=tok)

@@ -90,7 +90,7 @@ def test_gsm8k_train_then_eval(tmp_path):
                 "eval_samples": 1,
                 "save_every": 2,
                 "progress": False,
-                "tensorboard": False,
+                "report_to": [],
             },
         }
     )

@@ -32,7 +32,7 @@ def small_config(out_dir, **sections):
             "eval_samples": 2,
             "save_every": 2,
             "progress": False,
-            "tensorboard": False,
+            "report_to": [],
         },
     }
     for section, items in sections.items():

@@ -156,7 +156,7 @@ def test_entroprl_train_and_eval_with_the_vllm_backend(model_dir, tmp_path):
                     "eval_samples": 2,
                     "save_every": 3,
                     "progress": False,
-                    "tensorboard": False,
+                    "report_to": [],
                 },
             }
         )
@@ -230,7 +230,7 @@ def test_two_ranks_each_with_its_own_engine(model_dir, tmp_path):
                     "eval_every": 0,
                     "save_every": 10,
                     "progress": False,
-                    "tensorboard": False,
+                    "report_to": [],
                 },
             }
         )

@@ -51,7 +51,12 @@ MOVED_KEYS = {
         "kl_cov_ratio": "kl_cov.ratio",
         "kl_cov_coef": "kl_cov.coef",
     }.items()
-} | {"trainer.measure_entropy_change": "trainer.entropy_change_every (0: never)"}
+} | {
+    "trainer.measure_entropy_change": "trainer.entropy_change_every (0: never)",
+    "trainer.tensorboard": "trainer.report_to (a list; [tensorboard] by default, [] for none)",
+    "trainer.wandb": "trainer.report_to=[tensorboard,wandb]",
+    "trainer.wandb_project": "trainer.project",
+}
 """Keys of earlier versions, named in the error that rejects them."""
 SEED_RANGE = (0, 2**32 - 1)
 """Accepted `trainer.seed`s: the trainer derives its generators' seeds from it by multiplying by up
@@ -73,9 +78,8 @@ FREE_ON_RESUME = frozenset(
         "trainer.rollout_samples",
         "trainer.entropy_change_every",
         "trainer.max_nonfinite_updates",
-        "trainer.tensorboard",
-        "trainer.wandb",
-        "trainer.wandb_project",
+        "trainer.report_to",
+        "trainer.project",
         "trainer.progress",
         "trainer.out_dir",
         # where and how it runs, the same updates (to float rounding) either way
@@ -371,13 +375,14 @@ class TrainerConfig:
     """Every this many steps, recompute the entropy on the same rollouts after the update (one
     no-grad forward) and log the measured change, `dynamics/entropy_change`; 0: never. Every 10
     steps keeps its cost near 1% of training."""
-    tensorboard: bool = True
-    """Also write the metrics as TensorBoard events under out_dir/tb."""
-    wandb: bool = False
-    """Also log the metrics to a Weights & Biases run (`pip install 'entroprl[wandb]'`), named
-    after out_dir, under the same names; `WANDB_MODE=offline` keeps it on disk in out_dir/wandb."""
-    wandb_project: str = "entroprl"
-    """The W&B project of trainer.wandb."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers the metrics also go to, under the same names (`entroprl.trackers`,
+    through Accelerate's tracker layer): tensorboard (events in out_dir/tb), wandb
+    (`pip install 'entroprl[wandb]'`; `WANDB_MODE=offline` keeps it in out_dir/wandb), mlflow,
+    trackio, aim, comet_ml, clearml, dvclive, swanlab; [] for none."""
+    project: str = "entroprl"
+    """The project (W&B, trackio, ...) or experiment (MLflow) of the trackers' runs, which are named
+    after out_dir."""
     progress: bool = True
     """Progress bars on long work (steps, sampling chunks, updates)."""
 
@@ -569,6 +574,12 @@ class Config:
         need(t.max_nonfinite_updates >= 1, "trainer.max_nonfinite_updates", "must be >= 1")
         need(t.rollout_samples >= 0, "trainer.rollout_samples", "must be >= 0")
         need(t.out_dir.strip() != "", "trainer.out_dir", "must name a directory")
+        from entroprl import trackers  # Accelerate's tracker layer: only when a config is checked
+
+        for i, name in enumerate(t.report_to):
+            need(
+                name in trackers.NAMES, f"trainer.report_to[{i}]", f"one of {list(trackers.NAMES)}"
+            )
         need(
             DEVICE.fullmatch(t.device) is not None,
             "trainer.device",

@@ -5,8 +5,8 @@
                                       from checkpoint 10 with another (`RunDir.write_config`)
     RUN/.lock                         held by the process that trains in RUN (`lock_directory`)
     RUN/metrics.jsonl                 one JSON object per step, appended and flushed
-    RUN/tb/                           TensorBoard events
-    RUN/wandb/                        the Weights & Biases run, when trainer.wandb is set
+    RUN/tb/                           TensorBoard events, when trainer.report_to names it
+    RUN/wandb/                        the Weights & Biases run, when trainer.report_to names it
     RUN/rollouts/step_000010.jsonl    rollouts with per-token log-prob, entropy, advantage, cov
     RUN/checkpoints/                  see `entroprl.checkpoint`
 
@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from entroprl.errors import ConfigError, TrainingError
+from entroprl.errors import TrainingError
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 """A directory holding any of these holds a run."""
@@ -160,28 +160,15 @@ def trim_metrics(path: Path, first_step: int) -> None:
 
 
 class MetricsLog:
-    """`metrics.jsonl` (append, flush per line) mirrored to TensorBoard and to a Weights & Biases
-    run, under the same metric names."""
+    """`metrics.jsonl` (append, flush per line) mirrored to the run's trackers
+    (`entroprl.trackers`), under the same metric names."""
 
-    def __init__(
-        self,
-        path: Path,
-        tensorboard_dir: Path | None = None,
-        first_step: int = 0,
-        wandb_run=None,
-    ):
-        """Append to `path` from `first_step` on (`trim_metrics` first drops what comes after)."""
+    def __init__(self, path: Path, first_step: int = 0, trackers=None):
+        """Append to `path` from `first_step` on (`trim_metrics` first drops what comes after);
+        `trackers`: an `entroprl.trackers.Trackers`, or None."""
         trim_metrics(path, first_step)
-        self.path, self.tensorboard_dir = path, tensorboard_dir
+        self.path, self.trackers = path, trackers
         self.file = open(path, "a")  # noqa: SIM115 - held open for the whole run, closed in close()
-        self.writer = None
-        if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # TensorBoard hides the events of the steps a resumed run logs again
-            with naming(tensorboard_dir):
-                self.writer = SummaryWriter(str(tensorboard_dir), purge_step=first_step or None)
-        self.wandb_run = wandb_run
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -189,23 +176,17 @@ class MetricsLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
             os.fsync(self.file.fileno())
-        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
-        if self.writer is not None:
-            for key, value in numbers.items():
-                self.writer.add_scalar(key, value, step)
-            with naming(self.tensorboard_dir):  # the writer's thread's error surfaces here
-                self.writer.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(numbers, step=step)
+        if self.trackers is not None:
+            numbers = {
+                k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)
+            }
+            self.trackers.log(step, numbers)
 
     def close(self) -> None:
         with naming(self.path):  # the buffer of a failed write is written again here
             self.file.close()
-        if self.writer is not None:
-            with naming(self.tensorboard_dir):
-                self.writer.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        if self.trackers is not None:
+            self.trackers.finish()
 
 
 def read_json_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, dict[str, Any]]]:
@@ -251,18 +232,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not by_step:
         raise ValueError(f"{path}: holds no metrics records")
     return [by_step[s] for s in sorted(by_step)]
-
-
-def import_wandb():
-    """The `wandb` module; a ConfigError naming trainer.wandb where it cannot be imported."""
-    try:
-        import wandb
-    except ImportError as e:
-        raise ConfigError(
-            f"trainer.wandb=true needs Weights & Biases, which cannot be imported ({e}): "
-            "pip install 'entroprl[wandb]', or set trainer.wandb=false"
-        ) from None
-    return wandb
 
 
 class RunDir:
@@ -335,27 +304,10 @@ class RunDir:
         atomic_write_text(target, text)
         return target
 
-    def metrics_log(
-        self,
-        tensorboard: bool,
-        first_step: int = 0,
-        *,
-        wandb_project: str | None = None,
-        config: dict[str, Any] | None = None,
-    ) -> MetricsLog:
-        """The run's metrics log from `first_step` on, mirrored to TensorBoard, and to a W&B run
-        of `wandb_project` (named after the run directory, holding `config`) when one is given;
-        `WANDB_MODE=offline` keeps that run on disk in RUN/wandb."""
-        return MetricsLog(
-            self.path / "metrics.jsonl",
-            self.path / "tb" if tensorboard else None,
-            first_step,
-            wandb_run=None if wandb_project is None else self._wandb_run(wandb_project, config),
-        )
-
-    def _wandb_run(self, project: str, config: dict[str, Any] | None):
-        wandb = import_wandb()
-        return wandb.init(project=project, name=self.path.name, dir=self.path, config=config)
+    def metrics_log(self, first_step: int = 0, trackers=None) -> MetricsLog:
+        """The run's metrics log from `first_step` on, mirrored to `trackers`
+        (`entroprl.trackers.start`)."""
+        return MetricsLog(self.path / "metrics.jsonl", first_step, trackers)
 
     def write_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
         folder = self.path / "rollouts"

@@ -35,6 +35,7 @@ from entroprl import (
     precision,
     progress,
     rundir,
+    trackers,
 )
 from entroprl.advantages import (
     compute_advantages,
@@ -331,8 +332,7 @@ class Trainer:
                 "vanish in float16 and the first step turns the weights to NaN; use bfloat16 or "
                 "float32"
             )
-        if c.trainer.wandb:  # before anything is written
-            rundir.import_wandb()
+        trackers.check(c.trainer.report_to)  # before anything is written
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if c.rollout.prompts_per_step % self.world:
             raise TrainingError(
@@ -1160,12 +1160,11 @@ class Trainer:
         if written is not None and self.step > 0:
             print(f"the configuration of the steps after {self.step}: {written}")
         # from step 0 a resumed run logs everything again, its evaluation before training too
-        return self.run.metrics_log(
-            c.trainer.tensorboard,
-            self.step + 1 if self.step else 0,
-            wandb_project=c.trainer.wandb_project if c.trainer.wandb else None,
-            config=c.to_dict(),
+        first = self.step + 1 if self.step else 0
+        started = trackers.start(
+            c.trainer.report_to, self.run.path, c.trainer.project, c.to_dict(), first
         )
+        return self.run.metrics_log(first, started)
 
     def _run_steps(self, log) -> None:
         """The steps from `self.step + 1` to `trainer.steps`, each logged to `log` (None: not
