@@ -155,3 +155,29 @@ def test_bars_only_on_a_terminal(monkeypatch):
     assert progress.bars(True) and not progress.bars(False)
     monkeypatch.setattr("sys.stderr.isatty", lambda: False)
     assert not progress.bars(True)
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.strip() == f"entroprl {version('entroprl')}"
+
+
+def test_help_lists_every_command_and_shows_defaults(capsys):
+    from entroprl.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    first = top.split("\n\n")[1]  # the description's first line
+    assert all(name in first and f"\n    {name} " in top for name in commands), top
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    demo = " ".join(capsys.readouterr().out.split())
+    assert "--seeds SEEDS seeds per method (intervals need >= 2) (default: 3)" in demo
+    assert "--out OUT output directory (default: runs/demo)" in demo
+    assert "(default: None)" not in demo and "(default: False)" not in demo

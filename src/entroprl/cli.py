@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
+from entroprl import __version__
 from entroprl.errors import ConfigError, Interrupted, TrainingError
 
 EXIT_ERROR = 1
@@ -279,13 +280,69 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="entroprl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """The help as written, each option's default after its text where it has one."""
 
-    p = sub.add_parser("train", help="RL-train a policy from a YAML config")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        return text if quiet or "default" in text else f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="entroprl", description=__doc__, formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub.add_parser("train", help="RL-train a policy from a YAML config", **_HELP))
+    p = sub.add_parser(
+        "eval", help="evaluate a model on benchmark files or a task's test set", **_HELP
+    )
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
+    _add_export(
+        sub.add_parser(
+            "export",
+            help="a Hugging Face model folder from a checkpoint (a sharded FSDP one too)",
+            **_HELP,
+        )
+    )
+    _add_demo(
+        sub.add_parser(
+            "demo", help="watch GRPO collapse entropy and Clip-Cov/KL-Cov hold it", **_HELP
+        )
+    )
+    p = sub.add_parser(
+        "analyze",
+        help="report: stages, entropy-performance law, forecast, "
+        "covariance (entroprl, TRL, verl, TensorBoard or W&B logs)",
+        **_HELP,
+    )
+    p.add_argument(
+        "run",
+        help="run directory, trainer_state.json, verl JSON lines or console output, "
+        "TensorBoard events (file or folder), or W&B .csv (recognised by content)",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
+    p.set_defaults(func=cmd_analyze)
+    q = sub.add_parser("compare", help="overlay several runs and tabulate their law fits", **_HELP)
+    q.add_argument("runs", nargs="+", help="runs, in any format analyze reads")
+    q.add_argument("--out", default="comparison", help="output directory")
+    q.add_argument(
+        "--pool",
+        action="store_true",
+        help="also fit the law on the runs of each method together (METHOD/seed_K: its seeds), "
+        "with bootstrap intervals",
+    )
+    q.set_defaults(func=cmd_compare)
+    for x in (p, q):
+        _add_law_options(x)
+    return parser
+
+
+_HELP = {"formatter_class": _Help}
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-6")
     again = p.add_mutually_exclusive_group()
@@ -308,19 +365,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a model on benchmark files or a task's test set")
-    add_eval_arguments(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser(
-        "export",
-        help="a Hugging Face model folder from a checkpoint (a sharded FSDP one too)",
-    )
+def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint folder, or a run (its newest valid checkpoint)")
     p.add_argument("--out", required=True, help="the new model folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="watch GRPO collapse entropy and Clip-Cov/KL-Cov hold it")
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument(
         "--methods",
@@ -337,65 +389,47 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser(
-        "analyze",
-        help="report: stages, entropy-performance law, forecast, "
-        "covariance (entroprl, TRL, verl, TensorBoard or W&B logs)",
+
+def _add_law_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fit-fraction",
+        type=float,
+        default=0.15,
+        help="share of steps the forecast is fitted on",
     )
     p.add_argument(
-        "run",
-        help="run directory, trainer_state.json, verl JSON lines or console output, "
-        "TensorBoard events (file or folder), or W&B .csv (recognised by content)",
+        "--smooth",
+        type=int,
+        default=1,
+        metavar="N",
+        help="fit the law on the performance averaged over N neighbouring logged values "
+        "(odd N, centered; for a noisy per-step reward); 1: as logged",
     )
-    p.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
-    p.set_defaults(func=cmd_analyze)
-    q = sub.add_parser("compare", help="overlay several runs and tabulate their law fits")
-    q.add_argument("runs", nargs="+", help="runs, in any format analyze reads")
-    q.add_argument("--out", default="comparison", help="output directory")
-    q.add_argument(
-        "--pool",
-        action="store_true",
-        help="also fit the law on the runs of each method together (METHOD/seed_K: its seeds), "
-        "with bootstrap intervals",
+    p.add_argument(
+        "--entropy-key", default=None, help="the log's entropy metric, if the guess is wrong"
     )
-    q.set_defaults(func=cmd_compare)
-    for x in (p, q):
-        x.add_argument(
-            "--fit-fraction",
-            type=float,
-            default=0.15,
-            help="share of steps the forecast is fitted on",
-        )
-        x.add_argument(
-            "--smooth",
-            type=int,
-            default=1,
-            metavar="N",
-            help="fit the law on the performance averaged over N neighbouring logged values "
-            "(odd N, centered; for a noisy per-step reward); 1: as logged",
-        )
-        x.add_argument(
-            "--entropy-key", default=None, help="the log's entropy metric, if the guess is wrong"
-        )
-        x.add_argument(
-            "--accuracy-key", default=None, help="the log's accuracy metric, if the guess is wrong"
-        )
-        x.add_argument(
-            "--min-points",
-            type=int,
-            default=None,
-            help="fewest evaluations for the law or a forecast to be taken as holding "
-            "(default: law.MIN_POINTS; docs/algorithms.md 9.5)",
-        )
-        x.add_argument(
-            "--min-entropy-range",
-            type=float,
-            default=None,
-            metavar="NATS",
-            help="least span of the entropy over the points for the law to be taken as holding "
-            "(default: law.MIN_ENTROPY_RANGE)",
-        )
+    p.add_argument(
+        "--accuracy-key", default=None, help="the log's accuracy metric, if the guess is wrong"
+    )
+    p.add_argument(
+        "--min-points",
+        type=int,
+        default=None,
+        help="fewest evaluations for the law or a forecast to be taken as holding "
+        "(default: law.MIN_POINTS; docs/algorithms.md 9.5)",
+    )
+    p.add_argument(
+        "--min-entropy-range",
+        type=float,
+        default=None,
+        metavar="NATS",
+        help="least span of the entropy over the points for the law to be taken as holding "
+        "(default: law.MIN_ENTROPY_RANGE)",
+    )
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)  # exits with EXIT_USAGE on a bad command line
     if getattr(args, "allow_config_change", False) and not args.resume:
         parser.error("--allow-config-change goes with --resume")
