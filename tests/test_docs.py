@@ -151,3 +151,12 @@ def test_the_configuration_reference_is_current_and_complete():
     assert len(rows) > 90
     undocumented = [row[1].strip() for row in rows if not row[4].strip()]
     assert not undocumented, f"keys without a docstring: {undocumented}"
+
+
+def test_no_file_holds_a_merge_conflict_marker():
+    """A merge committed half-resolved once left its markers in the README."""
+    marker = re.compile(r"^(<{7} |>{7} |={7}$)", re.M)
+    roots = [ROOT / "README.md", ROOT / "docs", ROOT / "src", ROOT / "tests", ROOT / "examples"]
+    files = [p for r in roots for p in ([r] if r.is_file() else r.rglob("*")) if p.is_file()]
+    texts = [p for p in files if p.suffix in SUFFIXES]
+    assert texts and not [str(p) for p in texts if marker.search(p.read_text())]

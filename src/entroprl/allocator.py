@@ -5,9 +5,9 @@ glibc's malloc hands memory that is freed at the top of its heap back to the sys
 than `M_TRIM_THRESHOLD` is free there (128 KiB at first), and serves large requests with fresh
 `mmap` pages; either way the next allocation of that size writes to pages the kernel must fault
 in again. Keeping up to `TRIM_THRESHOLD` of freed memory in the heap and serving requests up to
-`MMAP_THRESHOLD` from it removes those faults: `benchmarks/bench_allocator.py` measured the update
-1.05x (float32) and 1.12x (bf16 with the shared prefix) faster at hidden 128, 1.07x and 1.17x at
-hidden 256, with the same numbers (only where tensors live changes, not what is computed). The
+`MMAP_THRESHOLD` from it removes those faults, with the same numbers (only where tensors live
+changes, not what is computed; `benchmarks/bench_allocator.py` measures the gain,
+docs/benchmarks.md has it). The
 cost is resident memory: up to `TRIM_THRESHOLD` of freed memory stays with the process, as a GPU's
 caching allocator keeps its blocks. The environment variables `MALLOC_TRIM_THRESHOLD_` and
 `MALLOC_MMAP_THRESHOLD_` do the same for any process; this sets them from inside one.

@@ -159,7 +159,7 @@ def _per_seed(runs: dict[int, dict[str, Any]], key: str) -> list[Any]:
 
 
 def _derived(summary: dict[str, Any]) -> dict[str, Any]:
-    """The quantities the README claims are about, from one run's summary."""
+    """The quantities docs/demo.md claims are about, from one run's summary."""
     return {
         **summary,
         "entropy_drop": 1 - summary["entropy_end"] / summary["entropy_start"],

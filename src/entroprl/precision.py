@@ -6,19 +6,19 @@ process without FSDP the forwards run through `ComputeCopy`, a copy of the model
 parameters (its buffers, such as rotary embeddings' inv_freq, stay float32) whose gradients are
 added to the float32 weights' and which an optimizer step refreshes: the arithmetic of FSDP's
 `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`, verl's default. It
-is faster than `torch.autocast` on the CPU (1.3-1.9x on the forward and backward,
-docs/benchmarks.md), which casts every activation a matrix product reads. Sampling from the HF
+is faster than `torch.autocast` on the CPU (docs/benchmarks.md), which casts every activation a
+matrix product reads. Sampling from the HF
 backend stays in float32: decoding's small matrix products gain nothing from bfloat16 on the CPU,
 so the rollout and the update differ by bfloat16 rounding, as they do with vLLM. On a GPU the HF
 backend samples from the bfloat16 copy.
 
 bfloat16 arithmetic on a CPU is fast only where the CPU has it natively (AVX-512 BF16 or AMX, and
-torch's AVX-512 kernels): under AVX2 kernels a step in bfloat16 is about 11x slower than in float32
-(docs/benchmarks.md), so the trainer refuses it there (`check_native_bfloat16`).
+torch's AVX-512 kernels): under AVX2 kernels a step in bfloat16 is many times slower than in
+float32 (docs/benchmarks.md), so the trainer refuses it there (`check_native_bfloat16`).
 
 On the CPU the attention runs in float32 inside the bfloat16 forward (`float32_attention`): torch's
-bfloat16 scaled-dot-product attention kernel there is about 5x slower than its float32 kernel at a
-head_dim of 32, and the attention is a small share of the arithmetic.
+bfloat16 scaled-dot-product attention kernel there is slower than its float32 kernel at small
+head dimensions (docs/benchmarks.md), and the attention is a small share of the arithmetic.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def native_bfloat16() -> bool:
 
 
 def check_native_bfloat16(dtype: str | None) -> None:
-    """Refuse bfloat16 training on a CPU without native bfloat16, where it is ~11x slower."""
+    """Refuse bfloat16 training on a CPU without native bfloat16, where it is many times slower."""
     if dtype != "bfloat16" or native_bfloat16():
         return
     raise ConfigError(

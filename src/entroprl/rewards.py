@@ -20,8 +20,8 @@ threads (torch's intra-op pool, a trainer's threads) can deadlock the child on a
 fork time; ``spawn`` and ``forkserver`` re-import the user's ``__main__`` (an unguarded training
 script would start again; with torch imported there a start took 4 to 7 s here) and cannot be
 started from a daemonic process (a ``DataLoader`` worker). A ``subprocess`` running ``python -c``
-has none of these problems: an interpreter plus sympy and math-verify, 0.7 s on an idle CPU and
-1.4 to 1.7 s on a loaded one, paid once per helper (helpers stay alive between calls). POSIX only.
+has none of these problems: the start of an interpreter with sympy and math-verify, about a
+second, is paid once per helper (helpers stay alive between calls). POSIX only.
 """
 
 from __future__ import annotations

@@ -35,10 +35,8 @@ from entroprl import parallel
 COMPACT_AT = 1 / 8
 """Finished rows leave the batch once they are more than this share of it. Dropping them copies
 the KV cache, as much as a step's growth of it; decoding them on costs their share of a step's
-forward. `benchmarks/bench_sampler.py --compact-at 0 0.25 0.5 1` (16 prompts x 8, 24 tokens):
-0.114 s per call at an eighth against 0.119 s dropping each row at once, 0.110 s at a quarter,
-0.121 s at a half and 0.127 s never at hidden 128; 0.228 s against 0.233, 0.237, 0.268 and 0.283 s
-at hidden 256. An eighth and a quarter are within the noise of each other."""
+forward. `benchmarks/bench_sampler.py --compact-at` measures the trade (docs/benchmarks.md): an
+eighth and a quarter are within the noise of each other, both faster than at once or never."""
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
