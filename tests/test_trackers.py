@@ -3,6 +3,7 @@ the names of metrics.jsonl. TensorBoard runs here; W&B (offline), MLflow (a file
 (a local database) run in .venv-trl, which has the `trackers` extra (scripts/test.sh)."""
 
 import importlib.util
+import sys
 import time
 
 import pytest
@@ -132,3 +133,10 @@ def test_trackio_gets_every_metric(tmp_path, monkeypatch):
     for log, record in zip(logs, records, strict=True):
         for key, value in numbers(record).items():
             assert log[key] == pytest.approx(value), key
+
+
+def test_a_run_without_trackers_needs_no_accelerate(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # `import accelerate` raises ImportError
+    train(tmp_path / "run", report_to=[])
+    with pytest.raises(ConfigError, match=r"trainer\.report_to needs .*pip install accelerate"):
+        small_config(tmp_path, trainer={"report_to": ["tensorboard"]})

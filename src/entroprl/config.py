@@ -574,12 +574,12 @@ class Config:
         need(t.max_nonfinite_updates >= 1, "trainer.max_nonfinite_updates", "must be >= 1")
         need(t.rollout_samples >= 0, "trainer.rollout_samples", "must be >= 0")
         need(t.out_dir.strip() != "", "trainer.out_dir", "must name a directory")
-        from entroprl import trackers  # Accelerate's tracker layer: only when a config is checked
+        if t.report_to:
+            from entroprl import trackers  # Accelerate: imported only where trackers are named
 
-        for i, name in enumerate(t.report_to):
-            need(
-                name in trackers.NAMES, f"trainer.report_to[{i}]", f"one of {list(trackers.NAMES)}"
-            )
+            known = trackers.names()
+            for i, name in enumerate(t.report_to):
+                need(name in known, f"trainer.report_to[{i}]", f"one of {known}")
         need(
             DEVICE.fullmatch(t.device) is not None,
             "trainer.device",

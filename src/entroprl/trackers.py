@@ -24,26 +24,41 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState, tracking
-
 from entroprl.errors import ConfigError
 from entroprl.rundir import naming
 
-NAMES = tuple(sorted(tracking.LOGGER_TYPE_TO_CLASS))
-"""The trackers `trainer.report_to` may name: Accelerate's."""
+
+def names() -> list[str]:
+    """The trackers `trainer.report_to` may name: Accelerate's."""
+    return sorted(_tracking().LOGGER_TYPE_TO_CLASS)
+
+
+def _tracking():
+    """Accelerate's tracker module, imported when a run names a tracker (a run with
+    `trainer.report_to=[]` does without Accelerate)."""
+    try:
+        from accelerate import tracking
+    except ImportError as e:
+        raise ConfigError(
+            f"trainer.report_to needs Accelerate's tracker layer, which cannot be imported ({e}): "
+            "pip install accelerate, or set trainer.report_to=[]"
+        ) from None
+    return tracking
+
 
 _EXTRA = {"wandb": "entroprl[wandb]"}
 """How to install a tracker where it is not entroprl's own extra's name."""
 
 
-def check(names: list[str]) -> None:
+def check(report_to: list[str]) -> None:
     """A ConfigError naming `trainer.report_to` for a tracker that is unknown or cannot be
     imported: before a run writes anything."""
-    for i, name in enumerate(names):
+    known = names() if report_to else []
+    for i, name in enumerate(report_to):
         key = f"trainer.report_to[{i}]"
-        if name not in NAMES:
-            raise ConfigError(f"{key}: unknown tracker {name!r}; known: {list(NAMES)}")
-        if not getattr(tracking, f"is_{name}_available")():
+        if name not in known:
+            raise ConfigError(f"{key}: unknown tracker {name!r}; known: {known}")
+        if not getattr(_tracking(), f"is_{name}_available")():
             package = _EXTRA.get(name, name)
             raise ConfigError(
                 f"{key}: {name} cannot be imported: pip install '{package}', or leave it out "
@@ -56,7 +71,7 @@ class Started:
     """A started tracker, the path its failed writes are reported under, and how a metric's name
     is spelled for it."""
 
-    tracker: tracking.GeneralTracker
+    tracker: Any  # an accelerate.tracking.GeneralTracker
     where: Path
     spell: Callable[[str], str] = str
 
@@ -85,16 +100,18 @@ class Trackers:
 
 
 def start(
-    names: list[str], run_dir: Path, project: str, config: dict[str, Any], first_step: int
+    report_to: list[str], run_dir: Path, project: str, config: dict[str, Any], first_step: int
 ) -> Trackers:
-    """Start the trackers `names` for the run in `run_dir`, logging from `first_step` on."""
-    check(names)
-    if names:
+    """Start the trackers `report_to` for the run in `run_dir`, logging from `first_step` on."""
+    check(report_to)
+    if report_to:
         # Accelerate's trackers log through its process-aware logger, which needs its state: in a
         # process group entroprl has started, this only reads the rank (rank 0 starts trackers)
+        from accelerate import PartialState
+
         PartialState()
     started = []
-    for name in names:
+    for name in report_to:
         tracker = _make(name, run_dir, project, first_step)
         where = run_dir / ("tb" if name == "tensorboard" else name)
         with naming(where):
@@ -105,8 +122,9 @@ def start(
     return Trackers(started)
 
 
-def _make(name: str, run_dir: Path, project: str, first_step: int) -> tracking.GeneralTracker:
-    cls = tracking.LOGGER_TYPE_TO_CLASS[name]
+def _make(name: str, run_dir: Path, project: str, first_step: int):
+    """Accelerate's tracker `name`, made as `Accelerator.init_trackers` makes it."""
+    cls = _tracking().LOGGER_TYPE_TO_CLASS[name]
     if name == "tensorboard":
         return cls("tb", run_dir, purge_step=first_step or None)
     if name == "wandb":
