@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from entroprl.models import build_model, tiny_config
-from entroprl.precision import native_bfloat16
-from entroprl.tokenizer import build_char_tokenizer
+from entroprl.demo.models import build_model, tiny_config
+from entroprl.demo.tokenizer import build_char_tokenizer
+from entroprl.train.precision import native_bfloat16
 
 needs_native_bfloat16 = pytest.mark.skipif(
     not native_bfloat16(),

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from safetensors import SafetensorError
 
-from entroprl import checkpoint
 from entroprl.cli import main
-from entroprl.models import save_model
+from entroprl.demo.models import save_model
+from entroprl.train import checkpoint
 from tests.policies import make_tiny_policy
 from tests.test_analysis import make_run
 from tests.test_trainer import small_config
@@ -149,7 +149,7 @@ def test_off_a_terminal_a_run_prints_one_line_per_step(config_file, tmp_path):
 
 
 def test_bars_only_on_a_terminal(monkeypatch):
-    from entroprl import progress
+    from entroprl.train import progress
 
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     assert progress.bars(True) and not progress.bars(False)

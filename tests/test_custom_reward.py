@@ -9,7 +9,7 @@ from entroprl.config import config_from_dict
 from entroprl.errors import ConfigError
 from entroprl.tasks.base import RewardError
 from entroprl.tasks.registry import build_task
-from entroprl.trainer import Trainer
+from entroprl.train.trainer import Trainer
 from tests.policies import make_tiny_policy
 from tests.test_trainer import small_config
 

@@ -68,7 +68,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert {"entroprl.trainer", "entroprl.losses", "entroprl.cli"} <= graph.keys()
+    assert {"entroprl.train.trainer", "entroprl.algos.losses", "entroprl.cli"} <= graph.keys()
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
@@ -82,8 +82,9 @@ def test_log_reading_commands_import_without_torch():
     torch: they start fast, and could be installed light."""
     code = (
         "import sys\n"
-        "import entroprl.cli, entroprl.report, entroprl.comparison, entroprl.analysis, "
-        "entroprl.foreign, entroprl.rundir, entroprl.law\n"
+        "import entroprl.cli, entroprl.analysis, entroprl.analysis.report, "
+        "entroprl.analysis.comparison, entroprl.analysis.runs, entroprl.analysis.foreign, "
+        "entroprl.train.rundir, entroprl.analysis.law\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )

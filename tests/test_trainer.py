@@ -7,13 +7,14 @@ import pytest
 import torch
 import yaml
 
-from entroprl import losses
+from entroprl.algos import losses
 from entroprl.config import ConfigError, config_from_dict
-from entroprl.forward import forward_log_probs
-from entroprl.rollout import HFBackend, concat_batches, response_mask_from_ids
-from entroprl.rundir import read_metrics
+from entroprl.rollout.batch import concat_batches, response_mask_from_ids
+from entroprl.rollout.hf import HFBackend
 from entroprl.tasks.base import Example, RewardError, Task
-from entroprl.trainer import Trainer, TrainingError, UpdateBatch, update_policy
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.rundir import read_metrics
+from entroprl.train.trainer import Trainer, TrainingError, UpdateBatch, update_policy
 from tests import toy_loss
 from tests.policies import alternating_scores, make_tiny_policy
 
@@ -452,7 +453,7 @@ def test_fsdp_without_a_process_group_says_how_to_launch(tiny_policy, tmp_path):
 def test_no_grad_passes_use_their_own_micro_batch(tiny_policy, tmp_path, monkeypatch):
     """Old, reference and selection log-probs run in log_prob_micro_batch_size rows; the
     backward passes keep micro_batch_size; and the step logs what it does with the default."""
-    import entroprl.trainer as trainer_module
+    import entroprl.train.trainer as trainer_module
 
     calls = []
     real = trainer_module.batched_log_probs

@@ -10,8 +10,8 @@ wandb = pytest.importorskip(
     reason="wandb is not installed in this environment; scripts/test.sh runs these in .venv-trl",
 )
 
-from entroprl.rundir import read_metrics  # noqa: E402
-from entroprl.trainer import Trainer  # noqa: E402
+from entroprl.train.rundir import read_metrics  # noqa: E402
+from entroprl.train.trainer import Trainer  # noqa: E402
 from tests.policies import make_tiny_policy  # noqa: E402
 from tests.test_trainer import small_config  # noqa: E402
 

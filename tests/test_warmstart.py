@@ -11,11 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import entroprl.warmstart as ws
-from entroprl.models import build_model, load_model, tiny_config
-from entroprl.tasks.countdown import CountdownProblem, verify
-from entroprl.tokenizer import build_char_tokenizer
-from entroprl.warmstart import (
+import entroprl.demo.warmstart as ws
+from entroprl.demo.models import build_model, load_model, tiny_config
+from entroprl.demo.tokenizer import build_char_tokenizer
+from entroprl.demo.warmstart import (
     INFO_FILE,
     WarmStartConfig,
     build_sft_pairs,
@@ -25,6 +24,7 @@ from entroprl.warmstart import (
     sft_loss,
     warm_start,
 )
+from entroprl.tasks.countdown import CountdownProblem, verify
 
 TINY = WarmStartConfig(
     hidden_size=16,

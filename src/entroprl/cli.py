@@ -38,8 +38,9 @@ EXIT_INTERRUPTED = 130
 
 
 def init_distributed(strategy: str) -> None:
-    """`entroprl.distributed.init` (its old place, kept for scripts that import it from here)."""
-    from entroprl import distributed
+    """`entroprl.train.distributed.init` (its old place, kept for scripts that import it from
+    here)."""
+    from entroprl.train import distributed
 
     distributed.init(strategy)
 
@@ -54,7 +55,7 @@ def _quiet_thread_os_error(args: threading.ExceptHookArgs) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from entroprl.config import load_config
-    from entroprl.trainer import Trainer
+    from entroprl.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
     init_distributed(config.trainer.strategy)
@@ -146,9 +147,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     """
     from transformers import AutoTokenizer
 
-    from entroprl.backends import make_backend
     from entroprl.config import load_config
-    from entroprl.evaluation import (
+    from entroprl.rollout.backend import make_backend
+    from entroprl.tasks import math_problems
+    from entroprl.tasks.base import Task
+    from entroprl.tasks.evaluation import (
         Benchmark,
         Protocol,
         format_table,
@@ -156,10 +159,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         run_benchmarks,
         write_report,
     )
-    from entroprl.policy import load_policy, model_dir, pick_device
-    from entroprl.tasks import math_problems
-    from entroprl.tasks.base import Task
     from entroprl.tasks.registry import build_task
+    from entroprl.train.policy import load_policy, model_dir, pick_device
 
     overrides = [
         *([f"model.path={args.model}"] if args.model else []),
@@ -210,14 +211,14 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _law_criteria(args: argparse.Namespace):
     """`law.LawCriteria` from --min-points and --min-entropy-range, its defaults where not given
     (imported here: scipy, behind it, would slow every command's start)."""
-    from entroprl.law import LawCriteria
+    from entroprl.analysis.law import LawCriteria
 
     given = {"min_points": args.min_points, "min_entropy_range": args.min_entropy_range}
     return LawCriteria(**{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from entroprl.report import analyze_run
+    from entroprl.analysis.report import analyze_run
 
     report = analyze_run(
         args.run,
@@ -232,7 +233,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from entroprl.comparison import compare_runs
+    from entroprl.analysis.comparison import compare_runs
 
     report = compare_runs(
         args.runs,
@@ -248,7 +249,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from entroprl import checkpoint
+    from entroprl.train import checkpoint
 
     source, out = Path(args.checkpoint), Path(args.out)
     if out.exists():
@@ -267,7 +268,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from entroprl.demo import run_demo
+    from entroprl.demo.race import run_demo
 
     run_demo(
         Path(args.out),
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--allow-config-change goes with --resume")
     threading.excepthook = _quiet_thread_os_error
     if args.command in ("train", "eval", "demo", "export"):
-        from entroprl import progress
+        from entroprl.train import progress
 
         progress.quiet_libraries_off_terminal()
     try:

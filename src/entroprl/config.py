@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from entroprl import advantages, losses, mismatch
+from entroprl.algos import advantages, losses, mismatch
 from entroprl.errors import ConfigError
 from entroprl.tasks import math_problems
 from entroprl.tasks.registry import TASKS
@@ -32,9 +32,9 @@ TEMPERATURES = (1e-2, 1e2)
 temperature is an overflow or a uniform draw, never a sensible run."""
 DEVICE = re.compile(r"auto|(cpu|cuda|mps|xpu)(:\d+)?")
 STRATEGIES = ("ddp", "fsdp")
-"""How the policy is laid out over ranks (`entroprl.parallel`): replicated or sharded."""
+"""How the policy is laid out over ranks (`entroprl.train.parallel`): replicated or sharded."""
 BACKENDS = ("hf", "vllm")
-"""Rollout engines (`entroprl.backends.make_backend`)."""
+"""Rollout engines (`entroprl.rollout.backend.make_backend`)."""
 COV_SCOPES = ("minibatch", "micro")
 COV_LOGPS = ("exact", "old")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -108,7 +108,7 @@ class ModelConfig:
     """Dtype of the trained weights, their gradients and the AdamW state."""
     compute_dtype: str | None = None
     """Mixed precision: the training forwards and backward in this dtype (`bfloat16`) while the
-    weights, their gradients and AdamW stay in `dtype` (`entroprl.precision`): FSDP's gathered
+    weights, their gradients and AdamW stay in `dtype` (`entroprl.train.precision`): FSDP's gathered
     weights under trainer.strategy=fsdp, else (one process only) a bfloat16 copy of the model.
     The HF backend samples from that copy on a GPU and in `dtype` on the CPU; vLLM samples in
     this dtype. Refused on a CPU without native bfloat16, where it is many times slower (speeds:
@@ -118,7 +118,7 @@ class ModelConfig:
     (transformers' non-reentrant checkpointing): less memory for about a third more compute.
     Not with optim.shared_prefix."""
     lora_rank: int = 0
-    """Train LoRA adapters of this rank instead of the weights (`entroprl.lora`, needs
+    """Train LoRA adapters of this rank instead of the weights (`entroprl.train.lora`, needs
     `entroprl[lora]`); 0: full training. One process or DDP, HF backend."""
     lora_alpha: float = 16.0
     """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank."""
@@ -167,8 +167,9 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "hf"
-    """What samples the rollouts: `hf`, the training model itself through `entroprl.sampler`,
-    or `vllm`, a vLLM engine synced with the policy before each rollout."""
+    """What samples the rollouts: `hf`, the training model itself through
+    `entroprl.rollout.sampler`, or `vllm`, a vLLM engine synced with the policy before each
+    rollout."""
     prompts_per_step: int = 16
     """Prompts sampled per step, over all ranks (divisible by the number of ranks)."""
     n: int = 8
@@ -187,7 +188,7 @@ class RolloutConfig:
     decoding step costs about the same for few rows as for many."""
     static_cache: bool | None = None
     """HF backend: decode every row to the end in a cache of fixed shape, each step's forward
-    replayed as a CUDA graph (`entroprl.sampler`). None: on a GPU (for a model that is not
+    replayed as a CUDA graph (`entroprl.rollout.sampler`). None: on a GPU (for a model that is not
     sharded over ranks); false: never (finished rows leave the batch instead, the CPU's
     default); true: also on the CPU, where no graph is captured. The same tokens either way."""
     gpu_memory_utilization: float = 0.5
@@ -204,17 +205,17 @@ class RolloutConfig:
 class AlgorithmConfig:
     plugins: list[str] = field(default_factory=list)
     """Python modules imported before the rest of the configuration is read: they register policy
-    losses (`entroprl.losses.register_policy_loss`) or advantage estimators under new names.
+    losses (`entroprl.algos.losses.register_policy_loss`) or advantage estimators under new names.
     Each must be importable (installed, or on PYTHONPATH)."""
     advantage: str = "grpo"
-    """A registered advantage estimator (`entroprl.advantages.ADVANTAGE_ESTIMATORS`, algorithms.md
-    §6): grpo, dr_grpo, rloo, reinforce_pp_baseline, qae, passk, or a plug-in's."""
+    """A registered advantage estimator (`entroprl.algos.advantages.ADVANTAGE_ESTIMATORS`,
+    algorithms.md §6): grpo, dr_grpo, rloo, reinforce_pp_baseline, qae, passk, or a plug-in's."""
     advantage_settings: dict[str, Any] = field(default_factory=dict)
     """Each estimator's own settings, `advantage_settings.<name>.<setting>` (e.g.
     `advantage_settings.qae.quantile`); those of `advantage` not given take their defaults."""
     policy_loss: str = "ppo"
-    """A registered policy loss (`entroprl.losses.POLICY_LOSSES`): ppo, clip_cov, kl_cov, ce_gppo,
-    entropic, or a plug-in's."""
+    """A registered policy loss (`entroprl.algos.losses.POLICY_LOSSES`): ppo, clip_cov, kl_cov,
+    ce_gppo, entropic, or a plug-in's."""
     loss: dict[str, Any] = field(default_factory=dict)
     """Each loss's own settings, `loss.<name>.<setting>` (e.g. `loss.clip_cov.ratio`); the
     settings of `policy_loss` not given here take their defaults (`losses.PPOSettings`,
@@ -287,7 +288,7 @@ class AlgorithmConfig:
     - alpha); 0: off."""
     lopti_eta: float | None = None
     rollout_is: str | None = None
-    """Truncated importance sampling on the rollout/training mismatch (`entroprl.mismatch`,
+    """Truncated importance sampling on the rollout/training mismatch (`entroprl.algos.mismatch`,
     verl's ``rollout_correction.rollout_is``): `token` or `sequence` weights
     min(pi_train / pi_rollout, rollout_is_threshold) on each token's policy loss (KL-Cov's
     penalty included, as verl); None: off. Needs the engine's log-probs, which
@@ -361,7 +362,7 @@ class TrainerConfig:
     save_every: int = 50
     """A checkpoint every this many steps, and at the last."""
     keep_checkpoints: int = 2
-    """Checkpoints kept: the newest and the ones before it (`entroprl.checkpoint.prune`)."""
+    """Checkpoints kept: the newest and the ones before it (`entroprl.train.checkpoint.prune`)."""
     rollout_samples: int = 8
     """Rollouts per step saved with per-token log-prob, entropy, advantage and covariance."""
     max_nonfinite_updates: int = 5
@@ -484,7 +485,7 @@ class Config:
             or _takes_keyword(losses.POLICY_LOSSES[a.policy_loss].fn, "weights"),
             "algorithm.rollout_is",
             f"policy loss {a.policy_loss!r} takes no `weights` argument, through which the "
-            "importance weights reach its per-token loss (entroprl.losses.PolicyLoss)",
+            "importance weights reach its per-token loss (entroprl.algos.losses.PolicyLoss)",
         )
         need(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "in (0, 1)")
         need(

@@ -48,10 +48,11 @@ from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from entroprl import distributed, dynamics, losses
-from entroprl.advantages import PassKSettings, QAESettings, passk_advantages, qae_advantages
-from entroprl.checks import check_choice
-from entroprl.entropy import batch_entropy
+from entroprl.algos import dynamics, losses
+from entroprl.algos.advantages import PassKSettings, QAESettings, passk_advantages, qae_advantages
+from entroprl.algos.checks import check_choice
+from entroprl.algos.entropy import batch_entropy
+from entroprl.train import distributed
 
 COV_LOSS_TYPES = ("clip_cov", "kl_cov")
 ENTROPRL_LOSS_TYPES = (*COV_LOSS_TYPES, "ce_gppo")

@@ -27,7 +27,7 @@ from itertools import combinations_with_replacement, permutations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from entroprl.checks import check_choice
+from entroprl.algos.checks import check_choice
 from entroprl.errors import ConfigError
 from entroprl.tasks.base import Example, Task
 

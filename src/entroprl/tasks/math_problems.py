@@ -32,16 +32,16 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from entroprl.checks import check_choice
+from entroprl.algos.checks import check_choice
 from entroprl.errors import ConfigError
-from entroprl.rewards import (
+from entroprl.tasks.base import Example, Task
+from entroprl.tasks.rewards import (
     extract_boxed,
     extract_gsm8k_answer,
     gsm8k_reward,
     math_reward,
     score_batch,
 )
-from entroprl.tasks.base import Example, Task
 
 if TYPE_CHECKING:
     from entroprl.config import DataConfig

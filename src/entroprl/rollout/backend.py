@@ -7,13 +7,14 @@ from typing import Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from entroprl import distributed, parallel
-from entroprl.checks import check_choice
+from entroprl.algos.checks import check_choice
 from entroprl.config import BACKENDS, Config
 from entroprl.errors import ConfigError
-from entroprl.policy import model_dir
-from entroprl.rollout import HFBackend, RolloutBatch
-from entroprl.vllm_backend import VLLMBackend
+from entroprl.rollout.batch import RolloutBatch
+from entroprl.rollout.hf import HFBackend
+from entroprl.rollout.vllm import VLLMBackend
+from entroprl.train import distributed, parallel
+from entroprl.train.policy import model_dir
 
 
 class GenerationBackend(Protocol):

@@ -35,11 +35,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from entroprl import distributed
-from entroprl.checks import check_choice
+from entroprl.algos.checks import check_choice
 from entroprl.config import STRATEGIES
 from entroprl.errors import ConfigError
-from entroprl.precision import ComputeCopy
+from entroprl.train import distributed
+from entroprl.train.precision import ComputeCopy
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Full tensors on rank 0's CPU, one at a time (never a whole unsharded model on a GPU)."""

@@ -34,11 +34,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from entroprl import __version__
+from entroprl.analysis.law import judge_law, law_intervals
+from entroprl.analysis.stats import paired_interval, t_interval
 from entroprl.config import config_from_dict
 from entroprl.errors import Interrupted
-from entroprl.law import judge_law, law_intervals
-from entroprl.rundir import atomic_write_text, lock_directory, make_dir, read_metrics
-from entroprl.stats import paired_interval, t_interval
+from entroprl.train.rundir import atomic_write_text, lock_directory, make_dir, read_metrics
 
 METHODS: dict[str, dict[str, Any]] = {
     "grpo": {"algorithm": {"policy_loss": "ppo"}},
@@ -278,8 +278,8 @@ def _train_and_analyze(values: dict[str, Any], threads: int) -> dict[str, Any]:
     summary is written to `RESULT` with the run's settings, last."""
     from transformers.utils import logging
 
-    from entroprl.report import analyze_run
-    from entroprl.trainer import Trainer
+    from entroprl.analysis.report import analyze_run
+    from entroprl.train.trainer import Trainer
 
     logging.disable_progress_bar()  # one line per finished run is the demo's progress
     torch.set_num_threads(threads)
@@ -356,7 +356,7 @@ def run_demo(
 
 
 def _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config) -> dict[str, Any]:
-    from entroprl.warmstart import WarmStartConfig, default_cache_dir, warm_start
+    from entroprl.demo.warmstart import WarmStartConfig, default_cache_dir, warm_start
 
     # the summary of a run before is not this run's: gone before any seed of this one changes
     (out / "summary.json").unlink(missing_ok=True)
@@ -429,7 +429,7 @@ def _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config) ->
         "reused": reused,
         "methods": aggregate(results),
     }
-    from entroprl.comparison import compare_runs
+    from entroprl.analysis.comparison import compare_runs
 
     # The comparison pools each method's seeds (they share its folder) into one law fit.
     report = compare_runs(

@@ -2,9 +2,9 @@
 composes are the pure functions of `entropy`, `dynamics`, `advantages` and `losses`.
 
 Runs as one process or under `torchrun` (gloo on CPU, NCCL on GPU), the model replicated (DDP) or
-sharded (FSDP2) over the ranks (`entroprl.parallel`): each rank samples its share of the prompts,
-and covariance selections and loss denominators are global over the ranks, so an update does not
-depend on how the batch is split.
+sharded (FSDP2) over the ranks (`entroprl.train.parallel`): each rank samples its share of the
+prompts, and covariance selections and loss denominators are global over the ranks, so an update
+does not depend on how the batch is split.
 """
 
 from __future__ import annotations
@@ -23,20 +23,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from entroprl import (
-    allocator,
-    checkpoint,
-    distributed,
-    dynamics,
-    lora,
-    losses,
-    mismatch,
-    parallel,
-    precision,
-    progress,
-    rundir,
-)
-from entroprl.advantages import (
+from entroprl.algos import dynamics, losses, mismatch
+from entroprl.algos.advantages import (
     compute_advantages,
     dynamic_sampling_mask,
     lopti_split,
@@ -45,19 +33,29 @@ from entroprl.advantages import (
     position_shaping,
     ppl_shaping,
 )
-from entroprl.backends import make_backend
-from entroprl.checks import NonFiniteError
+from entroprl.algos.checks import NonFiniteError
+from entroprl.algos.entropy import batch_entropy
+from entroprl.analysis.law import detect_plateau_online
 from entroprl.config import Config, meaning_changes, resume_changes
-from entroprl.entropy import batch_entropy
 from entroprl.errors import ConfigError, Interrupted, TrainingError
-from entroprl.evaluation import evaluate, score_samples
-from entroprl.forward import batched_log_probs, forward_log_probs
-from entroprl.law import detect_plateau_online
-from entroprl.policy import load_policy, pick_device
-from entroprl.progress import bars
-from entroprl.rollout import RolloutBatch, concat_batches
+from entroprl.rollout.backend import make_backend
+from entroprl.rollout.batch import RolloutBatch, concat_batches
 from entroprl.tasks.base import Example, Task
+from entroprl.tasks.evaluation import evaluate, score_samples
 from entroprl.tasks.registry import build_task
+from entroprl.train import (
+    allocator,
+    checkpoint,
+    distributed,
+    lora,
+    parallel,
+    precision,
+    progress,
+    rundir,
+)
+from entroprl.train.forward import batched_log_probs, forward_log_probs
+from entroprl.train.policy import load_policy, pick_device
+from entroprl.train.progress import bars
 
 
 @dataclass
@@ -396,7 +394,7 @@ class Trainer:
         self.sampling_model = self.forward_model if self.device.type == "cuda" else self.model
         """What the rollout backend samples from: on a GPU the policy in the update's precision,
         whose bfloat16 decoding is fast there; on the CPU the weights in model.dtype
-        (`entroprl.precision`)."""
+        (`entroprl.train.precision`)."""
         o = c.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],

@@ -19,9 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from entroprl import distributed
-from entroprl.checks import check_choice, check_finite, check_mask, check_nonempty, check_same_shape
-from entroprl.losses import NoSettings, SettingError
+from entroprl.algos.checks import (
+    check_choice,
+    check_finite,
+    check_mask,
+    check_nonempty,
+    check_same_shape,
+)
+from entroprl.algos.losses import NoSettings, SettingError
+from entroprl.train import distributed
 
 # The std floor below which PPL shaping's group std is replaced by 1 (algorithms.md §7).
 _PPL_MIN_STD = 1e-6

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from entroprl.stats import Interval, percentile_interval
+from entroprl.analysis.stats import Interval, percentile_interval
 
 _MAX_EXP = math.log(np.finfo(np.float64).max)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from entroprl.checks import check_choice, check_finite, check_nonempty, check_same_shape
+from entroprl.algos.checks import check_choice, check_finite, check_nonempty, check_same_shape
 
 ROLLOUT_IS_LEVELS = ("token", "sequence")
 

@@ -1,5 +1,5 @@
-"""`entroprl compare`: several runs, in any format `entroprl.foreign` reads, in one self-contained
-HTML report grouped by method.
+"""`entroprl compare`: several runs, in any format `entroprl.analysis.foreign` reads, in one
+self-contained HTML report grouped by method.
 
     compare RUNS ->  OUT/report.html, OUT/compare.png, OUT/covariance.png, OUT/comparison.json
                      (and OUT/pooled_law.png with --pool)
@@ -23,9 +23,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from entroprl.analysis import Run, RunAnalysis, analyze, law_arrays, load_run
-from entroprl.law import LawCriteria, forecast_error_interval, judge_law, law_intervals
-from entroprl.report import (
+from entroprl.analysis.law import LawCriteria, forecast_error_interval, judge_law, law_intervals
+from entroprl.analysis.report import (
     ENTROPY_LABEL,
     ci_text,
     covariance_figure,
@@ -40,7 +39,8 @@ from entroprl.report import (
     verdict_text,
     write_json,
 )
-from entroprl.rundir import atomic_write_text, make_dir
+from entroprl.analysis.runs import Run, RunAnalysis, analyze, law_arrays, load_run
+from entroprl.train.rundir import atomic_write_text, make_dir
 
 _SEED = re.compile(r"seed[_-]?\d+", re.IGNORECASE)
 _NOTED_SECTIONS = ("stages", "law", "forecast", "covariance")

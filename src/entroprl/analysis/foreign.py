@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from entroprl.rundir import read_json_lines, read_metrics, read_text
+from entroprl.train.rundir import read_json_lines, read_metrics, read_text
 
 # In order of preference. The paper's H is the sequence-mean of token-mean entropy, which only
 # entroprl logs (its trainer, and TRL's with entroprl.integrations.trl: "entropy_seq_mean"); the

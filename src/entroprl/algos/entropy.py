@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from entroprl import distributed
-from entroprl.checks import NonFiniteError, check_finite, check_nonempty, check_same_shape
+from entroprl.algos.checks import NonFiniteError, check_finite, check_nonempty, check_same_shape
+from entroprl.train import distributed
 
 
 def row_slices(n_rows: int, chunk_rows: int) -> Iterator[slice]:

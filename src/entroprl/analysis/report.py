@@ -1,6 +1,6 @@
 """`entroprl analyze`: figures (matplotlib, Agg) and one self-contained HTML report per run, with
 every PNG embedded as a base64 data URI so that it opens offline; and the pieces of HTML and the
-figures that the comparison report (`entroprl.comparison`) shares.
+figures that the comparison report (`entroprl.analysis.comparison`) shares.
 
     analyze RUN  ->  OUT/report.html, OUT/*.png, OUT/analysis.json   (OUT: RUN/analysis by default)
 
@@ -23,11 +23,19 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from entroprl.analysis import COV_GROUPS, Run, RunAnalysis, SeedBand, analyze, load_run, seed_band
-from entroprl.foreign import find_metric
-from entroprl.law import LawCriteria, LawFit, Verdict
-from entroprl.rundir import atomic_write_text, make_dir
-from entroprl.stats import Interval
+from entroprl.analysis.foreign import find_metric
+from entroprl.analysis.law import LawCriteria, LawFit, Verdict
+from entroprl.analysis.runs import (
+    COV_GROUPS,
+    Run,
+    RunAnalysis,
+    SeedBand,
+    analyze,
+    load_run,
+    seed_band,
+)
+from entroprl.analysis.stats import Interval
+from entroprl.train.rundir import atomic_write_text, make_dir
 
 ENTROPY_LABEL = "entropy H (nats)"
 
@@ -577,8 +585,8 @@ def analyze_run(
     accuracy_key: str | None = None,
     criteria: LawCriteria | None = None,
 ) -> Path:
-    """Analyse one run (any format of `entroprl.foreign`) and write its report; returns the path
-    of report.html. `out` defaults to RUN/analysis (RUN_STEM_analysis beside a log file);
+    """Analyse one run (any format of `entroprl.analysis.foreign`) and write its report; returns
+    the path of report.html. `out` defaults to RUN/analysis (RUN_STEM_analysis beside a log file);
     `smooth` is the window of `analysis.smooth_performance` (1: the performance as logged);
     `criteria` say when the law is taken to hold (`law.LawCriteria`, its defaults when None).
 

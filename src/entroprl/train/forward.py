@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from entroprl.entropy import logprobs_and_entropy
-from entroprl.sampler import cache_keyword, position_ids
+from entroprl.algos.entropy import logprobs_and_entropy
+from entroprl.rollout.sampler import cache_keyword, position_ids
 
 
 def forward_log_probs(

@@ -4,7 +4,7 @@
 `RolloutBatch` layout as `HFBackend`: left-padded prompts, right-padded responses, the response
 mask 1 up to and including the token that stopped the response (EOS) and 0 after it; and with it
 the log-probability the engine gave each sampled token (``rollout_log_probs``), which the trainer
-compares with its own (`entroprl.mismatch`).
+compares with its own (`entroprl.algos.mismatch`).
 
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the user set it), so
 `sync_weights` hands the training model's tensors to the engine without a copy to another process.
@@ -32,8 +32,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from entroprl import distributed, parallel
-from entroprl.rollout import RolloutBatch, build_batch, response_mask_from_ids
+from entroprl.rollout.batch import RolloutBatch, build_batch, response_mask_from_ids
+from entroprl.train import distributed, parallel
 
 
 def _import_vllm() -> Any:

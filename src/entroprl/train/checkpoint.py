@@ -44,8 +44,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from entroprl.checks import NonFiniteError
-from entroprl.rundir import atomic_write_text
+from entroprl.algos.checks import NonFiniteError
+from entroprl.train.rundir import atomic_write_text
 
 STATE = "state.json"
 LATEST = "latest"
@@ -161,7 +161,7 @@ def save_sharded(
     (every rank must call it; `writer`, one rank, writes the rest and completes the checkpoint as
     `save` does). Raises NonFiniteError on every rank, writing nothing, when any shard of a weight
     or of the optimizer state holds NaN or inf."""
-    from entroprl import distributed, parallel
+    from entroprl.train import distributed, parallel
 
     model_state = get_model_state_dict(model)
     tensors, meta = _optimizer_to_tensors(get_optimizer_state_dict(model, optimizer), cpu=False)

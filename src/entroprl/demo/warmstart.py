@@ -29,11 +29,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from entroprl.forward import batched_log_probs
-from entroprl.models import build_model, publish_dir, tiny_config
-from entroprl.progress import bars
-from entroprl.rollout import HFBackend
-from entroprl.sampler import position_ids
+from entroprl.demo.models import build_model, publish_dir, tiny_config
+from entroprl.demo.tokenizer import build_char_tokenizer
+from entroprl.rollout.hf import HFBackend
+from entroprl.rollout.sampler import position_ids
 from entroprl.tasks.countdown import (
     CountdownProblem,
     countdown_reward,
@@ -41,7 +40,8 @@ from entroprl.tasks.countdown import (
     generate_problems,
     solutions,
 )
-from entroprl.tokenizer import build_char_tokenizer
+from entroprl.train.forward import batched_log_probs
+from entroprl.train.progress import bars
 
 INFO_FILE = "warmstart.json"
 """Written last into a warm-start directory: its presence marks the directory as complete."""

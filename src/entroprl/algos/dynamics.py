@@ -10,9 +10,9 @@ import math
 import torch
 from torch import Tensor
 
-from entroprl import distributed
-from entroprl.checks import check_finite, check_nonempty, check_same_shape
-from entroprl.entropy import compute_dtype, log_softmax_rows, row_chunk, row_slices, rowdot
+from entroprl.algos.checks import check_finite, check_nonempty, check_same_shape
+from entroprl.algos.entropy import compute_dtype, log_softmax_rows, row_chunk, row_slices, rowdot
+from entroprl.train import distributed
 
 
 def token_covariance(

@@ -8,7 +8,7 @@
     RUN/tb/                           TensorBoard events
     RUN/wandb/                        the Weights & Biases run, when trainer.wandb is set
     RUN/rollouts/step_000010.jsonl    rollouts with per-token log-prob, entropy, advantage, cov
-    RUN/checkpoints/                  see `entroprl.checkpoint`
+    RUN/checkpoints/                  see `entroprl.train.checkpoint`
 
 Everything a resumed run reads is written to a temporary name and renamed into place, so a run
 killed at any moment leaves either the old or the new file, never half of one; the one exception,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from entroprl import parallel
+from entroprl.train import parallel
 
 COMPACT_AT = 1 / 8
 """Finished rows leave the batch once they are more than this share of it. Dropping them copies

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from entroprl import distributed
 from entroprl.config import Config
 from entroprl.errors import ConfigError
+from entroprl.train import distributed
 
 
 def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
@@ -25,7 +25,7 @@ def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
                 "model.path: required for tasks other than the built-in countdown (a local "
                 "Hugging Face model directory)"
             )
-        from entroprl.warmstart import WarmStartConfig, default_cache_dir, warm_start
+        from entroprl.demo.warmstart import WarmStartConfig, default_cache_dir, warm_start
 
         path = warm_start(WarmStartConfig(), default_cache_dir())
     else:

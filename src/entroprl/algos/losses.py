@@ -27,10 +27,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from entroprl import distributed
-from entroprl.checks import check_choice, check_finite, check_mask, check_same_shape
-from entroprl.dynamics import token_covariance
-from entroprl.law import entropy_at_ceiling_fraction
+from entroprl.algos.checks import check_choice, check_finite, check_mask, check_same_shape
+from entroprl.algos.dynamics import token_covariance
+from entroprl.analysis.law import entropy_at_ceiling_fraction
+from entroprl.train import distributed
 
 LOSS_AGG_MODES = (
     "token-mean",

@@ -18,7 +18,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from entroprl.checks import check_choice
+from entroprl.algos.checks import check_choice
 
 ARCHS = {"qwen2": Qwen2Config, "llama": LlamaConfig}
 QWEN25_05B = {
@@ -53,7 +53,7 @@ def tiny_config(
     """Config of a small decoder-only LM with tied input/output embeddings.
 
     `intermediate_size` defaults to ``4 * hidden_size``; heads use full (not grouped) key/values.
-    The token ids default to those of `entroprl.tokenizer.build_char_tokenizer`.
+    The token ids default to those of `entroprl.demo.tokenizer.build_char_tokenizer`.
     """
     check_choice("arch", arch, ARCHS)
     if vocab_size < 1 or hidden_size < 1 or num_layers < 1 or num_heads < 1 or max_position < 1:

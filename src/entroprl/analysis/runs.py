@@ -2,7 +2,7 @@
 forecast (algorithms.md §9), the covariance against the measured entropy change (algorithms.md §2,
 the paper's Fig. 8), the covariance groups (algorithms.md §3), and two statistics of the rollout
 samples behind PPL and position shaping (algorithms.md §7). Figures and the HTML report are in
-`entroprl.report`.
+`entroprl.analysis.report`.
 
 A section whose inputs a run lacks is not an error: `analyze` records a one-line reason for it in
 `RunAnalysis.omitted` and carries on.
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from entroprl.foreign import (
+from entroprl.analysis.foreign import (
     KeyMap,
     MetricsTable,
     find_metric,
@@ -26,7 +26,7 @@ from entroprl.foreign import (
     mapped_series,
     read_log,
 )
-from entroprl.law import (
+from entroprl.analysis.law import (
     Forecast,
     ForecastInterval,
     LawCriteria,
@@ -42,8 +42,8 @@ from entroprl.law import (
     judge_law,
     law_intervals,
 )
-from entroprl.rundir import read_text
-from entroprl.stats import t_band
+from entroprl.analysis.stats import t_band
+from entroprl.train.rundir import read_text
 
 COV_GROUPS = ("top_0.02%", "top_0.2%", "top_2%", "top_20%", "top_50%", "all")
 SECTIONS = ("stages", "law", "forecast", "dynamics", "covariance", "position_entropy", "perplexity")
@@ -111,7 +111,7 @@ def load_run(
     name: str | None = None,
     require: bool = True,
 ) -> Run:
-    """Read a run in any format of `entroprl.foreign` and map its metric names.
+    """Read a run in any format of `entroprl.analysis.foreign` and map its metric names.
 
     Raises ValueError when the log is empty, malformed or foreign, or (with `require`, see
     `foreign.map_keys`) nothing in it can be mapped.

@@ -516,7 +516,7 @@ class _Worker:
         from_child, to_parent = os.pipe()
         boot = (
             "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
-            "from entroprl.rewards import _serve; _serve(int(sys.argv[2]), int(sys.argv[3]))"
+            "from entroprl.tasks.rewards import _serve; _serve(int(sys.argv[2]), int(sys.argv[3]))"
         )
         try:
             self.process = subprocess.Popen(
