@@ -25,14 +25,12 @@ from fractions import Fraction
 from functools import cache
 from itertools import combinations_with_replacement, permutations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from entroprl.algos.checks import check_choice
 from entroprl.errors import ConfigError
 from entroprl.tasks.base import Example, Task
-
-if TYPE_CHECKING:
-    from entroprl.config import DataConfig
+from entroprl.tasks.data import DataConfig
 
 MAX_EXPRESSION_CHARS = 64
 """Longer answers are rejected before parsing (bounds the parser's work on adversarial text)."""

@@ -30,11 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from entroprl.algos.checks import check_choice
 from entroprl.errors import ConfigError
 from entroprl.tasks.base import Example, Task
+from entroprl.tasks.data import DEFAULT_INSTRUCTION, DEFAULT_PLAIN_TEMPLATE, DataConfig
 from entroprl.tasks.rewards import (
     extract_boxed,
     extract_gsm8k_answer,
@@ -42,9 +43,6 @@ from entroprl.tasks.rewards import (
     math_reward,
     score_batch,
 )
-
-if TYPE_CHECKING:
-    from entroprl.config import DataConfig
 
 FORMATS = ("gsm8k", "math", "jsonl")
 
@@ -57,9 +55,6 @@ DEFAULT_KEYS = {
 
 MATH_SOLUTION_KEY = "solution"
 """The field whose last ``\\boxed{}`` gives a MATH answer when the answer field is absent."""
-
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-DEFAULT_PLAIN_TEMPLATE = "Question: {message}\nAnswer:"
 
 REWARDS: dict[str, Callable[[str, str], float]] = {"math": math_reward, "gsm8k": gsm8k_reward}
 REWARD_WORKERS: dict[str, int | None] = {"math": None, "gsm8k": 0}
