@@ -163,8 +163,8 @@ def run_trl(model_dir: str, steps: int, seed: int, bf16: bool) -> dict:
 
 
 def run_entroprl(model_dir: str, steps: int, seed: int, overrides: list[str]) -> dict:
-    from entroprl.cli import init_distributed
     from entroprl.config import load_config
+    from entroprl.train.distributed import init as init_distributed
     from entroprl.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:

@@ -33,7 +33,7 @@ from entroprl.algos.advantages import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
-from entroprl.algos.losses import SettingError
+from entroprl.errors import SettingError
 
 F64 = torch.float64
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from entroprl.algos.checks import NonFiniteError
+from entroprl.errors import NonFiniteError
 from entroprl.train import checkpoint
 from entroprl.train.rundir import read_metrics
 from entroprl.train.trainer import Trainer, TrainingError

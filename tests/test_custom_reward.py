@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from entroprl.config import config_from_dict
-from entroprl.errors import ConfigError
-from entroprl.tasks.base import RewardError
+from entroprl.errors import ConfigError, RewardError
 from entroprl.tasks.registry import build_task
 from entroprl.train.trainer import Trainer
 from tests.policies import make_tiny_policy

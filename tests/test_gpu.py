@@ -104,7 +104,7 @@ def test_resume_on_the_gpu_continues_the_run(tmp_path):
 
 def test_fsdp_with_a_sharded_checkpoint_on_the_gpu(tmp_path):
     """FSDP over a process group of one (NCCL), saved sharded and resumed."""
-    from entroprl.cli import init_distributed
+    from entroprl.train.distributed import init as init_distributed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     init_distributed("fsdp")

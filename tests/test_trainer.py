@@ -9,9 +9,10 @@ import yaml
 
 from entroprl.algos import losses
 from entroprl.config import ConfigError, config_from_dict
+from entroprl.errors import RewardError
 from entroprl.rollout.batch import concat_batches, response_mask_from_ids
 from entroprl.rollout.hf import HFBackend
-from entroprl.tasks.base import Example, RewardError, Task
+from entroprl.tasks.base import Example, Task
 from entroprl.train.forward import forward_log_probs
 from entroprl.train.rundir import read_metrics
 from entroprl.train.trainer import Trainer, TrainingError, UpdateBatch, update_policy

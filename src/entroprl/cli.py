@@ -14,7 +14,9 @@ single-rank process group, for its mixed precision alone.
 Every failure the user can act on (configuration, input files, the file system, a diverged run)
 ends the command with one line naming the problem and a non-zero exit code: 2 for a command line
 argparse rejects (`EXIT_USAGE`), 1 for everything found wrong after that (`EXIT_ERROR`), 130 when
-Ctrl-C stopped it (`EXIT_INTERRUPTED`, as a shell reports SIGINT).
+Ctrl-C stopped it (`EXIT_INTERRUPTED`, as a shell reports SIGINT). Any other exception (a
+ValueError from a shape check, say) is a bug of entroprl's, not the user's: it keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-from entroprl.errors import ConfigError, Interrupted, TrainingError
+from entroprl.errors import USER_ERRORS, ConfigError, InputError, Interrupted
 
 EXIT_ERROR = 1
 """The configuration, an input file, the file system or the run itself is at fault; the message
@@ -37,12 +39,16 @@ EXIT_INTERRUPTED = 130
 """Ctrl-C: 128 + SIGINT, what a shell reports for a command that SIGINT ended."""
 
 
-def init_distributed(strategy: str) -> None:
-    """`entroprl.train.distributed.init` (its old place, kept for scripts that import it from
-    here)."""
-    from entroprl.train import distributed
+def __getattr__(name: str):
+    # `init_distributed` lived here; `entroprl.train.distributed.init` now, the old name kept for
+    # one release (resolved on use: the distributed module imports torch)
+    if name == "init_distributed":
+        from entroprl import _moved
+        from entroprl.train import distributed
 
-    distributed.init(strategy)
+        _moved.warn("entroprl.cli.init_distributed", "entroprl.train.distributed.init")
+        return distributed.init
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _quiet_thread_os_error(args: threading.ExceptHookArgs) -> None:
@@ -55,10 +61,11 @@ def _quiet_thread_os_error(args: threading.ExceptHookArgs) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from entroprl.config import load_config
+    from entroprl.train import distributed
     from entroprl.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
-    init_distributed(config.trainer.strategy)
+    distributed.init(config.trainer.strategy)
     try:
         out = Trainer(config).train(
             resume=args.resume,
@@ -182,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if args.task or not args.bench:
         if d.task in math_problems.FORMATS:
             if d.test_file is None:
-                raise ValueError(f"data.test_file: set it to evaluate task {d.task!r}")
+                raise InputError(f"data.test_file: set it to evaluate task {d.task!r}")
             spec = f"{d.task}={d.task}:{d.test_file}"
             benchmarks.append(load_benchmark(spec, d, tokenizer, limit=args.limit or d.test_limit))
         else:
@@ -253,17 +260,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     source, out = Path(args.checkpoint), Path(args.out)
     if out.exists():
-        raise ValueError(f"{out} exists: name a new folder for the exported model")
+        raise InputError(f"{out} exists: name a new folder for the exported model")
     if (source / "checkpoints").is_dir():  # a run: its newest valid checkpoint
         source, _, skipped = checkpoint.find_resumable(source / "checkpoints")
         for line in skipped:
             print(f"skipped checkpoint {line}")
         if source is None:
-            raise ValueError(f"{args.checkpoint}: no valid checkpoint to export")
+            raise InputError(f"{args.checkpoint}: no valid checkpoint to export")
     try:
         checkpoint.export_hf(source, out)
     except checkpoint.DamagedCheckpoint as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise InputError(f"{source}: {e}") from None
     print(f"exported {source} to {out} (Hugging Face format)")
 
 
@@ -414,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_INTERRUPTED)
     except ConfigError as e:
         _fail(f"configuration error: {e}")
-    except ValueError as e:  # bad input files (metrics, logs, datasets) name what is wrong
+    except USER_ERRORS as e:  # bad input files (metrics, logs, datasets) name what is wrong
         _fail(str(e))
     except ImportError as e:
         _fail(str(e))
@@ -424,10 +431,6 @@ def main(argv: list[str] | None = None) -> None:
     except RecursionError:  # every reader of JSON and YAML names its file before this
         _fail("an input nested too deeply to be read")
     except (MemoryError, RuntimeError) as e:
-        from entroprl.tasks.base import RewardError
-
-        if isinstance(e, TrainingError | RewardError):
-            _fail(str(e))
         if _too_large(e):
             _fail(
                 f"out of memory ({str(e).strip() or type(e).__name__}): lower "

@@ -26,7 +26,8 @@ from entroprl.algos.checks import (
     check_nonempty,
     check_same_shape,
 )
-from entroprl.algos.losses import NoSettings, SettingError
+from entroprl.algos.losses import NoSettings
+from entroprl.errors import SettingError
 from entroprl.train import distributed
 
 # The std floor below which PPL shaping's group std is replaced by 1 (algorithms.md §7).

@@ -1,9 +1,12 @@
-"""Input validation at the boundary of public functions: clear ValueErrors, never silent NaNs."""
+"""Input validation at the boundary of public functions: clear ValueErrors, never silent NaNs
+(`InputError` for a choice that is not known, `NonFiniteError` for NaN or inf)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from entroprl.errors import InputError, NonFiniteError
 
 
 def check_same_shape(**tensors: Tensor) -> None:
@@ -12,10 +15,6 @@ def check_same_shape(**tensors: Tensor) -> None:
     if len(set(shapes.values())) > 1:
         listed = ", ".join(f"{name}{list(shape)}" for name, shape in shapes.items())
         raise ValueError(f"shape mismatch: {listed} must all have the same shape")
-
-
-class NonFiniteError(ValueError):
-    """A tensor holds NaN or inf where numbers are needed; the message says which and where."""
 
 
 def check_mask(mask: Tensor, what: str = "response_mask") -> Tensor:
@@ -50,4 +49,4 @@ def check_nonempty(mask: Tensor, what: str = "response_mask") -> int:
 def check_choice(name: str, value: str, choices) -> None:
     """Raise if `value` is not one of `choices`, listing them."""
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(choices)}")
+        raise InputError(f"unknown {name} {value!r}; expected one of {sorted(choices)}")

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from entroprl.algos.checks import NonFiniteError, check_finite, check_nonempty, check_same_shape
+from entroprl.algos.checks import check_finite, check_nonempty, check_same_shape
+from entroprl.errors import NonFiniteError
 from entroprl.train import distributed
 
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from entroprl.algos.checks import check_choice, check_finite, check_mask, check_same_shape
 from entroprl.algos.dynamics import token_covariance
 from entroprl.analysis.law import entropy_at_ceiling_fraction
+from entroprl.errors import SettingError
 from entroprl.train import distributed
 
 LOSS_AGG_MODES = (
@@ -47,15 +48,6 @@ _LOG_RATIO_CLAMP = 20.0
 
 # --------------------------------------------------------------------------------------------------
 # Input validation
-
-
-class SettingError(ValueError):
-    """A loss setting out of range; `key` names it, so that a configuration can name the whole
-    dotted key (`algorithm.loss.clip_cov.ratio`)."""
-
-    def __init__(self, key: str, why: str):
-        super().__init__(f"{key} {why}")
-        self.key, self.why = key, why
 
 
 def _check_fraction(name: str, value: float, *, upper: float | None = None) -> None:

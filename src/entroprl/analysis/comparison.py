@@ -40,6 +40,7 @@ from entroprl.analysis.report import (
     write_json,
 )
 from entroprl.analysis.runs import Run, RunAnalysis, analyze, law_arrays, load_run
+from entroprl.errors import InputError
 from entroprl.train.rundir import atomic_write_text, make_dir
 
 _SEED = re.compile(r"seed[_-]?\d+", re.IGNORECASE)
@@ -340,7 +341,7 @@ def compare_runs(
     accuracy is recognised is kept, with a note, for what it has.
     """
     if not runs:
-        raise ValueError("compare needs at least one run")
+        raise InputError("compare needs at least one run")
     paths = [Path(r) for r in runs]
     members = group(paths)
     criteria = criteria or LawCriteria()

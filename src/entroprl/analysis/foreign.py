@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from entroprl.errors import InputError
 from entroprl.train.rundir import read_json_lines, read_metrics, read_text
 
 # In order of preference. The paper's H is the sequence-mean of token-mean entropy, which only
@@ -116,9 +117,9 @@ the table's steps are 64-bit integers)."""
 def _step(value: Any, where: str) -> int:
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if not (is_number and math.isfinite(value) and value == int(value)):
-        raise ValueError(f"{where}: step {value!r} is not an integer")
+        raise InputError(f"{where}: step {value!r} is not an integer")
     if abs(value) > MAX_STEP:
-        raise ValueError(f"{where}: step {value!r} is out of range (over 2**53)")
+        raise InputError(f"{where}: step {value!r} is out of range (over 2**53)")
     return int(value)
 
 
@@ -138,7 +139,7 @@ def _table(
             if number is not None and not (math.isnan(number) and key in merged):
                 merged[key] = number
     if not by_step:
-        raise ValueError(f"{source}: holds no metrics records")
+        raise InputError(f"{source}: holds no metrics records")
     steps = np.array(sorted(by_step), dtype=np.int64)
     keys = sorted({k for merged in by_step.values() for k in merged})
     columns = {
@@ -164,16 +165,16 @@ def read_trl(path: str | Path) -> MetricsTable:
     try:
         state = json.loads(read_text(file))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+        raise InputError(f"{file}: not valid JSON ({e})") from None
     except RecursionError:
-        raise ValueError(f"{file}: JSON nested too deeply to be a trainer state") from None
+        raise InputError(f"{file}: JSON nested too deeply to be a trainer state") from None
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list):
-        raise ValueError(f"{file}: no 'log_history' list (not a Hugging Face trainer_state.json)")
+        raise InputError(f"{file}: no 'log_history' list (not a Hugging Face trainer_state.json)")
     records = []
     for i, entry in enumerate(history):
         if not isinstance(entry, dict) or "step" not in entry:
-            raise ValueError(f"{file}: log_history[{i}] has no 'step'")
+            raise InputError(f"{file}: log_history[{i}] has no 'step'")
         records.append((_step(entry["step"], f"{file}: log_history[{i}]"), _without(entry, "step")))
     return _table("trl", file, records)
 
@@ -187,7 +188,7 @@ def _json_lines(file: Path) -> list[tuple[int, dict[str, Any]]]:
         values = data if isinstance(data, dict) else record
         key = next((k for k in ("step", "global_step") if k in record), None)
         if key is None:
-            raise ValueError(f"{file}:{number}: record has no 'step' or 'global_step'")
+            raise InputError(f"{file}:{number}: record has no 'step' or 'global_step'")
         step = _step(record[key], f"{file}:{number}")
         records.append((step, _without(values, key)))
     return records
@@ -242,7 +243,7 @@ def _console_records(text: str, file: Path) -> tuple[list[tuple[int, dict[str, A
                 if number == len(lines):
                     warnings.warn(f"{file}: incomplete last line {number} skipped", stacklevel=3)
                     break
-                raise ValueError(f"{file}:{number}: {field[:80]!r} is not key:value")
+                raise InputError(f"{file}:{number}: {field[:80]!r} is not key:value")
             values[key.strip()] = _console_value(value)
         else:
             records.append((_step(int(found.group(1)), f"{file}:{number}"), values))
@@ -262,7 +263,7 @@ def _event_source(path: Path) -> tuple[Path, int]:
     """The event file, or the one folder holding event files under `path`, and how many files."""
     if path.is_file():
         if "tfevents" not in path.name:
-            raise ValueError(
+            raise InputError(
                 f"{path}: a TensorBoard event file, but tensorboard reads only files whose name "
                 "holds 'tfevents': rename it (events.out.tfevents.<anything>)"
             )
@@ -273,7 +274,7 @@ def _event_source(path: Path) -> tuple[Path, int]:
             folders[file.parent] = folders.get(file.parent, 0) + 1
     if len(folders) > 1:
         shown = ", ".join(str(f.relative_to(path)) for f in sorted(folders)[:5])
-        raise ValueError(
+        raise InputError(
             f"{path}: TensorBoard event files in {len(folders)} folders ({shown}"
             f"{', ...' if len(folders) > 5 else ''}): give the folder of one run"
         )
@@ -308,7 +309,7 @@ def read_tensorboard(path: str | Path) -> MetricsTable:
             if value.shape == () and np.issubdtype(value.dtype, np.number):
                 records.append((_step(e.step, f"{source}: {tag}"), {tag: float(value)}))
     if not records:
-        raise ValueError(f"{source}: no scalar in its {files} TensorBoard event file(s)")
+        raise InputError(f"{source}: no scalar in its {files} TensorBoard event file(s)")
     return _table("tensorboard", source, records, (f"{files} event file(s) in {source}",))
 
 
@@ -323,9 +324,9 @@ def read_wandb_csv(path: str | Path) -> MetricsTable:
     try:
         rows = list(csv.reader(io.StringIO(read_text(file), newline="")))
     except csv.Error as e:  # a field over csv's limit (131,072 characters), a NUL byte
-        raise ValueError(f"{file}: not a CSV export ({e})") from None
+        raise InputError(f"{file}: not a CSV export ({e})") from None
     if not rows or not any(cell.strip() for cell in rows[0]):
-        raise ValueError(f"{file}: empty CSV file")
+        raise InputError(f"{file}: empty CSV file")
     header = rows[0]
     kept: dict[str, int] = {}
     runs: set[str] = set()
@@ -336,14 +337,14 @@ def read_wandb_csv(path: str | Path) -> MetricsTable:
         if name != column:
             runs.add(column.rsplit(" - ", 1)[0])
         if name in kept:
-            raise ValueError(
+            raise InputError(
                 f"{file}: column {name!r} appears more than once"
                 + (f" (runs {sorted(runs)}): export one run per file" if len(runs) > 1 else "")
             )
         kept[name] = index
     step_key = next((k for k in STEP_KEYS if k in kept), None)
     if step_key is None:
-        raise ValueError(
+        raise InputError(
             f"{file}: no step column (looked for {', '.join(STEP_KEYS)}); columns: "
             f"{', '.join(list(kept)[:20])}"
         )
@@ -358,7 +359,7 @@ def read_wandb_csv(path: str | Path) -> MetricsTable:
         try:
             value = float(raw_step)
         except ValueError:
-            raise ValueError(f"{file}:{number}: step {raw_step!r} is not an integer") from None
+            raise InputError(f"{file}:{number}: step {raw_step!r} is not an integer") from None
         step = _step(value, f"{file}:{number}")
         records.append((step, {k: _csv_float(v) for k, v in cells.items()}))
     return _table("wandb", file, records)
@@ -382,7 +383,7 @@ def _detect_dir(path: Path) -> str:
         return "trl"
     if any(f.is_file() for f in path.rglob("*tfevents*")):
         return "tensorboard"
-    raise ValueError(
+    raise InputError(
         f"{path}: not an entroprl run directory (no metrics.jsonl), a TRL checkpoint (no "
         "trainer_state.json) or a TensorBoard log (no events.out.tfevents.* file)"
     )
@@ -401,13 +402,13 @@ def _detect_json(path: Path, text: str) -> str:
     try:
         record = json.loads(first)
     except (json.JSONDecodeError, RecursionError):
-        raise ValueError(f"{path}:1: not a JSON object: {first[:80]!r}") from None
+        raise InputError(f"{path}:1: not a JSON object: {first[:80]!r}") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path}:1: not a JSON object: {first[:80]!r}")
+        raise InputError(f"{path}:1: not a JSON object: {first[:80]!r}")
     if isinstance(record.get("data"), dict):
         return "verl"
     if "step" not in record and "global_step" not in record:
-        raise ValueError(f"{path}:1: no 'step' or 'global_step': not a metrics log")
+        raise InputError(f"{path}:1: no 'step' or 'global_step': not a metrics log")
     if path.name == "metrics.jsonl" and (path.parent / "config.yaml").is_file():
         return "entroprl"
     return "jsonl"
@@ -428,7 +429,7 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir():
         return _detect_dir(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file or directory")
+        raise InputError(f"{path}: no such file or directory")
     with open(path, "rb") as f:
         head = f.read(64)
     # an event file is a TFRecord whose first record is the Event holding "brain.Event:<version>"
@@ -438,14 +439,14 @@ def detect_format(path: str | Path) -> str:
         return "wandb"
     text = read_text(path)
     if not text.strip():
-        raise ValueError(f"{path}: empty file")
+        raise InputError(f"{path}: empty file")
     if text.lstrip().startswith("{"):
         return _detect_json(path, text)
     if any(_CONSOLE_STEP.search(_ANSI.sub("", line).rstrip()) for line in text.splitlines()):
         return "verl-console"
     if _has_step_column(text):
         return "wandb"
-    raise ValueError(
+    raise InputError(
         f"{path}: unknown log format: not an entroprl run, a trainer_state.json, JSON lines with "
         "a step, verl console lines (step:N - key:value), TensorBoard events or a CSV with a step "
         "column"
@@ -512,7 +513,7 @@ def _require(name: str, key: str, columns: list[str]) -> str:
     if key not in columns:
         tail = key.rsplit("/", 1)[-1].lower()
         near = [c for c in columns if tail in c.lower()] or columns
-        raise ValueError(f"{name} key {key!r} is not in the log; columns: {', '.join(near[:30])}")
+        raise InputError(f"{name} key {key!r} is not in the log; columns: {', '.join(near[:30])}")
     return key
 
 
@@ -549,7 +550,7 @@ def map_keys(
             "--accuracy-key (docs/foreign-runs.md lists the names recognised)"
         )
         if require:
-            raise ValueError(missing)
+            raise InputError(missing)
         notes.append(missing)
     reward = next((k for k in REWARD_KEYS if k in table.columns), None)
     return KeyMap(entropy=entropy, accuracy=accuracy, reward=reward, notes=tuple(notes))
@@ -562,7 +563,7 @@ def mapped_series(table: MetricsTable, keys: KeyMap) -> dict[str, np.ndarray]:
     for key in (keys.entropy, *keys.accuracy, keys.reward):
         bad = np.flatnonzero(np.isinf(table.columns[key])) if key is not None else ()
         if len(bad):
-            raise ValueError(f"{table.source}: {key} is infinite at step {table.steps[bad[0]]}")
+            raise InputError(f"{table.source}: {key} is infinite at step {table.steps[bad[0]]}")
     n = table.steps.size
     missing = np.full(n, np.nan)
     accuracy = (

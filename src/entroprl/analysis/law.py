@@ -15,6 +15,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from entroprl.analysis.stats import Interval, percentile_interval
+from entroprl.errors import InputError
 
 _MAX_EXP = math.log(np.finfo(np.float64).max)
 
@@ -23,17 +24,17 @@ def _series(name: str, values) -> np.ndarray:
     """`values` as a 1-D float64 array; NaN is allowed (a missing value), inf is not."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D sequence of per-step values, got shape {arr.shape}")
+        raise InputError(f"{name} must be a 1-D sequence of per-step values, got shape {arr.shape}")
     inf = np.flatnonzero(np.isinf(arr))
     if inf.size:
-        raise ValueError(f"{name} contains inf (first at index {int(inf[0])})")
+        raise InputError(f"{name} contains inf (first at index {int(inf[0])})")
     return arr
 
 
 def _paired(entropy, performance) -> tuple[np.ndarray, np.ndarray]:
     h, r = _series("entropy", entropy), _series("performance", performance)
     if h.shape != r.shape:
-        raise ValueError(
+        raise InputError(
             f"entropy has {h.size} values and performance {r.size}: they must be paired per step"
         )
     return h, r
@@ -78,14 +79,14 @@ def _fit(h: np.ndarray, r: np.ndarray) -> LawFit:
     """Closed-form least squares of r on x = exp(h); the points are already free of NaN."""
     n = h.size
     if n < 2:
-        raise ValueError(
+        raise InputError(
             f"the law needs at least 2 points with both entropy and performance present, got {n}"
         )
     if h.max() > _MAX_EXP:
-        raise ValueError(f"exp(entropy) overflows: entropy must be in nats (below {_MAX_EXP:.0f})")
+        raise InputError(f"exp(entropy) overflows: entropy must be in nats (below {_MAX_EXP:.0f})")
     x = np.exp(h)
     if np.ptp(x) == 0:
-        raise ValueError(
+        raise InputError(
             "entropy is constant over the usable points: the law's slope a is undetermined"
         )
     dx = x - x.mean()
@@ -155,23 +156,23 @@ def _forecast_split(
 ) -> tuple[int, np.ndarray, np.ndarray]:
     """`n_fit`, and the positions of the usable pairs in the fit part and after it (`forecast`)."""
     if not 0 < fit_fraction < 1:
-        raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
+        raise InputError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
     if min_points < 2:
-        raise ValueError(f"min_points must be at least 2 (a line needs 2 points), got {min_points}")
+        raise InputError(f"min_points must be at least 2 (a line needs 2 points), got {min_points}")
     steps = h.size
     # The tolerance keeps products such as 0.55 * 100 = 55.00000000000001 from rounding up a step.
     n_fit = math.ceil(fit_fraction * steps - 1e-9)
     usable = ~(np.isnan(h) | np.isnan(r))
     head = np.flatnonzero(usable[:n_fit])
     if head.size < min_points:
-        raise ValueError(
+        raise InputError(
             f"the first {n_fit} of {steps} steps (fit_fraction={fit_fraction}) hold {head.size} "
             f"usable points (entropy and performance both present); min_points={min_points} are "
             "needed"
         )
     rest = np.flatnonzero(usable[n_fit:]) + n_fit
     if rest.size == 0:
-        raise ValueError(f"no usable point after the first {n_fit} steps: nothing to forecast")
+        raise InputError(f"no usable point after the first {n_fit} steps: nothing to forecast")
     return n_fit, head, rest
 
 
@@ -223,7 +224,7 @@ def _resample_fits(
     h: np.ndarray, r: np.ndarray, resamples: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     if resamples < 1:
-        raise ValueError(f"resamples must be at least 1, got {resamples}")
+        raise InputError(f"resamples must be at least 1, got {resamples}")
     idx = rng.integers(0, h.size, size=(resamples, h.size))
     return _fit_rows(h[idx], r[idx])
 
@@ -231,7 +232,7 @@ def _resample_fits(
 def _usable_pairs(runs) -> list[tuple[np.ndarray, np.ndarray]]:
     pairs = [_paired(h, r) for h, r in runs]
     if not pairs:
-        raise ValueError("the law needs at least one run")
+        raise InputError("the law needs at least one run")
     return pairs
 
 
@@ -372,14 +373,14 @@ class LawCriteria:
 
     def __post_init__(self) -> None:
         if isinstance(self.min_points, bool) or not isinstance(self.min_points, int):
-            raise ValueError(f"min_points must be an integer, got {self.min_points!r}")
+            raise InputError(f"min_points must be an integer, got {self.min_points!r}")
         if self.min_points < 4:
-            raise ValueError(
+            raise InputError(
                 f"min_points must be at least 4 (on 3 points the bootstrap interval is "
                 f"unreliable), got {self.min_points}"
             )
         if not (math.isfinite(self.min_entropy_range) and self.min_entropy_range >= 0):
-            raise ValueError(
+            raise InputError(
                 f"min_entropy_range must be a finite number >= 0 (nats), got "
                 f"{self.min_entropy_range!r}"
             )
@@ -487,9 +488,9 @@ class StageSplit:
 
 def _check_window(name: str, value: int, least: int) -> None:
     if not isinstance(value, int | np.integer) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise InputError(f"{name} must be an integer, got {value!r}")
     if value < least or value % 2 == 0:
-        raise ValueError(f"{name} must be an odd integer >= {least} (centered window), got {value}")
+        raise InputError(f"{name} must be an odd integer >= {least} (centered window), got {value}")
 
 
 def centered_mean(y: np.ndarray, window: int) -> np.ndarray:
@@ -541,14 +542,14 @@ def detect_stages(
     _check_window("smooth_window", smooth_window, 1)
     _check_window("slope_window", slope_window, 3)
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        raise InputError(f"fraction must be in (0, 1), got {fraction}")
     present = np.flatnonzero(~np.isnan(h))
     if present.size == 0:
-        raise ValueError("entropy holds no value (all NaN)")
+        raise InputError("entropy holds no value (all NaN)")
     lo, hi = int(present[0]), int(present[-1]) + 1
     need = max(smooth_window, slope_window)
     if hi - lo < need:
-        raise ValueError(
+        raise InputError(
             f"entropy curve has {hi - lo} steps, fewer than max(smooth_window, slope_window) = "
             f"{need}: too short to find stages"
         )
@@ -626,11 +627,11 @@ def entropy_at_ceiling_fraction(a: float, b: float, fraction: float) -> float:
     """
     for name, value in (("a", a), ("b", b), ("fraction", fraction)):
         if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
+            raise InputError(f"{name} must be finite, got {value}")
     if a <= 0:
-        raise ValueError(f"a must be > 0 (performance rising as entropy falls), got {a}")
+        raise InputError(f"a must be > 0 (performance rising as entropy falls), got {a}")
     if b <= a:
-        raise ValueError(f"b must exceed a (a positive ceiling b - a), got a={a}, b={b}")
+        raise InputError(f"b must exceed a (a positive ceiling b - a), got a={a}, b={b}")
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        raise InputError(f"fraction must be in (0, 1), got {fraction}")
     return math.log((b - fraction * (b - a)) / a)

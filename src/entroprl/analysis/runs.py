@@ -43,6 +43,7 @@ from entroprl.analysis.law import (
     law_intervals,
 )
 from entroprl.analysis.stats import t_band
+from entroprl.errors import InputError
 from entroprl.train.rundir import read_text
 
 COV_GROUPS = ("top_0.02%", "top_0.2%", "top_2%", "top_20%", "top_50%", "all")
@@ -83,7 +84,7 @@ def read_rollouts(folder: str | Path) -> list[dict[str, Any]]:
         try:
             step = int(file.stem.removeprefix("step_"))
         except ValueError:
-            raise ValueError(f"{file}: name is not step_<number>.jsonl") from None
+            raise InputError(f"{file}: name is not step_<number>.jsonl") from None
         for number, line in enumerate(read_text(file).splitlines(), 1):
             if not line.strip():
                 continue
@@ -91,12 +92,12 @@ def read_rollouts(folder: str | Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, RecursionError):
-                raise ValueError(f"{where}: not a JSON object") from None
+                raise InputError(f"{where}: not a JSON object") from None
             if not isinstance(record, dict) or any(k not in record for k in _ROLLOUT_KEYS):
-                raise ValueError(f"{where}: a rollout record needs {', '.join(_ROLLOUT_KEYS)}")
+                raise InputError(f"{where}: a rollout record needs {', '.join(_ROLLOUT_KEYS)}")
             lengths = {len(record[k]) for k in _ROLLOUT_KEYS}
             if len(lengths) != 1 or 0 in lengths:
-                raise ValueError(
+                raise InputError(
                     f"{where}: log_prob, entropy and advantage must be non-empty and of one length"
                 )
             samples.append({**record, "step": step})
@@ -155,15 +156,15 @@ def pearson(x, y) -> float:
     """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x and y must be 1-D of one length, got {x.shape} and {y.shape}")
+        raise InputError(f"x and y must be 1-D of one length, got {x.shape} and {y.shape}")
     if x.size < 3:
-        raise ValueError(f"a correlation needs at least 3 pairs, got {x.size}")
+        raise InputError(f"a correlation needs at least 3 pairs, got {x.size}")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("x and y must be finite")
+        raise InputError("x and y must be finite")
     dx, dy = x - x.mean(), y - y.mean()
     sxx, syy = float(dx @ dx), float(dy @ dy)
     if sxx == 0 or syy == 0:
-        raise ValueError(f"{'x' if sxx == 0 else 'y'} is constant: the correlation is undefined")
+        raise InputError(f"{'x' if sxx == 0 else 'y'} is constant: the correlation is undefined")
     return float(dx @ dy) / math.sqrt(sxx * syy)
 
 
@@ -190,7 +191,7 @@ def law_grid(
     """
     has_h = ~np.isnan(entropy)
     if has_h.sum() < 2:
-        raise ValueError(f"{int(has_h.sum())} entropy values logged: the law needs at least 2")
+        raise InputError(f"{int(has_h.sum())} entropy values logged: the law needs at least 2")
     logged = steps[has_h]
     grid = np.arange(logged[0], logged[-1] + 1)
     h = np.interp(grid, logged, entropy[has_h])
@@ -218,13 +219,13 @@ def seed_band(steps: list[np.ndarray], values: list[np.ndarray]) -> SeedBand:
     """`SeedBand` of runs whose run i logged `values[i]` (NaN: not logged) at its sorted, unique
     `steps[i]`. Raises ValueError on no run, or no step at which every run logged a value."""
     if not values:
-        raise ValueError("a band needs at least one run")
+        raise InputError("a band needs at least one run")
     logged = [s[~np.isnan(v)] for s, v in zip(steps, values, strict=True)]
     common = logged[0]
     for more in logged[1:]:
         common = np.intersect1d(common, more)
     if common.size == 0:
-        raise ValueError(f"no step at which all {len(values)} runs logged a value")
+        raise InputError(f"no step at which all {len(values)} runs logged a value")
     stacked = np.stack([v[np.searchsorted(s, common)] for s, v in zip(steps, values, strict=True)])
     if len(values) == 1:
         return SeedBand(steps=common, mean=stacked[0], low=None, high=None, runs=1)
@@ -234,9 +235,9 @@ def seed_band(steps: list[np.ndarray], values: list[np.ndarray]) -> SeedBand:
 
 def _check_smooth(window: int) -> None:
     if not isinstance(window, int | np.integer) or isinstance(window, bool):
-        raise ValueError(f"smooth must be an integer, got {window!r}")
+        raise InputError(f"smooth must be an integer, got {window!r}")
     if window < 1 or window % 2 == 0:
-        raise ValueError(f"smooth must be an odd integer >= 1 (a centered window), got {window}")
+        raise InputError(f"smooth must be an odd integer >= 1 (a centered window), got {window}")
 
 
 def smooth_performance(values: np.ndarray, window: int) -> np.ndarray:
@@ -353,7 +354,7 @@ def dynamics_correlation(table: MetricsTable) -> Dynamics:
     cols = table.columns
     y_key = find_metric(table, "dynamics/entropy_change")
     if y_key is None:
-        raise ValueError(
+        raise InputError(
             "no dynamics/entropy_change in the log (entroprl's trainer.entropy_change_every)"
         )
     predicted = find_metric(table, "dynamics/predicted_entropy_change")
@@ -363,13 +364,13 @@ def dynamics_correlation(table: MetricsTable) -> Dynamics:
     elif cov_all is not None:
         x_key, x_all = f"-{cov_all}", -cols[cov_all]
     else:
-        raise ValueError("no dynamics/predicted_entropy_change or cov/all in the log")
+        raise InputError("no dynamics/predicted_entropy_change or cov/all in the log")
     both = ~(np.isnan(x_all) | np.isnan(cols[y_key]))
     x, y = x_all[both], cols[y_key][both]
     try:
         r = pearson(x, y)
     except ValueError as e:
-        raise ValueError(f"{x_key} against {y_key}: {e}") from None
+        raise InputError(f"{x_key} against {y_key}: {e}") from None
     dx = x - x.mean()
     slope = float(dx @ (y - y.mean())) / float(dx @ dx)
     return Dynamics(
@@ -396,7 +397,7 @@ def covariance_table(table: MetricsTable) -> list[dict[str, Any]]:
         values = table.columns[key]
         present = values[~np.isnan(values)]
         if not np.isfinite(present).all():
-            raise ValueError(f"{key} contains inf")
+            raise InputError(f"{key} contains inf")
         rows.append(
             {
                 "group": group,
@@ -407,14 +408,14 @@ def covariance_table(table: MetricsTable) -> list[dict[str, Any]]:
             }
         )
     if not rows:
-        raise ValueError("no cov/<group> metrics in the log")
+        raise InputError("no cov/<group> metrics in the log")
     return rows
 
 
 def _token_arrays(samples: list[dict[str, Any]], key: str) -> np.ndarray:
     values = np.concatenate([np.asarray(s[key], dtype=np.float64) for s in samples])
     if not np.isfinite(values).all():
-        raise ValueError(f"rollout samples: {key} contains NaN or inf")
+        raise InputError(f"rollout samples: {key} contains NaN or inf")
     return values
 
 
@@ -448,9 +449,9 @@ def position_entropy(samples: list[dict[str, Any]], *, bins: int = 10) -> Positi
     Raises ValueError on no samples or bins < 1.
     """
     if bins < 1:
-        raise ValueError(f"bins must be at least 1, got {bins}")
+        raise InputError(f"bins must be at least 1, got {bins}")
     if not samples:
-        raise ValueError("no rollout samples")
+        raise InputError("no rollout samples")
     lengths = _lengths(samples, "entropy")
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
     index = np.arange(lengths.sum()) - starts
@@ -502,7 +503,7 @@ def perplexity_split(samples: list[dict[str, Any]]) -> PerplexitySplit:
     advantage 0 are counted in `zero` and left out. Raises ValueError when either side is empty.
     """
     if not samples:
-        raise ValueError("no rollout samples")
+        raise InputError("no rollout samples")
     lengths = _lengths(samples, "log_prob")
     starts = np.cumsum(lengths) - lengths
     mean_logp = np.add.reduceat(_token_arrays(samples, "log_prob"), starts) / lengths
@@ -511,7 +512,7 @@ def perplexity_split(samples: list[dict[str, Any]]) -> PerplexitySplit:
     positive, negative = ppl[mean_adv > 0], ppl[mean_adv < 0]
     for side, values in (("positive", positive), ("negative", negative)):
         if values.size == 0:
-            raise ValueError(f"no rollout sample has a {side} advantage")
+            raise InputError(f"no rollout sample has a {side} advantage")
     return PerplexitySplit(positive=positive, negative=negative, zero=int((mean_adv == 0).sum()))
 
 
@@ -611,7 +612,7 @@ def _stages(result: RunAnalysis) -> None:
     run = result.run
     entropy = run.series["entropy"]
     if run.keys.entropy is None:
-        raise ValueError("no entropy metric in the log (name one with --entropy-key)")
+        raise InputError("no entropy metric in the log (name one with --entropy-key)")
     present = ~np.isnan(entropy)
     split = detect_stages(entropy[present])
     result.stages, result.stage_steps = split, run.steps[present]
@@ -629,9 +630,9 @@ def law_arrays(result: RunAnalysis) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 def _law(result: RunAnalysis) -> None:
     run = result.run
     if run.keys.entropy is None:
-        raise ValueError("no entropy metric in the log (name one with --entropy-key)")
+        raise InputError("no entropy metric in the log (name one with --entropy-key)")
     if not run.keys.accuracy:
-        raise ValueError("no validation accuracy in the log (name one with --accuracy-key)")
+        raise InputError("no validation accuracy in the log (name one with --accuracy-key)")
     grid, h, r, interpolated = law_arrays(result)
     result.law = fit_law(h, r)
     result.law_intervals = law_intervals([(h, r)])
@@ -643,7 +644,7 @@ def _law(result: RunAnalysis) -> None:
 
 def _forecast(result: RunAnalysis) -> None:
     if result.law is None:
-        raise ValueError(f"needs the law: {result.omitted['law']}")
+        raise InputError(f"needs the law: {result.omitted['law']}")
     grid, h, r, _ = law_arrays(result)
     result.forecast = forecast(h, r, fit_fraction=result.fit_fraction)
     result.forecast_error = forecast_error_interval([(h, r)], fit_fraction=result.fit_fraction)
@@ -654,7 +655,7 @@ def _forecast(result: RunAnalysis) -> None:
 def _positions(result: RunAnalysis) -> None:
     samples = result.run.samples
     if not samples:
-        raise ValueError(result.run.samples_missing or "no rollout samples")
+        raise InputError(result.run.samples_missing or "no rollout samples")
     profiles = {"all": position_entropy(samples)}
     if result.plateau_step is not None:
         rising = [s for s in samples if s["step"] < result.plateau_step]
@@ -666,7 +667,7 @@ def _positions(result: RunAnalysis) -> None:
 
 def _perplexity(result: RunAnalysis) -> None:
     if not result.run.samples:
-        raise ValueError(result.run.samples_missing or "no rollout samples")
+        raise InputError(result.run.samples_missing or "no rollout samples")
     result.perplexity = perplexity_split(result.run.samples)
 
 
@@ -720,7 +721,7 @@ def analyze(
     (a wrong option, not a lack of data).
     """
     if not 0 < fit_fraction < 1:
-        raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
+        raise InputError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
     _check_smooth(smooth)
     result = RunAnalysis(
         run=run,

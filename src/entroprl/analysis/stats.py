@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from entroprl.errors import InputError
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -46,7 +48,7 @@ class Interval:
 
 def _check_confidence(confidence: float) -> None:
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise InputError(f"confidence must be in (0, 1), got {confidence}")
 
 
 def t_interval(values, confidence: float = 0.95) -> Interval:
@@ -58,9 +60,9 @@ def t_interval(values, confidence: float = 0.95) -> Interval:
     _check_confidence(confidence)
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or x.size < 2:
-        raise ValueError(f"an interval needs at least 2 values in a 1-D sequence, got {x.shape}")
+        raise InputError(f"an interval needs at least 2 values in a 1-D sequence, got {x.shape}")
     if not np.isfinite(x).all():
-        raise ValueError("values must be finite")
+        raise InputError("values must be finite")
     mean = float(x.mean())
     half = float(stats.t.ppf((1 + confidence) / 2, x.size - 1)) * float(x.std(ddof=1))
     half /= math.sqrt(x.size)
@@ -78,7 +80,7 @@ def paired_interval(values, baseline, confidence: float = 0.95) -> Interval:
     """
     a, b = np.asarray(values, np.float64), np.asarray(baseline, np.float64)
     if a.shape != b.shape:
-        raise ValueError(f"paired values need one length each, got {a.shape} and {b.shape}")
+        raise InputError(f"paired values need one length each, got {a.shape} and {b.shape}")
     return t_interval(a - b, confidence)
 
 
@@ -92,7 +94,7 @@ def percentile_interval(samples, estimate: float, confidence: float = 0.95) -> I
     s = np.asarray(samples, dtype=np.float64)
     s = s[np.isfinite(s)]
     if s.size == 0:
-        raise ValueError("no finite bootstrap sample")
+        raise InputError("no finite bootstrap sample")
     low, high = np.quantile(s, [(1 - confidence) / 2, (1 + confidence) / 2])
     return Interval(
         estimate=float(estimate), low=float(low), high=float(high), n=s.size, confidence=confidence
@@ -117,9 +119,9 @@ def t_band(values, confidence: float = 0.95) -> Band:
     _check_confidence(confidence)
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"a band needs a (runs >= 2, points) array, got shape {x.shape}")
+        raise InputError(f"a band needs a (runs >= 2, points) array, got shape {x.shape}")
     if not np.isfinite(x).all():
-        raise ValueError("values must be finite")
+        raise InputError("values must be finite")
     mean = x.mean(axis=0)
     half = float(stats.t.ppf((1 + confidence) / 2, x.shape[0] - 1)) * x.std(axis=0, ddof=1)
     half /= math.sqrt(x.shape[0])

@@ -37,7 +37,7 @@ from entroprl import __version__
 from entroprl.analysis.law import judge_law, law_intervals
 from entroprl.analysis.stats import paired_interval, t_interval
 from entroprl.config import config_from_dict
-from entroprl.errors import Interrupted
+from entroprl.errors import InputError, Interrupted
 from entroprl.train.rundir import atomic_write_text, lock_directory, make_dir, read_metrics
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -63,7 +63,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise ValueError(
+        raise InputError(
             f"--methods: unknown method(s) {unknown or text!r}; known: {', '.join(METHODS)}"
         )
     return names
@@ -341,12 +341,12 @@ def run_demo(
     finished in `out` with the same settings are reused (see the module docstring); the folder
     is locked while the demo runs."""
     if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
+        raise InputError(f"seeds must be at least 1, got {seeds}")
     methods = DEFAULT_METHODS if methods is None else parse_methods(",".join(methods))
     if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
+        raise InputError(f"threads must be at least 1, got {threads}")
     if jobs is not None and jobs < 1:
-        raise ValueError(f"jobs must be at least 1, got {jobs}")
+        raise InputError(f"jobs must be at least 1, got {jobs}")
     jobs = jobs or max(1, (os.cpu_count() or 1) // threads)
     # A 133k-parameter model runs fastest on one thread: more only adds synchronisation.
     torch.set_num_threads(1)

@@ -8,6 +8,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from entroprl.errors import InputError
 from entroprl.rollout.batch import RolloutBatch, build_batch, response_mask_from_ids
 from entroprl.rollout.sampler import sample
 from entroprl.train import parallel
@@ -45,7 +46,7 @@ class HFBackend:
         static_cache: bool | None = None,
     ):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer needs a pad token and an EOS token for batched rollout")
+            raise InputError("the tokenizer needs a pad token and an EOS token for batched rollout")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.progress, self.synced, self.static_cache = progress, synced, static_cache
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from entroprl.errors import InputError
 from entroprl.rollout.batch import RolloutBatch, build_batch, response_mask_from_ids
 from entroprl.train import distributed, parallel
 
@@ -78,7 +79,7 @@ class VLLMBackend:
         **engine_kwargs: Any,
     ):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer needs a pad token and an EOS token for batched rollout")
+            raise InputError("the tokenizer needs a pad token and an EOS token for batched rollout")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = _import_vllm()
         self.vllm, self.tokenizer = vllm, tokenizer

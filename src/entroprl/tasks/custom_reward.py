@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from entroprl.errors import ConfigError
+from entroprl.errors import ConfigError, RewardError
 from entroprl.tasks import rewards
-from entroprl.tasks.base import RewardError, Task
+from entroprl.tasks.base import Task
 
 SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 """`module.path:function`."""

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from entroprl.errors import InputError
 from entroprl.tasks import math_problems
 from entroprl.tasks.base import Example, Task
 
@@ -32,7 +33,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     pass@k = 1 - C(n - c, k) / C(n, k)
     """
     if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+        raise InputError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
@@ -41,7 +42,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def maj_at_k(answers: Sequence[Any], correct: Sequence[bool]) -> float:
     """1.0 if the most frequent answer among the samples is a correct one (ties: first seen)."""
     if len(answers) != len(correct) or not answers:
-        raise ValueError("maj@k needs one correctness flag per answer, and at least one answer")
+        raise InputError("maj@k needs one correctness flag per answer, and at least one answer")
     top, _ = Counter(answers).most_common(1)[0]
     return float(correct[list(answers).index(top)])
 
@@ -121,12 +122,12 @@ class Protocol:
 
     def __post_init__(self) -> None:
         if self.samples < 0 or self.max_new_tokens < 1 or self.prompts_per_call < 1:
-            raise ValueError(
+            raise InputError(
                 "samples must be >= 0, max_new_tokens and prompts_per_call >= 1; got "
                 f"{self.samples}, {self.max_new_tokens}, {self.prompts_per_call}"
             )
         if not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError(
+            raise InputError(
                 f"sampling needs temperature > 0 and top_p in (0, 1], got {self.temperature}, "
                 f"{self.top_p}"
             )
@@ -145,7 +146,7 @@ def parse_benchmark_spec(spec: str) -> tuple[str, str, str]:
         name, fmt_path = head.strip(), tail
     fmt, colon, path = fmt_path.partition(":")
     if not colon or not path or fmt not in math_problems.FORMATS:
-        raise ValueError(
+        raise InputError(
             f"benchmark {spec!r}: expected [NAME=]FORMAT:PATH with FORMAT one of "
             f"{list(math_problems.FORMATS)}, e.g. math500=math:data/math500/test.jsonl"
         )
@@ -284,7 +285,7 @@ def run_benchmarks(
     benchmarks of `score` and `greedy@1`) and the per-problem records of each."""
     names = [b.name for b in benchmarks]
     if not benchmarks or len(set(names)) != len(names):
-        raise ValueError(f"need at least one benchmark, with distinct names; got {names}")
+        raise InputError(f"need at least one benchmark, with distinct names; got {names}")
     results, records = {}, {}
     for bench in benchmarks:
         metrics, records[bench.name] = evaluate_benchmark(backend, bench, protocol)

@@ -44,6 +44,8 @@ from decimal import Decimal, InvalidOperation
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from entroprl.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 MATH_TIMEOUT_S = 5.0
@@ -351,23 +353,23 @@ def score_batch(
     cannot be started. Bad completions never raise.
     """
     if len(completions) != len(ground_truths):
-        raise ValueError(
+        raise InputError(
             f"completions and ground_truths differ in length: "
             f"{len(completions)} != {len(ground_truths)}"
         )
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1)
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise InputError(f"num_workers must be >= 0, got {num_workers}")
     if not (timeout > 0 and math.isfinite(timeout)):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        raise InputError(f"timeout must be a positive number of seconds, got {timeout}")
     pairs = list(zip(completions, ground_truths, strict=True))
     if num_workers <= 1 or not pairs:
         return [_call_safely(reward_fn, pair) for pair in pairs]
     try:
         pickle.dumps(reward_fn)
     except Exception as exc:
-        raise ValueError(
+        raise InputError(
             f"reward_fn must be picklable to run in worker processes (a module-level function, "
             f"not a lambda or a local function): {exc}"
         ) from exc
@@ -428,7 +430,7 @@ def _score_in_workers(
                         if status == "ready":
                             worker.ready = True
                         elif status == "load_error":
-                            raise ValueError(f"reward_fn could not be loaded in a worker: {value}")
+                            raise InputError(f"reward_fn could not be loaded in a worker: {value}")
                         elif worker in running:
                             item = running.pop(worker)[0]
                             scores[item] = _to_reward(value) if status == "ok" else 0.0

@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from entroprl.algos.checks import NonFiniteError
+from entroprl.errors import DamagedCheckpoint, NonFiniteError
 from entroprl.train.rundir import atomic_write_text
 
 STATE = "state.json"
@@ -52,10 +52,6 @@ LATEST = "latest"
 SHARDED = "sharded"
 """The folder of a sharded checkpoint's `torch.distributed.checkpoint` files."""
 _OS_ERROR = re.compile(r"os error (\d+)")
-
-
-class DamagedCheckpoint(Exception):
-    """A checkpoint fails verification; the message says what is wrong with it."""
 
 
 def checkpoint_name(step: int) -> str:

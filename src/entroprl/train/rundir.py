@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from entroprl.errors import ConfigError, TrainingError
+from entroprl.errors import ConfigError, InputError, TrainingError
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 """A directory holding any of these holds a run."""
@@ -76,7 +76,7 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (save or export it as UTF-8)") from None
+        raise InputError(f"{path}:{line}: not UTF-8 text (save or export it as UTF-8)") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -152,7 +152,7 @@ def trim_metrics(path: Path, first_step: int) -> None:
         try:
             step = json.loads(line)["step"] if line.strip() else None
         except (ValueError, KeyError, TypeError, RecursionError):
-            raise ValueError(f"{path}:{number}: not a metrics record: {line[:80]!r}") from None
+            raise InputError(f"{path}:{number}: not a metrics record: {line[:80]!r}") from None
         if isinstance(step, int) and step < first_step:
             kept.append(line)
     if len(kept) < len(lines):
@@ -219,7 +219,7 @@ def read_json_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, dict[
         try:
             record = json.loads(line)
         except RecursionError:
-            raise ValueError(f"{path}:{number}: JSON nested too deeply to be a record") from None
+            raise InputError(f"{path}:{number}: JSON nested too deeply to be a record") from None
         except json.JSONDecodeError:
             if number == len(lines):
                 warnings.warn(
@@ -228,9 +228,9 @@ def read_json_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, dict[
                     stacklevel=stacklevel + 1,
                 )
                 break
-            raise ValueError(f"{path}:{number}: not a JSON object: {line[:80]!r}") from None
+            raise InputError(f"{path}:{number}: not a JSON object: {line[:80]!r}") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: not a JSON object: {line[:80]!r}")
+            raise InputError(f"{path}:{number}: not a JSON object: {line[:80]!r}")
         records.append((number, record))
     return records
 
@@ -242,14 +242,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     ValueError."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such metrics file")
+        raise InputError(f"{path}: no such metrics file")
     by_step: dict[int, dict[str, Any]] = {}
     for number, record in read_json_lines(path, stacklevel=2):
         if not isinstance(record.get("step"), int):
-            raise ValueError(f"{path}:{number}: not an entroprl metrics record (no integer 'step')")
+            raise InputError(f"{path}:{number}: not an entroprl metrics record (no integer 'step')")
         by_step[record["step"]] = record
     if not by_step:
-        raise ValueError(f"{path}: holds no metrics records")
+        raise InputError(f"{path}: holds no metrics records")
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -312,7 +312,7 @@ class RunDir:
         except yaml.YAMLError:
             values = None
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: not a configuration written by entroprl (damaged?)")
+            raise InputError(f"{path}: not a configuration written by entroprl (damaged?)")
         return path, values
 
     def write_config(self, config: dict[str, Any], after: int = 0) -> Path | None:

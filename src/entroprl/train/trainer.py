@@ -33,11 +33,10 @@ from entroprl.algos.advantages import (
     position_shaping,
     ppl_shaping,
 )
-from entroprl.algos.checks import NonFiniteError
 from entroprl.algos.entropy import batch_entropy
 from entroprl.analysis.law import detect_plateau_online
 from entroprl.config import Config, meaning_changes, resume_changes
-from entroprl.errors import ConfigError, Interrupted, TrainingError
+from entroprl.errors import ConfigError, Interrupted, NonFiniteError, TrainingError
 from entroprl.rollout.backend import make_backend
 from entroprl.rollout.batch import RolloutBatch, concat_batches
 from entroprl.tasks.base import Example, Task
