@@ -25,6 +25,7 @@ from entroprl.demo.warmstart import (
     warm_start,
 )
 from entroprl.tasks.countdown import CountdownProblem, verify
+from entroprl.train.schedule import learning_rate
 
 TINY = WarmStartConfig(
     hidden_size=16,
@@ -86,8 +87,11 @@ def test_sft_loss_equals_per_sequence_unpadded_nll(tok):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    cfg = WarmStartConfig(steps=110, warmup_steps=10)
-    f = [ws._lr_factor(s, cfg) for s in range(111)]
+    """The warm start's factor of the peak (`schedule.learning_rate` at lr 1, cosine)."""
+    f = [
+        learning_rate(s, lr=1.0, warmup_steps=10, total_steps=110, schedule="cosine")
+        for s in range(111)
+    ]
     assert f[0] == pytest.approx(0.1)
     assert f[4] == pytest.approx(0.5)
     assert f[9] == pytest.approx(1.0)

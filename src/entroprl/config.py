@@ -26,6 +26,7 @@ from entroprl.errors import ConfigError
 from entroprl.tasks import math_problems
 from entroprl.tasks.data import DataConfig
 from entroprl.tasks.registry import TASKS
+from entroprl.train.schedule import SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "float16")
 TEMPERATURES = (1e-2, 1e2)
@@ -38,7 +39,6 @@ BACKENDS = ("hf", "vllm")
 """Rollout engines (`entroprl.rollout.backend.make_backend`)."""
 COV_SCOPES = ("minibatch", "micro")
 COV_LOGPS = ("exact", "old")
-SCHEDULES = ("constant", "cosine", "linear")
 DYNAMIC_SAMPLING_METRICS = ("score", "reward")
 MOVED_KEYS = {
     f"algorithm.{old}": f"algorithm.loss.{new}"

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from entroprl.tasks.countdown import (
     generate_problems,
     solutions,
 )
+from entroprl.train import schedule
 from entroprl.train.forward import batched_log_probs
 from entroprl.train.progress import bars
 
@@ -285,7 +287,15 @@ def _train(
     bad_start = bad_start + len(good)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
+    # the factor of the peak: the schedule at lr 1
+    factor = partial(
+        schedule.learning_rate,
+        lr=1.0,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.steps,
+        schedule="cosine",
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model.train()
     bar = tqdm(range(config.steps), desc="warm start", leave=False, disable=not bars(True))
     for _ in bar:
@@ -309,13 +319,6 @@ def _spans(owner: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     """First row and row count of each group, for rows sorted by group."""
     count = torch.bincount(owner, minlength=num_groups)
     return count.cumsum(0) - count, count
-
-
-def _lr_factor(step: int, config: WarmStartConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    span = max(config.steps - config.warmup_steps, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min((step - config.warmup_steps) / span, 1.0)))
 
 
 def measure(

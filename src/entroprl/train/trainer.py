@@ -51,6 +51,8 @@ from entroprl.train import (
     precision,
     progress,
     rundir,
+    schedule,
+    seeds,
 )
 from entroprl.train.forward import batched_log_probs, forward_log_probs
 from entroprl.train.policy import load_policy, pick_device
@@ -456,15 +458,14 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        o, total = self.config.optim, self.config.trainer.steps
-        if step < o.warmup_steps:
-            return o.lr * (step + 1) / o.warmup_steps
-        progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-        if o.schedule == "cosine":
-            return o.lr * 0.5 * (1 + math.cos(math.pi * progress))
-        if o.schedule == "linear":
-            return o.lr * (1 - progress)
-        return o.lr
+        o = self.config.optim
+        return schedule.learning_rate(
+            step,
+            lr=o.lr,
+            warmup_steps=o.warmup_steps,
+            total_steps=self.config.trainer.steps,
+            schedule=o.schedule,
+        )
 
     def state(self) -> dict[str, Any]:
         return {
@@ -686,7 +687,7 @@ class Trainer:
         prompts of the same permutation, `dynamic_sampling_gen_prompts` of them per batch."""
         c = self.config
         size = c.algorithm.dynamic_sampling_gen_prompts or c.rollout.prompts_per_step
-        g = torch.Generator().manual_seed(c.trainer.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(seeds.derive("prompts", c.trainer.seed, step))
         picks = torch.randperm(len(self.task.train), generator=g, device="cpu")  # indices
         picks = picks.repeat(math.ceil(size * (batch + 1) / len(picks)))
         picks = picks[size * batch : size * (batch + 1)]
@@ -698,8 +699,8 @@ class Trainer:
         examples = [self.task.train[i] for i in self.prompts_for(step, batch)]
         if batch == 0:
             self.backend.sync_weights(self.sampling_model)
-        seed = self.config.trainer.seed * 7919 + step * 104729 + self.rank
-        torch.manual_seed(seed + batch * 1_000_033)
+        seed = self.config.trainer.seed
+        torch.manual_seed(seeds.derive("rollout", seed, step, rank=self.rank, draw=batch))
         out = self.backend.generate(
             [e.prompt for e in examples],
             n=r.n,
@@ -960,7 +961,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step - 1)
         coef = self.entropy_controller.alpha if self.entropy_controller else a.entropy_coef
-        generator = torch.Generator().manual_seed(c.trainer.seed * 15_485_863 + step)
+        generator = torch.Generator().manual_seed(seeds.derive("update", c.trainer.seed, step))
         parts = [batch]
         if a.lopti_eta is not None:
             low, high = lopti_split(batch.old_log_prob, batch.response_mask, eta=a.lopti_eta)
