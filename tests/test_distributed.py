@@ -100,7 +100,13 @@ def _shared_prefix_update(rows, strategy=None, shared=False):
         old, _ = forward_log_probs(model, ids, attention, 7)
     g = torch.Generator().manual_seed(2)
     advantages = torch.randn(16, 1, generator=g).expand(16, 7) * mask
-    batch = UpdateBatch(ids, attention, mask, old, advantages.contiguous()).rows(rows)
+    batch = UpdateBatch(
+        input_ids=ids,
+        attention_mask=attention,
+        response_mask=mask,
+        old_log_prob=old,
+        advantages=advantages.contiguous(),
+    ).rows(rows)
     config = config_from_dict(
         {
             "rollout": {"max_new_tokens": 7},

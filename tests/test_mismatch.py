@@ -11,6 +11,7 @@ import torch
 from entroprl.algos import losses
 from entroprl.algos.mismatch import mismatch_metrics, rollout_is_weights
 from entroprl.config import ConfigError, config_from_dict
+from entroprl.rollout.batch import ScoredRollout
 from entroprl.rollout.hf import HFBackend
 from entroprl.train.forward import forward_log_probs
 from entroprl.train.trainer import Trainer, update_policy
@@ -248,7 +249,7 @@ def _trainer(tmp_path, seed_policy, **algorithm):
     def score(batch, answers):  # seeded rewards that differ within groups (advantages != 0)
         g = torch.Generator().manual_seed(0)
         rewards = torch.randint(0, 2, (len(batch.texts),), generator=g).float()
-        return rewards, rewards
+        return ScoredRollout(batch=batch, scores=rewards, rewards=rewards)
 
     trainer.score = score
     # set after validation: the config ties rollout_is to the vllm backend, which this stands for

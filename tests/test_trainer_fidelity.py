@@ -14,6 +14,7 @@ import torch
 from entroprl.algos import losses
 from entroprl.analysis.law import detect_plateau_online
 from entroprl.config import config_from_dict
+from entroprl.rollout.batch import ScoredRollout
 from entroprl.train.forward import forward_log_probs
 from entroprl.train.rundir import read_metrics
 from entroprl.train.trainer import Trainer, UpdateBatch, UpdateResult, update_policy
@@ -91,7 +92,9 @@ def _scripted_step(tmp_path, advantage="grpo", **algorithm):
 
     def score(batch, answers):
         # rewards differ within every group (an overlong-like shaping): only the score filters
-        return scores.clone(), scores + 0.01 * torch.arange(16.0)
+        return ScoredRollout(
+            batch=batch, scores=scores.clone(), rewards=scores + 0.01 * torch.arange(16.0)
+        )
 
     trainer.score = score
     seen = {}
@@ -99,7 +102,7 @@ def _scripted_step(tmp_path, advantage="grpo", **algorithm):
 
     def sample(step):
         out = real_sample(step)
-        seen["batch"], seen["rewards"] = out[0], out[1]
+        seen["batch"], seen["rewards"] = out.scored.batch, out.scored.rewards
         seen["before"] = copy.deepcopy(trainer.model)
         return out
 
@@ -203,11 +206,11 @@ def test_empty_minibatch_is_skipped_and_counted(policy_loss, cov_scope):
     with torch.no_grad():  # on-policy, so that PPO's clip leaves row 0 a gradient
         old, _ = forward_log_probs(model, batch.input_ids, batch.attention_mask, 6)
     batch = UpdateBatch(
-        batch.input_ids,
-        batch.attention_mask,
-        batch.response_mask * only_row_0,
-        old,
-        batch.advantages,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        response_mask=batch.response_mask * only_row_0,
+        old_log_prob=old,
+        advantages=batch.advantages,
     )
     config = config_from_dict(
         {

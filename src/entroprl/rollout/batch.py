@@ -90,6 +90,32 @@ def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBat
     )
 
 
+@dataclass(kw_only=True)
+class ScoredRollout:
+    """A rollout with its verifier's scores and its rewards, row for row."""
+
+    batch: RolloutBatch
+    scores: Tensor
+    """(B,) the verifier's score of each response (1 for a correct answer)."""
+    rewards: Tensor
+    """(B,) the reward the advantages are computed from: the score, plus any shaping of the
+    reward (the overlong penalty)."""
+
+    def rows(self, index: Tensor) -> ScoredRollout:
+        return ScoredRollout(
+            batch=self.batch.rows(index), scores=self.scores[index], rewards=self.rewards[index]
+        )
+
+    @staticmethod
+    def concat(parts: list[ScoredRollout], pad_token_id: int) -> ScoredRollout:
+        """`concat_batches` of the parts' batches, with their scores and rewards."""
+        return ScoredRollout(
+            batch=concat_batches([p.batch for p in parts], pad_token_id),
+            scores=torch.cat([p.scores for p in parts]),
+            rewards=torch.cat([p.rewards for p in parts]),
+        )
+
+
 def response_mask_from_ids(response_ids: Tensor, eos_token_id: int) -> Tensor:
     """1 up to and including the first EOS of each row, 0 after it."""
     is_eos = (response_ids == eos_token_id).long()

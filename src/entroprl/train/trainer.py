@@ -38,7 +38,7 @@ from entroprl.analysis.law import detect_plateau_online
 from entroprl.config import Config, meaning_changes, resume_changes
 from entroprl.errors import ConfigError, Interrupted, NonFiniteError, TrainingError
 from entroprl.rollout.backend import make_backend
-from entroprl.rollout.batch import RolloutBatch, concat_batches
+from entroprl.rollout.batch import RolloutBatch, ScoredRollout
 from entroprl.tasks.base import Example, Task
 from entroprl.tasks.evaluation import evaluate, score_samples
 from entroprl.tasks.registry import build_task
@@ -59,7 +59,19 @@ from entroprl.train.policy import load_policy, pick_device
 from entroprl.train.progress import bars
 
 
-@dataclass
+@dataclass(kw_only=True)
+class Sample:
+    """What `Trainer.sample` returns: the step's rollout, scored."""
+
+    scored: ScoredRollout
+    """This rank's share of the groups, with their scores and rewards."""
+    sampled_tokens: int
+    """Response tokens this rank sampled, kept or not."""
+    metrics: dict[str, float]
+    """The rollout metrics of everything sampled, and the time spent sampling and scoring."""
+
+
+@dataclass(kw_only=True)
 class UpdateBatch:
     """What one policy update consumes: rollouts with their old log-probs and advantages."""
 
@@ -78,7 +90,7 @@ class UpdateBatch:
 
     def rows(self, index: Tensor) -> UpdateBatch:
         take = lambda t: None if t is None else t[index]  # noqa: E731
-        return UpdateBatch(*(take(getattr(self, f)) for f in self.__dataclass_fields__))
+        return UpdateBatch(**{f: take(getattr(self, f)) for f in self.__dataclass_fields__})
 
 
 @dataclass
@@ -710,9 +722,9 @@ class Trainer:
         )
         return out, [examples[g] for g in out.group_ids.tolist()]
 
-    def score(self, batch: RolloutBatch, examples: list[Example]) -> tuple[Tensor, Tensor]:
-        """Verifier scores (1 for a correct answer) and rewards (scores plus the overlong
-        penalty, algorithms.md §6)."""
+    def score(self, batch: RolloutBatch, examples: list[Example]) -> ScoredRollout:
+        """The rollout with its verifier scores (1 for a correct answer) and rewards (scores plus
+        the overlong penalty, algorithms.md §6)."""
         c, a = self.config, self.config.algorithm
         answers, prompts = [e.answer for e in examples], [e.prompt for e in examples]
         scores = self.task.score(batch.texts, answers, prompts)
@@ -725,61 +737,60 @@ class Trainer:
                 buffer=a.overlong_buffer,
                 factor=a.overlong_factor,
             )
-        return correct, rewards
+        return ScoredRollout(batch=batch, scores=correct, rewards=rewards)
 
-    def sample(self, step: int) -> tuple[RolloutBatch, Tensor, Tensor, int, dict[str, float]]:
+    def sample(self, step: int) -> Sample:
         """Rollout and reward: one batch of prompts_per_step prompts, or, with dynamic sampling
         (algorithms.md §6), batches of `dynamic_sampling_gen_prompts` prompts until every rank holds
         prompts_per_step / world groups whose scores differ or `dynamic_sampling_max_batches`
         batches have been sampled.
 
         Returns this rank's share of groups (with dynamic sampling: the informative ones, then
-        all-equal ones for places still empty, in sampling order), their rewards and verifier
-        scores, the number of response tokens this rank sampled, and the rollout metrics of
-        everything sampled (the policy's accuracy is that of all its samples, not of the groups
-        kept) with the time spent scoring.
+        all-equal ones for places still empty, in sampling order) with their scores and rewards,
+        the number of response tokens this rank sampled, and the rollout metrics of everything
+        sampled (the policy's accuracy is that of all its samples, not of the groups kept) with
+        the time spent scoring.
         """
         c, n = self.config, self.config.rollout.n
         share = c.rollout.prompts_per_step // self.world
         begin = time.perf_counter()
         batch, examples = self.rollout(step)
         start = time.perf_counter()
-        scores, rewards = self.score(batch, examples)
+        scored = self.score(batch, examples)
         scoring = time.perf_counter() - start
         sampled = 1
         while sampled < c.algorithm.dynamic_sampling_max_batches:
-            informative = self.informative(batch, scores, rewards).view(-1, n)[:, 0]
+            informative = self.informative(scored).view(-1, n)[:, 0]
             short = max(share - int(informative.sum().item()), 0)
             if distributed.all_reduce_sum(torch.tensor(short, device=self.device)).item() == 0:
                 break
             more, more_examples = self.rollout(step, sampled)
             start = time.perf_counter()
-            more_scores, more_rewards = self.score(more, more_examples)
+            more_scored = self.score(more, more_examples)
             scoring += time.perf_counter() - start
-            batch = concat_batches([batch, more], self.tokenizer.pad_token_id)
-            scores = torch.cat([scores, more_scores])
-            rewards = torch.cat([rewards, more_rewards])
+            scored = ScoredRollout.concat([scored, more_scored], self.tokenizer.pad_token_id)
             sampled += 1
-        metrics = self.rollout_metrics(batch, rewards, scores)
+        metrics = self.rollout_metrics(scored)
         metrics |= {
             "train/num_gen_batches": sampled,
             "timing_s/gen": time.perf_counter() - begin - scoring,
             "timing_s/reward": scoring,
         }
-        tokens = int(batch.response_mask.sum().item())
-        if batch.group_ids.numel() == share * n:  # exactly one batch of the step's size
-            return batch, rewards, scores, tokens, metrics
-        informative = self.informative(batch, scores, rewards).view(-1, n)[:, 0]
+        tokens = int(scored.batch.response_mask.sum().item())
+        if scored.batch.group_ids.numel() == share * n:  # exactly one batch of the step's size
+            return Sample(scored=scored, sampled_tokens=tokens, metrics=metrics)
+        informative = self.informative(scored).view(-1, n)[:, 0]
         # a stable sort ranks informative groups first, each kind in sampling order
         groups = torch.sort((~informative).int(), stable=True).indices[:share].sort().values
         rows = (groups[:, None] * n + torch.arange(n, device=groups.device)).flatten()
-        return batch.rows(rows), rewards[rows], scores[rows], tokens, metrics
+        return Sample(scored=scored.rows(rows), sampled_tokens=tokens, metrics=metrics)
 
-    def informative(self, batch: RolloutBatch, scores: Tensor, rewards: Tensor) -> Tensor:
+    def informative(self, scored: ScoredRollout) -> Tensor:
         """Dynamic sampling's filter (algorithms.md §6): True for responses whose group's scores
         differ (or rewards, with `algorithm.dynamic_sampling_metric=reward`)."""
-        values = scores if self.config.algorithm.dynamic_sampling_metric == "score" else rewards
-        return dynamic_sampling_mask(values, batch.group_ids)
+        by_score = self.config.algorithm.dynamic_sampling_metric == "score"
+        values = scored.scores if by_score else scored.rewards
+        return dynamic_sampling_mask(values, scored.batch.group_ids)
 
     def detect_plateau(self, step: int) -> None:
         """Latch the plateau stage the first time the entropy curve so far shows it (algorithms.md
@@ -831,13 +842,15 @@ class Trainer:
         c, a = self.config, self.config.algorithm
         t0 = time.perf_counter()
         # rollout and reward
-        batch, rewards, scores, sampled_tokens, metrics = self.sample(step)
+        sample = self.sample(step)
+        scored, metrics = sample.scored, sample.metrics
+        batch, rewards = scored.batch, scored.rewards
         t_sampled = time.perf_counter()
         keep = torch.ones_like(rewards, dtype=torch.bool)
         if a.dynamic_sampling:
             # Filtered groups leave the loss mask rather than the batch: with global denominators
             # that is the same update as dropping them, and every rank keeps the same shapes.
-            keep = self.informative(batch, scores, rewards)
+            keep = self.informative(scored)
             kept = distributed.all_reduce_sum(keep.sum()).item()
             metrics["batch/kept_fraction"] = kept / (keep.numel() * self.world)
             if kept == 0:
@@ -878,13 +891,13 @@ class Trainer:
                 ref, _ = self.log_probs(base, batch, c.rollout.temperature)
         # update
         update_batch = UpdateBatch(
-            batch.input_ids,
-            batch.attention_mask,
-            loss_mask,
-            old_log_prob,
-            advantages,
-            ref,
-            is_weights,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            response_mask=loss_mask,
+            old_log_prob=old_log_prob,
+            advantages=advantages,
+            ref_log_prob=ref,
+            rollout_is_weights=is_weights,
         )
         if self.loss_controller is not None:  # never on-policy: the step's entropy is known
             metrics |= self.loss_controller.update(batch_entropy(entropy, train_mask))
@@ -922,7 +935,7 @@ class Trainer:
             "timing_s/old_log_prob": t_old - t_sampled,
             "timing_s/update_actor": t_update - t_old,
             "timing_s/step": t_end - t0,
-            "perf/rollout_tokens_per_s": sampled_tokens * self.world / generation,
+            "perf/rollout_tokens_per_s": sample.sampled_tokens * self.world / generation,
             "perf/update_tokens_per_s": tokens * c.optim.epochs / max(t_update - t_old, 1e-9),
             "perf/throughput": tokens / max(t_end - t0, 1e-9),
         }
@@ -998,12 +1011,14 @@ class Trainer:
 
     # -- measurement -----------------------------------------------------------------------------
 
-    def rollout_metrics(self, batch: RolloutBatch, rewards: Tensor, correct: Tensor) -> dict:
-        lengths = batch.response_lengths
+    def rollout_metrics(self, scored: ScoredRollout) -> dict:
+        """verl's names: `critic/score` is the reward's, `train/acc` the share the verifier scored
+        correct."""
+        lengths, rewards = scored.batch.response_lengths, scored.rewards
         return {
             "critic/score/mean": rewards.mean().item(),
             "critic/score/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "train/acc": (correct >= 1).float().mean().item(),
+            "train/acc": (scored.scores >= 1).float().mean().item(),
             "response_length/mean": lengths.mean().item(),
             "response_length/max": lengths.max().item(),
             "response_length/clip_ratio": (lengths >= self.config.rollout.max_new_tokens)
