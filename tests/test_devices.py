@@ -38,7 +38,7 @@ FACTORIES = {
     "eye",
 }
 ALLOWED = {
-    "warmstart.py": "the demo's warm start trains the demo's tiny model on the CPU by design, "
+    "demo/warmstart.py": "the demo's warm start trains the demo's tiny model on the CPU by design, "
     "before any run's device exists",
 }
 """Modules whose tensors may be made on the default device, and why. A tensor made on the CPU on

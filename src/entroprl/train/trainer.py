@@ -35,7 +35,7 @@ from entroprl.algos.advantages import (
 )
 from entroprl.algos.entropy import batch_entropy
 from entroprl.analysis.law import detect_plateau_online
-from entroprl.config import Config, meaning_changes, resume_changes
+from entroprl.config import AlgorithmConfig, Config, meaning_changes, resume_changes
 from entroprl.errors import ConfigError, Interrupted, NonFiniteError, TrainingError
 from entroprl.rollout.backend import make_backend
 from entroprl.rollout.batch import RolloutBatch, ScoredRollout
@@ -108,6 +108,224 @@ class UpdateResult:
     before it when the call was told so)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class LossSetup:
+    """How one `update_policy` call applies its policy loss, fixed for all its micro-batches."""
+
+    spec: losses.PolicyLossSpec
+    settings: Any
+    """The loss's settings dataclass (what `spec.select` reads)."""
+    kwargs: dict[str, Any]
+    """`spec.fn`'s keyword arguments: the aggregation and the settings (a controller's own, when
+    the loss keeps one)."""
+    algorithm: AlgorithmConfig
+    norm_constant: int
+    """The aggregation's constant: the longest response allowed (algorithms.md §5.1)."""
+    temperature: float
+    shared_prefix: bool
+    entropy_coef: float
+    generator: torch.Generator
+    """The selections' random tie-breaks (the same on every rank)."""
+
+    @property
+    def across_ranks(self) -> bool:
+        """Whether a selection spans the whole mini-batch on all ranks (`cov_scope=minibatch`) or
+        one micro-batch of one rank (the reference's scope)."""
+        return self.algorithm.cov_scope == "minibatch"
+
+
+def token_selection(
+    setup: LossSetup, log_prob: Tensor, old_log_prob: Tensor, batch: UpdateBatch
+) -> dict[str, Any]:
+    """The loss's token selection (Clip-Cov's, KL-Cov's: `PolicyLossSpec.select`) over `batch`,
+    in the scope of `setup` (the whole mini-batch on all ranks, or this micro-batch), as the
+    keyword arguments `spec.fn` takes it with: `selected`, and `selected_denominators` for a loss
+    that averages over the selection."""
+    across = setup.across_ranks
+    selected = setup.spec.select(
+        log_prob,
+        old_log_prob,
+        batch.advantages,
+        batch.response_mask,
+        setup.settings,
+        generator=setup.generator,
+        across_ranks=across,
+    )
+    out: dict[str, Any] = {"selected": selected}
+    if setup.spec.selection_denominators:
+        out["selected_denominators"] = losses.loss_denominators(
+            selected, norm_constant=setup.norm_constant, across_ranks=across, allow_empty=True
+        )
+    return out
+
+
+def minibatch_selection(
+    model, mini: UpdateBatch, setup: LossSetup, *, micro_batches: int, moved: bool, rows: int
+) -> dict[str, Any] | None:
+    """The selection over the whole mini-batch, made before its micro-batches (`cov_scope=
+    minibatch`), from the rollout's log-probs while no update has moved the weights (or with
+    `cov_logp=old`), else from a no-grad pass of `rows` rows at a time; None where there is none
+    to make, or where the single micro-batch's training forward gives the log-probs (it selects
+    then, `micro_batch_loss`)."""
+    if setup.spec.select is None or not setup.across_ranks:
+        return None
+    on_policy = mini.old_log_prob is None
+    if not on_policy and (setup.algorithm.cov_logp == "old" or not moved):
+        log_prob = mini.old_log_prob  # exact while no update has moved the weights
+    elif micro_batches > 1:
+        log_prob, _ = batched_log_probs(
+            model, mini, rows, setup.temperature, shared_prefix=setup.shared_prefix
+        )
+    else:
+        return None
+    return token_selection(setup, log_prob, log_prob if on_policy else mini.old_log_prob, mini)
+
+
+@dataclass(kw_only=True)
+class MicroBatchLoss:
+    loss: Tensor
+    """The micro-batch's share of the mini-batch's loss (its denominators are the mini-batch's)."""
+    metrics: dict[str, float]
+    log_prob: Tensor
+    entropy: Tensor
+
+
+def micro_batch_loss(
+    model,
+    mb: UpdateBatch,
+    setup: LossSetup,
+    *,
+    denominators: losses.LossDenominators,
+    whole: dict[str, Any] | None,
+    rows: slice,
+    tokens: float,
+) -> MicroBatchLoss:
+    """The training forward of micro-batch `mb` (rows `rows` of its mini-batch) and its loss: the
+    policy loss on the selection (the mini-batch's, `whole`, where it was made before; else this
+    one's) plus the entropy bonus and the reference KL, each with the mini-batch's
+    `denominators`. On-policy (no old log-probs) the old log-probs are this forward's, detached."""
+    a = setup.algorithm
+    R = mb.response_mask.shape[1]
+    log_prob, entropy = forward_log_probs(
+        model,
+        mb.input_ids,
+        mb.attention_mask,
+        R,
+        temperature=setup.temperature,
+        entropy_grad=setup.entropy_coef > 0,
+        shared_prefix=setup.shared_prefix,
+    )
+    old = log_prob.detach() if mb.old_log_prob is None else mb.old_log_prob
+    extra: dict[str, Any] = {}
+    if whole is not None:
+        extra = {k: v[rows] if k == "selected" else v for k, v in whole.items()}
+    elif setup.spec.select is not None and (setup.across_ranks or tokens > 0):
+        # the whole mini-batch in this one micro-batch on every rank, or the per-micro-batch
+        # (reference) scope
+        extra = token_selection(setup, log_prob.detach(), old, mb)
+    elif setup.spec.select is not None:  # an empty micro-batch: nothing to select
+        extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
+        if setup.spec.selection_denominators:
+            extra["selected_denominators"] = None
+    # The importance weight multiplies each token's whole policy loss, KL-Cov's penalty included,
+    # as verl's pg_losses * rollout_is_weights; the selections above use the unweighted
+    # advantages, as verl's do.
+    if mb.rollout_is_weights is not None:
+        extra["weights"] = mb.rollout_is_weights
+    loss, metrics = setup.spec.fn(
+        log_prob,
+        old,
+        mb.advantages,
+        mb.response_mask,
+        denominators=denominators,
+        **setup.kwargs,
+        **extra,
+    )
+    if setup.entropy_coef > 0:
+        loss = loss + losses.entropy_bonus(
+            entropy,
+            mb.response_mask,
+            setup.entropy_coef,
+            loss_agg_mode=a.loss_agg_mode,
+            denominators=denominators,
+        )
+    if a.kl_coef > 0:
+        kl = losses.kl_penalty(log_prob, mb.ref_log_prob, a.kl_estimator)
+        kl_loss = losses.aggregate_loss(
+            kl, mb.response_mask, a.loss_agg_mode, denominators=denominators
+        )
+        loss = loss + a.kl_coef * kl_loss
+        metrics["kl_loss"] = kl_loss.item()
+    return MicroBatchLoss(loss=loss, metrics=metrics, log_prob=log_prob, entropy=entropy)
+
+
+@dataclass(kw_only=True)
+class Accumulated:
+    sums: dict[str, float]
+    """Each metric summed over the micro-batches (token-weighted where it is a mean)."""
+    finite: bool
+    """Whether every micro-batch's loss was finite."""
+
+
+def accumulate_gradients(
+    model,
+    mini: UpdateBatch,
+    setup: LossSetup,
+    *,
+    denominators: losses.LossDenominators,
+    whole: dict[str, Any] | None,
+    micro_batch_size: int,
+    seen: tuple[Tensor, Tensor, Tensor] | None,
+) -> Accumulated:
+    """Backward of every micro-batch of `mini`, the gradients summed into the parameters: that of
+    the mini-batch in one piece, since each micro-batch's loss uses the mini-batch's
+    denominators. DDP and FSDP average the gradient over ranks, hence the loss is scaled by the
+    world size to make it the global sum. `seen` (log-probs, entropies, the mini-batch's rows in
+    them) records the training forwards."""
+    world = distributed.world_size()
+    summed = setup.spec.summed_metrics | {"kl_loss"}
+    device = mini.response_mask.device
+    count = mini.response_mask.shape[0]
+    micro_starts = range(0, count, micro_batch_size)
+    sums: dict[str, float] = defaultdict(float)
+    finite = True
+    for i, start in enumerate(micro_starts):
+        rows = slice(start, start + micro_batch_size)
+        mb = mini.rows(torch.arange(count, device=device)[rows])
+        tokens = mb.response_mask.sum().item()
+        # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch (it has no
+        # no_sync), which keeps its gradients sharded
+        sync = i == len(micro_starts) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            out = micro_batch_loss(
+                model, mb, setup, denominators=denominators, whole=whole, rows=rows, tokens=tokens
+            )
+            if seen is not None:
+                seen_log_prob, seen_entropy, mini_rows = seen
+                seen_log_prob[mini_rows[rows]] = out.log_prob.detach()
+                seen_entropy[mini_rows[rows]] = out.entropy.detach()
+            finite = finite and bool(torch.isfinite(out.loss))
+            (out.loss * world).backward()
+        for key, value in out.metrics.items():
+            sums[key] += value if key in summed else value * tokens
+    return Accumulated(sums=sums, finite=finite)
+
+
+def minibatch_metrics(
+    sums: dict[str, float], summed: set[str], denominators: losses.LossDenominators, device
+) -> dict[str, float]:
+    """The mini-batch's metrics over all ranks, whatever its split over micro-batches and ranks:
+    one collective, in the same key order on every rank."""
+    keys = sorted(sums)
+    totals = distributed.all_reduce_sum(
+        torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    )
+    return {
+        key: total if key in summed else total / denominators.tokens
+        for key, total in zip(keys, totals.tolist(), strict=True)
+    }
+
+
 def update_policy(
     model,
     optimizer: torch.optim.Optimizer,
@@ -124,8 +342,7 @@ def update_policy(
 
     Each mini-batch is split into micro-batches whose losses use the whole mini-batch's
     denominators (and selection), so the accumulated gradient equals that of the mini-batch in one
-    piece. DDP and FSDP average the gradient over ranks, hence the loss is scaled by the world size
-    to make it the global sum. The logged metrics are the mini-batch's own (summed or
+    piece (`accumulate_gradients`). The logged metrics are the mini-batch's own (summed or
     token-weighted over micro-batches and ranks, `PolicyLossSpec.summed_metrics`), averaged over
     the optimizer steps, so they do not depend on the split either. A mini-batch in which no token
     enters the loss on any rank (dynamic sampling or high-entropy masking can leave one empty) is
@@ -136,33 +353,19 @@ def update_policy(
     Every forward runs once: with `batch.old_log_prob` None (on-policy: one mini-batch, one
     epoch) the old log-probs are the training forward's, detached, so the ratio is exactly 1; a
     whole-mini-batch selection uses the old log-probs while the weights have not moved yet (the
-    first mini-batch), and the training forward's own when the mini-batch is one micro-batch.
-    `moved` says that the weights have already changed since the rollout (an earlier call on the
-    same rollout, as Lopti's second pass), so that no selection trusts the old log-probs then.
-    `loss_kwargs` replaces the loss's settings as its keyword arguments (those of its
-    `LossController`, when it has one).
+    first mini-batch), and the training forward's own when the mini-batch is one micro-batch
+    (`minibatch_selection`). `moved` says that the weights have already changed since the
+    rollout (an earlier call on the same rollout, as Lopti's second pass), so that no selection
+    trusts the old log-probs then. `loss_kwargs` replaces the loss's settings as its keyword
+    arguments (those of its `LossController`, when it has one).
     """
-    a, o = config.algorithm, config.optim
-    spec = losses.get_policy_loss(a.policy_loss)
-    settings = config.loss_settings()
-    if loss_kwargs is None and spec.controller is not None:
-        raise ValueError(
-            f"policy loss {a.policy_loss!r} keeps a controller: pass its loss_kwargs() as "
-            "loss_kwargs (Trainer.update does)"
-        )
-    kwargs = {
-        "loss_agg_mode": a.loss_agg_mode,
-        **(asdict(settings) if loss_kwargs is None else loss_kwargs),
-    }
-    world = distributed.world_size()
+    setup = loss_setup(config, generator, entropy_coef, loss_kwargs)
+    o = config.optim
     n, R = batch.response_mask.shape
-    on_policy = batch.old_log_prob is None
-    if on_policy and (o.epochs > 1 or n > o.mini_batch_size):
+    if batch.old_log_prob is None and (o.epochs > 1 or n > o.mini_batch_size):
         raise ValueError("old_log_prob=None (on-policy) needs one mini-batch and one epoch")
-    norm_constant = config.rollout.max_new_tokens
     params = [p for p in model.parameters() if p.requires_grad]
     device = batch.response_mask.device
-    summed = spec.summed_metrics | {"kl_loss"}
     metrics: dict[str, list[float]] = defaultdict(list)
     seen_log_prob = batch.response_mask.new_zeros(n, R)
     seen_entropy = batch.response_mask.new_zeros(n, R)
@@ -182,152 +385,90 @@ def update_policy(
             bar.update()
             mini = batch.rows(mini_rows)
             denominators = losses.loss_denominators(
-                mini.response_mask, norm_constant=norm_constant, across_ranks=True, allow_empty=True
+                mini.response_mask,
+                norm_constant=setup.norm_constant,
+                across_ranks=True,
+                allow_empty=True,
             )
             if denominators is None:  # the count is global: every rank skips together
                 empty += 1
                 continue
-            micro_starts = range(0, mini_rows.numel(), o.micro_batch_size)
-            selected = selected_denominators = None
-            if spec.select is not None and a.cov_scope == "minibatch":
-                if not on_policy and (a.cov_logp == "old" or not moved):
-                    # the rollout's log-probs: exact while no update has moved the weights
-                    sel_logp = mini.old_log_prob
-                elif len(micro_starts) > 1:
-                    sel_logp, _ = batched_log_probs(
-                        model,
-                        mini,
-                        o.log_prob_rows,
-                        config.rollout.temperature,
-                        shared_prefix=o.shared_prefix,
-                    )
-                else:  # the training forward of the single micro-batch gives them, below
-                    sel_logp = None
-                if sel_logp is not None:
-                    selected = spec.select(
-                        sel_logp,
-                        mini.old_log_prob if not on_policy else sel_logp,
-                        mini.advantages,
-                        mini.response_mask,
-                        settings,
-                        generator=generator,
-                        across_ranks=True,
-                    )
-                    selected_denominators = losses.loss_denominators(
-                        selected, norm_constant=norm_constant, allow_empty=True
-                    )
+            micro_batches = math.ceil(mini_rows.numel() / o.micro_batch_size)
+            whole = minibatch_selection(
+                model, mini, setup, micro_batches=micro_batches, moved=moved, rows=o.log_prob_rows
+            )
             optimizer.zero_grad(set_to_none=True)
-            finite = True
-            step_sums: dict[str, float] = defaultdict(float)
-            for i, start in enumerate(micro_starts):
-                rows = slice(start, start + o.micro_batch_size)
-                mb = mini.rows(torch.arange(mini_rows.numel(), device=device)[rows])
-                tokens = mb.response_mask.sum().item()
-                # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch
-                # (it has no no_sync), which keeps its gradients sharded
-                sync = i == len(micro_starts) - 1 or not hasattr(model, "no_sync")
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    log_prob, entropy = forward_log_probs(
-                        model,
-                        mb.input_ids,
-                        mb.attention_mask,
-                        R,
-                        temperature=config.rollout.temperature,
-                        entropy_grad=entropy_coef > 0,
-                        shared_prefix=o.shared_prefix,
-                    )
-                    if epoch == 0:
-                        seen_log_prob[mini_rows[rows]] = log_prob.detach()
-                        seen_entropy[mini_rows[rows]] = entropy.detach()
-                    old = log_prob.detach() if on_policy else mb.old_log_prob
-                    extra = {}
-                    if selected is not None:
-                        extra["selected"] = selected[rows]
-                    elif spec.select is not None and (a.cov_scope == "minibatch" or tokens > 0):
-                        # the whole mini-batch in this one micro-batch on every rank, or the
-                        # per-micro-batch (reference) scope
-                        extra["selected"] = spec.select(
-                            log_prob.detach(),
-                            old,
-                            mb.advantages,
-                            mb.response_mask,
-                            settings,
-                            generator=generator,
-                            across_ranks=a.cov_scope == "minibatch",
-                        )
-                    elif spec.select is not None:  # an empty micro-batch: nothing to select
-                        extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
-                    if spec.selection_denominators:
-                        extra["selected_denominators"] = (
-                            selected_denominators
-                            if selected is not None
-                            else losses.loss_denominators(
-                                extra["selected"],
-                                norm_constant=norm_constant,
-                                across_ranks=a.cov_scope == "minibatch",
-                                allow_empty=True,
-                            )
-                        )
-                    # The importance weight multiplies each token's whole policy loss, KL-Cov's
-                    # penalty included, as verl's pg_losses * rollout_is_weights; the selections
-                    # above use the unweighted advantages, as verl's do.
-                    if mb.rollout_is_weights is not None:
-                        extra["weights"] = mb.rollout_is_weights
-                    loss, m = spec.fn(
-                        log_prob,
-                        old,
-                        mb.advantages,
-                        mb.response_mask,
-                        denominators=denominators,
-                        **kwargs,
-                        **extra,
-                    )
-                    if entropy_coef > 0:
-                        loss = loss + losses.entropy_bonus(
-                            entropy,
-                            mb.response_mask,
-                            entropy_coef,
-                            loss_agg_mode=a.loss_agg_mode,
-                            denominators=denominators,
-                        )
-                    if a.kl_coef > 0:
-                        kl = losses.kl_penalty(log_prob, mb.ref_log_prob, a.kl_estimator)
-                        kl_loss = losses.aggregate_loss(
-                            kl, mb.response_mask, a.loss_agg_mode, denominators=denominators
-                        )
-                        loss = loss + a.kl_coef * kl_loss
-                        m["kl_loss"] = kl_loss.item()
-                    finite = finite and bool(torch.isfinite(loss))
-                    (loss * world).backward()
-                for key, value in m.items():
-                    step_sums[key] += value if key in summed else value * tokens
-            # one collective for all of the mini-batch's metrics, in the same key order on every
-            # rank: they are the mini-batch's, whatever its split over micro-batches and ranks
-            keys = sorted(step_sums)
-            totals = distributed.all_reduce_sum(
-                torch.tensor([step_sums[k] for k in keys], dtype=torch.float64, device=device)
+            done = accumulate_gradients(
+                model,
+                mini,
+                setup,
+                denominators=denominators,
+                whole=whole,
+                micro_batch_size=o.micro_batch_size,
+                seen=(seen_log_prob, seen_entropy, mini_rows) if epoch == 0 else None,
             )
-            for key, total in zip(keys, totals.tolist(), strict=True):
-                metrics[key].append(total if key in summed else total / denominators.tokens)
-            grad_norm = parallel.global_grad_norm(
-                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-            )
-            if not (finite and torch.isfinite(grad_norm)):
-                # A non-finite loss on any rank poisons the all-reduced gradient on every rank,
-                # so every rank skips together.
-                optimizer.zero_grad(set_to_none=True)
+            summed = setup.spec.summed_metrics | {"kl_loss"}
+            for key, value in minibatch_metrics(done.sums, summed, denominators, device).items():
+                metrics[key].append(value)
+            grad_norm = optimizer_step(optimizer, params, o.grad_clip, finite=done.finite)
+            if grad_norm is None:
                 skipped += 1
                 continue
-            optimizer.step()
-            if not parallel.all_finite(params):
-                raise NonFiniteError("the update made the weights NaN or infinite")
             moved = True
-            metrics["grad_norm"].append(grad_norm.item())
+            metrics["grad_norm"].append(grad_norm)
     bar.close()
     out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
     out["actor/skipped_updates"] = skipped
     out["actor/empty_minibatches"] = empty
     return UpdateResult(out, seen_log_prob, seen_entropy, moved)
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], grad_clip: float, *, finite: bool
+) -> float | None:
+    """Clip the accumulated gradient and step; returns its norm before clipping, or None where
+    the loss (`finite` False) or the gradient is not finite and the step is skipped: a non-finite
+    loss on any rank poisons the all-reduced gradient on every rank, so every rank skips
+    together. Raises NonFiniteError where the step leaves a weight NaN or infinite."""
+    grad_norm = parallel.global_grad_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    if not (finite and torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    if not parallel.all_finite(params):
+        raise NonFiniteError("the update made the weights NaN or infinite")
+    return grad_norm.item()
+
+
+def loss_setup(
+    config: Config,
+    generator: torch.Generator,
+    entropy_coef: float,
+    loss_kwargs: dict[str, Any] | None,
+) -> LossSetup:
+    """The policy loss of `config` as an update applies it (`loss_kwargs`: a controller's)."""
+    a = config.algorithm
+    spec = losses.get_policy_loss(a.policy_loss)
+    settings = config.loss_settings()
+    if loss_kwargs is None and spec.controller is not None:
+        raise ValueError(
+            f"policy loss {a.policy_loss!r} keeps a controller: pass its loss_kwargs() as "
+            "loss_kwargs (Trainer.update does)"
+        )
+    return LossSetup(
+        spec=spec,
+        settings=settings,
+        kwargs={
+            "loss_agg_mode": a.loss_agg_mode,
+            **(asdict(settings) if loss_kwargs is None else loss_kwargs),
+        },
+        algorithm=a,
+        norm_constant=config.rollout.max_new_tokens,
+        temperature=config.rollout.temperature,
+        shared_prefix=config.optim.shared_prefix,
+        entropy_coef=entropy_coef,
+        generator=generator,
+    )
 
 
 class Trainer:
@@ -336,42 +477,10 @@ class Trainer:
     def __init__(self, config: Config, *, task: Task | None = None, model=None, tokenizer=None):
         self.config = config
         c = config
-        if c.model.dtype == "float16":  # fine for evaluation, which shares the config
-            raise ConfigError(
-                "model.dtype: float16 weights cannot train: AdamW's epsilon and small updates "
-                "vanish in float16 and the first step turns the weights to NaN; use bfloat16 or "
-                "float32"
-            )
-        if c.trainer.wandb:  # before anything is written
-            rundir.import_wandb()
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        if c.rollout.prompts_per_step % self.world:
-            raise TrainingError(
-                f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be "
-                f"divisible by the number of ranks ({self.world})"
-            )
-        note = losses.get_policy_loss(c.algorithm.policy_loss).on_policy_note
-        if (
-            note
-            and c.optim.epochs == 1
-            and c.optim.mini_batch_size >= c.rollout.prompts_per_step // self.world * c.rollout.n
-        ):
-            warnings.warn(note, stacklevel=2)
+        self._refuse_what_cannot_train()
         torch.manual_seed(c.trainer.seed)
-        self.device = pick_device(c.trainer.device)
-        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            gpus = torch.cuda.device_count()
-            raise TrainingError(
-                f"trainer.device={c.trainer.device}: "
-                + (f"torch sees only {gpus} CUDA GPU(s)" if gpus else "no CUDA GPU is visible")
-                + "; use trainer.device=auto (a GPU if there is one) or cpu"
-            )
-        distributed.use_device(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # FSDP shards on the current device
-        elif self.device.type == "cpu":  # activations come from malloc: fault their pages in once
-            precision.check_native_bfloat16(c.model.compute_dtype or c.model.dtype)
-            allocator.keep_freed_memory()
+        self.device = self._take_device()
         if model is None:
             model, tokenizer = load_policy(c)
         self.task = task or build_task(c.data, tokenizer)
@@ -385,18 +494,10 @@ class Trainer:
         self.model.train()
         if self.device.type == "cpu" and (c.model.compute_dtype or c.model.dtype) == "bfloat16":
             precision.float32_attention(self.model)  # the copies below inherit it
-        self.ref_model = None
+        compute_dtype = c.model.compute_dtype and getattr(torch, c.model.compute_dtype)
+        self.ref_model = self._reference_model(compute_dtype)
         """A frozen copy of the initial policy for algorithm.kl_coef (LoRA: none, the adapters
         are switched off instead, `lora.reference`)."""
-        compute_dtype = c.model.compute_dtype and getattr(torch, c.model.compute_dtype)
-        if c.algorithm.kl_coef > 0 and not c.model.lora_rank:
-            import copy
-
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-            if sharded:
-                parallel.shard(self.ref_model, compute_dtype=compute_dtype, device=self.device)
-            elif compute_dtype:  # the reference log-probs in the policy's forward precision
-                precision.cast_parameters(self.ref_model, compute_dtype)
         # the module updates run through: self.model itself when sharded (FSDP shards in place),
         # its compute-dtype copy under mixed precision without FSDP (precision.ComputeCopy)
         self.wrapped = parallel.wrap(
@@ -408,18 +509,93 @@ class Trainer:
         """What the rollout backend samples from: on a GPU the policy in the update's precision,
         whose bfloat16 decoding is fast there; on the CPU the weights in model.dtype
         (`entroprl.train.precision`)."""
-        o = c.optim
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = self._optimizer()
+        self.backend = make_backend(c, self.model, tokenizer)
+        self.entropy_controller, self.loss_controller = self._controllers()
+        """The adaptive entropy coefficient (with algorithm.entropy_target) and the policy loss's
+        own per-step state (`losses.LossController`), each where there is one."""
+        self.seen: tuple[Tensor, Tensor] | None = None
+        """The log-probs and entropies the last update's training forwards computed."""
+        self.step = 0
+        self.saved_step: int | None = None
+        """The step of the newest checkpoint of this run, once one is written or resumed from."""
+        self.entropy_history: list[float] = []
+        self.plateau_start: int | None = None
+        """The step at which the plateau stage began, once detected (then kept to the end)."""
+        self.nonfinite_in_a_row = 0
+        self.run = rundir.RunDir(c.trainer.out_dir) if self.rank == 0 else None
+
+    def _refuse_what_cannot_train(self) -> None:
+        c = self.config
+        if c.model.dtype == "float16":  # fine for evaluation, which shares the config
+            raise ConfigError(
+                "model.dtype: float16 weights cannot train: AdamW's epsilon and small updates "
+                "vanish in float16 and the first step turns the weights to NaN; use bfloat16 or "
+                "float32"
+            )
+        if c.trainer.wandb:  # before anything is written
+            rundir.import_wandb()
+        if c.rollout.prompts_per_step % self.world:
+            raise TrainingError(
+                f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be "
+                f"divisible by the number of ranks ({self.world})"
+            )
+        note = losses.get_policy_loss(c.algorithm.policy_loss).on_policy_note
+        if (
+            note
+            and c.optim.epochs == 1
+            and c.optim.mini_batch_size >= c.rollout.prompts_per_step // self.world * c.rollout.n
+        ):
+            warnings.warn(note, stacklevel=3)
+
+    def _take_device(self) -> torch.device:
+        """The run's device, declared to the collectives, made current (CUDA) or with the CPU's
+        allocator and bfloat16 checks."""
+        c = self.config
+        device = pick_device(c.trainer.device)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            gpus = torch.cuda.device_count()
+            raise TrainingError(
+                f"trainer.device={c.trainer.device}: "
+                + (f"torch sees only {gpus} CUDA GPU(s)" if gpus else "no CUDA GPU is visible")
+                + "; use trainer.device=auto (a GPU if there is one) or cpu"
+            )
+        distributed.use_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # FSDP shards on the current device
+        elif device.type == "cpu":  # activations come from malloc: fault their pages in once
+            precision.check_native_bfloat16(c.model.compute_dtype or c.model.dtype)
+            allocator.keep_freed_memory()
+        return device
+
+    def _reference_model(self, compute_dtype: torch.dtype | None):
+        c = self.config
+        if c.algorithm.kl_coef <= 0 or c.model.lora_rank:
+            return None
+        import copy
+
+        ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if c.trainer.strategy == "fsdp":
+            parallel.shard(ref, compute_dtype=compute_dtype, device=self.device)
+        elif compute_dtype:  # the reference log-probs in the policy's forward precision
+            precision.cast_parameters(ref, compute_dtype)
+        return ref
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.config.optim
+        optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             weight_decay=o.weight_decay,
         )
         if isinstance(self.wrapped, precision.ComputeCopy):
-            self.optimizer.register_step_post_hook(lambda *_: self.wrapped.refresh())
-        self.backend = make_backend(c, self.model, tokenizer)
-        a = c.algorithm
-        self.entropy_controller = (
+            optimizer.register_step_post_hook(lambda *_: self.wrapped.refresh())
+        return optimizer
+
+    def _controllers(self):
+        c, a = self.config, self.config.algorithm
+        entropy = (
             losses.AdaptiveEntropyCoef(
                 alpha=a.entropy_coef,
                 target=a.entropy_target,
@@ -431,18 +607,7 @@ class Trainer:
             else None
         )
         spec = losses.get_policy_loss(a.policy_loss)
-        self.loss_controller = spec.controller(c.loss_settings()) if spec.controller else None
-        """The policy loss's own per-step state (`losses.LossController`), if it keeps any."""
-        self.seen: tuple[Tensor, Tensor] | None = None
-        """The log-probs and entropies the last update's training forwards computed."""
-        self.step = 0
-        self.saved_step: int | None = None
-        """The step of the newest checkpoint of this run, once one is written or resumed from."""
-        self.entropy_history: list[float] = []
-        self.plateau_start: int | None = None
-        """The step at which the plateau stage began, once detected (then kept to the end)."""
-        self.nonfinite_in_a_row = 0
-        self.run = rundir.RunDir(c.trainer.out_dir) if self.rank == 0 else None
+        return entropy, spec.controller(c.loss_settings()) if spec.controller else None
 
     @property
     def on_policy(self) -> bool:
@@ -846,17 +1011,11 @@ class Trainer:
         scored, metrics = sample.scored, sample.metrics
         batch, rewards = scored.batch, scored.rewards
         t_sampled = time.perf_counter()
-        keep = torch.ones_like(rewards, dtype=torch.bool)
-        if a.dynamic_sampling:
-            # Filtered groups leave the loss mask rather than the batch: with global denominators
-            # that is the same update as dropping them, and every rank keeps the same shapes.
-            keep = self.informative(scored)
-            kept = distributed.all_reduce_sum(keep.sum()).item()
-            metrics["batch/kept_fraction"] = kept / (keep.numel() * self.world)
-            if kept == 0:
-                self.entropy_history.append(math.nan)  # keeps one value per step
-                metrics["actor/skipped_updates"] = 1
-                return metrics
+        keep = self.kept_responses(scored, metrics)
+        if keep is None:  # dynamic sampling kept no group on any rank
+            self.entropy_history.append(math.nan)  # keeps one value per step
+            metrics["actor/skipped_updates"] = 1
+            return metrics
         # the training batch: the groups kept, as verl's batch after its filter
         train_mask = batch.response_mask * keep[:, None]
         # old log-probs and entropy: a pass of their own, unless the update is on-policy and its
@@ -883,12 +1042,7 @@ class Trainer:
             loss_mask = loss_mask * losses.high_entropy_mask(
                 entropy, loss_mask, rho=a.high_entropy_rho, across_ranks=True
             )
-        ref = None
-        if self.ref_model is not None:
-            ref, _ = self.log_probs(self.ref_model, batch, c.rollout.temperature)
-        elif a.kl_coef > 0:  # LoRA: the base policy is the model with its adapters off
-            with lora.reference(self.forward_model) as base:
-                ref, _ = self.log_probs(base, batch, c.rollout.temperature)
+        ref = self.reference_log_probs(batch)
         # update
         update_batch = UpdateBatch(
             input_ids=batch.input_ids,
@@ -906,28 +1060,9 @@ class Trainer:
             old_log_prob, entropy = self.seen
             self.record_entropy(entropy, train_mask, step)
         t_update = time.perf_counter()
-        # log: entropy, covariance and the entropy change they predict, over the training batch
-        ent = batch_entropy(entropy, train_mask)
         # a collective over ranks: computed on all of them, also for rank 0's rollout samples
         cov = dynamics.token_covariance(old_log_prob, advantages, train_mask)
-        metrics |= self.dynamics_metrics(batch, train_mask, old_log_prob, advantages, cov, ent)
-        if batch.rollout_log_probs is not None:
-            metrics |= mismatch.mismatch_metrics(
-                old_log_prob, batch.rollout_log_probs, batch.response_mask
-            )
-        if a.dynamic_sampling:
-            everything = batch_entropy(entropy, batch.response_mask)
-            metrics["sampled/entropy"] = everything["token_mean"]
-            metrics["sampled/entropy_seq_mean"] = everything["seq_mean_token_mean"]
-        if self.plateau_start is not None:
-            metrics["stages/plateau_start"] = self.plateau_start
-        if self.entropy_controller:
-            self.entropy_controller.update(ent["seq_mean_token_mean"])
-        every = c.trainer.entropy_change_every
-        if every and step % every == 0:
-            _, entropy_after = self.log_probs(self.forward_model, batch, 1.0)
-            after = batch_entropy(entropy_after, train_mask)["seq_mean_token_mean"]
-            metrics["dynamics/entropy_change"] = after - ent["seq_mean_token_mean"]
+        metrics |= self.measure(batch, train_mask, old_log_prob, entropy, advantages, cov, step)
         t_end = time.perf_counter()
         tokens = train_mask.sum().item() * self.world
         generation = max(metrics["timing_s/gen"], 1e-9)
@@ -943,6 +1078,66 @@ class Trainer:
             self.run.write_rollouts(
                 step, self.rollout_records(batch, rewards, old_log_prob, entropy, advantages, cov)
             )
+        return metrics
+
+    def kept_responses(self, scored: ScoredRollout, metrics: dict[str, Any]) -> Tensor | None:
+        """The responses that train: all, or with dynamic sampling those of the informative
+        groups (logged as `batch/kept_fraction`); None where no rank keeps any. Filtered groups
+        leave the loss mask rather than the batch: with global denominators that is the same
+        update as dropping them, and every rank keeps the same shapes."""
+        keep = torch.ones_like(scored.rewards, dtype=torch.bool)
+        if not self.config.algorithm.dynamic_sampling:
+            return keep
+        keep = self.informative(scored)
+        kept = distributed.all_reduce_sum(keep.sum()).item()
+        metrics["batch/kept_fraction"] = kept / (keep.numel() * self.world)
+        return keep if kept else None
+
+    def reference_log_probs(self, batch: RolloutBatch) -> Tensor | None:
+        """The reference policy's log-probs of the rollout for algorithm.kl_coef (LoRA: the model
+        with its adapters off); None without the KL term."""
+        temperature = self.config.rollout.temperature
+        if self.ref_model is not None:
+            return self.log_probs(self.ref_model, batch, temperature)[0]
+        if self.config.algorithm.kl_coef > 0:
+            with lora.reference(self.forward_model) as base:
+                return self.log_probs(base, batch, temperature)[0]
+        return None
+
+    def measure(
+        self,
+        batch: RolloutBatch,
+        train_mask: Tensor,
+        old_log_prob: Tensor,
+        entropy: Tensor,
+        advantages: Tensor,
+        cov: Tensor,
+        step: int,
+    ) -> dict[str, float]:
+        """The step's entropy, covariances and the entropy change they predict, over the training
+        batch (`train_mask`), the mismatch to the rollout engine's log-probs, and, every
+        `trainer.entropy_change_every` steps, the entropy change the update made; the entropy
+        controller follows the step's entropy."""
+        a, metrics = self.config.algorithm, {}
+        ent = batch_entropy(entropy, train_mask)
+        metrics |= self.dynamics_metrics(batch, train_mask, old_log_prob, advantages, cov, ent)
+        if batch.rollout_log_probs is not None:
+            metrics |= mismatch.mismatch_metrics(
+                old_log_prob, batch.rollout_log_probs, batch.response_mask
+            )
+        if a.dynamic_sampling:
+            everything = batch_entropy(entropy, batch.response_mask)
+            metrics["sampled/entropy"] = everything["token_mean"]
+            metrics["sampled/entropy_seq_mean"] = everything["seq_mean_token_mean"]
+        if self.plateau_start is not None:
+            metrics["stages/plateau_start"] = self.plateau_start
+        if self.entropy_controller:
+            self.entropy_controller.update(ent["seq_mean_token_mean"])
+        every = self.config.trainer.entropy_change_every
+        if every and step % every == 0:
+            _, entropy_after = self.log_probs(self.forward_model, batch, 1.0)
+            after = batch_entropy(entropy_after, train_mask)["seq_mean_token_mean"]
+            metrics["dynamics/entropy_change"] = after - ent["seq_mean_token_mean"]
         return metrics
 
     def log_probs_and_entropy(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
