@@ -334,8 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         "--methods",
         default=None,
         help="comma-separated methods, each raced with the same warm start and seeds and paired "
-        "with grpo (entroprl.demo.METHODS; an unknown name lists them); default: "
-        "entroprl.demo.DEFAULT_METHODS",
+        "with grpo (entroprl.demo.race.METHODS; an unknown name lists them); default: "
+        "entroprl.demo.race.DEFAULT_METHODS",
     )
     p.add_argument("--steps", type=int, default=None, help="RL steps per method")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (intervals need >= 2)")

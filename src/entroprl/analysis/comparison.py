@@ -9,7 +9,7 @@ holds it when its own name is a seed's (seed_3, seed-3, seed3: the demo's METHOD
 the runs compared come from several folders and this one holds several of them; any other run is
 a method of its own (`group`). Runs are labelled METHOD/RUN, share their method's colour, and
 each series is drawn as the mean over the method's runs with its 95% t band
-(`analysis.seed_band`). A section a run lacks is left out for that run, with a note.
+(`runs.seed_band`). A section a run lacks is left out for that run, with a note.
 """
 
 from __future__ import annotations

@@ -587,7 +587,7 @@ def analyze_run(
 ) -> Path:
     """Analyse one run (any format of `entroprl.analysis.foreign`) and write its report; returns
     the path of report.html. `out` defaults to RUN/analysis (RUN_STEM_analysis beside a log file);
-    `smooth` is the window of `analysis.smooth_performance` (1: the performance as logged);
+    `smooth` is the window of `runs.smooth_performance` (1: the performance as logged);
     `criteria` say when the law is taken to hold (`law.LawCriteria`, its defaults when None).
 
     Raises ValueError when the run cannot be read or nothing in it can be mapped; a section the
