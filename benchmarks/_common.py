@@ -22,7 +22,7 @@ def char_model_config(
 ):
     """A random-init tiny Qwen2 over the demo's character tokenizer `tok`, `hidden // head_dim`
     heads (vLLM's CPU attention needs head_dim 64)."""
-    from entroprl.models import tiny_config
+    from entroprl.demo.models import tiny_config
 
     return tiny_config(
         len(tok),

@@ -1,4 +1,4 @@
-"""The trainer with and without `entroprl.allocator.keep_freed_memory` on vs_trl.py's job.
+"""The trainer with and without `entroprl.train.allocator.keep_freed_memory` on vs_trl.py's job.
 
     python benchmarks/bench_allocator.py [--workloads h128 h256] [--repeats 2] [--steps 12]
         [--variants "" "model.compute_dtype=bfloat16,optim.shared_prefix=true"]
@@ -29,7 +29,7 @@ MODES = ("glibc default", "kept")
 def worker(args) -> None:
     import torch
 
-    from entroprl import allocator
+    from entroprl.train import allocator
 
     torch.set_num_threads(args.threads)
     if args.worker == "glibc default":

@@ -24,9 +24,9 @@ from functools import partial
 import torch
 from _common import timed
 
-from entroprl.forward import forward_log_probs
-from entroprl.models import build_model, tiny_config
-from entroprl.precision import ComputeCopy, float32_attention
+from entroprl.demo.models import build_model, tiny_config
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.precision import ComputeCopy, float32_attention
 
 
 def one_pass(model, ids, mask, response_len: int, grad: bool, autocast: bool = False):

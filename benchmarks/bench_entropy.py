@@ -1,4 +1,5 @@
-"""Chunked log-prob + entropy (`entroprl.entropy.logprobs_and_entropy`) against the naive version.
+"""Chunked log-prob + entropy (`entroprl.algos.entropy.logprobs_and_entropy`) against the naive
+version.
 
     python benchmarks/bench_entropy.py [--vocab 151936] [--shapes 1x256 4x256 8x512]
         [--grad-shapes 1x256 4x256] [--dtypes bfloat16 float32] [--repeats 3] [--device cpu]
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from entroprl.entropy import logprobs_and_entropy
+from entroprl.algos.entropy import logprobs_and_entropy
 
 
 def naive(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

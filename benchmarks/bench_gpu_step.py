@@ -20,10 +20,10 @@ from _common import timed
 from torch.profiler import ProfilerActivity, profile
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from entroprl.forward import forward_log_probs
-from entroprl.models import QWEN25_05B
-from entroprl.precision import cast_parameters
-from entroprl.sampler import sample
+from entroprl.demo.models import QWEN25_05B
+from entroprl.rollout.sampler import sample
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.precision import cast_parameters
 
 
 def top_kernels(prof, n: int) -> str:

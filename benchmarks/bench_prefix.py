@@ -17,8 +17,8 @@ from functools import partial
 import torch
 from _common import timed
 
-from entroprl.forward import forward_log_probs
-from entroprl.models import build_model, tiny_config
+from entroprl.demo.models import build_model, tiny_config
+from entroprl.train.forward import forward_log_probs
 
 
 def one_pass(model, ids, mask, response_len: int, shared: bool, grad: bool) -> None:

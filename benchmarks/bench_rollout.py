@@ -38,8 +38,8 @@ def build(size: str, path: str, max_position: int) -> int:
     """Save the model of `size` and the demo tokenizer to `path`; return its parameter count."""
     from _common import char_model_config
 
-    from entroprl.models import build_model, save_model
-    from entroprl.tokenizer import build_char_tokenizer
+    from entroprl.demo.models import build_model, save_model
+    from entroprl.demo.tokenizer import build_char_tokenizer
 
     hidden, layers = SIZES[size]
     tok = build_char_tokenizer()
@@ -63,12 +63,12 @@ def measure(args: argparse.Namespace) -> dict:
     task = build_task(DataConfig(train_size=args.prompts, test_size=1), tok)
     prompts = [e.prompt for e in task.train[: args.prompts]]
     if args.backend == "hf":
-        from entroprl.rollout import HFBackend
+        from entroprl.rollout.hf import HFBackend
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         backend = HFBackend(model, tok, batch_size=args.prompts * args.n)
     else:
-        from entroprl.vllm_backend import VLLMBackend
+        from entroprl.rollout.vllm import VLLMBackend
 
         backend = VLLMBackend(
             path,

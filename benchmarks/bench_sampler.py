@@ -1,5 +1,5 @@
-"""The sampler (`entroprl.sampler`, what `HFBackend` runs) against `model.generate` on the prompts
-repeated n times (what `HFBackend` ran before), with a dynamic and with a static KV cache.
+"""The sampler (`entroprl.rollout.sampler`, what `HFBackend` runs) against `model.generate` on the
+prompts repeated n times (what `HFBackend` ran before), with a dynamic and with a static KV cache.
 
     python benchmarks/bench_sampler.py [--sizes 128x4 256x4] [--prompts 16] [--n 8]
         [--compact-at 0 0.25 1]
@@ -22,12 +22,13 @@ import torch
 from _common import char_model_config
 from transformers import GenerationConfig
 
-from entroprl import sampler
 from entroprl.config import Config
-from entroprl.models import build_model
-from entroprl.rollout import HFBackend, response_mask_from_ids
+from entroprl.demo.models import build_model
+from entroprl.demo.tokenizer import build_char_tokenizer
+from entroprl.rollout import sampler
+from entroprl.rollout.batch import response_mask_from_ids
+from entroprl.rollout.hf import HFBackend
 from entroprl.tasks.registry import build_task
-from entroprl.tokenizer import build_char_tokenizer
 
 
 def generate(model, tok, prompts, n, new_tokens, cache_implementation):
@@ -95,10 +96,10 @@ def main() -> None:
         runs = {
             "model.generate": partial(generate, *common, None),
             "model.generate, static cache": partial(generate, *common, "static"),
-            "entroprl.sampler": partial(sample, backend, *common[2:]),
+            "entroprl.rollout.sampler": partial(sample, backend, *common[2:]),
         }
         for share in args.compact_at:
-            runs[f"entroprl.sampler, COMPACT_AT={share:g}"] = partial(
+            runs[f"entroprl.rollout.sampler, COMPACT_AT={share:g}"] = partial(
                 compacting_at, share, backend, *common[2:]
             )
         base = None

@@ -1,4 +1,4 @@
-"""Training state held per rank under each strategy (`entroprl.parallel`): DDP against FSDP2.
+"""Training state held per rank under each strategy (`entroprl.train.parallel`): DDP against FSDP2.
 
     python benchmarks/bench_sharding.py [--worlds 1 2 4] [--hidden 512] [--layers 8]
         [--vocab 32000] [--tokens 256] [--repeats 3]
@@ -29,8 +29,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from entroprl import parallel
-from entroprl.models import build_model, tiny_config
+from entroprl.demo.models import build_model, tiny_config
+from entroprl.train import parallel
 
 
 def _local_bytes(tensors) -> int:

@@ -18,8 +18,8 @@ import time
 import torch
 
 from entroprl.config import config_from_dict
-from entroprl.demo import _merge, demo_config
-from entroprl.trainer import Trainer
+from entroprl.demo.race import _merge, demo_config
+from entroprl.train.trainer import Trainer
 
 VARIANTS = {
     "grpo (ppo)": {"algorithm": {"policy_loss": "ppo"}},
@@ -32,9 +32,9 @@ VARIANTS = {
 
 def policy(untrained: bool):
     if untrained:
-        from entroprl.models import build_model, tiny_config
-        from entroprl.tokenizer import build_char_tokenizer
-        from entroprl.warmstart import WarmStartConfig
+        from entroprl.demo.models import build_model, tiny_config
+        from entroprl.demo.tokenizer import build_char_tokenizer
+        from entroprl.demo.warmstart import WarmStartConfig
 
         ws = WarmStartConfig()
         tok = build_char_tokenizer()
@@ -50,7 +50,7 @@ def policy(untrained: bool):
         return build_model(config, seed=0), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from entroprl.warmstart import WarmStartConfig, default_cache_dir, warm_start
+    from entroprl.demo.warmstart import WarmStartConfig, default_cache_dir, warm_start
 
     path = warm_start(WarmStartConfig(), default_cache_dir())
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from entroprl.law import LawCriteria, forecast_error_interval, judge_law, law_intervals
+from entroprl.analysis.law import LawCriteria, forecast_error_interval, judge_law, law_intervals
 
 STEPS = 200
 FLOOR = LawCriteria(min_points=4)

@@ -43,8 +43,8 @@ PROMPTS, N, NEW_TOKENS, LR = 16, 8, 24, 1e-6
 def build(path: str, hidden: int, layers: int) -> None:
     from _common import char_model_config
 
-    from entroprl.models import build_model, save_model
-    from entroprl.tokenizer import build_char_tokenizer
+    from entroprl.demo.models import build_model, save_model
+    from entroprl.demo.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     config = char_model_config(tok, hidden, layers)
@@ -163,9 +163,9 @@ def run_trl(model_dir: str, steps: int, seed: int, bf16: bool) -> dict:
 
 
 def run_entroprl(model_dir: str, steps: int, seed: int, overrides: list[str]) -> dict:
-    from entroprl.cli import init_distributed
     from entroprl.config import load_config
-    from entroprl.trainer import Trainer
+    from entroprl.train.distributed import init as init_distributed
+    from entroprl.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         config = load_config(

@@ -4,9 +4,9 @@ accuracy and the entropy change the covariance predicts.
 
     python examples/minimal_grpo.py [--steps 30] [--clip-cov]
 
-`entroprl.trainer.Trainer` does the same with everything a real run needs (several mini-batches,
-micro-batches, ranks, mixed precision, checkpoints, evaluation, logging); this file shows the
-algorithm and nothing else. Each line names the section of docs/algorithms.md it follows.
+`entroprl.train.trainer.Trainer` does the same with everything a real run needs (several
+mini-batches, micro-batches, ranks, mixed precision, checkpoints, evaluation, logging); this file
+shows the algorithm and nothing else. Each line names the section of docs/algorithms.md it follows.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from functools import partial
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from entroprl.advantages import grpo_advantages
-from entroprl.dynamics import token_covariance
-from entroprl.entropy import batch_entropy
-from entroprl.forward import forward_log_probs
-from entroprl.losses import clip_cov_loss, ppo_loss
-from entroprl.rollout import response_mask_from_ids
-from entroprl.sampler import sample
+from entroprl.algos.advantages import grpo_advantages
+from entroprl.algos.dynamics import token_covariance
+from entroprl.algos.entropy import batch_entropy
+from entroprl.algos.losses import clip_cov_loss, ppo_loss
+from entroprl.demo.warmstart import WarmStartConfig, default_cache_dir, warm_start
+from entroprl.rollout.batch import response_mask_from_ids
+from entroprl.rollout.sampler import sample
 from entroprl.tasks.countdown import countdown_reward, generate_problems
-from entroprl.warmstart import WarmStartConfig, default_cache_dir, warm_start
+from entroprl.train.forward import forward_log_probs
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 16, 8, 16, 1e-3
 
@@ -57,7 +57,7 @@ def rollout(model, tok, problems):
 
 
 def step(model, tok, optimizer, problems, clip_cov: bool) -> dict[str, float]:
-    # rollout: G samples per prompt (entroprl.sampler draws what model.generate draws)
+    # rollout: G samples per prompt (entroprl.rollout.sampler draws what model.generate draws)
     ids, attention, mask, texts = rollout(model, tok, problems)
     # reward: the exact Countdown verifier, 1 for a correct expression
     answers = [p for p in problems for _ in range(GROUP)]

@@ -3,9 +3,9 @@ vLLM engine colocated (FSDP) or Hugging Face sampling (one process), nothing dow
 scripts/gpu_check.sh.
 
 With the HF backend on one GPU the policy is not sharded (`trainer.strategy=ddp`, a process of
-one: the bfloat16 compute copy of `entroprl.precision`), so the sampler decodes with its static
-cache replayed as a CUDA graph, all rows in one call, and the update runs micro-batches of 128
-responses. `--legacy` runs the settings of the first GPU run instead (FSDP over a group of one,
+one: the bfloat16 compute copy of `entroprl.train.precision`), so the sampler decodes with its
+static cache replayed as a CUDA graph, all rows in one call, and the update runs micro-batches of
+128 responses. `--legacy` runs the settings of the first GPU run instead (FSDP over a group of one,
 the eager sampler in chunks of 256 rows, micro-batches of 32): the "before" of docs/benchmarks.md.
 
 The model has Qwen2.5-0.5B's architecture and vocabulary size (24 layers, hidden 896, 14 query
@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config
 
-from entroprl import distributed
 from entroprl.config import config_from_dict
-from entroprl.models import QWEN25_05B, build_model, save_model
-from entroprl.precision import native_bfloat16
-from entroprl.tokenizer import build_char_tokenizer
-from entroprl.trainer import Trainer
+from entroprl.demo.models import QWEN25_05B, build_model, save_model
+from entroprl.demo.tokenizer import build_char_tokenizer
+from entroprl.train import distributed
+from entroprl.train.precision import native_bfloat16
+from entroprl.train.trainer import Trainer
 
 TINY = QWEN25_05B | {
     "hidden_size": 128,

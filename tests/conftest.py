@@ -35,6 +35,6 @@ def _no_run_device_left_behind():
     """A trainer declares its device to the collectives (`distributed.use_device`); the next
     test starts without it."""
     yield
-    from entroprl import distributed
+    from entroprl.train import distributed
 
     distributed.use_device(None)

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from entroprl.models import build_model, tiny_config
-from entroprl.precision import native_bfloat16
-from entroprl.tokenizer import build_char_tokenizer
+from entroprl.demo.models import build_model, tiny_config
+from entroprl.demo.tokenizer import build_char_tokenizer
+from entroprl.rollout.batch import ScoredRollout
+from entroprl.train.precision import native_bfloat16
 
 needs_native_bfloat16 = pytest.mark.skipif(
     not native_bfloat16(),
@@ -38,4 +39,4 @@ def alternating_scores(batch, answers):
     the real verifier every reward, advantage and gradient of a step is 0, no update moves a
     weight, and a test comparing two updates compares nothing."""
     scores = (torch.arange(len(batch.texts)) % 2).float()
-    return scores, scores.clone()
+    return ScoredRollout(batch=batch, scores=scores, rewards=scores.clone())

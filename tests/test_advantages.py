@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entroprl.advantages import (
+from entroprl.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
     _iqr_inliers,
     _kept_moments,
@@ -33,7 +33,7 @@ from entroprl.advantages import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
-from entroprl.losses import SettingError
+from entroprl.errors import SettingError
 
 F64 = torch.float64
 

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from entroprl import allocator
-from entroprl.trainer import Trainer
+from entroprl.train import allocator
+from entroprl.train.trainer import Trainer
 from tests.policies import make_tiny_policy
 from tests.test_trainer import small_config
 
@@ -26,7 +26,7 @@ def glibc_with_mallinfo2() -> bool:
 PROBE = textwrap.dedent(
     """
     import ctypes, sys
-    from entroprl import allocator
+    from entroprl.train import allocator
 
     class Mallinfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in (

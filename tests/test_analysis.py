@@ -19,9 +19,12 @@ from hypothesis import strategies as st
 from matplotlib.colors import to_hex
 from scipy import stats
 
-from entroprl import comparison
-from entroprl import report as report_module
-from entroprl.analysis import (
+from entroprl.analysis import comparison
+from entroprl.analysis import report as report_module
+from entroprl.analysis.comparison import compare_runs, group
+from entroprl.analysis.foreign import detect_format, map_keys, read_log
+from entroprl.analysis.report import analyze_run
+from entroprl.analysis.runs import (
     analyze,
     covariance_table,
     law_grid,
@@ -35,9 +38,6 @@ from entroprl.analysis import (
     seed_band,
     smooth_performance,
 )
-from entroprl.comparison import compare_runs, group
-from entroprl.foreign import detect_format, map_keys, read_log
-from entroprl.report import analyze_run
 
 ACC = "val-core/countdown/acc/mean@4"
 GROUPS = ("top_0.02%", "top_0.2%", "top_2%", "top_20%", "top_50%", "all")

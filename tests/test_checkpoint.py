@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from entroprl import checkpoint
-from entroprl.checks import NonFiniteError
-from entroprl.rundir import read_metrics
-from entroprl.trainer import Trainer, TrainingError
+from entroprl.errors import NonFiniteError
+from entroprl.train import checkpoint
+from entroprl.train.rundir import read_metrics
+from entroprl.train.trainer import Trainer, TrainingError
 from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_trainer import small_config
 

@@ -1,4 +1,5 @@
-"""The `entroprl` command fails with one line naming the problem, never a traceback (issue 11)."""
+"""The `entroprl` command fails with one line naming the problem the user can act on, and with a
+traceback where the fault is entroprl's."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import yaml
 from safetensors import SafetensorError
 
-from entroprl import checkpoint
 from entroprl.cli import main
-from entroprl.models import save_model
+from entroprl.demo.models import save_model
+from entroprl.errors import USER_ERRORS, SettingError
+from entroprl.train import checkpoint
 from tests.policies import make_tiny_policy
 from tests.test_analysis import make_run
 from tests.test_trainer import small_config
@@ -149,7 +151,7 @@ def test_off_a_terminal_a_run_prints_one_line_per_step(config_file, tmp_path):
 
 
 def test_bars_only_on_a_terminal(monkeypatch):
-    from entroprl import progress
+    from entroprl.train import progress
 
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     assert progress.bars(True) and not progress.bars(False)
@@ -181,3 +183,40 @@ def test_help_lists_every_command_and_shows_defaults(capsys):
     assert "--seeds SEEDS seeds per method (intervals need >= 2) (default: 3)" in demo
     assert "--out OUT output directory (default: runs/demo)" in demo
     assert "(default: None)" not in demo and "(default: False)" not in demo
+
+
+@pytest.mark.parametrize(
+    "error", [e("the user's fault") for e in USER_ERRORS if e is not SettingError]
+)
+def test_every_user_error_is_one_line(monkeypatch, error):
+    """Each class of `entroprl.errors.USER_ERRORS` reaches the terminal as one line."""
+    monkeypatch.setattr("entroprl.analysis.report.analyze_run", lambda *a, **k: raise_(error))
+    assert "the user's fault" in fails(["analyze", "some_run"])
+
+
+def test_a_setting_error_is_one_line(monkeypatch):
+    error = SettingError("ratio", "must be in (0, 1]")
+    monkeypatch.setattr("entroprl.analysis.report.analyze_run", lambda *a, **k: raise_(error))
+    assert "ratio must be in (0, 1]" in fails(["analyze", "some_run"])
+
+
+def test_an_error_that_is_not_the_users_keeps_its_traceback(monkeypatch):
+    """A plain ValueError (a shape check inside entroprl, say) is a bug: it leaves `main` as
+    itself, and Python prints its traceback, not one line."""
+    error = ValueError("shape mismatch: logp[4, 3], mask[4, 2] must all have the same shape")
+    monkeypatch.setattr("entroprl.analysis.report.analyze_run", lambda *a, **k: raise_(error))
+    with pytest.raises(ValueError, match="shape mismatch") as caught:
+        main(["analyze", "some_run"])
+    assert caught.value is error
+
+
+def test_init_distributed_moved_to_the_distributed_module():
+    import entroprl.cli
+    from entroprl.train import distributed
+
+    with pytest.warns(DeprecationWarning, match=r"entroprl\.train\.distributed\.init"):
+        assert entroprl.cli.init_distributed is distributed.init
+
+
+def raise_(error: BaseException):
+    raise error

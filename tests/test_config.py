@@ -146,3 +146,52 @@ def test_estimator_and_loss_settings_from_overrides():
         "quantile": 0.3,
         "norm_by_std": True,
     }
+
+
+def test_validate_changes_nothing_and_the_loaded_config_holds_the_chosen_settings():
+    """`Config.validate` only checks; reading a configuration fills in the chosen loss's and
+    estimator's default settings, so that config.yaml holds every value the run uses."""
+    import copy
+
+    from entroprl.algos.advantages import PassKSettings
+    from entroprl.algos.losses import ClipCovSettings
+    from entroprl.config import Config
+
+    config = Config()
+    config.algorithm.policy_loss, config.algorithm.advantage = "clip_cov", "passk"
+    before = copy.deepcopy(config)
+    assert config.validate() is config and config == before
+    assert config.algorithm.loss == {} and config.loss_settings() == ClipCovSettings()
+    loaded = load_config(None, ["algorithm.policy_loss=clip_cov", "algorithm.advantage=passk"])
+    assert loaded.algorithm.loss == {"clip_cov": ClipCovSettings()}
+    assert loaded.algorithm.advantage_settings == {"passk": PassKSettings()}
+
+
+@pytest.mark.parametrize(
+    "section, key, value, named",
+    [
+        ("rollout", "top_p", 0.0, "rollout.top_p"),
+        ("optim", "epochs", 0, "optim.epochs"),
+        ("trainer", "strategy", "zero3", "trainer.strategy"),
+        ("model", "lora_alpha", 0.0, "model.lora_alpha"),
+        ("algorithm", "cov_scope", "global", "algorithm.cov_scope"),
+    ],
+)
+def test_each_section_validates_itself(section, key, value, named):
+    from entroprl.config import Config
+
+    part = getattr(Config(), section)
+    part.validate()
+    setattr(part, key, value)
+    with pytest.raises(ConfigError, match=rf"^{named}:"):
+        part.validate()
+
+
+def test_a_setting_out_of_range_is_named_by_its_dotted_key():
+    from entroprl.algos.losses import PPOSettings
+    from entroprl.config import Config
+
+    config = Config()
+    config.algorithm.loss = {"ppo": PPOSettings(clip_low=-1.0)}
+    with pytest.raises(ConfigError, match=r"^algorithm\.loss\.ppo\.clip_low"):
+        config.validate()

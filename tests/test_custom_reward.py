@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 
 from entroprl.config import config_from_dict
-from entroprl.errors import ConfigError
-from entroprl.tasks.base import RewardError
+from entroprl.errors import ConfigError, RewardError
 from entroprl.tasks.registry import build_task
-from entroprl.trainer import Trainer
+from entroprl.train.trainer import Trainer
 from tests.policies import make_tiny_policy
 from tests.test_trainer import small_config
 

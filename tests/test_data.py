@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entroprl.config import ConfigError, DataConfig, load_config
-from entroprl.rewards import gsm8k_reward, math_reward
+from entroprl.demo.tokenizer import build_char_tokenizer
 from entroprl.tasks import math_problems
 from entroprl.tasks.math_problems import (
     DataWarning,
@@ -25,7 +25,7 @@ from entroprl.tasks.math_problems import (
     voted_answer,
 )
 from entroprl.tasks.registry import build_task
-from entroprl.tokenizer import build_char_tokenizer
+from entroprl.tasks.rewards import gsm8k_reward, math_reward
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

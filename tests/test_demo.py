@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from entroprl.analysis.law import judge_law, law_intervals
 from entroprl.config import config_from_dict
-from entroprl.demo import (
+from entroprl.demo.race import (
     DEFAULT_METHODS,
     METHODS,
     METRICS,
@@ -26,9 +27,8 @@ from entroprl.demo import (
     run_demo,
     summarize_run,
 )
-from entroprl.law import judge_law, law_intervals
-from entroprl.rundir import read_metrics
-from entroprl.warmstart import WarmStartConfig
+from entroprl.demo.warmstart import WarmStartConfig
+from entroprl.train.rundir import read_metrics
 
 
 def fake_runs() -> dict:
@@ -209,8 +209,8 @@ def test_paired_table_has_the_entropy_difference():
 DEMO = """
 import sys
 from pathlib import Path
-from entroprl.demo import run_demo
-from entroprl.warmstart import WarmStartConfig
+from entroprl.demo.race import run_demo
+from entroprl.demo.warmstart import WarmStartConfig
 
 small = WarmStartConfig(steps=30, num_problems=100, eval_problems=20)
 run_demo(
@@ -286,9 +286,9 @@ DEMO_COMMAND = """
 import sys
 
 if __name__ == "__main__":  # the runs' processes (spawn) import this file again
-    import entroprl.demo as demo
+    import entroprl.demo.race as demo
     from entroprl import cli
-    from entroprl.warmstart import WarmStartConfig
+    from entroprl.demo.warmstart import WarmStartConfig
 
     small = WarmStartConfig(steps=30, num_problems=100, eval_problems=20)
     real = demo.run_demo

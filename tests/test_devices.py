@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from entroprl import distributed, dynamics, losses
-from entroprl.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
-from entroprl.entropy import batch_entropy
-from entroprl.mismatch import mismatch_metrics
-from entroprl.policy import pick_device
+from entroprl.algos import dynamics, losses
+from entroprl.algos.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
+from entroprl.algos.entropy import batch_entropy
+from entroprl.algos.mismatch import mismatch_metrics
+from entroprl.train import distributed
+from entroprl.train.policy import pick_device
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "entroprl"
 FACTORIES = {
@@ -37,7 +38,7 @@ FACTORIES = {
     "eye",
 }
 ALLOWED = {
-    "warmstart.py": "the demo's warm start trains the demo's tiny model on the CPU by design, "
+    "demo/warmstart.py": "the demo's warm start trains the demo's tiny model on the CPU by design, "
     "before any run's device exists",
 }
 """Modules whose tensors may be made on the default device, and why. A tensor made on the CPU on
@@ -206,7 +207,7 @@ def test_a_gpu_is_named_with_its_index(monkeypatch, name, local_rank, expected):
 def test_trainer_declares_its_device_to_the_collectives(tiny_policy, tmp_path):
     from entroprl.config import config_from_dict
     from entroprl.tasks.registry import build_task
-    from entroprl.trainer import Trainer
+    from entroprl.train.trainer import Trainer
 
     model, tok = tiny_policy
     config = config_from_dict(

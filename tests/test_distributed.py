@@ -14,14 +14,16 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from entroprl import checkpoint, cli, losses, parallel
-from entroprl.advantages import compute_advantages
+from entroprl import cli
+from entroprl.algos import losses
+from entroprl.algos.advantages import compute_advantages
 from entroprl.config import config_from_dict
-from entroprl.forward import forward_log_probs
-from entroprl.models import save_model
-from entroprl.precision import native_bfloat16
-from entroprl.rundir import read_metrics
-from entroprl.trainer import Trainer, UpdateBatch, update_policy
+from entroprl.demo.models import save_model
+from entroprl.train import checkpoint, parallel
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.precision import native_bfloat16
+from entroprl.train.rundir import read_metrics
+from entroprl.train.trainer import Trainer, UpdateBatch, update_policy
 from tests import toy_loss  # noqa: F401  (registers a plug-in loss: the tests run it too)
 from tests.policies import make_tiny_policy, needs_native_bfloat16
 from tests.test_shared_prefix import grouped_batch
@@ -98,7 +100,13 @@ def _shared_prefix_update(rows, strategy=None, shared=False):
         old, _ = forward_log_probs(model, ids, attention, 7)
     g = torch.Generator().manual_seed(2)
     advantages = torch.randn(16, 1, generator=g).expand(16, 7) * mask
-    batch = UpdateBatch(ids, attention, mask, old, advantages.contiguous()).rows(rows)
+    batch = UpdateBatch(
+        input_ids=ids,
+        attention_mask=attention,
+        response_mask=mask,
+        old_log_prob=old,
+        advantages=advantages.contiguous(),
+    ).rows(rows)
     config = config_from_dict(
         {
             "rollout": {"max_new_tokens": 7},

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entroprl.dynamics import (
+from entroprl.algos.dynamics import (
     covariance_summary,
     first_order_entropy_change,
     response_covariance,

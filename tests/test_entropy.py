@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entroprl.entropy import batch_entropy, logprobs_and_entropy
+from entroprl.algos.entropy import batch_entropy, logprobs_and_entropy
 
 
 def numpy_reference(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):

@@ -16,10 +16,13 @@ from typing import ClassVar
 import pytest
 import torch
 
-from entroprl.backends import make_backend
 from entroprl.cli import add_eval_arguments, cmd_eval
 from entroprl.config import ConfigError, DataConfig, config_from_dict
-from entroprl.evaluation import (
+from entroprl.demo.models import save_model
+from entroprl.rollout.backend import make_backend
+from entroprl.rollout.hf import HFBackend
+from entroprl.rollout.vllm import VLLMBackend, assemble_batch
+from entroprl.tasks.evaluation import (
     Benchmark,
     Protocol,
     evaluate_benchmark,
@@ -31,9 +34,6 @@ from entroprl.evaluation import (
     run_benchmarks,
     write_report,
 )
-from entroprl.models import save_model
-from entroprl.rollout import HFBackend
-from entroprl.vllm_backend import VLLMBackend, assemble_batch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data missing")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from entroprl.models import save_model
+from entroprl.demo.models import save_model
 from tests.policies import make_tiny_policy
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "minimal_grpo.py"

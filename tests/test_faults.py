@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from entroprl.models import save_model
+from entroprl.demo.models import save_model
 from tests.policies import make_tiny_policy
 from tests.test_trainer import small_config
 
@@ -391,7 +391,7 @@ def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(setup, tmp_pa
     out.mkdir()
     torchrun = Path(sys.executable).with_name("torchrun")
     launch = [str(torchrun), "--nproc-per-node", "2", "-m", "entroprl.cli", "train", str(config)]
-    from entroprl.rundir import lock_directory
+    from entroprl.train.rundir import lock_directory
 
     with lock_directory(out):
         done = subprocess.run(

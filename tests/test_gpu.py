@@ -14,10 +14,11 @@ import warnings
 import pytest
 import torch
 
-from entroprl import distributed, losses, parallel
-from entroprl.rollout import HFBackend
+from entroprl.algos import losses
+from entroprl.rollout.hf import HFBackend
 from entroprl.tasks.base import Example, Task
-from entroprl.trainer import Trainer
+from entroprl.train import distributed, parallel
+from entroprl.train.trainer import Trainer
 from tests.policies import make_tiny_policy
 from tests.test_sampler import PROMPTS, generate_reference, grouped_policy
 from tests.test_trainer import small_config
@@ -103,7 +104,7 @@ def test_resume_on_the_gpu_continues_the_run(tmp_path):
 
 def test_fsdp_with_a_sharded_checkpoint_on_the_gpu(tmp_path):
     """FSDP over a process group of one (NCCL), saved sharded and resumed."""
-    from entroprl.cli import init_distributed
+    from entroprl.train.distributed import init as init_distributed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     init_distributed("fsdp")
@@ -118,8 +119,8 @@ def test_fsdp_with_a_sharded_checkpoint_on_the_gpu(tmp_path):
 
 def test_the_demo_model_trains_on_the_gpu(tmp_path):
     from entroprl.config import config_from_dict
-    from entroprl.demo import demo_config
-    from entroprl.warmstart import WarmStartConfig, warm_start
+    from entroprl.demo.race import demo_config
+    from entroprl.demo.warmstart import WarmStartConfig, warm_start
 
     path = warm_start(WarmStartConfig(steps=20, num_problems=50, eval_problems=8), tmp_path / "ws")
     values = demo_config()

@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from entroprl.models import save_model
+from entroprl.demo.models import save_model
 from tests.policies import make_tiny_policy
 from tests.test_trainer import small_config
 

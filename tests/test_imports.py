@@ -1,10 +1,15 @@
 """The package's shape: no module imports another that imports it back (at any depth, imports
-inside functions included), and the commands that only read logs start without torch."""
+inside functions and type-only imports included), the commands that only read logs start without
+torch, and the modules' old paths still import the modules themselves."""
 
 import ast
+import importlib
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+
+import pytest
 
 SRC = Path(__file__).parents[1] / "src" / "entroprl"
 
@@ -14,26 +19,16 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _type_checking_blocks(tree: ast.Module) -> set[int]:
-    """Ids of the nodes under `if TYPE_CHECKING:`: annotations only, never imported at run time."""
-    skipped = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            skipped |= {id(n) for n in ast.walk(node)}
-    return skipped
-
-
 def import_graph() -> dict[str, set[str]]:
-    """Each entroprl module -> the entroprl modules it imports at run time, wherever in the file."""
+    """Each entroprl module -> the entroprl modules it imports, wherever in the file: inside
+    functions and under `if TYPE_CHECKING:` too (a type-only circle is still a circle: the two
+    modules cannot be read apart)."""
     modules = {_module(p): p for p in SRC.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
-        skipped = _type_checking_blocks(tree)
         targets = set()
         for node in ast.walk(tree):
-            if id(node) in skipped:
-                continue
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 base = node.module
                 subs = {f"{base}.{a.name}" for a in node.names} & modules.keys()
@@ -68,8 +63,74 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert {"entroprl.trainer", "entroprl.losses", "entroprl.cli"} <= graph.keys()
+    assert {"entroprl.train.trainer", "entroprl.algos.losses", "entroprl.cli"} <= graph.keys()
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_graph_sees_type_only_imports(tmp_path, monkeypatch):
+    """The config/tasks circle was type-only: `if TYPE_CHECKING:` imports count."""
+    package = tmp_path / "entroprl"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from entroprl import b\n")
+    (package / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from entroprl.a import X\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "SRC", package)
+    assert _cycle(import_graph()) == ["entroprl.a", "entroprl.b", "entroprl.a"]
+
+
+OLD_PATHS = {
+    "entroprl.trainer": "entroprl.train.trainer",
+    "entroprl.losses": "entroprl.algos.losses",
+    "entroprl.sampler": "entroprl.rollout.sampler",
+    "entroprl.law": "entroprl.analysis.law",
+    "entroprl.warmstart": "entroprl.demo.warmstart",
+    "entroprl.rewards": "entroprl.tasks.rewards",
+}
+
+
+@pytest.mark.parametrize("old", sorted(OLD_PATHS))
+def test_an_old_path_is_the_new_module_itself(old, monkeypatch):
+    monkeypatch.delitem(sys.modules, old, raising=False)  # imported by an earlier test
+    with pytest.warns(DeprecationWarning, match=rf"{old} moved to {OLD_PATHS[old]}"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(OLD_PATHS[old])
+
+
+def test_a_monkeypatch_through_the_old_path_reaches_the_new(monkeypatch):
+    from entroprl.train import trainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        monkeypatch.setattr("entroprl.trainer.update_policy", "patched")
+    assert trainer.update_policy == "patched"
+
+
+def test_the_packages_that_were_modules_serve_their_old_names(monkeypatch):
+    """`entroprl.rollout`, `.analysis` and `.demo` were modules: `from entroprl.rollout import
+    RolloutBatch` still works, warned, and an unknown name is still an AttributeError."""
+    import entroprl.analysis
+    import entroprl.rollout
+    from entroprl.analysis import runs
+    from entroprl.rollout import batch, hf
+
+    for package, name in (
+        (entroprl.rollout, "RolloutBatch"),
+        (entroprl.rollout, "HFBackend"),
+        (entroprl.analysis, "load_run"),
+    ):  # served once already (warned, then kept): served afresh here
+        vars(package).pop(name, None)
+
+    with pytest.warns(DeprecationWarning, match=r"entroprl\.rollout\.batch\.RolloutBatch"):
+        from entroprl.rollout import RolloutBatch
+    with pytest.warns(DeprecationWarning):
+        from entroprl.rollout import HFBackend
+    with pytest.warns(DeprecationWarning):
+        from entroprl.analysis import load_run
+    assert (RolloutBatch, HFBackend, load_run) == (batch.RolloutBatch, hf.HFBackend, runs.load_run)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        _ = entroprl.rollout.nothing
 
 
 def test_the_cycle_finder_finds_one():
@@ -82,8 +143,9 @@ def test_log_reading_commands_import_without_torch():
     torch: they start fast, and could be installed light."""
     code = (
         "import sys\n"
-        "import entroprl.cli, entroprl.report, entroprl.comparison, entroprl.analysis, "
-        "entroprl.foreign, entroprl.rundir, entroprl.law\n"
+        "import entroprl.cli, entroprl.analysis, entroprl.analysis.report, "
+        "entroprl.analysis.comparison, entroprl.analysis.runs, entroprl.analysis.foreign, "
+        "entroprl.train.rundir, entroprl.analysis.law\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from entroprl.law import (
+from entroprl.analysis.law import (
     MIN_POINTS,
     Forecast,
     LawCriteria,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entroprl import lora
 from entroprl.errors import ConfigError
-from entroprl.forward import forward_log_probs
-from entroprl.rundir import read_metrics
-from entroprl.trainer import Trainer
+from entroprl.train import lora
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.rundir import read_metrics
+from entroprl.train.trainer import Trainer
 from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_trainer import small_config
 

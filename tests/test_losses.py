@@ -1,5 +1,5 @@
-"""Tests of entroprl.losses against hand values and numpy loops written here (algorithms.md §3, §4,
-5)."""
+"""Tests of entroprl.algos.losses against hand values and numpy loops written here (algorithms.md
+§3, §4, 5)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from entroprl.dynamics import token_covariance
-from entroprl.losses import (
+from entroprl.algos.dynamics import token_covariance
+from entroprl.algos.losses import (
     POLICY_LOSSES,
     AdaptiveEntropyCoef,
     EntroPICController,

@@ -12,11 +12,11 @@ from transformers import PreTrainedTokenizerFast
 
 from entroprl.cli import add_eval_arguments, cmd_eval
 from entroprl.config import config_from_dict
-from entroprl.models import build_model, save_model, tiny_config
-from entroprl.rewards import gsm8k_reward
-from entroprl.rundir import read_metrics
+from entroprl.demo.models import build_model, save_model, tiny_config
 from entroprl.tasks.math_problems import DEFAULT_INSTRUCTION
-from entroprl.trainer import Trainer
+from entroprl.tasks.rewards import gsm8k_reward
+from entroprl.train.rundir import read_metrics
+from entroprl.train.trainer import Trainer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GSM8K, MATH500 = SHARED / "gsm8k", SHARED / "math500"

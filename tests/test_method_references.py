@@ -24,8 +24,8 @@ import pytest
 import torch
 from scipy.special import comb
 
-from entroprl.advantages import passk_advantages, qae_advantages
-from entroprl.losses import EntroPICController, EntroPICSettings, ce_gppo_loss, entropic_loss
+from entroprl.algos.advantages import passk_advantages, qae_advantages
+from entroprl.algos.losses import EntroPICController, EntroPICSettings, ce_gppo_loss, entropic_loss
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 

@@ -1,5 +1,6 @@
-"""The rollout/training mismatch metrics and truncated importance sampling (`entroprl.mismatch`),
-against independent computations, and in the trainer with a backend that reports log-probs."""
+"""The rollout/training mismatch metrics and truncated importance sampling
+(`entroprl.algos.mismatch`), against independent computations, and in the trainer with a backend
+that reports log-probs."""
 
 import copy
 import math
@@ -7,12 +8,13 @@ import math
 import pytest
 import torch
 
-from entroprl import losses
+from entroprl.algos import losses
+from entroprl.algos.mismatch import mismatch_metrics, rollout_is_weights
 from entroprl.config import ConfigError, config_from_dict
-from entroprl.forward import forward_log_probs
-from entroprl.mismatch import mismatch_metrics, rollout_is_weights
-from entroprl.rollout import HFBackend
-from entroprl.trainer import Trainer, update_policy
+from entroprl.rollout.batch import ScoredRollout
+from entroprl.rollout.hf import HFBackend
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.trainer import Trainer, update_policy
 from tests.test_trainer import small_config
 
 
@@ -247,7 +249,7 @@ def _trainer(tmp_path, seed_policy, **algorithm):
     def score(batch, answers):  # seeded rewards that differ within groups (advantages != 0)
         g = torch.Generator().manual_seed(0)
         rewards = torch.randint(0, 2, (len(batch.texts),), generator=g).float()
-        return rewards, rewards
+        return ScoredRollout(batch=batch, scores=rewards, rewards=rewards)
 
     trainer.score = score
     # set after validation: the config ties rollout_is to the vllm backend, which this stands for
@@ -292,9 +294,9 @@ def test_trainer_logs_the_mismatch_and_applies_truncated_is(tmp_path):
 
 
 def test_rollout_log_probs_follow_their_rows_through_concat_and_rows():
-    from entroprl.rollout import concat_batches
-    from entroprl.tokenizer import build_char_tokenizer
-    from entroprl.vllm_backend import assemble_batch
+    from entroprl.demo.tokenizer import build_char_tokenizer
+    from entroprl.rollout.batch import concat_batches
+    from entroprl.rollout.vllm import assemble_batch
 
     tok = build_char_tokenizer()  # eos 1
     a = assemble_batch([[5]], [[7, 1], [8]], 2, tok, log_probs=[[-1.0, -2.0], [-3.0]])

@@ -1,5 +1,5 @@
-"""Mixed precision without FSDP (`entroprl.precision`): the bfloat16 compute copy and the float32
-attention inside it."""
+"""Mixed precision without FSDP (`entroprl.train.precision`): the bfloat16 compute copy and the
+float32 attention inside it."""
 
 import copy
 import math
@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from entroprl import distributed, parallel
+from entroprl.demo.models import build_model, tiny_config
+from entroprl.demo.tokenizer import build_char_tokenizer
 from entroprl.errors import ConfigError
-from entroprl.forward import forward_log_probs
-from entroprl.models import build_model, tiny_config
-from entroprl.precision import ComputeCopy, float32_attention, sdpa_float32
 from entroprl.tasks.base import Example, Task
-from entroprl.tokenizer import build_char_tokenizer
-from entroprl.trainer import Trainer
+from entroprl.train import distributed, parallel
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.precision import ComputeCopy, float32_attention, sdpa_float32
+from entroprl.train.trainer import Trainer
 from tests.policies import make_tiny_policy, needs_native_bfloat16
 from tests.test_trainer import small_config
 

@@ -19,14 +19,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from entroprl import analysis, checkpoint, cli, config, losses, rundir
+from entroprl import cli, config
+from entroprl.algos import losses
+from entroprl.analysis import runs as analysis
 from entroprl.cli import main
 from entroprl.config import ConfigError, load_config
+from entroprl.demo.models import build_model, save_model, tiny_config
+from entroprl.demo.tokenizer import build_char_tokenizer
 from entroprl.errors import TrainingError
-from entroprl.models import build_model, save_model, tiny_config
 from entroprl.tasks import countdown, math_problems
-from entroprl.tokenizer import build_char_tokenizer
-from entroprl.trainer import Trainer
+from entroprl.train import checkpoint, rundir
+from entroprl.train.trainer import Trainer
 from tests.policies import make_tiny_policy
 from tests.test_analysis import make_run
 from tests.test_trainer import small_config
@@ -303,7 +306,8 @@ def test_a_locked_directory_names_its_holder(tmp_path):
 def _holder(path: Path) -> subprocess.Popen:
     """Another process holding the lock on `path` until killed."""
     code = (
-        "import sys, time; from pathlib import Path; from entroprl.rundir import lock_directory\n"
+        "import sys, time; from pathlib import Path\n"
+        "from entroprl.train.rundir import lock_directory\n"
         "with lock_directory(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen(

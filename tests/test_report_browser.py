@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from entroprl.comparison import compare_runs
-from entroprl.report import analyze_run
+from entroprl.analysis.comparison import compare_runs
+from entroprl.analysis.report import analyze_run
 from tests.test_analysis import make_run
 
 CHROMIUM = shutil.which("chromium")

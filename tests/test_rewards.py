@@ -1,5 +1,5 @@
-"""Tests of entroprl.rewards: extraction, math and GSM8K rewards, the never-hang guarantees, and
-score_batch.
+"""Tests of entroprl.tasks.rewards: extraction, math and GSM8K rewards, the never-hang guarantees,
+and score_batch.
 
 Expected values are written by hand, built into the generated inputs (hypothesis), or computed by
 code in this file (GSM8K's "####" line, math-verify called directly for the math-equal pairs).
@@ -23,8 +23,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entroprl import rewards
-from entroprl.rewards import (
+from entroprl.tasks import rewards
+from entroprl.tasks.rewards import (
     MATH_TIMEOUT_S,
     extract_boxed,
     extract_gsm8k_answer,

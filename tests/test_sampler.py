@@ -1,5 +1,5 @@
-"""The sampler (`entroprl.sampler`) draws what `model.generate` draws: the same tokens under the
-same seed, with prompts prefilled once and finished rows dropped."""
+"""The sampler (`entroprl.rollout.sampler`) draws what `model.generate` draws: the same tokens
+under the same seed, with prompts prefilled once and finished rows dropped."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from entroprl import sampler
-from entroprl.forward import forward_log_probs
-from entroprl.rollout import HFBackend, response_mask_from_ids
-from entroprl.sampler import exponential_race, sample, sampling_scores
+from entroprl.rollout import sampler
+from entroprl.rollout.batch import response_mask_from_ids
+from entroprl.rollout.hf import HFBackend
+from entroprl.rollout.sampler import exponential_race, sample, sampling_scores
+from entroprl.train.forward import forward_log_probs
 from tests.policies import make_tiny_policy
 
 PROMPTS = ["1 2>3=", "12 3 4>9=", "5>5="]

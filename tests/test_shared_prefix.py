@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from entroprl.errors import ConfigError
-from entroprl.forward import forward_log_probs
-from entroprl.trainer import Trainer
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.trainer import Trainer
 from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_trainer import SPLIT_TEST_SETTINGS, small_config
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from entroprl.stats import paired_interval, percentile_interval, t_band, t_interval
+from entroprl.analysis.stats import paired_interval, percentile_interval, t_band, t_interval
 
 
 def test_t_interval_hand_example():

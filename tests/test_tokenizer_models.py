@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-from entroprl.models import build_model, load_model, save_model, tiny_config
-from entroprl.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
+from entroprl.demo.models import build_model, load_model, save_model, tiny_config
+from entroprl.demo.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""The trackers of `trainer.report_to` (`entroprl.trackers`): each gets every step's metrics under
-the names of metrics.jsonl. TensorBoard runs here; W&B (offline), MLflow (a file store) and trackio
-(a local database) run in .venv-trl, which has the `trackers` extra (scripts/test.sh)."""
+"""The trackers of `trainer.report_to` (`entroprl.train.trackers`): each gets every step's
+metrics under the names of metrics.jsonl. TensorBoard runs here; W&B (offline), MLflow (a file
+store) and trackio (a local database) run in .venv-trl, which has the `trackers` extra
+(scripts/test.sh)."""
 
 import importlib.util
 import sys
@@ -9,9 +10,9 @@ import time
 import pytest
 
 from entroprl.errors import ConfigError
-from entroprl.rundir import read_metrics
-from entroprl.trackers import mlflow_name
-from entroprl.trainer import Trainer
+from entroprl.train.rundir import read_metrics
+from entroprl.train.trackers import mlflow_name
+from entroprl.train.trainer import Trainer
 from tests.policies import make_tiny_policy
 from tests.test_trainer import small_config
 

@@ -7,13 +7,15 @@ import pytest
 import torch
 import yaml
 
-from entroprl import losses
+from entroprl.algos import losses
 from entroprl.config import ConfigError, config_from_dict
-from entroprl.forward import forward_log_probs
-from entroprl.rollout import HFBackend, concat_batches, response_mask_from_ids
-from entroprl.rundir import read_metrics
-from entroprl.tasks.base import Example, RewardError, Task
-from entroprl.trainer import Trainer, TrainingError, UpdateBatch, update_policy
+from entroprl.errors import RewardError
+from entroprl.rollout.batch import ScoredRollout, concat_batches, response_mask_from_ids
+from entroprl.rollout.hf import HFBackend
+from entroprl.tasks.base import Example, Task
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.rundir import read_metrics
+from entroprl.train.trainer import Trainer, TrainingError, UpdateBatch, update_policy
 from tests import toy_loss
 from tests.policies import alternating_scores, make_tiny_policy
 
@@ -214,7 +216,13 @@ def _update_batch(tok, n=8, seed=0):
     mask[5, 2:] = 0
     old = -torch.rand(n, 6, generator=g) * 3
     adv = torch.randn(n, 1, generator=g).expand(n, 6) * mask
-    return UpdateBatch(ids, attention, mask, old, adv.contiguous())
+    return UpdateBatch(
+        input_ids=ids,
+        attention_mask=attention,
+        response_mask=mask,
+        old_log_prob=old,
+        advantages=adv.contiguous(),
+    )
 
 
 # Settings that make each selection pick several tokens of the small test batch; a loss not named
@@ -396,10 +404,12 @@ def test_dynamic_sampling_refills_until_every_group_is_informative(tiny_policy, 
         seen.append(batch.texts)
         sampled_tokens.append(int(batch.response_mask.sum()))
         r = torch.tensor(scripted[len(seen) - 1], dtype=torch.float32).flatten()
-        return r.clone(), r
+        return ScoredRollout(batch=batch, scores=r.clone(), rewards=r)
 
     trainer.score = score
-    batch, rewards, scores, tokens, metrics = trainer.sample(1)
+    sample = trainer.sample(1)
+    batch, rewards, scores = sample.scored.batch, sample.scored.rewards, sample.scored.scores
+    tokens, metrics = sample.sampled_tokens, sample.metrics
     assert metrics["train/num_gen_batches"] == 3
     assert tokens == sum(sampled_tokens)  # all three batches, not only the groups kept
     assert metrics["train/acc"] == pytest.approx(torch.tensor(scripted).float().mean().item())
@@ -415,7 +425,8 @@ def test_dynamic_sampling_refills_until_every_group_is_informative(tiny_policy, 
     # enough after the first batch: no refill
     seen.clear()
     scripted[0] = [[0, 1, 0, 0]] * 4
-    batch, rewards, _, _, metrics = trainer.sample(1)
+    sample = trainer.sample(1)
+    rewards, metrics = sample.scored.rewards, sample.metrics
     assert metrics["train/num_gen_batches"] == 1 and len(seen) == 1
     assert rewards.tolist() == [0.0, 1.0, 0.0, 0.0] * 4
 
@@ -452,7 +463,7 @@ def test_fsdp_without_a_process_group_says_how_to_launch(tiny_policy, tmp_path):
 def test_no_grad_passes_use_their_own_micro_batch(tiny_policy, tmp_path, monkeypatch):
     """Old, reference and selection log-probs run in log_prob_micro_batch_size rows; the
     backward passes keep micro_batch_size; and the step logs what it does with the default."""
-    import entroprl.trainer as trainer_module
+    import entroprl.train.trainer as trainer_module
 
     calls = []
     real = trainer_module.batched_log_probs

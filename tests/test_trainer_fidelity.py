@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from entroprl import losses
+from entroprl.algos import losses
+from entroprl.analysis.law import detect_plateau_online
 from entroprl.config import config_from_dict
-from entroprl.forward import forward_log_probs
-from entroprl.law import detect_plateau_online
-from entroprl.rundir import read_metrics
-from entroprl.trainer import Trainer, UpdateBatch, UpdateResult, update_policy
+from entroprl.rollout.batch import ScoredRollout
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.rundir import read_metrics
+from entroprl.train.trainer import Trainer, UpdateBatch, UpdateResult, update_policy
 from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_trainer import (
     SPLIT_TEST_SETTINGS,
@@ -91,7 +92,9 @@ def _scripted_step(tmp_path, advantage="grpo", **algorithm):
 
     def score(batch, answers):
         # rewards differ within every group (an overlong-like shaping): only the score filters
-        return scores.clone(), scores + 0.01 * torch.arange(16.0)
+        return ScoredRollout(
+            batch=batch, scores=scores.clone(), rewards=scores + 0.01 * torch.arange(16.0)
+        )
 
     trainer.score = score
     seen = {}
@@ -99,12 +102,12 @@ def _scripted_step(tmp_path, advantage="grpo", **algorithm):
 
     def sample(step):
         out = real_sample(step)
-        seen["batch"], seen["rewards"] = out[0], out[1]
+        seen["batch"], seen["rewards"] = out.scored.batch, out.scored.rewards
         seen["before"] = copy.deepcopy(trainer.model)
         return out
 
     trainer.sample = sample
-    import entroprl.trainer as trainer_module
+    import entroprl.train.trainer as trainer_module
 
     real_update = trainer_module.update_policy
 
@@ -203,11 +206,11 @@ def test_empty_minibatch_is_skipped_and_counted(policy_loss, cov_scope):
     with torch.no_grad():  # on-policy, so that PPO's clip leaves row 0 a gradient
         old, _ = forward_log_probs(model, batch.input_ids, batch.attention_mask, 6)
     batch = UpdateBatch(
-        batch.input_ids,
-        batch.attention_mask,
-        batch.response_mask * only_row_0,
-        old,
-        batch.advantages,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        response_mask=batch.response_mask * only_row_0,
+        old_log_prob=old,
+        advantages=batch.advantages,
     )
     config = config_from_dict(
         {
@@ -281,7 +284,7 @@ def test_logged_metrics_do_not_depend_on_the_micro_batch_split(policy_loss):
 
 def test_lopti_logs_both_passes(tmp_path, monkeypatch):
     """Lopti updates twice per step; the second pass's metrics used to overwrite the first's."""
-    import entroprl.trainer as trainer_module
+    import entroprl.train.trainer as trainer_module
 
     passes = iter(
         [
@@ -316,7 +319,7 @@ def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, pol
     forward, detached (no pass of their own): the same update and the same logged values as with
     the separate no-grad pass, and one forward fewer. Scripted rewards differ within every group,
     so that the update has a gradient and moves the weights."""
-    import entroprl.trainer as trainer_module
+    import entroprl.train.trainer as trainer_module
 
     results = []
     initial = torch.cat([p.detach().flatten() for p in make_tiny_policy()[0].parameters()])

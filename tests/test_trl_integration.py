@@ -20,8 +20,9 @@ pytest.importorskip(
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from entroprl import cli, losses  # noqa: E402
-from entroprl.advantages import passk_advantages, qae_advantages  # noqa: E402
+from entroprl import cli  # noqa: E402
+from entroprl.algos import losses  # noqa: E402
+from entroprl.algos.advantages import passk_advantages, qae_advantages  # noqa: E402
 from entroprl.integrations.trl import (  # noqa: E402
     CovGRPOConfig,
     CovGRPOTrainer,

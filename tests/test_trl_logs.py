@@ -17,8 +17,8 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from entroprl import cli  # noqa: E402
-from entroprl.analysis import load_run  # noqa: E402
-from entroprl.foreign import detect_format  # noqa: E402
+from entroprl.analysis.foreign import detect_format  # noqa: E402
+from entroprl.analysis.runs import load_run  # noqa: E402
 from tests.policies import make_tiny_policy  # noqa: E402
 
 PROMPTS = ["1+2=", "3*4=", "5-1=", "7+7=", "2*2=", "9-3=", "8+1=", "6*0="]

@@ -21,7 +21,7 @@ pytest.importorskip(
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.workers.config import FSDPActorConfig, PolicyLossConfig  # noqa: E402
 
-from entroprl import dynamics, losses  # noqa: E402
+from entroprl.algos import dynamics, losses  # noqa: E402
 from entroprl.integrations import verl as ours  # noqa: E402
 
 MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -366,7 +366,7 @@ def test_ce_gppo_betas_reach_it_through_verls_config_target():
 def test_estimators_through_verls_registry():
     from omegaconf import OmegaConf
 
-    from entroprl.advantages import passk_advantages, qae_advantages
+    from entroprl.algos.advantages import passk_advantages, qae_advantages
 
     rng = torch.Generator().manual_seed(5)
     rewards = (torch.rand(24, generator=rng) < 0.5).float()

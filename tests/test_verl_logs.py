@@ -16,8 +16,8 @@ pytest.importorskip(
 from verl.utils.tracking import Tracking  # noqa: E402
 
 from entroprl import cli  # noqa: E402
-from entroprl.analysis import load_run  # noqa: E402
-from entroprl.foreign import detect_format  # noqa: E402
+from entroprl.analysis.foreign import detect_format  # noqa: E402
+from entroprl.analysis.runs import load_run  # noqa: E402
 
 ACC = "val-core/openai/gsm8k/acc/mean@4"
 

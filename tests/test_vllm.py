@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from entroprl.forward import forward_log_probs
-from entroprl.models import build_model, save_model, tiny_config
-from entroprl.rundir import read_metrics
-from entroprl.tokenizer import build_char_tokenizer
+from entroprl.demo.models import build_model, save_model, tiny_config
+from entroprl.demo.tokenizer import build_char_tokenizer
+from entroprl.train.forward import forward_log_probs
+from entroprl.train.rundir import read_metrics
 
 pytestmark = pytest.mark.vllm
 
@@ -51,7 +51,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    from entroprl.vllm_backend import VLLMBackend
+    from entroprl.rollout.vllm import VLLMBackend
 
     tok = build_char_tokenizer()
     return VLLMBackend(

@@ -11,11 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import entroprl.warmstart as ws
-from entroprl.models import build_model, load_model, tiny_config
-from entroprl.tasks.countdown import CountdownProblem, verify
-from entroprl.tokenizer import build_char_tokenizer
-from entroprl.warmstart import (
+import entroprl.demo.warmstart as ws
+from entroprl.demo.models import build_model, load_model, tiny_config
+from entroprl.demo.tokenizer import build_char_tokenizer
+from entroprl.demo.warmstart import (
     INFO_FILE,
     WarmStartConfig,
     build_sft_pairs,
@@ -25,6 +24,8 @@ from entroprl.warmstart import (
     sft_loss,
     warm_start,
 )
+from entroprl.tasks.countdown import CountdownProblem, verify
+from entroprl.train.schedule import learning_rate
 
 TINY = WarmStartConfig(
     hidden_size=16,
@@ -86,8 +87,11 @@ def test_sft_loss_equals_per_sequence_unpadded_nll(tok):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    cfg = WarmStartConfig(steps=110, warmup_steps=10)
-    f = [ws._lr_factor(s, cfg) for s in range(111)]
+    """The warm start's factor of the peak (`schedule.learning_rate` at lr 1, cosine)."""
+    f = [
+        learning_rate(s, lr=1.0, warmup_steps=10, total_steps=110, schedule="cosine")
+        for s in range(111)
+    ]
     assert f[0] == pytest.approx(0.1)
     assert f[4] == pytest.approx(0.5)
     assert f[9] == pytest.approx(1.0)

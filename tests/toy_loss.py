@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from entroprl import losses
+from entroprl.algos import losses
 
 SCOPES: list[tuple[tuple[int, ...], bool]] = []
 """(shape, across_ranks) of every selection made, for the tests to read."""

@@ -14,7 +14,9 @@ single-rank process group, for its mixed precision alone.
 Every failure the user can act on (configuration, input files, the file system, a diverged run)
 ends the command with one line naming the problem and a non-zero exit code: 2 for a command line
 argparse rejects (`EXIT_USAGE`), 1 for everything found wrong after that (`EXIT_ERROR`), 130 when
-Ctrl-C stopped it (`EXIT_INTERRUPTED`, as a shell reports SIGINT).
+Ctrl-C stopped it (`EXIT_INTERRUPTED`, as a shell reports SIGINT). Any other exception (a
+ValueError from a shape check, say) is a bug of entroprl's, not the user's: it keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from entroprl import __version__
-from entroprl.errors import ConfigError, Interrupted, TrainingError
+from entroprl.errors import USER_ERRORS, ConfigError, InputError, Interrupted
 
 EXIT_ERROR = 1
 """The configuration, an input file, the file system or the run itself is at fault; the message
@@ -38,11 +40,16 @@ EXIT_INTERRUPTED = 130
 """Ctrl-C: 128 + SIGINT, what a shell reports for a command that SIGINT ended."""
 
 
-def init_distributed(strategy: str) -> None:
-    """`entroprl.distributed.init` (its old place, kept for scripts that import it from here)."""
-    from entroprl import distributed
+def __getattr__(name: str):
+    # `init_distributed` lived here; `entroprl.train.distributed.init` now, the old name kept for
+    # one release (resolved on use: the distributed module imports torch)
+    if name == "init_distributed":
+        from entroprl import _moved
+        from entroprl.train import distributed
 
-    distributed.init(strategy)
+        _moved.warn("entroprl.cli.init_distributed", "entroprl.train.distributed.init")
+        return distributed.init
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _quiet_thread_os_error(args: threading.ExceptHookArgs) -> None:
@@ -55,10 +62,11 @@ def _quiet_thread_os_error(args: threading.ExceptHookArgs) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from entroprl.config import load_config
-    from entroprl.trainer import Trainer
+    from entroprl.train import distributed
+    from entroprl.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
-    init_distributed(config.trainer.strategy)
+    distributed.init(config.trainer.strategy)
     try:
         out = Trainer(config).train(
             resume=args.resume,
@@ -147,9 +155,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     """
     from transformers import AutoTokenizer
 
-    from entroprl.backends import make_backend
     from entroprl.config import load_config
-    from entroprl.evaluation import (
+    from entroprl.rollout.backend import make_backend
+    from entroprl.tasks import math_problems
+    from entroprl.tasks.base import Task
+    from entroprl.tasks.evaluation import (
         Benchmark,
         Protocol,
         format_table,
@@ -157,10 +167,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         run_benchmarks,
         write_report,
     )
-    from entroprl.policy import load_policy, model_dir, pick_device
-    from entroprl.tasks import math_problems
-    from entroprl.tasks.base import Task
     from entroprl.tasks.registry import build_task
+    from entroprl.train.policy import load_policy, model_dir, pick_device
 
     overrides = [
         *([f"model.path={args.model}"] if args.model else []),
@@ -182,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if args.task or not args.bench:
         if d.task in math_problems.FORMATS:
             if d.test_file is None:
-                raise ValueError(f"data.test_file: set it to evaluate task {d.task!r}")
+                raise InputError(f"data.test_file: set it to evaluate task {d.task!r}")
             spec = f"{d.task}={d.task}:{d.test_file}"
             benchmarks.append(load_benchmark(spec, d, tokenizer, limit=args.limit or d.test_limit))
         else:
@@ -211,14 +219,14 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _law_criteria(args: argparse.Namespace):
     """`law.LawCriteria` from --min-points and --min-entropy-range, its defaults where not given
     (imported here: scipy, behind it, would slow every command's start)."""
-    from entroprl.law import LawCriteria
+    from entroprl.analysis.law import LawCriteria
 
     given = {"min_points": args.min_points, "min_entropy_range": args.min_entropy_range}
     return LawCriteria(**{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from entroprl.report import analyze_run
+    from entroprl.analysis.report import analyze_run
 
     report = analyze_run(
         args.run,
@@ -233,7 +241,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from entroprl.comparison import compare_runs
+    from entroprl.analysis.comparison import compare_runs
 
     report = compare_runs(
         args.runs,
@@ -249,26 +257,26 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from entroprl import checkpoint
+    from entroprl.train import checkpoint
 
     source, out = Path(args.checkpoint), Path(args.out)
     if out.exists():
-        raise ValueError(f"{out} exists: name a new folder for the exported model")
+        raise InputError(f"{out} exists: name a new folder for the exported model")
     if (source / "checkpoints").is_dir():  # a run: its newest valid checkpoint
         source, _, skipped = checkpoint.find_resumable(source / "checkpoints")
         for line in skipped:
             print(f"skipped checkpoint {line}")
         if source is None:
-            raise ValueError(f"{args.checkpoint}: no valid checkpoint to export")
+            raise InputError(f"{args.checkpoint}: no valid checkpoint to export")
     try:
         checkpoint.export_hf(source, out)
     except checkpoint.DamagedCheckpoint as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise InputError(f"{source}: {e}") from None
     print(f"exported {source} to {out} (Hugging Face format)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from entroprl.demo import run_demo
+    from entroprl.demo.race import run_demo
 
     run_demo(
         Path(args.out),
@@ -378,8 +386,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
         "--methods",
         default=None,
         help="comma-separated methods, each raced with the same warm start and seeds and paired "
-        "with grpo (entroprl.demo.METHODS; an unknown name lists them); default: "
-        "entroprl.demo.DEFAULT_METHODS",
+        "with grpo (entroprl.demo.race.METHODS; an unknown name lists them); default: "
+        "entroprl.demo.race.DEFAULT_METHODS",
     )
     p.add_argument("--steps", type=int, default=None, help="RL steps per method")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (intervals need >= 2)")
@@ -435,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--allow-config-change goes with --resume")
     threading.excepthook = _quiet_thread_os_error
     if args.command in ("train", "eval", "demo", "export"):
-        from entroprl import progress
+        from entroprl.train import progress
 
         progress.quiet_libraries_off_terminal()
     try:
@@ -447,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_INTERRUPTED)
     except ConfigError as e:
         _fail(f"configuration error: {e}")
-    except ValueError as e:  # bad input files (metrics, logs, datasets) name what is wrong
+    except USER_ERRORS as e:  # bad input files (metrics, logs, datasets) name what is wrong
         _fail(str(e))
     except ImportError as e:
         _fail(str(e))
@@ -457,10 +465,6 @@ def main(argv: list[str] | None = None) -> None:
     except RecursionError:  # every reader of JSON and YAML names its file before this
         _fail("an input nested too deeply to be read")
     except (MemoryError, RuntimeError) as e:
-        from entroprl.tasks.base import RewardError
-
-        if isinstance(e, TrainingError | RewardError):
-            _fail(str(e))
         if _too_large(e):
             _fail(
                 f"out of memory ({str(e).strip() or type(e).__name__}): lower "

@@ -21,10 +21,12 @@ from typing import Any
 
 import yaml
 
-from entroprl import advantages, losses, mismatch
-from entroprl.errors import ConfigError
+from entroprl.algos import advantages, losses, mismatch
+from entroprl.errors import ConfigError, SettingError
 from entroprl.tasks import math_problems
+from entroprl.tasks.data import DataConfig
 from entroprl.tasks.registry import TASKS
+from entroprl.train.schedule import SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "float16")
 TEMPERATURES = (1e-2, 1e2)
@@ -32,12 +34,11 @@ TEMPERATURES = (1e-2, 1e2)
 temperature is an overflow or a uniform draw, never a sensible run."""
 DEVICE = re.compile(r"auto|(cpu|cuda|mps|xpu)(:\d+)?")
 STRATEGIES = ("ddp", "fsdp")
-"""How the policy is laid out over ranks (`entroprl.parallel`): replicated or sharded."""
+"""How the policy is laid out over ranks (`entroprl.train.parallel`): replicated or sharded."""
 BACKENDS = ("hf", "vllm")
-"""Rollout engines (`entroprl.backends.make_backend`)."""
+"""Rollout engines (`entroprl.rollout.backend.make_backend`)."""
 COV_SCOPES = ("minibatch", "micro")
 COV_LOGPS = ("exact", "old")
-SCHEDULES = ("constant", "cosine", "linear")
 DYNAMIC_SAMPLING_METRICS = ("score", "reward")
 MOVED_KEYS = {
     f"algorithm.{old}": f"algorithm.loss.{new}"
@@ -112,7 +113,7 @@ class ModelConfig:
     """Dtype of the trained weights, their gradients and the AdamW state."""
     compute_dtype: str | None = None
     """Mixed precision: the training forwards and backward in this dtype (`bfloat16`) while the
-    weights, their gradients and AdamW stay in `dtype` (`entroprl.precision`): FSDP's gathered
+    weights, their gradients and AdamW stay in `dtype` (`entroprl.train.precision`): FSDP's gathered
     weights under trainer.strategy=fsdp, else (one process only) a bfloat16 copy of the model.
     The HF backend samples from that copy on a GPU and in `dtype` on the CPU; vLLM samples in
     this dtype. Refused on a CPU without native bfloat16, where it is many times slower (speeds:
@@ -122,57 +123,30 @@ class ModelConfig:
     (transformers' non-reentrant checkpointing): less memory for about a third more compute.
     Not with optim.shared_prefix."""
     lora_rank: int = 0
-    """Train LoRA adapters of this rank instead of the weights (`entroprl.lora`, needs
+    """Train LoRA adapters of this rank instead of the weights (`entroprl.train.lora`, needs
     `entroprl[lora]`); 0: full training. One process or DDP, HF backend."""
     lora_alpha: float = 16.0
     """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank."""
     lora_target_modules: str = "all-linear"
     """The modules that get adapters: `all-linear` or comma-separated names (`q_proj,v_proj`)."""
 
-
-@dataclass
-class DataConfig:
-    task: str = "countdown"
-    """`countdown` (built in, generated) or `math` / `gsm8k` / `jsonl` (read from `train_file`)."""
-    train_file: str | None = None
-    """JSON lines, Parquet, or a `datasets.save_to_disk` directory (`tasks.math_problems`)."""
-    test_file: str | None = None
-    prompt_key: str | None = None
-    """Question field; None: the format's (`question` for gsm8k and jsonl, `problem` for math)."""
-    answer_key: str | None = None
-    """Answer field; None: `answer` (math falls back to the last \\boxed{} of `solution`)."""
-    train_size: int = 2000
-    """Countdown problems generated for training (file tasks use `train_limit`)."""
-    test_size: int = 200
-    """Countdown problems generated for the held-out evaluation."""
-    train_limit: int | None = None
-    """Use only the first N usable rows of `train_file`; None: all."""
-    test_limit: int | None = None
-    reward: str | None = None
-    """`math` or `gsm8k`; or your own function, `module:function`, with TRL's reward signature
-    (`entroprl.tasks.custom_reward`); None: the task's own (gsm8k for gsm8k, math for math and
-    jsonl, the Countdown verifier for countdown)."""
-    reward_timeout: float = 60.0
-    """Seconds your own reward function (`data.reward: module:function`) may take for one batch
-    before its sandbox process is killed and the run stops."""
-    instruction: str = math_problems.DEFAULT_INSTRUCTION
-    """Appended to every question on a new line; empty for none."""
-    chat_template: bool = True
-    """Render prompts with the tokenizer's chat template when it has one."""
-    plain_template: str = math_problems.DEFAULT_PLAIN_TEMPLATE
-    """Prompt without a chat template; `{message}` is the question and the instruction."""
-    max_prompt_chars: int = 16_000
-    """File tasks: questions longer than this (in characters) are left out, and reported, before
-    any tokenizer sees them (a 10 MB question exhausted memory inside the tokenizer)."""
-    seed: int = 0
-    """Seed of the generated Countdown problems (file tasks are read in file order)."""
+    def validate(self) -> None:
+        _need(self.dtype in DTYPES, "model.dtype", " or ".join(DTYPES))
+        _need(
+            self.compute_dtype in (None, *DTYPES),
+            "model.compute_dtype",
+            f"{' or '.join(DTYPES)} (or null for model.dtype)",
+        )
+        _need(self.lora_rank >= 0, "model.lora_rank", "must be >= 0 (0: no LoRA)")
+        _need(self.lora_alpha > 0, "model.lora_alpha", "must be > 0")
 
 
 @dataclass
 class RolloutConfig:
     backend: str = "hf"
-    """What samples the rollouts: `hf`, the training model itself through `entroprl.sampler`,
-    or `vllm`, a vLLM engine synced with the policy before each rollout."""
+    """What samples the rollouts: `hf`, the training model itself through
+    `entroprl.rollout.sampler`, or `vllm`, a vLLM engine synced with the policy before each
+    rollout."""
     prompts_per_step: int = 16
     """Prompts sampled per step, over all ranks (divisible by the number of ranks)."""
     n: int = 8
@@ -191,7 +165,7 @@ class RolloutConfig:
     decoding step costs about the same for few rows as for many."""
     static_cache: bool | None = None
     """HF backend: decode every row to the end in a cache of fixed shape, each step's forward
-    replayed as a CUDA graph (`entroprl.sampler`). None: on a GPU (for a model that is not
+    replayed as a CUDA graph (`entroprl.rollout.sampler`). None: on a GPU (for a model that is not
     sharded over ranks); false: never (finished rows leave the batch instead, the CPU's
     default); true: also on the CPU, where no graph is captured. The same tokens either way."""
     gpu_memory_utilization: float = 0.5
@@ -203,22 +177,33 @@ class RolloutConfig:
     """vLLM: run the model eagerly, without torch.compile and CUDA graphs (verl's
     ``rollout.enforce_eager``): a faster engine start, slower sampling on GPUs."""
 
+    def validate(self) -> None:
+        low, high = TEMPERATURES
+        _need(self.backend in BACKENDS, "rollout.backend", " or ".join(BACKENDS))
+        _need(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "in (0, 1)")
+        _need(self.n >= 1, "rollout.n", "must be >= 1")
+        _need(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+        _need(self.generation_batch_size >= 1, "rollout.generation_batch_size", "must be >= 1")
+        _need(low <= self.temperature <= high, "rollout.temperature", f"must be in [{low}, {high}]")
+        _need(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _need(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+
 
 @dataclass
 class AlgorithmConfig:
     plugins: list[str] = field(default_factory=list)
     """Python modules imported before the rest of the configuration is read: they register policy
-    losses (`entroprl.losses.register_policy_loss`) or advantage estimators under new names.
+    losses (`entroprl.algos.losses.register_policy_loss`) or advantage estimators under new names.
     Each must be importable (installed, or on PYTHONPATH)."""
     advantage: str = "grpo"
-    """A registered advantage estimator (`entroprl.advantages.ADVANTAGE_ESTIMATORS`, algorithms.md
-    §6): grpo, dr_grpo, rloo, reinforce_pp_baseline, qae, passk, or a plug-in's."""
+    """A registered advantage estimator (`entroprl.algos.advantages.ADVANTAGE_ESTIMATORS`,
+    algorithms.md §6): grpo, dr_grpo, rloo, reinforce_pp_baseline, qae, passk, or a plug-in's."""
     advantage_settings: dict[str, Any] = field(default_factory=dict)
     """Each estimator's own settings, `advantage_settings.<name>.<setting>` (e.g.
     `advantage_settings.qae.quantile`); those of `advantage` not given take their defaults."""
     policy_loss: str = "ppo"
-    """A registered policy loss (`entroprl.losses.POLICY_LOSSES`): ppo, clip_cov, kl_cov, ce_gppo,
-    entropic, or a plug-in's."""
+    """A registered policy loss (`entroprl.algos.losses.POLICY_LOSSES`): ppo, clip_cov, kl_cov,
+    ce_gppo, entropic, or a plug-in's."""
     loss: dict[str, Any] = field(default_factory=dict)
     """Each loss's own settings, `loss.<name>.<setting>` (e.g. `loss.clip_cov.ratio`); the
     settings of `policy_loss` not given here take their defaults (`losses.PPOSettings`,
@@ -291,13 +276,100 @@ class AlgorithmConfig:
     - alpha); 0: off."""
     lopti_eta: float | None = None
     rollout_is: str | None = None
-    """Truncated importance sampling on the rollout/training mismatch (`entroprl.mismatch`,
+    """Truncated importance sampling on the rollout/training mismatch (`entroprl.algos.mismatch`,
     verl's ``rollout_correction.rollout_is``): `token` or `sequence` weights
     min(pi_train / pi_rollout, rollout_is_threshold) on each token's policy loss (KL-Cov's
     penalty included, as verl); None: off. Needs the engine's log-probs, which
     rollout.backend=vllm reports."""
     rollout_is_threshold: float = 2.0
     """The truncation C of rollout_is."""
+
+    def validate(self) -> None:
+        _need(
+            self.policy_loss in losses.POLICY_LOSSES,
+            "algorithm.policy_loss",
+            f"unknown loss {_show(self.policy_loss)}; known: {sorted(losses.POLICY_LOSSES)}",
+        )
+        _need(
+            self.advantage in advantages.ADVANTAGE_ESTIMATORS,
+            "algorithm.advantage",
+            f"unknown estimator {_show(self.advantage)}; "
+            f"known: {sorted(advantages.ADVANTAGE_ESTIMATORS)}",
+        )
+        _need(
+            self.loss_agg_mode in losses.LOSS_AGG_MODES,
+            "algorithm.loss_agg_mode",
+            f"unknown mode {_show(self.loss_agg_mode)}; known: {sorted(losses.LOSS_AGG_MODES)}",
+        )
+        chosen = (
+            ("loss", self.loss, self.policy_loss, losses.POLICY_LOSSES),
+            (
+                "advantage_settings",
+                self.advantage_settings,
+                self.advantage,
+                advantages.ADVANTAGE_ESTIMATORS,
+            ),
+        )
+        for key, store, name, registry in chosen:
+            # the chosen one's defaults are checked too where none are given
+            every = store if name in store else {**store, name: registry[name].settings()}
+            for entry, settings in every.items():
+                try:
+                    settings.validate()
+                except SettingError as e:
+                    raise ConfigError(f"algorithm.{key}.{entry}.{e.key}: {e.why}") from None
+        self._validate_options()
+
+    def _validate_options(self) -> None:
+        _need(self.cov_scope in COV_SCOPES, "algorithm.cov_scope", " or ".join(COV_SCOPES))
+        _need(self.cov_logp in COV_LOGPS, "algorithm.cov_logp", " or ".join(COV_LOGPS))
+        _need(
+            self.kl_estimator in losses.KL_ESTIMATORS,
+            "algorithm.kl_estimator",
+            " or ".join(losses.KL_ESTIMATORS),
+        )
+        _need(
+            self.high_entropy_rho is None or 0 < self.high_entropy_rho <= 1,
+            "algorithm.high_entropy_rho",
+            "must be in (0, 1]",
+        )
+        _need(self.lopti_eta is None or 0 < self.lopti_eta < 1, "algorithm.lopti_eta", "in (0, 1)")
+        _need(0 <= self.low_prob_alpha <= 1, "algorithm.low_prob_alpha", "must be in [0, 1]")
+        _need(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+        _need(self.overlong_factor >= 0, "algorithm.overlong_factor", "must be >= 0")
+        _need(
+            self.rollout_is is None or self.rollout_is in mismatch.ROLLOUT_IS_LEVELS,
+            "algorithm.rollout_is",
+            f"{' or '.join(mismatch.ROLLOUT_IS_LEVELS)} (or null: off)",
+        )
+        _need(self.rollout_is_threshold > 0, "algorithm.rollout_is_threshold", "must be > 0")
+        _need(
+            self.rollout_is is None
+            or _takes_keyword(losses.POLICY_LOSSES[self.policy_loss].fn, "weights"),
+            "algorithm.rollout_is",
+            f"policy loss {self.policy_loss!r} takes no `weights` argument, through which the "
+            "importance weights reach its per-token loss (entroprl.algos.losses.PolicyLoss)",
+        )
+        _need(
+            self.dynamic_sampling_max_batches >= 1,
+            "algorithm.dynamic_sampling_max_batches",
+            "must be >= 1",
+        )
+        _need(
+            self.dynamic_sampling or self.dynamic_sampling_max_batches == 1,
+            "algorithm.dynamic_sampling_max_batches",
+            "more than one batch needs algorithm.dynamic_sampling=true",
+        )
+        _need(
+            self.dynamic_sampling_metric in DYNAMIC_SAMPLING_METRICS,
+            "algorithm.dynamic_sampling_metric",
+            " or ".join(DYNAMIC_SAMPLING_METRICS),
+        )
+        _need(
+            self.plateau_window >= 3 and self.plateau_window % 2 == 1,
+            "algorithm.plateau_window",
+            "must be an odd number >= 3",
+        )
 
 
 @dataclass
@@ -339,6 +411,37 @@ class OptimConfig:
     def log_prob_rows(self) -> int:
         return self.log_prob_micro_batch_size or self.micro_batch_size
 
+    def validate(self) -> None:
+        _need(0 < self.lr <= 1, "optim.lr", "must be in (0, 1]")
+        _need(
+            self.weight_decay >= 0 and self.lr * self.weight_decay < 1,
+            "optim.weight_decay",
+            "must be >= 0, with lr * weight_decay < 1 (AdamW scales the weights by "
+            "1 - lr * weight_decay every step)",
+        )
+        _need(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+        _need(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+        _need(self.grad_clip > 0, "optim.grad_clip", "must be > 0 (the largest gradient norm)")
+        _need(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _need(self.schedule in SCHEDULES, "optim.schedule", " or ".join(SCHEDULES))
+        _need(self.epochs >= 1, "optim.epochs", "must be >= 1")
+        _need(self.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
+        _need(
+            self.log_prob_micro_batch_size is None or self.log_prob_micro_batch_size >= 1,
+            "optim.log_prob_micro_batch_size",
+            "must be >= 1 (or null: optim.micro_batch_size)",
+        )
+        _need(
+            self.mini_batch_size >= self.micro_batch_size,
+            "optim.mini_batch_size",
+            "must be >= optim.micro_batch_size",
+        )
+        _need(
+            self.mini_batch_size % self.micro_batch_size == 0,
+            "optim.mini_batch_size",
+            "must be a multiple of optim.micro_batch_size",
+        )
+
 
 @dataclass
 class TrainerConfig:
@@ -365,7 +468,7 @@ class TrainerConfig:
     save_every: int = 50
     """A checkpoint every this many steps, and at the last."""
     keep_checkpoints: int = 2
-    """Checkpoints kept: the newest and the ones before it (`entroprl.checkpoint.prune`)."""
+    """Checkpoints kept: the newest and the ones before it (`entroprl.train.checkpoint.prune`)."""
     rollout_samples: int = 8
     """Rollouts per step saved with per-token log-prob, entropy, advantage and covariance."""
     max_nonfinite_updates: int = 5
@@ -376,7 +479,7 @@ class TrainerConfig:
     no-grad forward) and log the measured change, `dynamics/entropy_change`; 0: never. Every 10
     steps keeps its cost near 1% of training."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Experiment trackers the metrics also go to, under the same names (`entroprl.trackers`,
+    """Experiment trackers the metrics also go to, under the same names (`entroprl.train.trackers`,
     through Accelerate's tracker layer): tensorboard (events in out_dir/tb), wandb
     (`pip install 'entroprl[wandb]'`; `WANDB_MODE=offline` keeps it in out_dir/wandb), mlflow,
     trackio, aim, comet_ml, clearml, dvclive, swanlab; [] for none."""
@@ -385,6 +488,37 @@ class TrainerConfig:
     after out_dir."""
     progress: bool = True
     """Progress bars on long work (steps, sampling chunks, updates)."""
+
+    def validate(self) -> None:
+        low, high = TEMPERATURES
+        _need(
+            self.eval_temperature == 0 or low <= self.eval_temperature <= high,
+            "trainer.eval_temperature",
+            f"must be 0 (greedy) or in [{low}, {high}]",
+        )
+        _need(self.steps >= 1, "trainer.steps", "must be >= 1")
+        low_seed, high_seed = SEED_RANGE
+        _need(low_seed <= self.seed <= high_seed, "trainer.seed", f"must be in [0, {high_seed:,}]")
+        _need(self.entropy_change_every >= 0, "trainer.entropy_change_every", "must be >= 0")
+        _need(self.eval_samples >= 1, "trainer.eval_samples", "must be >= 1")
+        _need(self.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0: no evaluation)")
+        _need(self.save_every >= 1, "trainer.save_every", "must be >= 1")
+        _need(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
+        _need(self.max_nonfinite_updates >= 1, "trainer.max_nonfinite_updates", "must be >= 1")
+        _need(self.rollout_samples >= 0, "trainer.rollout_samples", "must be >= 0")
+        _need(self.out_dir.strip() != "", "trainer.out_dir", "must name a directory")
+        if self.report_to:
+            from entroprl.train import trackers  # Accelerate: imported only where one is named
+
+            known = trackers.names()
+            for i, name in enumerate(self.report_to):
+                _need(name in known, f"trainer.report_to[{i}]", f"one of {known}")
+        _need(
+            DEVICE.fullmatch(self.device) is not None,
+            "trainer.device",
+            f"unknown device {_show(self.device)}; expected auto, cpu, cuda, cuda:N or mps",
+        )
+        _need(self.strategy in STRATEGIES, "trainer.strategy", " or ".join(STRATEGIES))
 
 
 @dataclass
@@ -401,234 +535,126 @@ class Config:
 
     def loss_settings(self) -> Any:
         """The settings of `algorithm.policy_loss` (a `PolicyLossSpec.settings` instance)."""
-        return self.algorithm.loss[self.algorithm.policy_loss]
+        a = self.algorithm
+        return a.loss.get(a.policy_loss) or losses.POLICY_LOSSES[a.policy_loss].settings()
 
     def estimator_settings(self) -> Any:
         """The settings of `algorithm.advantage` (an `AdvantageEstimatorSpec.settings`
         instance)."""
-        return self.algorithm.advantage_settings[self.algorithm.advantage]
+        a = self.algorithm
+        chosen = a.advantage_settings.get(a.advantage)
+        return chosen or advantages.ADVANTAGE_ESTIMATORS[a.advantage].settings()
 
     def validate(self) -> Config:
-        """Check value ranges and names; raise ConfigError naming the key at fault."""
-
-        def need(ok: bool, key: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"{key}: {why}")
-
+        """Check value ranges and names, each section by itself and then what ties sections
+        together; raise ConfigError naming the key at fault. Changes nothing (the settings of the
+        loss and estimator chosen are filled in by `with_default_settings`, where a configuration
+        is read)."""
         for section in dataclasses.fields(self):
             values = getattr(self, section.name)
-            for f in dataclasses.fields(values):
-                value = getattr(values, f.name)
-                if isinstance(value, float):
-                    need(math.isfinite(value), f"{section.name}.{f.name}", "must be finite")
-                elif isinstance(value, int) and not isinstance(value, bool):
-                    # torch holds counts and seeds in 64 bits: a larger one overflows deep inside
-                    need(abs(value) < 2**63, f"{section.name}.{f.name}", "does not fit in 64 bits")
-        a, r, o, t = self.algorithm, self.rollout, self.optim, self.trainer
-        low, high = TEMPERATURES
-        need(
-            a.policy_loss in losses.POLICY_LOSSES,
-            "algorithm.policy_loss",
-            f"unknown loss {_show(a.policy_loss)}; known: {sorted(losses.POLICY_LOSSES)}",
+            _check_numbers(section.name, values)
+            if section.name == "data":
+                _validate_data(values)
+            else:
+                values.validate()
+        self._validate_across_sections()
+        return self
+
+    def _validate_across_sections(self) -> None:
+        a, r, o, t, m, d = (
+            self.algorithm,
+            self.rollout,
+            self.optim,
+            self.trainer,
+            self.model,
+            self.data,
         )
-        need(
-            a.advantage in advantages.ADVANTAGE_ESTIMATORS,
-            "algorithm.advantage",
-            f"unknown estimator {_show(a.advantage)}; "
-            f"known: {sorted(advantages.ADVANTAGE_ESTIMATORS)}",
-        )
-        need(
-            a.loss_agg_mode in losses.LOSS_AGG_MODES,
-            "algorithm.loss_agg_mode",
-            f"unknown mode {_show(a.loss_agg_mode)}; known: {sorted(losses.LOSS_AGG_MODES)}",
-        )
-        a.loss.setdefault(a.policy_loss, losses.POLICY_LOSSES[a.policy_loss].settings())
-        estimator = advantages.ADVANTAGE_ESTIMATORS[a.advantage]
-        a.advantage_settings.setdefault(a.advantage, estimator.settings())
-        for key, store in (("loss", a.loss), ("advantage_settings", a.advantage_settings)):
-            for name, settings in store.items():
-                try:
-                    settings.validate()
-                except losses.SettingError as e:
-                    raise ConfigError(f"algorithm.{key}.{name}.{e.key}: {e.why}") from None
-        need(a.cov_scope in COV_SCOPES, "algorithm.cov_scope", " or ".join(COV_SCOPES))
-        need(a.cov_logp in COV_LOGPS, "algorithm.cov_logp", " or ".join(COV_LOGPS))
-        need(
-            a.kl_estimator in losses.KL_ESTIMATORS,
-            "algorithm.kl_estimator",
-            " or ".join(losses.KL_ESTIMATORS),
-        )
-        need(
-            a.high_entropy_rho is None or 0 < a.high_entropy_rho <= 1,
-            "algorithm.high_entropy_rho",
-            "must be in (0, 1]",
-        )
-        need(a.lopti_eta is None or 0 < a.lopti_eta < 1, "algorithm.lopti_eta", "in (0, 1)")
-        need(0 <= a.low_prob_alpha <= 1, "algorithm.low_prob_alpha", "must be in [0, 1]")
-        need(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
-        need(a.overlong_factor >= 0, "algorithm.overlong_factor", "must be >= 0")
-        need(
+        _need(
             0 <= a.overlong_buffer <= r.max_new_tokens,
             "algorithm.overlong_buffer",
             "must be in [0, rollout.max_new_tokens]",
         )
-        need(r.backend in BACKENDS, "rollout.backend", " or ".join(BACKENDS))
-        need(
-            a.rollout_is is None or a.rollout_is in mismatch.ROLLOUT_IS_LEVELS,
-            "algorithm.rollout_is",
-            f"{' or '.join(mismatch.ROLLOUT_IS_LEVELS)} (or null: off)",
-        )
-        need(a.rollout_is_threshold > 0, "algorithm.rollout_is_threshold", "must be > 0")
-        need(
+        _need(
             a.rollout_is is None or r.backend == "vllm",
             "algorithm.rollout_is",
             "needs the rollout engine's log-probs, which only rollout.backend=vllm reports",
         )
-        need(
-            a.rollout_is is None
-            or _takes_keyword(losses.POLICY_LOSSES[a.policy_loss].fn, "weights"),
-            "algorithm.rollout_is",
-            f"policy loss {a.policy_loss!r} takes no `weights` argument, through which the "
-            "importance weights reach its per-token loss (entroprl.losses.PolicyLoss)",
-        )
-        need(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "in (0, 1)")
-        need(
-            a.dynamic_sampling_max_batches >= 1,
-            "algorithm.dynamic_sampling_max_batches",
-            "must be >= 1",
-        )
-        need(
-            a.dynamic_sampling or a.dynamic_sampling_max_batches == 1,
-            "algorithm.dynamic_sampling_max_batches",
-            "more than one batch needs algorithm.dynamic_sampling=true",
-        )
-        need(
-            a.dynamic_sampling_metric in DYNAMIC_SAMPLING_METRICS,
-            "algorithm.dynamic_sampling_metric",
-            " or ".join(DYNAMIC_SAMPLING_METRICS),
-        )
-        need(
+        _need(
             a.dynamic_sampling_gen_prompts is None
             or (a.dynamic_sampling and a.dynamic_sampling_gen_prompts >= r.prompts_per_step),
             "algorithm.dynamic_sampling_gen_prompts",
             "needs algorithm.dynamic_sampling=true and must be >= rollout.prompts_per_step",
         )
-        need(
-            a.plateau_window >= 3 and a.plateau_window % 2 == 1,
-            "algorithm.plateau_window",
-            "must be an odd number >= 3",
-        )
-        need(r.n >= 1, "rollout.n", "must be >= 1")
-        need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
-        need(r.generation_batch_size >= 1, "rollout.generation_batch_size", "must be >= 1")
-        need(low <= r.temperature <= high, "rollout.temperature", f"must be in [{low}, {high}]")
-        need(
-            t.eval_temperature == 0 or low <= t.eval_temperature <= high,
-            "trainer.eval_temperature",
-            f"must be 0 (greedy) or in [{low}, {high}]",
-        )
-        need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-        need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-        need(0 < o.lr <= 1, "optim.lr", "must be in (0, 1]")
-        need(
-            o.weight_decay >= 0 and o.lr * o.weight_decay < 1,
-            "optim.weight_decay",
-            "must be >= 0, with lr * weight_decay < 1 (AdamW scales the weights by "
-            "1 - lr * weight_decay every step)",
-        )
-        need(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
-        need(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
-        need(o.grad_clip > 0, "optim.grad_clip", "must be > 0 (the largest gradient norm)")
-        need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        need(o.schedule in SCHEDULES, "optim.schedule", " or ".join(SCHEDULES))
-        need(o.epochs >= 1, "optim.epochs", "must be >= 1")
-        need(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
-        need(
-            o.log_prob_micro_batch_size is None or o.log_prob_micro_batch_size >= 1,
-            "optim.log_prob_micro_batch_size",
-            "must be >= 1 (or null: optim.micro_batch_size)",
-        )
-        need(
-            o.mini_batch_size >= o.micro_batch_size,
-            "optim.mini_batch_size",
-            "must be >= optim.micro_batch_size",
-        )
-        need(
-            o.mini_batch_size % o.micro_batch_size == 0,
-            "optim.mini_batch_size",
-            "must be a multiple of optim.micro_batch_size",
-        )
-        need(
-            not (o.shared_prefix and self.model.gradient_checkpointing),
+        _need(
+            not (o.shared_prefix and m.gradient_checkpointing),
             "optim.shared_prefix",
             "needs the KV cache, which model.gradient_checkpointing turns off",
         )
-        need(t.steps >= 1, "trainer.steps", "must be >= 1")
-        low_seed, high_seed = SEED_RANGE
-        need(low_seed <= t.seed <= high_seed, "trainer.seed", f"must be in [0, {high_seed:,}]")
-        need(t.entropy_change_every >= 0, "trainer.entropy_change_every", "must be >= 0")
-        need(t.eval_samples >= 1, "trainer.eval_samples", "must be >= 1")
-        need(t.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0: no evaluation)")
-        need(t.save_every >= 1, "trainer.save_every", "must be >= 1")
-        need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
-        need(t.max_nonfinite_updates >= 1, "trainer.max_nonfinite_updates", "must be >= 1")
-        need(t.rollout_samples >= 0, "trainer.rollout_samples", "must be >= 0")
-        need(t.out_dir.strip() != "", "trainer.out_dir", "must name a directory")
-        if t.report_to:
-            from entroprl import trackers  # Accelerate: imported only where trackers are named
-
-            known = trackers.names()
-            for i, name in enumerate(t.report_to):
-                need(name in known, f"trainer.report_to[{i}]", f"one of {known}")
-        need(
-            DEVICE.fullmatch(t.device) is not None,
-            "trainer.device",
-            f"unknown device {_show(t.device)}; expected auto, cpu, cuda, cuda:N or mps",
-        )
-        need(self.model.dtype in DTYPES, "model.dtype", " or ".join(DTYPES))
-        need(t.strategy in STRATEGIES, "trainer.strategy", " or ".join(STRATEGIES))
-        need(
-            self.model.compute_dtype in (None, *DTYPES),
-            "model.compute_dtype",
-            f"{' or '.join(DTYPES)} (or null for model.dtype)",
-        )
-        need(
-            self.model.compute_dtype in (None, "bfloat16", self.model.dtype)
-            or t.strategy == "fsdp",
+        _need(
+            m.compute_dtype in (None, "bfloat16", m.dtype) or t.strategy == "fsdp",
             "model.compute_dtype",
             "bfloat16 without FSDP (float16 needs trainer.strategy=fsdp)",
         )
-        d = self.data
-        need(d.task in TASKS, "data.task", f"unknown task {_show(d.task)}; known: {sorted(TASKS)}")
-        need(d.train_size >= 1, "data.train_size", "must be >= 1")
-        need(d.test_size >= 1, "data.test_size", "must be >= 1")
-        need(d.max_prompt_chars >= 1, "data.max_prompt_chars", "must be >= 1")
-        file_task = d.task in math_problems.FORMATS
-        need(
-            not file_task or t.eval_every == 0 or d.test_file is not None,
+        _need(
+            d.task not in math_problems.FORMATS or t.eval_every == 0 or d.test_file is not None,
             "data.test_file",
             f"task {_show(d.task)} evaluates on a file: set it, or trainer.eval_every=0",
         )
-        need(
-            d.reward is None or d.reward in math_problems.REWARDS or ":" in d.reward,
-            "data.reward",
-            f"unknown reward {_show(d.reward)}; known: {sorted(math_problems.REWARDS)}, or "
-            "module:function for your own",
-        )
-        need(d.reward_timeout > 0, "data.reward_timeout", "must be > 0")
-        m = self.model
-        need(m.lora_rank >= 0, "model.lora_rank", "must be >= 0 (0: no LoRA)")
-        need(m.lora_alpha > 0, "model.lora_alpha", "must be > 0")
-        need(
+        _need(
             not m.lora_rank or (t.strategy == "ddp" and r.backend == "hf"),
             "model.lora_rank",
             "LoRA trains with trainer.strategy=ddp and rollout.backend=hf (FSDP and vLLM load "
             "whole weights)",
         )
-        need("{message}" in d.plain_template, "data.plain_template", "must contain {message}")
-        need(d.train_limit is None or d.train_limit >= 1, "data.train_limit", "must be >= 1")
-        need(d.test_limit is None or d.test_limit >= 1, "data.test_limit", "must be >= 1")
-        return self
+
+    def with_default_settings(self) -> Config:
+        """This configuration with the settings of its policy loss and advantage estimator
+        filled in with their defaults where none are given (a copy; `self` is left as it is), so
+        that the run directory's config.yaml holds every value the run uses."""
+        a = self.algorithm
+        loss, estimator = dict(a.loss), dict(a.advantage_settings)
+        if a.policy_loss in losses.POLICY_LOSSES:
+            loss.setdefault(a.policy_loss, losses.POLICY_LOSSES[a.policy_loss].settings())
+        if a.advantage in advantages.ADVANTAGE_ESTIMATORS:
+            spec = advantages.ADVANTAGE_ESTIMATORS[a.advantage]
+            estimator.setdefault(a.advantage, spec.settings())
+        algorithm = dataclasses.replace(a, loss=loss, advantage_settings=estimator)
+        return dataclasses.replace(self, algorithm=algorithm)
+
+
+def _need(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+def _check_numbers(name: str, section: Any) -> None:
+    """Every float of a section finite, every int inside torch's 64 bits."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float):
+            _need(math.isfinite(value), f"{name}.{f.name}", "must be finite")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            # torch holds counts and seeds in 64 bits: a larger one overflows deep inside
+            _need(abs(value) < 2**63, f"{name}.{f.name}", "does not fit in 64 bits")
+
+
+def _validate_data(d: DataConfig) -> None:
+    """The `data` section (its dataclass lives with the tasks, whose names it is checked
+    against here)."""
+    _need(d.task in TASKS, "data.task", f"unknown task {_show(d.task)}; known: {sorted(TASKS)}")
+    _need(d.train_size >= 1, "data.train_size", "must be >= 1")
+    _need(d.test_size >= 1, "data.test_size", "must be >= 1")
+    _need(d.max_prompt_chars >= 1, "data.max_prompt_chars", "must be >= 1")
+    _need(
+        d.reward is None or d.reward in math_problems.REWARDS or ":" in d.reward,
+        "data.reward",
+        f"unknown reward {_show(d.reward)}; known: {sorted(math_problems.REWARDS)}, or "
+        "module:function for your own",
+    )
+    _need(d.reward_timeout > 0, "data.reward_timeout", "must be > 0")
+    _need("{message}" in d.plain_template, "data.plain_template", "must contain {message}")
+    _need(d.train_limit is None or d.train_limit >= 1, "data.train_limit", "must be >= 1")
+    _need(d.test_limit is None or d.test_limit >= 1, "data.test_limit", "must be >= 1")
 
 
 _repr = reprlib.Repr()
@@ -846,7 +872,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply_all(config, values)
     if overrides:
         _apply_all(config, parse_overrides(overrides))
-    return config.validate()
+    return config.validate().with_default_settings()
 
 
 def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
@@ -884,4 +910,4 @@ def meaning_changes(changes: dict[str, tuple[Any, Any]], after: Config) -> list[
 def config_from_dict(values: dict[str, Any]) -> Config:
     config = Config()
     _apply_all(config, values)
-    return config.validate()
+    return config.validate().with_default_settings()

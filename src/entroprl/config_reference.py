@@ -17,7 +17,8 @@ import itertools
 import textwrap
 from typing import Any
 
-from entroprl import advantages, config, losses
+from entroprl import config
+from entroprl.algos import advantages, losses
 
 HEADER = """# Configuration reference
 

@@ -48,10 +48,11 @@ from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from entroprl import distributed, dynamics, losses
-from entroprl.advantages import PassKSettings, QAESettings, passk_advantages, qae_advantages
-from entroprl.checks import check_choice
-from entroprl.entropy import batch_entropy
+from entroprl.algos import dynamics, losses
+from entroprl.algos.advantages import PassKSettings, QAESettings, passk_advantages, qae_advantages
+from entroprl.algos.checks import check_choice
+from entroprl.algos.entropy import batch_entropy
+from entroprl.train import distributed, seeds
 
 COV_LOSS_TYPES = ("clip_cov", "kl_cov")
 ENTROPRL_LOSS_TYPES = (*COV_LOSS_TYPES, "ce_gppo")
@@ -425,7 +426,7 @@ class CovGRPOTrainer(GRPOTrainer):
                 logp, advantages, mask, ratio=a.kl_cov_ratio, across_ranks=True
             )
         # one seed per scope, the same on every rank, as the global selection needs
-        generator = torch.Generator().manual_seed(a.seed * 15_485_863 + first_step)
+        generator = torch.Generator().manual_seed(seeds.derive("update", a.seed, first_step))
         settings = losses.ClipCovSettings(
             ratio=a.clip_cov_ratio,
             lb=a.clip_cov_lb,

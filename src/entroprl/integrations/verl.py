@@ -21,7 +21,8 @@ What differs from verl's `clip_cov` / `kl_cov`:
   verl's data-parallel group is the whole process group (no sequence, tensor or pipeline
   parallelism). verl gives its loss wrapper the group but not the policy loss; otherwise the
   selection stays per rank, as verl's, with a warning.
-- The losses are entroprl's (`entroprl.losses`), with verl's aggregation (`global_batch_info`) and
+- The losses are entroprl's (`entroprl.algos.losses`), with verl's aggregation
+(`global_batch_info`) and
   rollout importance weights: on one rank they equal verl's on the same inputs (tested), except
   where verl is arbitrary (ties in KL-Cov's top-k go to the lowest index; `ratio * N` within 1e-9 of
   an integer counts as that integer).
@@ -47,8 +48,9 @@ from torch import Tensor
 from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 from verl.workers.config import PolicyLossConfig
 
-from entroprl import distributed, dynamics, losses
-from entroprl.advantages import PassKSettings, QAESettings, passk_advantages, qae_advantages
+from entroprl.algos import dynamics, losses
+from entroprl.algos.advantages import PassKSettings, QAESettings, passk_advantages, qae_advantages
+from entroprl.train import distributed
 
 # Mean |logp - old_logp| over a mini-batch's tokens below which KL-Cov's penalty counts as zero
 ON_POLICY_TOLERANCE = 1e-6

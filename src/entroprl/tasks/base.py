@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from entroprl.errors import RewardError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -13,10 +15,6 @@ class Example:
     """The text given to the model, already rendered (chat template or plain)."""
     answer: Any
     """What the reward function compares the completion with."""
-
-
-class RewardError(RuntimeError):
-    """A task's reward function raised; the message names the task, the rollout and the error."""
 
 
 @dataclass(frozen=True)

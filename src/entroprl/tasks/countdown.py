@@ -25,14 +25,12 @@ from fractions import Fraction
 from functools import cache
 from itertools import combinations_with_replacement, permutations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from entroprl.checks import check_choice
-from entroprl.errors import ConfigError
+from entroprl.algos.checks import check_choice
+from entroprl.errors import ConfigError, InputError
 from entroprl.tasks.base import Example, Task
-
-if TYPE_CHECKING:
-    from entroprl.config import DataConfig
+from entroprl.tasks.data import DataConfig
 
 MAX_EXPRESSION_CHARS = 64
 """Longer answers are rejected before parsing (bounds the parser's work on adversarial text)."""
@@ -57,10 +55,10 @@ class CountdownProblem:
 
     def __post_init__(self) -> None:
         if not self.numbers:
-            raise ValueError("CountdownProblem.numbers is empty")
+            raise InputError("CountdownProblem.numbers is empty")
         for x in (*self.numbers, self.target):
             if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-                raise ValueError(
+                raise InputError(
                     f"CountdownProblem needs non-negative ints, got numbers={self.numbers!r} "
                     f"target={self.target!r}"
                 )
@@ -126,7 +124,7 @@ def problem_space(
     """All (sorted numbers, target) pairs of one split, in a fixed order (see module docstring)."""
     check_choice("split", split, ("train", "test"))
     if num_numbers < 1 or max_number < 1 or max_target < 1:
-        raise ValueError(
+        raise InputError(
             f"num_numbers, max_number and max_target must be >= 1, got {num_numbers}, "
             f"{max_number}, {max_target}"
         )
@@ -157,10 +155,10 @@ def generate_problems(
     of each problem are shown in a random order.
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise InputError(f"n must be >= 0, got {n}")
     space = problem_space(split, num_numbers, max_number, max_target)
     if not space:
-        raise ValueError(
+        raise InputError(
             f"no {split} problem with num_numbers={num_numbers}, max_number={max_number}, "
             f"max_target={max_target}"
         )
@@ -274,7 +272,7 @@ def solutions(problem: CountdownProblem, *, max_solutions: int | None = None) ->
     Every returned string passes `verify`; `max_solutions` keeps the first ones.
     """
     if max_solutions is not None and max_solutions < 1:
-        raise ValueError(f"max_solutions must be >= 1 or None, got {max_solutions}")
+        raise InputError(f"max_solutions must be >= 1 or None, got {max_solutions}")
     found = [t for t, v in expression_values(problem.numbers).items() if v == problem.target]
     ordered = sorted(found, key=lambda s: (len(s), s))
     return ordered if max_solutions is None else ordered[:max_solutions]
@@ -301,13 +299,13 @@ def load_jsonl(path: str | Path) -> list[CountdownProblem]:
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict) or set(record) != {"numbers", "target"}:
-                    raise ValueError('expected an object with exactly "numbers" and "target"')
+                    raise InputError('expected an object with exactly "numbers" and "target"')
                 numbers = record["numbers"]
                 if not isinstance(numbers, list):
-                    raise ValueError('"numbers" must be a list of ints')
+                    raise InputError('"numbers" must be a list of ints')
                 problems.append(CountdownProblem(tuple(numbers), record["target"]))
             except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
-                raise ValueError(f"{path}:{lineno}: invalid Countdown problem: {err}") from None
+                raise InputError(f"{path}:{lineno}: invalid Countdown problem: {err}") from None
     return problems
 
 

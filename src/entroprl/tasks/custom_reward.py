@@ -4,11 +4,11 @@
 
 one float per completion (None counts 0, as TRL sums rewards ignoring None); `answer` holds each
 row's reference answer (the task's: the data file's answer column, or a Countdown problem).
-It runs as the built-in math rewards do (`entroprl.rewards`): in a sandbox process, killed past
-`data.reward_timeout` seconds for a batch; its module is imported there, so it must be importable
-(installed, on PYTHONPATH or in the working directory). A function that raises, overruns or returns
-something else than one number per completion stops the run with one line naming `data.reward`,
-never a silent 0.
+It runs as the built-in math rewards do (`entroprl.tasks.rewards`): in a sandbox process, killed
+past `data.reward_timeout` seconds for a batch; its module is imported there, so it must be
+importable (installed, on PYTHONPATH or in the working directory). A function that raises, overruns
+or returns something else than one number per completion stops the run with one line naming
+`data.reward`, never a silent 0.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from entroprl import rewards
-from entroprl.errors import ConfigError
-from entroprl.tasks.base import RewardError, Task
+from entroprl.errors import ConfigError, RewardError
+from entroprl.tasks import rewards
+from entroprl.tasks.base import Task
 
 SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 """`module.path:function`."""

@@ -30,21 +30,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from entroprl.checks import check_choice
-from entroprl.errors import ConfigError
-from entroprl.rewards import (
+from entroprl.algos.checks import check_choice
+from entroprl.errors import ConfigError, InputError
+from entroprl.tasks.base import Example, Task
+from entroprl.tasks.data import DEFAULT_INSTRUCTION, DEFAULT_PLAIN_TEMPLATE, DataConfig
+from entroprl.tasks.rewards import (
     extract_boxed,
     extract_gsm8k_answer,
     gsm8k_reward,
     math_reward,
     score_batch,
 )
-from entroprl.tasks.base import Example, Task
-
-if TYPE_CHECKING:
-    from entroprl.config import DataConfig
 
 FORMATS = ("gsm8k", "math", "jsonl")
 
@@ -57,9 +55,6 @@ DEFAULT_KEYS = {
 
 MATH_SOLUTION_KEY = "solution"
 """The field whose last ``\\boxed{}`` gives a MATH answer when the answer field is absent."""
-
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-DEFAULT_PLAIN_TEMPLATE = "Question: {message}\nAnswer:"
 
 REWARDS: dict[str, Callable[[str, str], float]] = {"math": math_reward, "gsm8k": gsm8k_reward}
 REWARD_WORKERS: dict[str, int | None] = {"math": None, "gsm8k": 0}
@@ -128,13 +123,13 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if path.is_dir():
         return _read_dataset_dir(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file or directory")
+        raise InputError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return _read_parquet(path)
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path)
-    raise ValueError(f"{path}: unknown data file type {suffix!r}; expected {ACCEPTED_FILES}")
+    raise InputError(f"{path}: unknown data file type {suffix!r}; expected {ACCEPTED_FILES}")
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -145,25 +140,25 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"{path}:{number}: not UTF-8 text") from None
+                raise InputError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             if not rows and line.lstrip().startswith("["):
-                raise ValueError(
+                raise InputError(
                     f"{path}: a JSON array, not JSON lines; data files are {ACCEPTED_FILES}. "
                     f"Convert it with: jq -c '.[]' {path.name} > {path.stem}.jsonl"
                 )
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise InputError(
                     f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}): "
                     f"{line.strip()[:80]!r}"
                 ) from None
             except RecursionError:
-                raise ValueError(f"{path}:{number}: JSON nested too deeply") from None
+                raise InputError(f"{path}:{number}: JSON nested too deeply") from None
             if not isinstance(row, dict):
-                raise ValueError(
+                raise InputError(
                     f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
                 )
             rows.append((number, row))
@@ -189,7 +184,7 @@ def _read_dataset_dir(path: Path) -> list[tuple[int, dict[str, Any]]]:
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
-            raise ValueError(
+            raise InputError(
                 f"{path} holds the splits {sorted(loaded)}: give one split's "
                 f"directory, e.g. {path / sorted(loaded)[0]}"
             )
@@ -259,7 +254,7 @@ def load_problems(
     """
     check_choice("data format", fmt, FORMATS)
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        raise InputError(f"limit must be >= 1 or None, got {limit}")
     question_key = prompt_key or DEFAULT_KEYS[fmt][0]
     rows = read_rows(path)
     problems: list[Problem] = []
@@ -293,7 +288,7 @@ def load_problems(
     )
     report(too_long, f"question(s) over {max_chars} characters (data.max_prompt_chars)")
     if not problems:
-        raise ValueError(
+        raise InputError(
             f"{path}: none of its {len(rows)} rows has both a question "
             f"({question_key!r}) of at most {max_chars} characters and an answer "
             f"({_answer_source(fmt, answer_key)})"
@@ -329,7 +324,7 @@ def render_prompt(
     with ``{message}`` replaced by it (a plain replace, so braces in the question are safe).
     """
     if "{message}" not in plain_template:
-        raise ValueError(f"plain_template must contain {{message}}, got {plain_template!r}")
+        raise InputError(f"plain_template must contain {{message}}, got {plain_template!r}")
     message = f"{question}\n{instruction}" if instruction else question
     if use_chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(

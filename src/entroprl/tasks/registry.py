@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from entroprl.errors import ConfigError
 from entroprl.tasks import countdown, custom_reward, math_problems
 from entroprl.tasks.base import Task
-
-if TYPE_CHECKING:
-    from entroprl.config import DataConfig
+from entroprl.tasks.data import DataConfig
 
 TASKS: dict[str, Callable[[DataConfig, Any], Task]] = {
     "countdown": countdown.countdown_task,

@@ -1,0 +1,89 @@
+"""The policy a run trains or evaluates: its checkpoint (a folder or a Hugging Face hub id, or the
+demo's warm start), its device."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from entroprl.config import Config
+from entroprl.errors import ConfigError
+from entroprl.train import distributed
+
+
+def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
+    """The model and tokenizer to train: a local HF checkpoint, or the demo's warm start."""
+    dtype = getattr(torch, config.model.dtype)
+    if config.model.path is None:
+        if config.data.task != "countdown":
+            raise ConfigError(
+                "model.path: required for tasks other than the built-in countdown (a local "
+                "Hugging Face model directory)"
+            )
+        from entroprl.demo.warmstart import WarmStartConfig, default_cache_dir, warm_start
+
+        path = warm_start(WarmStartConfig(), default_cache_dir())
+    else:
+        path = model_dir(config.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if config.model.gradient_checkpointing:
+        # non-reentrant: the reentrant form breaks FSDP's per-layer parameter gathering
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+"""A Hugging Face hub repository id: `org/name` (or a bare `name`)."""
+WEIGHT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+"""What a model needs from a hub repository: config, weights, tokenizer, chat template."""
+
+
+def model_dir(name: str) -> Path:
+    """`model.path` as a local folder: a directory as given, or a Hugging Face hub id resolved
+    through huggingface_hub's cache (downloaded when missing, unless HF_HUB_OFFLINE=1)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.path={name}: not a Hugging Face model directory (no config.json)"
+            )
+        return path
+    if not HUB_ID.fullmatch(name):
+        raise ConfigError(f"model.path={name}: no such directory, and not a hub id (org/name)")
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        local = Path(snapshot_download(name, allow_patterns=WEIGHT_FILES))
+    except Exception as e:  # not found, offline without a copy, no network, a gated repo...
+        offline = " (HF_HUB_OFFLINE is set: only the local cache was searched)"
+        raise ConfigError(
+            f"model.path={name}: no such directory, and the Hugging Face hub id could not be "
+            f"resolved{offline if constants.HF_HUB_OFFLINE else ''}: {type(e).__name__}: {e}"
+        ) from None
+    if not (local / "config.json").is_file():
+        raise ConfigError(f"model.path={name}: the hub repository has no config.json")
+    return local
+
+
+def pick_device(name: str) -> torch.device:
+    """`trainer.device` resolved, once, to the device every tensor of the run is made on: `auto`
+    is this rank's GPU if there is one, else the CPU; a GPU named without an index (`cuda`) is
+    this rank's, torchrun's LOCAL_RANK (also when several nodes train), because
+    `torch.cuda.set_device` and the process group's collectives need an index."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
+    device = torch.device(name)
+    if device.type in ("cpu", "mps") or device.index is not None:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", distributed.rank()))
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    # with no GPU visible the index stays out of range, and the trainer says so in one line
+    return torch.device(device.type, local % count if count else local)
