@@ -14,13 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from matplotlib.colors import to_hex
 from scipy import stats
 
-from entroprl.analysis import comparison
-from entroprl.analysis import report as report_module
+from entroprl.analysis import comparison, report as report_module
 from entroprl.analysis.comparison import compare_runs, group
 from entroprl.analysis.foreign import detect_format, map_keys, read_log
 from entroprl.analysis.report import analyze_run

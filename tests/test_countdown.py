@@ -7,8 +7,7 @@ from fractions import Fraction
 from itertools import permutations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from entroprl.tasks.countdown import (
     MAX_EXPRESSION_CHARS,

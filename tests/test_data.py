@@ -8,8 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from entroprl.config import ConfigError, DataConfig, load_config
 from entroprl.demo.tokenizer import build_char_tokenizer

@@ -20,8 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from entroprl.tasks import rewards
 from entroprl.tasks.rewards import (
