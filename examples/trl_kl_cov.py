@@ -31,8 +31,9 @@ def countdown_dataset(n: int, split: str) -> Dataset:
     )
 
 
-def correct(prompts, completions, numbers, target, **kwargs) -> list[float]:
-    """1 where the completion reaches the target with the given numbers, else 0."""
+def accuracy(prompts, completions, numbers, target, **kwargs) -> list[float]:
+    """1 where the completion reaches the target with the given numbers, else 0 (named so that
+    TRL logs `eval_rewards/accuracy/mean`, which `entroprl analyze` takes for the accuracy)."""
     return [
         countdown_reward(c, CountdownProblem(tuple(n), t))
         for c, n, t in zip(completions, numbers, target, strict=True)
@@ -75,7 +76,7 @@ def main() -> None:
     args = GRPOConfig(output_dir="out", **settings, loss_type="kl_cov", steps_per_generation=4)
     trainer = GRPOTrainer(
         model=cli.model or demo_model(),
-        reward_funcs=correct,
+        reward_funcs=accuracy,
         args=args,
         train_dataset=countdown_dataset(2000, "train"),
         eval_dataset=countdown_dataset(64, "test"),

@@ -83,4 +83,4 @@ def test_the_trl_example_trains_with_kl_cov_and_logs_the_diagnostics(tmp_path):
     assert len(train) == 4
     assert all({"cov/all", "kl_cov_frac", "entropy_seq_mean"} <= set(r) for r in train)
     assert any(r["kl_cov_frac"] > 0 for r in train)  # steps_per_generation=4: KL-Cov acts
-    assert any("eval_rewards/correct/mean" in r for r in history)
+    assert any("eval_rewards/accuracy/mean" in r for r in history)
