@@ -23,7 +23,8 @@ from entroprl.train import checkpoint, parallel
 from entroprl.train.forward import forward_log_probs
 from entroprl.train.precision import native_bfloat16
 from entroprl.train.rundir import read_metrics
-from entroprl.train.trainer import Trainer, UpdateBatch, update_policy
+from entroprl.train.trainer import Trainer
+from entroprl.train.update import UpdateBatch, update_policy
 from tests import toy_loss  # noqa: F401  (registers a plug-in loss: the tests run it too)
 from tests.policies import make_tiny_policy, needs_native_bfloat16
 from tests.test_shared_prefix import grouped_batch
@@ -240,7 +241,9 @@ def _trainer_worker(rank, world, init_file, out):
     try:
         _run(f"{out}/ddp", 3, "ddp")
         trainer = _run(f"{out}/fsdp", 3, "fsdp")
-        assert parallel.is_sharded(trainer.model) and parallel.is_sharded(trainer.ref_model)
+        assert parallel.is_sharded(trainer.actor.model) and parallel.is_sharded(
+            trainer.actor.ref_model
+        )
         assert trainer.backend.synced
         # stopped after step 2, resumed for step 3; then a DDP run resumes the FSDP checkpoint
         _run(f"{out}/resumed", 2, "fsdp")
@@ -249,7 +252,7 @@ def _trainer_worker(rank, world, init_file, out):
         if native_bfloat16():  # the trainer refuses bfloat16 on a CPU without it
             mixed = _run(f"{out}/bf16", 2, "fsdp", model={"compute_dtype": "bfloat16"})
             if rank == 0:
-                dtypes = {p.dtype for p in mixed.model.parameters()}
+                dtypes = {p.dtype for p in mixed.actor.model.parameters()}
                 assert dtypes == {torch.float32}, f"master weights must stay float32: {dtypes}"
     finally:
         dist.destroy_process_group()

@@ -46,21 +46,21 @@ def _train(tmp_path, steps=2, resume=False, **sections):
     config = small_config(tmp_path / "run", **sections)
     model, tok = make_tiny_policy()
     trainer = Trainer(config, task=_task(), model=model, tokenizer=tok)
-    start = [p.detach().clone() for p in trainer.model.parameters()]
+    start = [p.detach().clone() for p in trainer.actor.model.parameters()]
     trainer.train(resume=resume)
     return trainer, start
 
 
 def _moved(trainer, start) -> bool:
     return any(
-        not torch.equal(a, p) for a, p in zip(start, trainer.model.parameters(), strict=True)
+        not torch.equal(a, p) for a, p in zip(start, trainer.actor.model.parameters(), strict=True)
     )
 
 
 def _on_the_gpu(trainer) -> None:
     assert trainer.device.type == "cuda" and trainer.device.index is not None
     assert distributed.run_device() == trainer.device
-    assert all(p.device == trainer.device for p in trainer.model.parameters())
+    assert all(p.device == trainer.device for p in trainer.actor.model.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(losses.POLICY_LOSSES))
@@ -87,8 +87,8 @@ def test_refills_and_shared_prefix_on_the_gpu(tmp_path):
 
 def test_bfloat16_compute_samples_from_the_bfloat16_copy(tmp_path):
     trainer, start = _train(tmp_path, model={"compute_dtype": "bfloat16"})
-    assert trainer.sampling_model is trainer.forward_model
-    assert next(trainer.sampling_model.parameters()).dtype == torch.bfloat16
+    assert trainer.actor.sampling_model is trainer.actor.forward_model
+    assert next(trainer.actor.sampling_model.parameters()).dtype == torch.bfloat16
     assert _moved(trainer, start)
 
 
@@ -97,7 +97,9 @@ def test_resume_on_the_gpu_continues_the_run(tmp_path):
     _train(tmp_path / "b", steps=2, trainer={"save_every": 1})
     resumed, _ = _train(tmp_path / "b", steps=3, resume=True, trainer={"save_every": 1})
     assert resumed.step == 3
-    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+    for a, b in zip(
+        straight.actor.model.parameters(), resumed.actor.model.parameters(), strict=True
+    ):
         # atomics in the embedding's backward make GPU sums order-dependent in the last bits
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -110,7 +112,7 @@ def test_fsdp_with_a_sharded_checkpoint_on_the_gpu(tmp_path):
     init_distributed("fsdp")
     try:
         trainer, start = _train(tmp_path, steps=2, trainer={"strategy": "fsdp", "save_every": 1})
-        assert parallel.is_sharded(trainer.model) and _moved(trainer, start)
+        assert parallel.is_sharded(trainer.actor.model) and _moved(trainer, start)
         resumed, _ = _train(tmp_path, steps=3, resume=True, trainer={"strategy": "fsdp"})
         assert resumed.step == 3
     finally:

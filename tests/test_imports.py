@@ -103,8 +103,8 @@ def test_a_monkeypatch_through_the_old_path_reaches_the_new(monkeypatch):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        monkeypatch.setattr("entroprl.trainer.update_policy", "patched")
-    assert trainer.update_policy == "patched"
+        monkeypatch.setattr("entroprl.trainer.make_backend", "patched")
+    assert trainer.make_backend == "patched"
 
 
 def test_the_packages_that_were_modules_serve_their_old_names(monkeypatch):

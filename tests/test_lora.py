@@ -37,7 +37,7 @@ def _train(out, steps, resume=False, **sections):
 def test_only_the_adapters_train_and_the_diagnostics_are_logged(tmp_path):
     base, _ = make_tiny_policy()
     trainer = _train(tmp_path / "run", 2, algorithm={"kl_coef": 0.1})
-    named = dict(trainer.model.named_parameters())
+    named = dict(trainer.actor.model.named_parameters())
     adapters = {n: p for n, p in named.items() if "lora_" in n}
     assert adapters and all(p.requires_grad for p in adapters.values())
     frozen = {n: p for n, p in named.items() if "lora_" not in n}
@@ -54,14 +54,14 @@ def test_only_the_adapters_train_and_the_diagnostics_are_logged(tmp_path):
         assert key in records[-1], key
     assert records[-1]["actor/kl_loss"] > 0
     # the reference is the base model itself: its log-probs with the adapters off, exactly
-    assert trainer.ref_model is None  # no second copy of the model
+    assert trainer.actor.ref_model is None  # no second copy of the model
     ids = torch.randint(3, 20, (4, 10))
     mask = torch.ones_like(ids)
-    with lora.reference(trainer.forward_model) as reference:
+    with lora.reference(trainer.actor.forward_model) as reference:
         theirs, _ = forward_log_probs(reference, ids, mask, 5)
     ours, _ = forward_log_probs(base, ids, mask, 5)
     assert torch.equal(theirs, ours)
-    adapted, _ = forward_log_probs(trainer.forward_model, ids, mask, 5)
+    adapted, _ = forward_log_probs(trainer.actor.forward_model, ids, mask, 5)
     assert not torch.equal(adapted, ours)
     saved = tmp_path / "run" / "checkpoints" / "step_000002" / "model"
     assert (saved / "adapter_model.safetensors").is_file()
@@ -72,7 +72,7 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     straight = _train(tmp_path / "a", 3)
     _train(tmp_path / "b", 2)
     resumed = _train(tmp_path / "b", 3, resume=True)
-    a, b = (dict(t.model.named_parameters()) for t in (straight, resumed))
+    a, b = (dict(t.actor.model.named_parameters()) for t in (straight, resumed))
     moved = [n for n in a if "lora_" in n]
     assert moved and all(torch.equal(a[n], b[n]) for n in a)
 

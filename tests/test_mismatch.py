@@ -14,7 +14,8 @@ from entroprl.config import ConfigError, config_from_dict
 from entroprl.rollout.batch import ScoredRollout
 from entroprl.rollout.hf import HFBackend
 from entroprl.train.forward import forward_log_probs
-from entroprl.train.trainer import Trainer, update_policy
+from entroprl.train.trainer import Trainer
+from entroprl.train.update import update_policy
 from tests.test_trainer import small_config
 
 
@@ -244,7 +245,7 @@ def _trainer(tmp_path, seed_policy, **algorithm):
     trainer = Trainer(config, model=model, tokenizer=tok)
     trainer.backend = ReportingBackend(model, tok)
     # SGD: an update proportional to the gradient (Adam's first step hardly sees its scale)
-    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer.actor.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def score(batch, answers):  # seeded rewards that differ within groups (advantages != 0)
         g = torch.Generator().manual_seed(0)
@@ -259,7 +260,7 @@ def _trainer(tmp_path, seed_policy, **algorithm):
 
 
 def _weights(trainer):
-    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    return torch.cat([p.detach().flatten() for p in trainer.actor.model.parameters()])
 
 
 def test_trainer_logs_the_mismatch_and_applies_truncated_is(tmp_path):

@@ -157,7 +157,7 @@ def test_reference_model_casts_the_parameters_and_keeps_the_buffers(tmp_path):
     config = small_config(
         tmp_path, model={"compute_dtype": "bfloat16"}, algorithm={"kl_coef": 0.05}
     )
-    ref = Trainer(config, model=model, tokenizer=tok).ref_model
+    ref = Trainer(config, model=model, tokenizer=tok).actor.ref_model
     assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
     assert "model.rotary_emb.inv_freq" in dict(ref.named_buffers())
     assert {b.dtype for b in ref.buffers()} == {torch.float32}
@@ -176,7 +176,7 @@ def _has_a_one(completion, answer):
 
 def _copy_follows_master(trainer):
     for master, low in zip(
-        trainer.model.parameters(), trainer.wrapped.module.parameters(), strict=True
+        trainer.actor.model.parameters(), trainer.actor.wrapped.module.parameters(), strict=True
     ):
         assert master.dtype == torch.float32
         assert torch.equal(low, master.detach().bfloat16())
@@ -191,7 +191,7 @@ def test_trainer_in_bfloat16_keeps_the_copy_in_step_and_resumes(tmp_path):
     # a reward that differs within groups, so that every step moves the weights
     task = Task("ones", [Example("1 2>3=", None)] * 8, [Example("1 2>3=", None)], _has_a_one)
     trainer = Trainer(config, task=task, model=model, tokenizer=tok)
-    assert isinstance(trainer.wrapped, ComputeCopy)
+    assert isinstance(trainer.actor.wrapped, ComputeCopy)
     assert model.config._attn_implementation == "sdpa_float32"
     start = [p.detach().clone() for p in model.parameters()]
     trainer.train()
@@ -219,7 +219,7 @@ def test_bfloat16_log_probs_stay_near_float32(tmp_path):
     full, full_entropy = forward_log_probs(model, ids, mask, 10)
     config = small_config(tmp_path / "run", model={"compute_dtype": "bfloat16"})
     trainer = Trainer(config, model=model, tokenizer=tok)
-    low, low_entropy = forward_log_probs(trainer.forward_model, ids, mask, 10)
+    low, low_entropy = forward_log_probs(trainer.actor.forward_model, ids, mask, 10)
     assert low.dtype == torch.float32  # the log-softmax upcasts the bfloat16 logits
     assert (low - full).abs().max() < 0.02
     assert (low_entropy - full_entropy).abs().max() < 0.02
@@ -244,6 +244,6 @@ def test_bfloat16_is_refused_on_a_cpu_without_it(
         with pytest.raises(ConfigError, match=r"model\.compute_dtype.*11x slower"):
             Trainer(config, model=model, tokenizer=tok)
     else:
-        assert isinstance(Trainer(config, model=model, tokenizer=tok).wrapped, ComputeCopy)
+        assert isinstance(Trainer(config, model=model, tokenizer=tok).actor.wrapped, ComputeCopy)
     # float32 is never refused
     Trainer(small_config(tmp_path / "f32"), model=model, tokenizer=tok)

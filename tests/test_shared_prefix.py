@@ -78,7 +78,7 @@ def test_training_step_equals_the_full_forward(tmp_path, policy_loss):
         trainer = Trainer(config, model=model, tokenizer=tok)
         trainer.score = alternating_scores
         metrics = trainer.train_step(1)
-        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        weights = torch.cat([p.detach().flatten() for p in trainer.actor.model.parameters()])
         results.append((metrics, weights))
     (full, w_full), (shared, w_shared) = results
     assert full["actor/grad_norm"] > 0 and (w_full - initial).abs().max() > 1e-4

@@ -15,7 +15,8 @@ from entroprl.rollout.hf import HFBackend
 from entroprl.tasks.base import Example, Task
 from entroprl.train.forward import forward_log_probs
 from entroprl.train.rundir import read_metrics
-from entroprl.train.trainer import Trainer, TrainingError, UpdateBatch, update_policy
+from entroprl.train.trainer import Trainer, TrainingError
+from entroprl.train.update import UpdateBatch, update_policy
 from tests import toy_loss
 from tests.policies import alternating_scores, make_tiny_policy
 
@@ -154,7 +155,7 @@ def test_local_checkpoint_path_loads(tiny_policy, tmp_path):
         trainer={"steps": 1, "eval_every": 0},
     )
     trainer = Trainer(config)
-    torch.testing.assert_close(trainer.model.state_dict(), model.state_dict())
+    torch.testing.assert_close(trainer.actor.model.state_dict(), model.state_dict())
     trainer.train()
     with pytest.raises(ConfigError, match=r"model.path=.*no config\.json"):
         Trainer(small_config(tmp_path / "r2", model={"path": str(tmp_path)}))
@@ -463,16 +464,16 @@ def test_fsdp_without_a_process_group_says_how_to_launch(tiny_policy, tmp_path):
 def test_no_grad_passes_use_their_own_micro_batch(tiny_policy, tmp_path, monkeypatch):
     """Old, reference and selection log-probs run in log_prob_micro_batch_size rows; the
     backward passes keep micro_batch_size; and the step logs what it does with the default."""
-    import entroprl.train.trainer as trainer_module
+    from entroprl.train import forward
 
     calls = []
-    real = trainer_module.batched_log_probs
+    real = forward.batched_log_probs
 
     def recording(model, batch, micro_batch_size, temperature, **kwargs):
         calls.append(micro_batch_size)
         return real(model, batch, micro_batch_size, temperature, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "batched_log_probs", recording)
+    monkeypatch.setattr(forward, "batched_log_probs", recording)
     model, tok = tiny_policy
     runs = {}
     for name, size in [("default", None), ("large", 16)]:
@@ -560,7 +561,7 @@ def test_nonfinite_weights_stop_at_once_and_are_never_saved(tmp_path, measure):
         trainer={"steps": 3, "save_every": 1, "eval_every": 0, "entropy_change_every": measure},
     )
     trainer = Trainer(config, model=model, tokenizer=tok)
-    trainer.lr_at = lambda step: math.inf if step >= 1 else 1e-3
+    trainer.actor.lr_at = lambda step: math.inf if step >= 1 else 1e-3
     with pytest.raises(TrainingError, match=r"step 2\b.*weights.*optim\.lr") as caught:
         trainer.train()
     assert "step 1" in str(caught.value).split("weights", 1)[1]  # the newest checkpoint

@@ -17,7 +17,8 @@ from entroprl.config import config_from_dict
 from entroprl.rollout.batch import ScoredRollout
 from entroprl.train.forward import forward_log_probs
 from entroprl.train.rundir import read_metrics
-from entroprl.train.trainer import Trainer, UpdateBatch, UpdateResult, update_policy
+from entroprl.train.trainer import Trainer
+from entroprl.train.update import UpdateBatch, UpdateResult, update_policy
 from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_trainer import (
     SPLIT_TEST_SETTINGS,
@@ -103,24 +104,23 @@ def _scripted_step(tmp_path, advantage="grpo", **algorithm):
     def sample(step):
         out = real_sample(step)
         seen["batch"], seen["rewards"] = out.scored.batch, out.scored.rewards
-        seen["before"] = copy.deepcopy(trainer.model)
+        seen["before"] = copy.deepcopy(trainer.actor.model)
         return out
 
     trainer.sample = sample
-    import entroprl.train.trainer as trainer_module
+    import entroprl.train.actor as actor_module
 
-    real_update = trainer_module.update_policy
+    real_update = actor_module.update_policy
 
     def update(model, optimizer, batch, config, **kwargs):
         seen["update"] = batch
         return real_update(model, optimizer, batch, config, **kwargs)
 
-    trainer_module_update = trainer_module.update_policy
-    trainer_module.update_policy = update
+    actor_module.update_policy = update
     try:
         metrics = trainer.train_step(1)
     finally:
-        trainer_module.update_policy = trainer_module_update
+        actor_module.update_policy = real_update
     return metrics, seen
 
 
@@ -284,7 +284,7 @@ def test_logged_metrics_do_not_depend_on_the_micro_batch_split(policy_loss):
 
 def test_lopti_logs_both_passes(tmp_path, monkeypatch):
     """Lopti updates twice per step; the second pass's metrics used to overwrite the first's."""
-    import entroprl.train.trainer as trainer_module
+    import entroprl.train.actor as actor_module
 
     passes = iter(
         [
@@ -294,7 +294,7 @@ def test_lopti_logs_both_passes(tmp_path, monkeypatch):
     )
     empty = torch.zeros(0)
     monkeypatch.setattr(
-        trainer_module,
+        actor_module,
         "update_policy",
         lambda *args, **kwargs: UpdateResult(next(passes), empty, empty, moved=True),
     )
@@ -319,7 +319,7 @@ def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, pol
     forward, detached (no pass of their own): the same update and the same logged values as with
     the separate no-grad pass, and one forward fewer. Scripted rewards differ within every group,
     so that the update has a gradient and moves the weights."""
-    import entroprl.train.trainer as trainer_module
+    from entroprl.train import forward
 
     results = []
     initial = torch.cat([p.detach().flatten() for p in make_tiny_policy()[0].parameters()])
@@ -335,18 +335,18 @@ def test_on_policy_update_reuses_the_training_forward(tmp_path, monkeypatch, pol
         trainer.score = alternating_scores
         assert trainer.on_policy
         passes = []
-        real = trainer_module.batched_log_probs
+        real = forward.batched_log_probs
 
         def counting(*args, _real=real, _passes=passes, **kwargs):
             _passes.append(1)
             return _real(*args, **kwargs)
 
         with monkeypatch.context() as patch:
-            patch.setattr(trainer_module, "batched_log_probs", counting)
+            patch.setattr(forward, "batched_log_probs", counting)
             if not on_policy:  # today's path: the old log-probs from a pass of their own
                 patch.setattr(Trainer, "on_policy", False)
             metrics = trainer.train_step(1)
-        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        weights = torch.cat([p.detach().flatten() for p in trainer.actor.model.parameters()])
         results.append((metrics, weights, len(passes)))
     (fused, w_fused, n_fused), (separate, w_separate, n_separate) = results
     assert separate["actor/grad_norm"] > 0 and (w_separate - initial).abs().max() > 1e-4
@@ -424,7 +424,7 @@ def test_lopti_second_pass_selects_with_the_current_log_probs(tmp_path, monkeypa
         return spec.select(log_prob, old_log_prob, advantages, mask, settings, **kwargs)
 
     monkeypatch.setitem(losses.POLICY_LOSSES, policy_loss, replace(spec, select=spying))
-    trainer.update(batch, 1)
+    trainer.actor.update(batch, 1, entropy_coef=0.0, loss_kwargs=None, progress=False)
     assert len(gaps) == 2  # one mini-batch per pass
     assert gaps[1][1] > 0.05, gaps  # the first pass moved the weights: the check is not vacuous
     for selecting_vs_current, _ in gaps:

@@ -13,8 +13,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from entroprl.algos import dynamics, losses, mismatch
 from entroprl.algos.advantages import (
     compute_advantages,
     dynamic_sampling_mask,
-    lopti_split,
     low_prob_reweight,
     overlong_penalty,
     position_shaping,
@@ -35,7 +33,7 @@ from entroprl.algos.advantages import (
 )
 from entroprl.algos.entropy import batch_entropy
 from entroprl.analysis.law import detect_plateau_online
-from entroprl.config import AlgorithmConfig, Config, meaning_changes, resume_changes
+from entroprl.config import Config, meaning_changes, resume_changes
 from entroprl.errors import ConfigError, Interrupted, NonFiniteError, TrainingError
 from entroprl.rollout.backend import make_backend
 from entroprl.rollout.batch import RolloutBatch, ScoredRollout
@@ -51,13 +49,12 @@ from entroprl.train import (
     precision,
     progress,
     rundir,
-    schedule,
     seeds,
     trackers,
 )
-from entroprl.train.forward import batched_log_probs, forward_log_probs
+from entroprl.train.actor import Actor
 from entroprl.train.policy import load_policy, pick_device
-from entroprl.train.progress import bars
+from entroprl.train.update import UpdateBatch
 
 
 @dataclass(kw_only=True)
@@ -73,403 +70,19 @@ class Sample:
 
 
 @dataclass(kw_only=True)
-class UpdateBatch:
-    """What one policy update consumes: rollouts with their old log-probs and advantages."""
+class Shaped:
+    """A step's training batch, shaped for the update (`Trainer.shape`)."""
 
-    input_ids: Tensor
-    attention_mask: Tensor
-    response_mask: Tensor
-    """(B, R) tokens that enter the loss (high-entropy masking already applied)."""
+    train_mask: Tensor
+    """(B, R) the responses of the groups kept (dynamic sampling), as verl's training batch."""
     old_log_prob: Tensor | None
-    """None: the update is on-policy (one mini-batch, one epoch), so the old log-probs are the
-    training forward's own, detached, and need no pass of their own."""
+    """(B, R) the rollout's log-probs under the policy before the update; None until the update
+    when it is on-policy (its training forward gives them)."""
+    entropy: Tensor | None
+    """(B, R) their token entropies, likewise."""
     advantages: Tensor
-    ref_log_prob: Tensor | None = None
-    rollout_is_weights: Tensor | None = None
-    """(B, R) truncated importance weights on the rollout/training mismatch
-    (`mismatch.rollout_is_weights`), or None when the correction is off."""
-
-    def rows(self, index: Tensor) -> UpdateBatch:
-        take = lambda t: None if t is None else t[index]  # noqa: E731
-        return UpdateBatch(**{f: take(getattr(self, f)) for f in self.__dataclass_fields__})
-
-
-@dataclass
-class UpdateResult:
-    """What one `update_policy` call did."""
-
-    metrics: dict[str, float]
-    log_prob: Tensor
-    """(B, R) detached log-probs of the first epoch's training forwards, for every row, before
-    any update touched them on-policy."""
-    entropy: Tensor
-    """(B, R) the entropies of the same forwards."""
-    moved: bool
-    """Whether an optimizer step has changed the weights since the rollout (in this call, or
-    before it when the call was told so)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class LossSetup:
-    """How one `update_policy` call applies its policy loss, fixed for all its micro-batches."""
-
-    spec: losses.PolicyLossSpec
-    settings: Any
-    """The loss's settings dataclass (what `spec.select` reads)."""
-    kwargs: dict[str, Any]
-    """`spec.fn`'s keyword arguments: the aggregation and the settings (a controller's own, when
-    the loss keeps one)."""
-    algorithm: AlgorithmConfig
-    norm_constant: int
-    """The aggregation's constant: the longest response allowed (algorithms.md §5.1)."""
-    temperature: float
-    shared_prefix: bool
-    entropy_coef: float
-    generator: torch.Generator
-    """The selections' random tie-breaks (the same on every rank)."""
-
-    @property
-    def across_ranks(self) -> bool:
-        """Whether a selection spans the whole mini-batch on all ranks (`cov_scope=minibatch`) or
-        one micro-batch of one rank (the reference's scope)."""
-        return self.algorithm.cov_scope == "minibatch"
-
-
-def token_selection(
-    setup: LossSetup, log_prob: Tensor, old_log_prob: Tensor, batch: UpdateBatch
-) -> dict[str, Any]:
-    """The loss's token selection (Clip-Cov's, KL-Cov's: `PolicyLossSpec.select`) over `batch`,
-    in the scope of `setup` (the whole mini-batch on all ranks, or this micro-batch), as the
-    keyword arguments `spec.fn` takes it with: `selected`, and `selected_denominators` for a loss
-    that averages over the selection."""
-    across = setup.across_ranks
-    selected = setup.spec.select(
-        log_prob,
-        old_log_prob,
-        batch.advantages,
-        batch.response_mask,
-        setup.settings,
-        generator=setup.generator,
-        across_ranks=across,
-    )
-    out: dict[str, Any] = {"selected": selected}
-    if setup.spec.selection_denominators:
-        out["selected_denominators"] = losses.loss_denominators(
-            selected, norm_constant=setup.norm_constant, across_ranks=across, allow_empty=True
-        )
-    return out
-
-
-def minibatch_selection(
-    model, mini: UpdateBatch, setup: LossSetup, *, micro_batches: int, moved: bool, rows: int
-) -> dict[str, Any] | None:
-    """The selection over the whole mini-batch, made before its micro-batches (`cov_scope=
-    minibatch`), from the rollout's log-probs while no update has moved the weights (or with
-    `cov_logp=old`), else from a no-grad pass of `rows` rows at a time; None where there is none
-    to make, or where the single micro-batch's training forward gives the log-probs (it selects
-    then, `micro_batch_loss`)."""
-    if setup.spec.select is None or not setup.across_ranks:
-        return None
-    on_policy = mini.old_log_prob is None
-    if not on_policy and (setup.algorithm.cov_logp == "old" or not moved):
-        log_prob = mini.old_log_prob  # exact while no update has moved the weights
-    elif micro_batches > 1:
-        log_prob, _ = batched_log_probs(
-            model, mini, rows, setup.temperature, shared_prefix=setup.shared_prefix
-        )
-    else:
-        return None
-    return token_selection(setup, log_prob, log_prob if on_policy else mini.old_log_prob, mini)
-
-
-@dataclass(kw_only=True)
-class MicroBatchLoss:
-    loss: Tensor
-    """The micro-batch's share of the mini-batch's loss (its denominators are the mini-batch's)."""
-    metrics: dict[str, float]
-    log_prob: Tensor
-    entropy: Tensor
-
-
-def micro_batch_loss(
-    model,
-    mb: UpdateBatch,
-    setup: LossSetup,
-    *,
-    denominators: losses.LossDenominators,
-    whole: dict[str, Any] | None,
-    rows: slice,
-    tokens: float,
-) -> MicroBatchLoss:
-    """The training forward of micro-batch `mb` (rows `rows` of its mini-batch) and its loss: the
-    policy loss on the selection (the mini-batch's, `whole`, where it was made before; else this
-    one's) plus the entropy bonus and the reference KL, each with the mini-batch's
-    `denominators`. On-policy (no old log-probs) the old log-probs are this forward's, detached."""
-    a = setup.algorithm
-    R = mb.response_mask.shape[1]
-    log_prob, entropy = forward_log_probs(
-        model,
-        mb.input_ids,
-        mb.attention_mask,
-        R,
-        temperature=setup.temperature,
-        entropy_grad=setup.entropy_coef > 0,
-        shared_prefix=setup.shared_prefix,
-    )
-    old = log_prob.detach() if mb.old_log_prob is None else mb.old_log_prob
-    extra: dict[str, Any] = {}
-    if whole is not None:
-        extra = {k: v[rows] if k == "selected" else v for k, v in whole.items()}
-    elif setup.spec.select is not None and (setup.across_ranks or tokens > 0):
-        # the whole mini-batch in this one micro-batch on every rank, or the per-micro-batch
-        # (reference) scope
-        extra = token_selection(setup, log_prob.detach(), old, mb)
-    elif setup.spec.select is not None:  # an empty micro-batch: nothing to select
-        extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
-        if setup.spec.selection_denominators:
-            extra["selected_denominators"] = None
-    # The importance weight multiplies each token's whole policy loss, KL-Cov's penalty included,
-    # as verl's pg_losses * rollout_is_weights; the selections above use the unweighted
-    # advantages, as verl's do.
-    if mb.rollout_is_weights is not None:
-        extra["weights"] = mb.rollout_is_weights
-    loss, metrics = setup.spec.fn(
-        log_prob,
-        old,
-        mb.advantages,
-        mb.response_mask,
-        denominators=denominators,
-        **setup.kwargs,
-        **extra,
-    )
-    if setup.entropy_coef > 0:
-        loss = loss + losses.entropy_bonus(
-            entropy,
-            mb.response_mask,
-            setup.entropy_coef,
-            loss_agg_mode=a.loss_agg_mode,
-            denominators=denominators,
-        )
-    if a.kl_coef > 0:
-        kl = losses.kl_penalty(log_prob, mb.ref_log_prob, a.kl_estimator)
-        kl_loss = losses.aggregate_loss(
-            kl, mb.response_mask, a.loss_agg_mode, denominators=denominators
-        )
-        loss = loss + a.kl_coef * kl_loss
-        metrics["kl_loss"] = kl_loss.item()
-    return MicroBatchLoss(loss=loss, metrics=metrics, log_prob=log_prob, entropy=entropy)
-
-
-@dataclass(kw_only=True)
-class Accumulated:
-    sums: dict[str, float]
-    """Each metric summed over the micro-batches (token-weighted where it is a mean)."""
-    finite: bool
-    """Whether every micro-batch's loss was finite."""
-
-
-def accumulate_gradients(
-    model,
-    mini: UpdateBatch,
-    setup: LossSetup,
-    *,
-    denominators: losses.LossDenominators,
-    whole: dict[str, Any] | None,
-    micro_batch_size: int,
-    seen: tuple[Tensor, Tensor, Tensor] | None,
-) -> Accumulated:
-    """Backward of every micro-batch of `mini`, the gradients summed into the parameters: that of
-    the mini-batch in one piece, since each micro-batch's loss uses the mini-batch's
-    denominators. DDP and FSDP average the gradient over ranks, hence the loss is scaled by the
-    world size to make it the global sum. `seen` (log-probs, entropies, the mini-batch's rows in
-    them) records the training forwards."""
-    world = distributed.world_size()
-    summed = setup.spec.summed_metrics | {"kl_loss"}
-    device = mini.response_mask.device
-    count = mini.response_mask.shape[0]
-    micro_starts = range(0, count, micro_batch_size)
-    sums: dict[str, float] = defaultdict(float)
-    finite = True
-    for i, start in enumerate(micro_starts):
-        rows = slice(start, start + micro_batch_size)
-        mb = mini.rows(torch.arange(count, device=device)[rows])
-        tokens = mb.response_mask.sum().item()
-        # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch (it has no
-        # no_sync), which keeps its gradients sharded
-        sync = i == len(micro_starts) - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync():
-            out = micro_batch_loss(
-                model, mb, setup, denominators=denominators, whole=whole, rows=rows, tokens=tokens
-            )
-            if seen is not None:
-                seen_log_prob, seen_entropy, mini_rows = seen
-                seen_log_prob[mini_rows[rows]] = out.log_prob.detach()
-                seen_entropy[mini_rows[rows]] = out.entropy.detach()
-            finite = finite and bool(torch.isfinite(out.loss))
-            (out.loss * world).backward()
-        for key, value in out.metrics.items():
-            sums[key] += value if key in summed else value * tokens
-    return Accumulated(sums=sums, finite=finite)
-
-
-def minibatch_metrics(
-    sums: dict[str, float], summed: set[str], denominators: losses.LossDenominators, device
-) -> dict[str, float]:
-    """The mini-batch's metrics over all ranks, whatever its split over micro-batches and ranks:
-    one collective, in the same key order on every rank."""
-    keys = sorted(sums)
-    totals = distributed.all_reduce_sum(
-        torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-    )
-    return {
-        key: total if key in summed else total / denominators.tokens
-        for key, total in zip(keys, totals.tolist(), strict=True)
-    }
-
-
-def update_policy(
-    model,
-    optimizer: torch.optim.Optimizer,
-    batch: UpdateBatch,
-    config: Config,
-    *,
-    generator: torch.Generator,
-    entropy_coef: float = 0.0,
-    progress: bool = False,
-    moved: bool = False,
-    loss_kwargs: dict[str, Any] | None = None,
-) -> UpdateResult:
-    """`epochs x mini-batches` optimizer steps on one rollout batch (this rank's rows).
-
-    Each mini-batch is split into micro-batches whose losses use the whole mini-batch's
-    denominators (and selection), so the accumulated gradient equals that of the mini-batch in one
-    piece (`accumulate_gradients`). The logged metrics are the mini-batch's own (summed or
-    token-weighted over micro-batches and ranks, `PolicyLossSpec.summed_metrics`), averaged over
-    the optimizer steps, so they do not depend on the split either. A mini-batch in which no token
-    enters the loss on any rank (dynamic sampling or high-entropy masking can leave one empty) is
-    skipped by every rank and counted in `actor/empty_minibatches`; an update whose loss or
-    gradient is not finite is skipped and counted in `actor/skipped_updates`; an update that
-    leaves a weight NaN or infinite, which no later update can mend, raises NonFiniteError.
-
-    Every forward runs once: with `batch.old_log_prob` None (on-policy: one mini-batch, one
-    epoch) the old log-probs are the training forward's, detached, so the ratio is exactly 1; a
-    whole-mini-batch selection uses the old log-probs while the weights have not moved yet (the
-    first mini-batch), and the training forward's own when the mini-batch is one micro-batch
-    (`minibatch_selection`). `moved` says that the weights have already changed since the
-    rollout (an earlier call on the same rollout, as Lopti's second pass), so that no selection
-    trusts the old log-probs then. `loss_kwargs` replaces the loss's settings as its keyword
-    arguments (those of its `LossController`, when it has one).
-    """
-    setup = loss_setup(config, generator, entropy_coef, loss_kwargs)
-    o = config.optim
-    n, R = batch.response_mask.shape
-    if batch.old_log_prob is None and (o.epochs > 1 or n > o.mini_batch_size):
-        raise ValueError("old_log_prob=None (on-policy) needs one mini-batch and one epoch")
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = batch.response_mask.device
-    metrics: dict[str, list[float]] = defaultdict(list)
-    seen_log_prob = batch.response_mask.new_zeros(n, R)
-    seen_entropy = batch.response_mask.new_zeros(n, R)
-    skipped = empty = 0
-    per_epoch = math.ceil(n / o.mini_batch_size)
-    bar = tqdm(
-        total=o.epochs * per_epoch,
-        desc="update",
-        unit="step",
-        leave=False,
-        disable=not bars(progress) or o.epochs * per_epoch == 1,
-    )
-    for epoch in range(o.epochs):
-        # drawn on the CPU (the generator's device), so the order is the same on every device
-        order = torch.randperm(n, generator=generator, device="cpu").to(device)
-        for mini_rows in order.split(o.mini_batch_size):
-            bar.update()
-            mini = batch.rows(mini_rows)
-            denominators = losses.loss_denominators(
-                mini.response_mask,
-                norm_constant=setup.norm_constant,
-                across_ranks=True,
-                allow_empty=True,
-            )
-            if denominators is None:  # the count is global: every rank skips together
-                empty += 1
-                continue
-            micro_batches = math.ceil(mini_rows.numel() / o.micro_batch_size)
-            whole = minibatch_selection(
-                model, mini, setup, micro_batches=micro_batches, moved=moved, rows=o.log_prob_rows
-            )
-            optimizer.zero_grad(set_to_none=True)
-            done = accumulate_gradients(
-                model,
-                mini,
-                setup,
-                denominators=denominators,
-                whole=whole,
-                micro_batch_size=o.micro_batch_size,
-                seen=(seen_log_prob, seen_entropy, mini_rows) if epoch == 0 else None,
-            )
-            summed = setup.spec.summed_metrics | {"kl_loss"}
-            for key, value in minibatch_metrics(done.sums, summed, denominators, device).items():
-                metrics[key].append(value)
-            grad_norm = optimizer_step(optimizer, params, o.grad_clip, finite=done.finite)
-            if grad_norm is None:
-                skipped += 1
-                continue
-            moved = True
-            metrics["grad_norm"].append(grad_norm)
-    bar.close()
-    out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
-    out["actor/skipped_updates"] = skipped
-    out["actor/empty_minibatches"] = empty
-    return UpdateResult(out, seen_log_prob, seen_entropy, moved)
-
-
-def optimizer_step(
-    optimizer: torch.optim.Optimizer, params: list[Tensor], grad_clip: float, *, finite: bool
-) -> float | None:
-    """Clip the accumulated gradient and step; returns its norm before clipping, or None where
-    the loss (`finite` False) or the gradient is not finite and the step is skipped: a non-finite
-    loss on any rank poisons the all-reduced gradient on every rank, so every rank skips
-    together. Raises NonFiniteError where the step leaves a weight NaN or infinite."""
-    grad_norm = parallel.global_grad_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    if not (finite and torch.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    optimizer.step()
-    if not parallel.all_finite(params):
-        raise NonFiniteError("the update made the weights NaN or infinite")
-    return grad_norm.item()
-
-
-def loss_setup(
-    config: Config,
-    generator: torch.Generator,
-    entropy_coef: float,
-    loss_kwargs: dict[str, Any] | None,
-) -> LossSetup:
-    """The policy loss of `config` as an update applies it (`loss_kwargs`: a controller's)."""
-    a = config.algorithm
-    spec = losses.get_policy_loss(a.policy_loss)
-    settings = config.loss_settings()
-    if loss_kwargs is None and spec.controller is not None:
-        raise ValueError(
-            f"policy loss {a.policy_loss!r} keeps a controller: pass its loss_kwargs() as "
-            "loss_kwargs (Trainer.update does)"
-        )
-    return LossSetup(
-        spec=spec,
-        settings=settings,
-        kwargs={
-            "loss_agg_mode": a.loss_agg_mode,
-            **(asdict(settings) if loss_kwargs is None else loss_kwargs),
-        },
-        algorithm=a,
-        norm_constant=config.rollout.max_new_tokens,
-        temperature=config.rollout.temperature,
-        shared_prefix=config.optim.shared_prefix,
-        entropy_coef=entropy_coef,
-        generator=generator,
-    )
+    update: UpdateBatch
+    """What the actor's update consumes."""
 
 
 class Trainer:
@@ -486,37 +99,12 @@ class Trainer:
             model, tokenizer = load_policy(c)
         self.task = task or build_task(c.data, tokenizer)
         self.tokenizer = tokenizer
-        sharded = c.trainer.strategy == "fsdp"
-        if c.model.lora_rank:
-            m = c.model
-            model = lora.attach(model, m.lora_rank, m.lora_alpha, m.lora_target_modules)
-        # FSDP moves each layer to the device as it shards it: no whole copy on the GPU first
-        self.model = model if sharded else model.to(self.device)
-        self.model.train()
-        if self.device.type == "cpu" and (c.model.compute_dtype or c.model.dtype) == "bfloat16":
-            precision.float32_attention(self.model)  # the copies below inherit it
-        compute_dtype = c.model.compute_dtype and getattr(torch, c.model.compute_dtype)
-        self.ref_model = self._reference_model(compute_dtype)
-        """A frozen copy of the initial policy for algorithm.kl_coef (LoRA: none, the adapters
-        are switched off instead, `lora.reference`)."""
-        # the module updates run through: self.model itself when sharded (FSDP shards in place),
-        # its compute-dtype copy under mixed precision without FSDP (precision.ComputeCopy)
-        self.wrapped = parallel.wrap(
-            self.model, c.trainer.strategy, compute_dtype=compute_dtype, device=self.device
-        )
-        self.forward_model = parallel.unwrapped(self.wrapped)
-        """The module the no-grad passes run: the policy in the update's precision."""
-        self.sampling_model = self.forward_model if self.device.type == "cuda" else self.model
-        """What the rollout backend samples from: on a GPU the policy in the update's precision,
-        whose bfloat16 decoding is fast there; on the CPU the weights in model.dtype
-        (`entroprl.train.precision`)."""
-        self.optimizer = self._optimizer()
-        self.backend = make_backend(c, self.model, tokenizer)
+        self.actor = Actor(c, model, self.device)
+        """The policy with its reference and optimizer, and the passes and update they run."""
+        self.backend = make_backend(c, self.actor.model, tokenizer)
         self.entropy_controller, self.loss_controller = self._controllers()
         """The adaptive entropy coefficient (with algorithm.entropy_target) and the policy loss's
         own per-step state (`losses.LossController`), each where there is one."""
-        self.seen: tuple[Tensor, Tensor] | None = None
-        """The log-probs and entropies the last update's training forwards computed."""
         self.step = 0
         self.saved_step: int | None = None
         """The step of the newest checkpoint of this run, once one is written or resumed from."""
@@ -568,31 +156,6 @@ class Trainer:
             allocator.keep_freed_memory()
         return device
 
-    def _reference_model(self, compute_dtype: torch.dtype | None):
-        c = self.config
-        if c.algorithm.kl_coef <= 0 or c.model.lora_rank:
-            return None
-        import copy
-
-        ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if c.trainer.strategy == "fsdp":
-            parallel.shard(ref, compute_dtype=compute_dtype, device=self.device)
-        elif compute_dtype:  # the reference log-probs in the policy's forward precision
-            precision.cast_parameters(ref, compute_dtype)
-        return ref
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        o = self.config.optim
-        optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=o.lr,
-            betas=(o.beta1, o.beta2),
-            weight_decay=o.weight_decay,
-        )
-        if isinstance(self.wrapped, precision.ComputeCopy):
-            optimizer.register_step_post_hook(lambda *_: self.wrapped.refresh())
-        return optimizer
-
     def _controllers(self):
         c, a = self.config, self.config.algorithm
         entropy = (
@@ -612,7 +175,7 @@ class Trainer:
     @property
     def on_policy(self) -> bool:
         """Whether the training forward gives the old log-probs and the entropy, with no pass of
-        their own (`self.seen` then holds them after each update), as in TRL: so it is with one
+        their own (the update returns them), as in TRL: so it is with one
         mini-batch and one epoch per step when nothing before the update needs the step's
         log-probs or entropy (PPL shaping, low-probability reweighting, Lopti, high-entropy
         masking, plateau detection for position shaping, entropy at another temperature than the
@@ -634,16 +197,6 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
 
-    def lr_at(self, step: int) -> float:
-        o = self.config.optim
-        return schedule.learning_rate(
-            step,
-            lr=o.lr,
-            warmup_steps=o.warmup_steps,
-            total_steps=self.config.trainer.steps,
-            schedule=o.schedule,
-        )
-
     def state(self) -> dict[str, Any]:
         return {
             "entropy_history": self.entropy_history,
@@ -660,12 +213,12 @@ class Trainer:
         (`checkpoint.save_sharded`); every rank takes part. Raises NonFiniteError, writing
         nothing, if the weights or optimizer state hold NaN or inf."""
         c = self.config.trainer
-        if parallel.is_sharded(self.model):
+        if parallel.is_sharded(self.actor.model):
             checkpoint.save_sharded(
                 Path(c.out_dir) / "checkpoints",
                 self.step,
-                self.model,
-                self.optimizer,
+                self.actor.model,
+                self.actor.optimizer,
                 self.tokenizer,
                 self.state(),
                 keep=c.keep_checkpoints,
@@ -673,13 +226,13 @@ class Trainer:
             )
             self.saved_step = self.step
             return
-        model_state = parallel.model_state(self.model)
-        optimizer_state = parallel.optimizer_state(self.model, self.optimizer)
+        model_state = parallel.model_state(self.actor.model)
+        optimizer_state = parallel.optimizer_state(self.actor.model, self.actor.optimizer)
         if self.run is not None:
             checkpoint.save(
                 self.run.checkpoints,
                 self.step,
-                self.model,
+                self.actor.model,
                 self.tokenizer,
                 model_state,
                 optimizer_state,
@@ -726,11 +279,10 @@ class Trainer:
         state = checkpoint.verify(path, hashes=False)  # rank 0 has checked the hashes
         self._check_shapes(path, state)
         if checkpoint.is_sharded(state):
-            checkpoint.load_sharded(path, self.model, self.optimizer)
+            checkpoint.load_sharded(path, self.actor.model, self.actor.optimizer)
         else:
             self._load_full(path)
-        if isinstance(self.wrapped, precision.ComputeCopy):
-            self.wrapped.refresh()
+        self.actor.loaded()
         checkpoint.restore_rng(path)
         self.step = self.saved_step = state["step"]
         self.entropy_history = state["entropy_history"]
@@ -780,12 +332,12 @@ class Trainer:
     def _check_shapes(self, path: Path, state: dict[str, Any]) -> None:
         """Raise TrainingError when the model's weights and the checkpoint's differ in shape."""
         stored = checkpoint.stored_shapes(path, state)
-        if lora.is_lora(self.model):  # the checkpoint holds the adapters, under peft's names
+        if lora.is_lora(self.actor.model):  # the checkpoint holds the adapters, under peft's names
             from peft import get_peft_model_state_dict
 
-            weights = get_peft_model_state_dict(self.model)
+            weights = get_peft_model_state_dict(self.actor.model)
         else:
-            weights = self.model.state_dict()
+            weights = self.actor.model.state_dict()
         here = {name: tuple(t.shape) for name, t in weights.items()}
         common = stored.keys() & here.keys()
         wrong = sorted(name for name in common if stored[name] != here[name])
@@ -805,19 +357,19 @@ class Trainer:
     def _load_full(self, path: Path) -> None:
         """Load a checkpoint of full state dicts: read by every rank, or by rank 0 alone and
         scattered when the model is sharded."""
-        if lora.is_lora(self.model):
-            lora.load_adapter(self.model, path / "model")
+        if lora.is_lora(self.actor.model):
+            lora.load_adapter(self.actor.model, path / "model")
             optimizer_state = checkpoint.load_optimizer_state(path)
-            parallel.load_state(self.model, self.optimizer, None, optimizer_state)
+            parallel.load_state(self.actor.model, self.actor.optimizer, None, optimizer_state)
             return
         model_state, optimizer_state = {}, {}
-        if self.rank == 0 or not parallel.is_sharded(self.model):
+        if self.rank == 0 or not parallel.is_sharded(self.actor.model):
             dtype = getattr(torch, self.config.model.dtype)
             loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=dtype)
             model_state = loaded.state_dict()
             optimizer_state = checkpoint.load_optimizer_state(path)
             del loaded
-        parallel.load_state(self.model, self.optimizer, model_state, optimizer_state)
+        parallel.load_state(self.actor.model, self.actor.optimizer, model_state, optimizer_state)
 
     def _start_afresh(self, overwrite: bool) -> None:
         """A new run: refuse a directory that holds a run, unless `overwrite`, which deletes it."""
@@ -875,7 +427,7 @@ class Trainer:
         r = self.config.rollout
         examples = [self.task.train[i] for i in self.prompts_for(step, batch)]
         if batch == 0:
-            self.backend.sync_weights(self.sampling_model)
+            self.backend.sync_weights(self.actor.sampling_model)
         seed = self.config.trainer.seed
         torch.manual_seed(seeds.derive("rollout", seed, step, rank=self.rank, draw=batch))
         out = self.backend.generate(
@@ -1004,25 +556,64 @@ class Trainer:
         return advantages
 
     def train_step(self, step: int) -> dict[str, Any]:
-        c, a = self.config, self.config.algorithm
+        """One step: rollout, reward, advantage, update, measure; returns its metrics."""
+        c = self.config
         t0 = time.perf_counter()
-        # rollout and reward
-        sample = self.sample(step)
-        scored, metrics = sample.scored, sample.metrics
-        batch, rewards = scored.batch, scored.rewards
+        sample = self.sample(step)  # rollout and reward
+        metrics = sample.metrics
         t_sampled = time.perf_counter()
-        keep = self.kept_responses(scored, metrics)
-        if keep is None:  # dynamic sampling kept no group on any rank
+        shaped = self.shape(sample.scored, step, metrics)  # old log-probs and advantages
+        if shaped is None:  # dynamic sampling kept no group on any rank
             self.entropy_history.append(math.nan)  # keeps one value per step
             metrics["actor/skipped_updates"] = 1
             return metrics
-        # the training batch: the groups kept, as verl's batch after its filter
+        t_old = time.perf_counter()
+        metrics |= self.update(shaped, step)
+        t_update = time.perf_counter()
+        batch, mask = sample.scored.batch, shaped.train_mask
+        # a collective over ranks: computed on all of them, also for rank 0's rollout samples
+        cov = dynamics.token_covariance(shaped.old_log_prob, shaped.advantages, mask)
+        metrics |= self.measure(
+            batch, mask, shaped.old_log_prob, shaped.entropy, shaped.advantages, cov, step
+        )
+        t_end = time.perf_counter()
+        tokens = mask.sum().item() * self.world
+        generation = max(metrics["timing_s/gen"], 1e-9)
+        metrics |= {
+            "timing_s/old_log_prob": t_old - t_sampled,
+            "timing_s/update_actor": t_update - t_old,
+            "timing_s/step": t_end - t0,
+            "perf/rollout_tokens_per_s": sample.sampled_tokens * self.world / generation,
+            "perf/update_tokens_per_s": tokens * c.optim.epochs / max(t_update - t_old, 1e-9),
+            "perf/throughput": tokens / max(t_end - t0, 1e-9),
+        }
+        if self.run is not None and c.trainer.rollout_samples > 0:
+            records = self.rollout_records(
+                batch,
+                sample.scored.rewards,
+                shaped.old_log_prob,
+                shaped.entropy,
+                shaped.advantages,
+                cov,
+            )
+            self.run.write_rollouts(step, records)
+        return metrics
+
+    def shape(self, scored: ScoredRollout, step: int, metrics: dict[str, Any]) -> Shaped | None:
+        """The training batch of a scored rollout (the groups kept, as verl's batch after its
+        filter): the old log-probs and entropies, the rollout importance weights, the
+        advantages, the tokens that enter the loss, the reference log-probs; None where dynamic
+        sampling kept no group on any rank. Adds the mismatch metrics to `metrics`."""
+        a, batch = self.config.algorithm, scored.batch
+        keep = self.kept_responses(scored, metrics)
+        if keep is None:
+            return None
         train_mask = batch.response_mask * keep[:, None]
         # old log-probs and entropy: a pass of their own, unless the update is on-policy and its
         # training forward gives them
         old_log_prob = entropy = None
         if not self.on_policy:
-            old_log_prob, entropy = self.log_probs_and_entropy(batch)
+            old_log_prob, entropy = self.actor.log_probs_and_entropy(batch)
             self.record_entropy(entropy, train_mask, step)
         is_weights = None
         if a.rollout_is is not None:  # never on-policy: old_log_prob is known here
@@ -1034,51 +625,51 @@ class Trainer:
                 threshold=a.rollout_is_threshold,
             )
             metrics |= is_metrics
-        t_old = time.perf_counter()
         # advantage: statistics over the groups kept, on all ranks
-        advantages = self.shaped_advantages(batch, train_mask, rewards, old_log_prob, step)
+        advantages = self.shaped_advantages(batch, train_mask, scored.rewards, old_log_prob, step)
         loss_mask = train_mask
         if a.high_entropy_rho is not None:
             loss_mask = loss_mask * losses.high_entropy_mask(
                 entropy, loss_mask, rho=a.high_entropy_rho, across_ranks=True
             )
-        ref = self.reference_log_probs(batch)
-        # update
         update_batch = UpdateBatch(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             response_mask=loss_mask,
             old_log_prob=old_log_prob,
             advantages=advantages,
-            ref_log_prob=ref,
+            ref_log_prob=self.actor.reference_log_probs(batch),
             rollout_is_weights=is_weights,
         )
+        return Shaped(
+            train_mask=train_mask,
+            old_log_prob=old_log_prob,
+            entropy=entropy,
+            advantages=advantages,
+            update=update_batch,
+        )
+
+    def update(self, shaped: Shaped, step: int) -> dict[str, float]:
+        """The actor's update of the step, its controllers first told the step's entropy; fills
+        in `shaped`'s old log-probs and entropies from the training forwards when on-policy."""
+        a, metrics = self.config.algorithm, {}
         if self.loss_controller is not None:  # never on-policy: the step's entropy is known
-            metrics |= self.loss_controller.update(batch_entropy(entropy, train_mask))
-        metrics |= self.update(update_batch, step)
-        if self.on_policy:
-            old_log_prob, entropy = self.seen
-            self.record_entropy(entropy, train_mask, step)
-        t_update = time.perf_counter()
-        # a collective over ranks: computed on all of them, also for rank 0's rollout samples
-        cov = dynamics.token_covariance(old_log_prob, advantages, train_mask)
-        metrics |= self.measure(batch, train_mask, old_log_prob, entropy, advantages, cov, step)
-        t_end = time.perf_counter()
-        tokens = train_mask.sum().item() * self.world
-        generation = max(metrics["timing_s/gen"], 1e-9)
-        metrics |= {
-            "timing_s/old_log_prob": t_old - t_sampled,
-            "timing_s/update_actor": t_update - t_old,
-            "timing_s/step": t_end - t0,
-            "perf/rollout_tokens_per_s": sample.sampled_tokens * self.world / generation,
-            "perf/update_tokens_per_s": tokens * c.optim.epochs / max(t_update - t_old, 1e-9),
-            "perf/throughput": tokens / max(t_end - t0, 1e-9),
-        }
-        if self.run is not None and c.trainer.rollout_samples > 0:
-            self.run.write_rollouts(
-                step, self.rollout_records(batch, rewards, old_log_prob, entropy, advantages, cov)
-            )
-        return metrics
+            metrics |= self.loss_controller.update(batch_entropy(shaped.entropy, shaped.train_mask))
+        update = self.actor.update(
+            shaped.update,
+            step,
+            entropy_coef=self.entropy_controller.alpha
+            if self.entropy_controller
+            else a.entropy_coef,
+            loss_kwargs=self.loss_controller.loss_kwargs() if self.loss_controller else None,
+            progress=self.config.trainer.progress and self.rank == 0,
+        )
+        skipped = update.metrics["actor/skipped_updates"]
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        if self.on_policy:  # the training forwards gave them
+            shaped.old_log_prob, shaped.entropy = update.log_prob, update.entropy
+            self.record_entropy(shaped.entropy, shaped.train_mask, step)
+        return metrics | update.metrics
 
     def kept_responses(self, scored: ScoredRollout, metrics: dict[str, Any]) -> Tensor | None:
         """The responses that train: all, or with dynamic sampling those of the informative
@@ -1092,17 +683,6 @@ class Trainer:
         kept = distributed.all_reduce_sum(keep.sum()).item()
         metrics["batch/kept_fraction"] = kept / (keep.numel() * self.world)
         return keep if kept else None
-
-    def reference_log_probs(self, batch: RolloutBatch) -> Tensor | None:
-        """The reference policy's log-probs of the rollout for algorithm.kl_coef (LoRA: the model
-        with its adapters off); None without the KL term."""
-        temperature = self.config.rollout.temperature
-        if self.ref_model is not None:
-            return self.log_probs(self.ref_model, batch, temperature)[0]
-        if self.config.algorithm.kl_coef > 0:
-            with lora.reference(self.forward_model) as base:
-                return self.log_probs(base, batch, temperature)[0]
-        return None
 
     def measure(
         self,
@@ -1135,74 +715,16 @@ class Trainer:
             self.entropy_controller.update(ent["seq_mean_token_mean"])
         every = self.config.trainer.entropy_change_every
         if every and step % every == 0:
-            _, entropy_after = self.log_probs(self.forward_model, batch, 1.0)
+            entropy_after = self.actor.entropy(batch)
             after = batch_entropy(entropy_after, train_mask)["seq_mean_token_mean"]
             metrics["dynamics/entropy_change"] = after - ent["seq_mean_token_mean"]
         return metrics
-
-    def log_probs_and_entropy(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
-        """The rollout's log-probs under the current policy (at the sampling temperature) and
-        its token entropies (at temperature 1, the paper's), from one no-grad pass (two when the
-        temperature is not 1)."""
-        temperature = self.config.rollout.temperature
-        log_prob, entropy = self.log_probs(self.forward_model, batch, temperature)
-        if temperature != 1.0:
-            _, entropy = self.log_probs(self.forward_model, batch, 1.0)
-        return log_prob, entropy
-
-    def log_probs(self, model, batch: RolloutBatch, temperature: float) -> tuple[Tensor, Tensor]:
-        o = self.config.optim
-        return batched_log_probs(
-            model, batch, o.log_prob_rows, temperature, shared_prefix=o.shared_prefix
-        )
 
     def record_entropy(self, entropy: Tensor, mask: Tensor, step: int) -> None:
         """Append the step's entropy (the paper's H over the training batch) to the history the
         plateau detection reads."""
         self.entropy_history.append(batch_entropy(entropy, mask)["seq_mean_token_mean"])
         self.detect_plateau(step)
-
-    def update(self, batch: UpdateBatch, step: int) -> dict[str, float]:
-        """The policy update of one step (Lopti's two passes with `lopti_eta`); keeps the training
-        forwards' log-probs and entropies in `self.seen`."""
-        c, a = self.config, self.config.algorithm
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step - 1)
-        coef = self.entropy_controller.alpha if self.entropy_controller else a.entropy_coef
-        generator = torch.Generator().manual_seed(seeds.derive("update", c.trainer.seed, step))
-        parts = [batch]
-        if a.lopti_eta is not None:
-            low, high = lopti_split(batch.old_log_prob, batch.response_mask, eta=a.lopti_eta)
-            parts = [
-                replace(batch, advantages=batch.advantages * low),
-                replace(batch, advantages=batch.advantages * high),
-            ]
-        results, moved = [], False
-        for part in parts:
-            result = update_policy(
-                self.wrapped,
-                self.optimizer,
-                part,
-                c,
-                generator=generator,
-                entropy_coef=coef,
-                progress=c.trainer.progress and self.rank == 0,
-                moved=moved,
-                loss_kwargs=self.loss_controller.loss_kwargs() if self.loss_controller else None,
-            )
-            moved = result.moved
-            results.append(result)
-        self.seen = results[0].log_prob, results[0].entropy  # before any update
-        updates = [result.metrics for result in results]
-        # Lopti's two passes: counts add up, the rest is the mean over both (as AR-Lopti merges)
-        metrics = {}
-        for key in dict.fromkeys(k for u in updates for k in u):
-            values = [u[key] for u in updates if key in u]
-            counted = key in ("actor/skipped_updates", "actor/empty_minibatches")
-            metrics[key] = sum(values) if counted else sum(values) / len(values)
-        skipped = metrics["actor/skipped_updates"]
-        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
-        return metrics | {"actor/lr": self.lr_at(step - 1), "actor/entropy_coef": coef}
 
     # -- measurement -----------------------------------------------------------------------------
 
@@ -1288,7 +810,7 @@ class Trainer:
         """Held-out accuracy, every rank sampling an equal share of the problems (the last share
         padded with repeats, so that sharded models run the same forwards on every rank)."""
         c = self.config
-        self.backend.sync_weights(self.sampling_model)
+        self.backend.sync_weights(self.actor.sampling_model)
         test = self.task.test
         share = math.ceil(len(test) / self.world)
         indices = [(self.rank * share + i) % len(test) for i in range(share)]
@@ -1360,7 +882,7 @@ class Trainer:
                 return False
         else:
             self._start_afresh(overwrite)
-        if not parallel.all_finite(self.model.parameters()):
+        if not parallel.all_finite(self.actor.model.parameters()):
             raise self._nonfinite_error(self.step, "the weights hold NaN or inf")
         if self.run is None:
             return None
