@@ -14,7 +14,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from entroprl.algos.checks import check_finite, check_nonempty, check_same_shape
+from entroprl.algos.checks import (
+    check_finite,
+    check_nonempty,
+    check_same_shape,
+    deferring,
+    fail_if,
+)
 from entroprl.errors import NonFiniteError
 from entroprl.train import distributed
 
@@ -188,7 +194,12 @@ def logprobs_and_entropy(
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ValueError("logits have an empty vocabulary dimension")
-    if tokens.numel():
+    if tokens.numel() and deferring():
+        fail_if(
+            (tokens.min() < 0) | (tokens.max() >= vocab),
+            ValueError(f"token ids must lie in [0, {vocab})"),
+        )
+    elif tokens.numel():
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got range [{low}, {high}]")
@@ -198,7 +209,9 @@ def logprobs_and_entropy(
     # Any NaN or inf logit makes its row's logsumexp or entropy non-finite: checking the (B, T)
     # outputs catches bad logits without another pass over the vocabulary.
     bad = ~(torch.isfinite(logp.detach()) & torch.isfinite(entropy.detach()))
-    if bool(bad.any()):
+    if deferring():
+        fail_if(bad.any(), NonFiniteError("logits contain NaN or inf"))
+    elif bool(bad.any()):
         where = bad.nonzero()[0].tolist()
         raise NonFiniteError(f"logits contain NaN or inf (first at (b, t) = {where})")
     return logp, entropy

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -124,7 +124,8 @@ def compute_policy_loss_entroprl_clip_cov(
     config=None,
     rollout_is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Clip-Cov (`losses.clip_cov_select`, `losses.clip_cov_loss`) with verl's signature."""
+    """Clip-Cov (`losses.clip_cov_select`, `losses.clip_cov_loss`) with verl's signature, applied as
+    the trainer applies it (`PolicyLossSpec.apply`)."""
     policy = config.policy_loss
     low, high = _clip_range(config)
     mask = response_mask.bool()
@@ -139,26 +140,18 @@ def compute_policy_loss_entroprl_clip_cov(
         clip_low=low,
         clip_high=high,
     )
-    selected = spec.select(
+    mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
+    loss, m = spec.apply(
         log_prob,
         old_log_prob,
         advantages,
         mask,
         settings,
-        generator=generator,
-        across_ranks=across,
-    )
-    mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
-    loss, m = spec.fn(
-        log_prob,
-        old_log_prob,
-        advantages,
-        mask,
         loss_agg_mode=mode,
-        selected=selected,
         denominators=denominators,
         weights=rollout_is_weights,  # verl's pg_losses * rollout_is_weights
-        **asdict(settings),
+        generator=generator,
+        across_ranks=across,
     )
     metrics = {
         "actor/pg_clipfrac": m["pg_clipfrac"],
@@ -183,20 +176,18 @@ def compute_policy_loss_entroprl_kl_cov(
     policy = config.policy_loss
     mask = response_mask.bool()
     across = global_scope(config)
-    selected = losses.kl_cov_select(
-        log_prob, advantages, mask, ratio=policy.kl_cov_ratio, across_ranks=across
-    )
+    settings = losses.KLCovSettings(ratio=policy.kl_cov_ratio, coef=policy.ppo_kl_coef)
     mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
-    loss, m = losses.kl_cov_loss(
+    loss, m = losses.get_policy_loss("kl_cov").apply(
         log_prob,
         old_log_prob,
         advantages,
         mask,
-        coef=policy.ppo_kl_coef,
+        settings,
         loss_agg_mode=mode,
-        selected=selected,
         denominators=denominators,
         weights=rollout_is_weights,  # the whole per-token loss, penalty included, as verl
+        across_ranks=across,
     )
     _ON_POLICY.observe(log_prob, old_log_prob, mask, config, across)
     metrics = {
@@ -292,15 +283,15 @@ def compute_policy_loss_entroprl_ce_gppo(
     )
     mask = response_mask.bool()
     mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
-    loss, m = losses.ce_gppo_loss(
+    loss, m = losses.get_policy_loss("ce_gppo").apply(
         log_prob,
         old_log_prob,
         advantages,
         mask,
+        settings,
         loss_agg_mode=mode,
         denominators=denominators,
         weights=rollout_is_weights,  # verl's pg_losses * rollout_is_weights
-        **asdict(settings),
     )
     keys = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "ce_gppo_low_frac", "ce_gppo_high_frac")
     return loss * dp_size, {f"actor/{key}": m[key] for key in keys}

@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from entroprl.algos import losses
+from entroprl.algos import checks, losses
 from entroprl.config import AlgorithmConfig, Config
 from entroprl.errors import NonFiniteError
 from entroprl.train import distributed, forward, parallel
@@ -68,10 +68,9 @@ class LossSetup:
 
     spec: losses.PolicyLossSpec
     settings: Any
-    """The loss's settings dataclass (what `spec.select` reads)."""
-    kwargs: dict[str, Any]
-    """`spec.fn`'s keyword arguments: the aggregation and the settings (a controller's own, when
-    the loss keeps one)."""
+    """The loss's settings dataclass."""
+    loss_kwargs: dict[str, Any] | None
+    """A controller's keyword arguments for the loss instead of the settings, or None."""
     algorithm: AlgorithmConfig
     norm_constant: int
     """The aggregation's constant: the longest response allowed (algorithms.md §5.1)."""
@@ -91,26 +90,19 @@ class LossSetup:
 def token_selection(
     setup: LossSetup, log_prob: Tensor, old_log_prob: Tensor, batch: UpdateBatch
 ) -> dict[str, Any]:
-    """The loss's token selection (Clip-Cov's, KL-Cov's: `PolicyLossSpec.select`) over `batch`,
-    in the scope of `setup` (the whole mini-batch on all ranks, or this micro-batch), as the
-    keyword arguments `spec.fn` takes it with: `selected`, and `selected_denominators` for a loss
-    that averages over the selection."""
-    across = setup.across_ranks
-    selected = setup.spec.select(
+    """The loss's token selection (`PolicyLossSpec.selection`) over `batch`, in the scope of
+    `setup` (the whole mini-batch on all ranks, or this micro-batch), as `spec.fn`'s keyword
+    arguments."""
+    return setup.spec.selection(
         log_prob,
         old_log_prob,
         batch.advantages,
         batch.response_mask,
         setup.settings,
         generator=setup.generator,
-        across_ranks=across,
+        across_ranks=setup.across_ranks,
+        norm_constant=setup.norm_constant,
     )
-    out: dict[str, Any] = {"selected": selected}
-    if setup.spec.selection_denominators:
-        out["selected_denominators"] = losses.loss_denominators(
-            selected, norm_constant=setup.norm_constant, across_ranks=across, allow_empty=True
-        )
-    return out
 
 
 def minibatch_selection(
@@ -171,30 +163,31 @@ def micro_batch_loss(
         shared_prefix=setup.shared_prefix,
     )
     old = log_prob.detach() if mb.old_log_prob is None else mb.old_log_prob
-    extra: dict[str, Any] = {}
+    selection = None  # made by the loss over this micro-batch: the reference scope, or the
+    # whole mini-batch on every rank in this one micro-batch
     if whole is not None:
-        extra = {k: v[rows] if k == "selected" else v for k, v in whole.items()}
-    elif setup.spec.select is not None and (setup.across_ranks or tokens > 0):
-        # the whole mini-batch in this one micro-batch on every rank, or the per-micro-batch
-        # (reference) scope
-        extra = token_selection(setup, log_prob.detach(), old, mb)
-    elif setup.spec.select is not None:  # an empty micro-batch: nothing to select
-        extra["selected"] = torch.zeros_like(mb.response_mask, dtype=torch.bool)
-        if setup.spec.selection_denominators:
-            extra["selected_denominators"] = None
+        selection = {k: v[rows] if k == "selected" else v for k, v in whole.items()}
+    elif setup.spec.select is not None and not (setup.across_ranks or tokens > 0):
+        selection = {"selected": torch.zeros_like(mb.response_mask, dtype=torch.bool)}
+        if setup.spec.selection_denominators:  # an empty micro-batch selects nothing
+            selection["selected_denominators"] = None
     # The importance weight multiplies each token's whole policy loss, KL-Cov's penalty included,
-    # as verl's pg_losses * rollout_is_weights; the selections above use the unweighted
-    # advantages, as verl's do.
-    if mb.rollout_is_weights is not None:
-        extra["weights"] = mb.rollout_is_weights
-    loss, metrics = setup.spec.fn(
+    # as verl's pg_losses * rollout_is_weights; the selections use the unweighted advantages, as
+    # verl's do.
+    loss, metrics = setup.spec.apply(
         log_prob,
         old,
         mb.advantages,
         mb.response_mask,
+        setup.settings,
+        loss_agg_mode=a.loss_agg_mode,
         denominators=denominators,
-        **setup.kwargs,
-        **extra,
+        selection=selection,
+        weights=mb.rollout_is_weights,
+        loss_kwargs=setup.loss_kwargs,
+        generator=setup.generator,
+        across_ranks=setup.across_ranks,
+        norm_constant=setup.norm_constant,
     )
     if setup.entropy_coef > 0:
         loss = loss + losses.entropy_bonus(
@@ -242,28 +235,38 @@ def accumulate_gradients(
     device = mini.response_mask.device
     count = mini.response_mask.shape[0]
     micro_starts = range(0, count, micro_batch_size)
+    # each micro-batch's token count, read in one transfer
+    counts = torch.stack([m.sum() for m in mini.response_mask.split(micro_batch_size)]).tolist()
     sums: dict[str, float] = defaultdict(float)
-    finite = True
-    for i, start in enumerate(micro_starts):
-        rows = slice(start, start + micro_batch_size)
-        mb = mini.rows(torch.arange(count, device=device)[rows])
-        tokens = mb.response_mask.sum().item()
-        # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch (it has no
-        # no_sync), which keeps its gradients sharded
-        sync = i == len(micro_starts) - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync():
-            out = micro_batch_loss(
-                model, mb, setup, denominators=denominators, whole=whole, rows=rows, tokens=tokens
-            )
-            if seen is not None:
-                seen_log_prob, seen_entropy, mini_rows = seen
-                seen_log_prob[mini_rows[rows]] = out.log_prob.detach()
-                seen_entropy[mini_rows[rows]] = out.entropy.detach()
-            finite = finite and bool(torch.isfinite(out.loss))
-            (out.loss * world).backward()
-        for key, value in out.metrics.items():
-            sums[key] += value if key in summed else value * tokens
-    return Accumulated(sums=sums, finite=finite)
+    finite: list[Tensor] = []
+    # the value checks of every micro-batch, read once at the end of the mini-batch
+    with checks.deferred() as deferred:
+        for i, (start, tokens) in enumerate(zip(micro_starts, counts, strict=True)):
+            rows = slice(start, start + micro_batch_size)
+            mb = mini.rows(torch.arange(count, device=device)[rows])
+            # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch (it has
+            # no no_sync), which keeps its gradients sharded
+            sync = i == len(micro_starts) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                out = micro_batch_loss(
+                    model,
+                    mb,
+                    setup,
+                    denominators=denominators,
+                    whole=whole,
+                    rows=rows,
+                    tokens=tokens,
+                )
+                if seen is not None:
+                    seen_log_prob, seen_entropy, mini_rows = seen
+                    seen_log_prob[mini_rows[rows]] = out.log_prob.detach()
+                    seen_entropy[mini_rows[rows]] = out.entropy.detach()
+                finite.append(torch.isfinite(out.loss.detach()))
+                (out.loss * world).backward()
+            for key, value in out.metrics.items():
+                sums[key] += value if key in summed else value * tokens
+    deferred.raise_first()
+    return Accumulated(sums=sums, finite=bool(torch.stack(finite).all()))
 
 
 def minibatch_metrics(
@@ -413,10 +416,7 @@ def loss_setup(
     return LossSetup(
         spec=spec,
         settings=settings,
-        kwargs={
-            "loss_agg_mode": a.loss_agg_mode,
-            **(asdict(settings) if loss_kwargs is None else loss_kwargs),
-        },
+        loss_kwargs=loss_kwargs,
         algorithm=a,
         norm_constant=config.rollout.max_new_tokens,
         temperature=config.rollout.temperature,
