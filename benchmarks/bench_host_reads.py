@@ -12,8 +12,8 @@ further micro-batch costs. Counts, not times: the same on every machine and on t
 from __future__ import annotations
 
 import torch
-
 from _common import char_model_config
+
 from entroprl.algos import losses
 from entroprl.config import config_from_dict
 from entroprl.demo.models import build_model
