@@ -11,6 +11,9 @@ further micro-batch costs. Counts, not times: the same on every machine and on t
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from _common import char_model_config
 
@@ -24,18 +27,26 @@ READS = ("item", "tolist", "__bool__", "__int__", "__float__")
 ROWS, PROMPT, RESPONSE = 16, 4, 6
 
 
-def count_reads() -> list[int]:
-    """Counts every host read from now on, in the list returned."""
+@contextlib.contextmanager
+def counting_reads() -> Iterator[list[int]]:
+    """Within: every host read is counted, in the one-item list yielded."""
     count = [0]
-    for name in READS:
-        real = getattr(torch.Tensor, name)
+    real = {name: getattr(torch.Tensor, name) for name in READS}
 
-        def counted(self, *args, _real=real, **kwargs):
+    def counter(method):
+        def counted(self, *args, **kwargs):
             count[0] += 1
-            return _real(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
 
-        setattr(torch.Tensor, name, counted)
-    return count
+        return counted
+
+    try:
+        for name, method in real.items():
+            setattr(torch.Tensor, name, counter(method))
+        yield count
+    finally:
+        for name, method in real.items():
+            setattr(torch.Tensor, name, method)
 
 
 def batch() -> UpdateBatch:
@@ -78,12 +89,12 @@ def reads(loss: str, micro: int, count: list[int]) -> int:
 
 
 def main() -> None:
-    count = count_reads()
     print("| loss | 1 micro-batch | 4 micro-batches | per further micro-batch |")
     print("|---|---:|---:|---:|")
-    for loss in losses.POLICY_LOSSES:
-        one, four = reads(loss, ROWS, count), reads(loss, ROWS // 4, count)
-        print(f"| {loss} | {one} | {four} | {(four - one) / 3:.0f} |")
+    with counting_reads() as count:
+        for loss in losses.POLICY_LOSSES:
+            one, four = reads(loss, ROWS, count), reads(loss, ROWS // 4, count)
+            print(f"| {loss} | {one} | {four} | {(four - one) / 3:.0f} |")
 
 
 if __name__ == "__main__":

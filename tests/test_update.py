@@ -1,5 +1,10 @@
 """The update's micro-batches read nothing back from the device but their metrics: their value
-checks are deferred to the end of the mini-batch (`checks.deferred`), where they still raise."""
+checks are deferred to the end of the mini-batch (`checks.deferred`), where they still raise. The
+counting is `benchmarks/bench_host_reads.py`'s, which prints the table in docs/benchmarks.md."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,70 +12,35 @@ import torch
 from entroprl.algos import checks, losses
 from entroprl.config import config_from_dict
 from entroprl.errors import NonFiniteError
-from entroprl.train.update import UpdateBatch, update_policy
+from entroprl.train.update import update_policy
 from tests.policies import make_tiny_policy
 
-READS = ("item", "tolist", "__bool__", "__int__", "__float__")
-"""The ways a tensor's values reach the host: each one a synchronisation on a GPU."""
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-def _batch(seed: int = 0) -> UpdateBatch:
-    g = torch.Generator().manual_seed(seed)
-    rows, prompt, response = 16, 4, 6
-    ids = torch.randint(3, 20, (rows, prompt + response), generator=g)
-    mask = torch.ones(rows, response)
-    mask[::3, 4:] = 0
-    return UpdateBatch(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        response_mask=mask,
-        old_log_prob=-torch.rand(rows, response, generator=g),
-        advantages=torch.randn(rows, response, generator=g),
-    )
-
-
-def _update(loss: str, micro: int, batch: UpdateBatch) -> None:
-    model, _ = make_tiny_policy()
-    config = config_from_dict(
-        {
-            "algorithm": {"policy_loss": loss},
-            "optim": {"mini_batch_size": 16, "micro_batch_size": micro},
-            "rollout": {"max_new_tokens": 6},
-        }
-    )
-    spec = losses.get_policy_loss(loss)
-    controller = spec.controller(config.loss_settings()) if spec.controller else None
-    update_policy(
-        model,
-        torch.optim.AdamW(model.parameters(), lr=1e-3),
-        batch,
-        config,
-        generator=torch.Generator().manual_seed(0),
-        loss_kwargs=controller.loss_kwargs() if controller else None,
-    )
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports its neighbour _common
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "bench_host_reads", BENCHMARKS / "bench_host_reads.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
 
 
 @pytest.mark.parametrize("loss", sorted(losses.POLICY_LOSSES))
-def test_a_micro_batch_reads_only_its_metrics(loss, monkeypatch):
-    """Reads per extra micro-batch: 12 to 17 when every check read its result at once (the mask,
-    three finite checks, the token range and the logits of the forward, the selection, the
+def test_a_micro_batch_reads_only_its_metrics(loss, bench):
+    """Reads per further micro-batch: 12 to 17 when every check read its result at once (the
+    mask, three finite checks, the token range and the logits of the forward, the selection, the
     loss); now the loss's logged values alone (3 to 6)."""
-    count = [0]
-    for name in READS:
-        real = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _real=real, **kwargs):
-            count[0] += 1
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    reads = {}
-    for micro in (16, 4):
-        count[0] = 0
-        _update(loss, micro, _batch())
-        reads[micro] = count[0]
-    per_micro_batch = (reads[4] - reads[16]) / 3
-    assert per_micro_batch <= 6, reads
+    with bench.counting_reads() as count:
+        one, four = bench.reads(loss, 16, count), bench.reads(loss, 4, count)
+    assert one > 0 and (four - one) / 3 <= 6, (one, four)
+    assert torch.Tensor.item is torch._C.TensorBase.item  # the counting is undone
 
 
 @pytest.mark.parametrize(
@@ -81,9 +51,9 @@ def test_a_micro_batch_reads_only_its_metrics(loss, monkeypatch):
         ("response_mask", 2.0, ValueError, "response_mask must hold only 0 and 1"),
     ],
 )
-def test_deferred_checks_still_raise_before_the_optimizer_step(field, value, error, match):
+def test_deferred_checks_still_raise_before_the_optimizer_step(field, value, error, match, bench):
     """A bad value in the last micro-batch raises its own error, and no weight moves."""
-    batch = _batch()
+    batch = bench.batch()
     getattr(batch, field)[-2, -1] = value  # a valid token of the last micro-batch
     model, _ = make_tiny_policy()
     before = [p.detach().clone() for p in model.parameters()]
