@@ -1,7 +1,15 @@
+import signal
+
 import pytest
 import torch
 
 from tests.policies import make_tiny_policy
+
+# A suite started in the background by a non-interactive shell (`bash scripts/test.sh &`) inherits
+# SIGINT ignored, and so would every run its tests start: the Ctrl-C tests (test_faults, test_demo)
+# need what a terminal gives. A Python handler here is reset to the default in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
