@@ -323,7 +323,12 @@ def test_ctrl_c_stops_with_one_line_and_the_run_resumes_intact(setup, tmp_path, 
 def stop_with_ctrl_c(process: subprocess.Popen) -> None:
     """Ctrl-C `process` (a run too long to end on its own): it must stop cleanly."""
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=600)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()  # a run that ignored Ctrl-C must not outlive its failed test
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"Ctrl-C did not stop the run: {stderr[-3000:]}") from None
     assert process.returncode == 130, (stdout, stderr[-3000:])
 
 
