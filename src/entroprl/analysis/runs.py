@@ -1,4 +1,4 @@
-"""The numbers of `entroprl analyze` (issue 4): training stages, the entropy-performance law and its
+"""The numbers of `entroprl analyze`: training stages, the entropy-performance law and its
 forecast (algorithms.md §9), the covariance against the measured entropy change (algorithms.md §2,
 the paper's Fig. 8), the covariance groups (algorithms.md §3), and two statistics of the rollout
 samples behind PPL and position shaping (algorithms.md §7). Figures and the HTML report are in

@@ -2,7 +2,7 @@
 difference, and percentile intervals of bootstrap samples.
 
 The demo runs every method with a few seeds; a mean without its interval cannot tell a real
-difference between methods from the spread of the seeds (issue 15).
+difference between methods from the spread of the seeds.
 """
 
 from __future__ import annotations

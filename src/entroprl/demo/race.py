@@ -4,7 +4,7 @@ CPU.
 One warm-started tiny model (cached after the first run), then GRPO and the chosen methods (by
 default Clip-Cov and KL-Cov; `METHODS` lists all) from that start, each with several seeds and the
 same budget, run as parallel processes. One seed's margins
-are of the size of the numerical noise (issue 15), so the table gives every method's mean over
+are of the size of the numerical noise (docs/demo.md), so the table gives every method's mean over
 seeds with its 95% t interval, and each method's paired (same seed) difference to GRPO;
 `summary.json` holds the per-seed values next to them, and the comparison report the law fitted
 on the pooled points of each method's seeds, with bootstrap intervals.
