@@ -137,6 +137,23 @@ class MicroBatchLoss:
     entropy: Tensor
 
 
+def micro_batch_selection(
+    setup: LossSetup, mb: UpdateBatch, *, whole: dict[str, Any] | None, rows: slice, tokens: float
+) -> dict[str, Any] | None:
+    """The selection `micro_batch_loss` gives the loss: rows `rows` of the mini-batch's (`whole`)
+    where it was made beforehand; an empty one for a micro-batch with no loss token in the
+    per-micro-batch scope (there is nothing to select from); else None, and the loss selects over
+    this micro-batch (the reference scope, or the whole mini-batch on every rank in one piece)."""
+    if whole is not None:
+        return {k: v[rows] if k == "selected" else v for k, v in whole.items()}
+    if setup.spec.select is None or setup.across_ranks or tokens > 0:
+        return None
+    selection: dict[str, Any] = {"selected": torch.zeros_like(mb.response_mask, dtype=torch.bool)}
+    if setup.spec.selection_denominators:
+        selection["selected_denominators"] = None
+    return selection
+
+
 def micro_batch_loss(
     model,
     mb: UpdateBatch,
@@ -163,14 +180,7 @@ def micro_batch_loss(
         shared_prefix=setup.shared_prefix,
     )
     old = log_prob.detach() if mb.old_log_prob is None else mb.old_log_prob
-    selection = None  # made by the loss over this micro-batch: the reference scope, or the
-    # whole mini-batch on every rank in this one micro-batch
-    if whole is not None:
-        selection = {k: v[rows] if k == "selected" else v for k, v in whole.items()}
-    elif setup.spec.select is not None and not (setup.across_ranks or tokens > 0):
-        selection = {"selected": torch.zeros_like(mb.response_mask, dtype=torch.bool)}
-        if setup.spec.selection_denominators:  # an empty micro-batch selects nothing
-            selection["selected_denominators"] = None
+    selection = micro_batch_selection(setup, mb, whole=whole, rows=rows, tokens=tokens)
     # The importance weight multiplies each token's whole policy loss, KL-Cov's penalty included,
     # as verl's pg_losses * rollout_is_weights; the selections use the unweighted advantages, as
     # verl's do.
