@@ -20,7 +20,7 @@ from entroprl.algos.advantages import compute_advantages
 from entroprl.config import config_from_dict
 from entroprl.demo.models import save_model
 from entroprl.train import checkpoint, parallel
-from entroprl.train.forward import forward_log_probs
+from entroprl.train.forward import forward_log_probs, fuse_head
 from entroprl.train.precision import native_bfloat16
 from entroprl.train.rundir import read_metrics
 from entroprl.train.trainer import Trainer
@@ -91,11 +91,14 @@ def _shared_prefix_policy():
     return model, tok
 
 
-def _shared_prefix_update(rows, strategy=None, shared=False):
+def _shared_prefix_update(rows, strategy=None, shared=False, fused=False):
     """Two epochs of one mini-batch (micro-batches of 4) on four groups of 4 responses, each
     group's prompt its own: with `shared`, each prompt is computed once per micro-batch, two
-    forwards of the root module (`forward.shared_prefix_logits`)."""
+    forwards of the root module (`forward.shared_prefix_forward`); with `fused`, the log-probs
+    come from the hidden states inside the model's forward (`forward.fuse_head`)."""
     model, tok = _shared_prefix_policy()
+    if fused:
+        fuse_head(model)
     ids, attention, mask = grouped_batch(tok, G=4, R=7)
     with torch.no_grad():
         old, _ = forward_log_probs(model, ids, attention, 7)
@@ -117,6 +120,7 @@ def _shared_prefix_update(rows, strategy=None, shared=False):
                 "epochs": 2,
                 "shared_prefix": shared,
             },
+            "model": {"fused_head": fused},
         }
     )
     names = [n for n, _ in model.named_parameters()]
@@ -140,6 +144,12 @@ def _whitening_inputs():
     return rewards, groups, mask
 
 
+SHARED_FUSED = [(True, False), (False, True), (True, True)]
+"""The (optim.shared_prefix, model.fused_head) runs on two ranks compared with the plain forwards
+in one process: the root module's forward run twice per micro-batch, or the output layer used
+inside it."""
+
+
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -150,11 +160,12 @@ def _worker(rank, world, init_file, out_dir):
                 params, _ = _one_update(policy_loss, mode, rows, mini=4, micro=2, strategy=strategy)
                 if rank == 0:
                     save_file(params, f"{out_dir}/{strategy}-{policy_loss}-{mode}.safetensors")
-            params = _shared_prefix_update(
-                torch.arange(16).tensor_split(world)[rank], strategy, True
-            )
-            if rank == 0:
-                save_file(params, f"{out_dir}/{strategy}-shared-prefix.safetensors")
+            for shared, fused in SHARED_FUSED:
+                params = _shared_prefix_update(
+                    torch.arange(16).tensor_split(world)[rank], strategy, shared, fused
+                )
+                if rank == 0:
+                    save_file(params, f"{out_dir}/{strategy}-{shared}-{fused}.safetensors")
         # rank 1's rows are all filtered out: REINFORCE++ whitens over the kept tokens of both
         # ranks, and the update keeps or skips a mini-batch by its global token count
         rewards, groups, mask = _whitening_inputs()
@@ -190,18 +201,24 @@ def test_two_ranks_match_one_process(tmp_path):
                 )
                 moved += (value - dict(initial.named_parameters())[name]).abs().sum().item()
             assert moved > 1e-3, f"{policy_loss}/{mode}: the update changed nothing"
-    # the prompts computed once per micro-batch, two forwards of the root module each: sharded
-    # or not, the update of the full forwards in one process
+    # the prompts computed once per micro-batch (two forwards of the root module each), the
+    # output layer used inside the forward (fused head), or both: sharded or not, the update of
+    # the plain forwards in one process
     single = _shared_prefix_update(torch.arange(16))
     initial = dict(_shared_prefix_policy()[0].named_parameters())
     assert max((single[n] - initial[n]).abs().max().item() for n in single) > 1e-3
     for strategy in parallel.STRATEGIES:
-        split = load_file(tmp_path / f"{strategy}-shared-prefix.safetensors")
-        assert split.keys() == single.keys()
-        for name, value in single.items():
-            torch.testing.assert_close(
-                split[name], value, atol=1e-5, rtol=1e-5, msg=f"{strategy} shared prefix: {name}"
-            )
+        for shared, fused in SHARED_FUSED:
+            split = load_file(tmp_path / f"{strategy}-{shared}-{fused}.safetensors")
+            assert split.keys() == single.keys()
+            for name, value in single.items():
+                torch.testing.assert_close(
+                    split[name],
+                    value,
+                    atol=1e-5,
+                    rtol=1e-5,
+                    msg=f"{strategy} shared prefix {shared}, fused head {fused}: {name}",
+                )
     rewards, groups, mask = _whitening_inputs()
     whole = compute_advantages("reinforce_pp_baseline", rewards, groups, mask)
     halves = [load_file(tmp_path / f"whitening-{rank}.safetensors") for rank in (0, 1)]

@@ -12,7 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given, settings, strategies as st
 
-from entroprl.algos.entropy import batch_entropy, logprobs_and_entropy
+from entroprl.algos.entropy import (
+    batch_entropy,
+    linear_logprobs_and_entropy,
+    logprobs_and_entropy,
+)
 
 
 def numpy_reference(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
@@ -320,3 +324,136 @@ def test_batch_entropy_is_global_across_ranks(tmp_path):
         nprocs=2,
         join=True,
     )
+
+
+# -- through the output layer (linear_logprobs_and_entropy) ----------------------------------------
+
+
+def linear_batch(b=3, t=5, h=6, v=11, dtype=torch.float64, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64).to(dtype)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64).to(dtype)
+    b_ = torch.randn(v, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    return hidden, weight, b_, tokens
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+@pytest.mark.parametrize(("temperature", "chunk_rows"), [(1.0, 4), (0.7, 1), (1.3, 1024)])
+def test_linear_values_and_gradients_match_autograd_on_the_logits(
+    entropy_grad, temperature, chunk_rows
+):
+    """Values and the gradients of hidden states, weight and bias equal plain autograd through
+    `hidden @ weight.T + bias` and the naive formulas, in float64, chunks crossing rows."""
+    hidden, weight, bias, tokens = linear_batch()
+    g = torch.Generator().manual_seed(1)
+    w_logp, w_ent = torch.randn(2, *tokens.shape, generator=g, dtype=torch.float64)
+    ours = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    logp, ent = linear_logprobs_and_entropy(
+        ours[0],
+        ours[1],
+        tokens,
+        bias=ours[2],
+        temperature=temperature,
+        chunk_rows=chunk_rows,
+        entropy_grad=entropy_grad,
+    )
+    ((w_logp * logp).sum() + (w_ent * ent).sum() * entropy_grad).backward()
+    ref = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    ref_logp, ref_ent = naive_torch(ref[0] @ ref[1].T + ref[2], tokens, temperature)
+    ((w_logp * ref_logp).sum() + (w_ent * ref_ent).sum() * entropy_grad).backward()
+    torch.testing.assert_close(logp, ref_logp.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, ref_ent.detach(), rtol=1e-12, atol=1e-12)
+    assert ent.requires_grad == entropy_grad
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_gradients_match_finite_differences():
+    hidden, weight, bias, tokens = linear_batch(b=2, t=2, h=3, v=5)
+
+    def objective(h, w, b):
+        logp, ent = linear_logprobs_and_entropy(
+            h, w, tokens, bias=b, temperature=0.9, chunk_rows=3, entropy_grad=True
+        )
+        return (torch.arange(1.0, 5.0, dtype=torch.float64).view(2, 2) * logp).sum() - 2 * ent.sum()
+
+    assert torch.autograd.gradcheck(
+        objective, [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    )
+
+
+def test_linear_tied_weight_and_no_bias():
+    """An output layer without bias and only some inputs requiring gradient."""
+    hidden, weight, _, tokens = linear_batch(bias=False)
+    w = weight.clone().requires_grad_(True)
+    logp, _ = linear_logprobs_and_entropy(hidden, w, tokens, chunk_rows=2)
+    logp.sum().backward()
+    ref = weight.clone().requires_grad_(True)
+    naive_torch(hidden @ ref.T, tokens)[0].sum().backward()
+    torch.testing.assert_close(w.grad, ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_bfloat16_follows_the_logits_path():
+    """In bfloat16 each chunk's logits are the output layer's bfloat16 product, as the model's own
+    head computes them: the results equal the logits path's, and the gradients are close to
+    float64 autograd's, in the inputs' dtype."""
+    hidden, weight, bias, tokens = linear_batch(b=4, t=8, h=16, v=64, dtype=torch.bfloat16)
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    want = logprobs_and_entropy(logits, tokens)
+    ours = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    got = linear_logprobs_and_entropy(ours[0], ours[1], tokens, bias=ours[2], chunk_rows=5)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    got[0].sum().backward()
+    ref = [x.to(torch.float64).requires_grad_(True) for x in (hidden, weight, bias)]
+    naive_torch(ref[0] @ ref[1].T + ref[2], tokens)[0].sum().backward()
+    for a, b in zip(ours, ref, strict=True):
+        assert a.grad.dtype == torch.bfloat16
+        scale = b.grad.abs().max()
+        torch.testing.assert_close(a.grad.double() / scale, b.grad / scale, rtol=0, atol=2e-2)
+
+
+def test_linear_saves_nothing_of_the_vocabulary_size():
+    """Autograd keeps the inputs and (N,)-sized vectors, no logits, their softmax or gradient."""
+    hidden, weight, bias, tokens = linear_batch(b=4, t=8, h=8, v=1000, dtype=torch.float32)
+    inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    pointers = {x.data_ptr() for x in inputs}
+    saved_bytes = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in pointers:
+            saved_bytes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        linear_logprobs_and_entropy(*inputs[:2], tokens, bias=inputs[2], entropy_grad=True)
+    # the flattened hidden states (a view, or one (N, H) copy), the tokens and the entropies
+    assert sum(saved_bytes) <= 32 * 8 * 4 + 32 * 8 + 32 * 4
+
+
+@pytest.mark.parametrize(
+    ("shapes", "kwargs", "match"),
+    [
+        (((2, 3, 4), (5, 4), (2, 4)), {}, "shape mismatch"),
+        (((6, 4), (5, 4), (6,)), {}, r"\(B, T, H\)"),
+        (((2, 3, 4), (5, 3), (2, 3)), {}, r"weight must be \(V, 4\)"),
+        (((2, 3, 4), (5, 4), (2, 3)), {"bias": torch.zeros(4)}, r"bias must be \(5,\)"),
+        (((2, 3, 4), (5, 4), (2, 3)), {"temperature": 0.0}, "temp"),
+        (((2, 3, 4), (5, 4), (2, 3)), {"chunk_rows": 0}, "chunk"),
+    ],
+)
+def test_linear_bad_input_raises(shapes, kwargs, match):
+    hidden, weight, tokens = torch.zeros(shapes[0]), torch.zeros(shapes[1]), torch.zeros(shapes[2])
+    with pytest.raises(ValueError, match=match):
+        linear_logprobs_and_entropy(hidden, weight, tokens.long(), **kwargs)
+
+
+def test_linear_token_out_of_range_and_non_finite_raise():
+    hidden, weight, _, tokens = linear_batch(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"\[0, 11\)"):
+        linear_logprobs_and_entropy(hidden, weight, tokens + 11)
+    hidden[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf .*\[1, 2\]"):
+        linear_logprobs_and_entropy(hidden, weight, tokens)

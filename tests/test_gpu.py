@@ -1,13 +1,15 @@
 """The GPU path, run for real: `pytest -m gpu` on a machine with a CUDA GPU (skipped elsewhere,
 saying why). `scripts/gpu_check.sh` runs these after its throughput check.
 
-Every registered loss, dynamic-sampling refills, the shared prefix, bfloat16 compute, resume, FSDP
-with a sharded checkpoint, and the demo's model, each for a few trainer steps on the GPU, with a
-reward that differs within groups so that the steps move the weights; and the sampler's CUDA graph
-drawing the tokens `model.generate` draws."""
+Every registered loss, dynamic-sampling refills, the shared prefix, bfloat16 compute, the fused
+head, resume, FSDP with a sharded checkpoint, and the demo's model, each for a few trainer steps on
+the GPU, with a reward that differs within groups so that the steps move the weights; the fused
+head's log-probs and gradients against the logits path; and the sampler's CUDA graph drawing the
+tokens `model.generate` draws."""
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -90,6 +92,38 @@ def test_bfloat16_compute_samples_from_the_bfloat16_copy(tmp_path):
     assert trainer.actor.sampling_model is trainer.actor.forward_model
     assert next(trainer.actor.sampling_model.parameters()).dtype == torch.bfloat16
     assert _moved(trainer, start)
+
+
+def test_fused_head_trains_with_bfloat16_compute_and_the_shared_prefix(tmp_path):
+    """The log-probs from the hidden states inside the bfloat16 copy's forward, the prompts
+    computed once; the sampler (its CUDA graph) runs the same model's own forward."""
+    trainer, start = _train(
+        tmp_path,
+        model={"compute_dtype": "bfloat16", "fused_head": True},
+        optim={"shared_prefix": True},
+        algorithm={"entropy_coef": 0.01},
+    )
+    _on_the_gpu(trainer)
+    assert _moved(trainer, start)
+
+
+def test_fused_head_equals_the_logits_path_on_the_gpu():
+    from entroprl.train import forward
+    from tests.test_fused_head import _forward_and_grads, _policy
+    from tests.test_shared_prefix import grouped_batch
+
+    model, tok = _policy()
+    model = model.float().cuda()
+    fused = copy.deepcopy(model)
+    forward.fuse_head(fused)
+    ids, attention, _ = grouped_batch(tok, 3, 7)
+    ids, attention = ids.cuda(), attention.cuda()
+    want = _forward_and_grads(model, ids, attention, 7, shared=False, fused=False)
+    got = _forward_and_grads(fused, ids, attention, 7, shared=False, fused=True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    for name, grad in want[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_resume_on_the_gpu_continues_the_run(tmp_path):

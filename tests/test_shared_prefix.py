@@ -1,4 +1,4 @@
-"""Shared prompts computed once (`optim.shared_prefix`, `forward.shared_prefix_logits`): the same
+"""Shared prompts computed once (`optim.shared_prefix`, `forward.shared_prefix_forward`): the same
 log-probs, entropies and gradients as the full forward, and the same training step."""
 
 from __future__ import annotations

@@ -122,6 +122,13 @@ class ModelConfig:
     """Recompute each decoder layer's activations in the backward instead of keeping them
     (transformers' non-reentrant checkpointing): less memory for about a third more compute.
     Not with optim.shared_prefix."""
+    fused_head: bool = False
+    """Compute the training forwards' and no-grad passes' log-probs and entropies from the last
+    hidden states through the output layer in chunks (`forward.fuse_head`, verl's
+    `use_fused_kernels`): no (B, R, vocabulary) logits in the model's dtype, nor their gradient,
+    for one more output-layer product per chunk in the backward (memory: docs/benchmarks.md).
+    Refused for a model that transforms its logits after the output layer (soft-capping,
+    scaling)."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank instead of the weights (`entroprl.train.lora`, needs
     `entroprl[lora]`); 0: full training. One process or DDP, HF backend."""
@@ -402,7 +409,7 @@ class OptimConfig:
 
     shared_prefix: bool = False
     """Compute each group's prompt once in the training forwards and the no-grad passes, its
-    responses attending to its keys and values ("Prefix Grouper", `forward.shared_prefix_logits`):
+    responses attending to its keys and values ("Prefix Grouper", `forward.shared_prefix_forward`):
     the same log-probs and gradients, to float rounding, with the prompt's share of the compute
     divided by the group size (benchmarks/bench_prefix.py measures when it pays). Not with
     model.gradient_checkpointing (which turns the KV cache off)."""

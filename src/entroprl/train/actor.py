@@ -42,6 +42,8 @@ class Actor:
     def __init__(self, config: Config, model, device: torch.device):
         c = self.config = config
         sharded = c.trainer.strategy == "fsdp"
+        if c.model.fused_head:  # before any wrapper or copy: they all run its forward
+            forward.fuse_head(model)
         if c.model.lora_rank:
             m = c.model
             model = lora.attach(model, m.lora_rank, m.lora_alpha, m.lora_target_modules)
@@ -110,9 +112,14 @@ class Actor:
     def log_probs(self, model, batch: RolloutBatch, temperature: float) -> tuple[Tensor, Tensor]:
         """`model`'s log-probs and entropies of the rollout's responses, `optim.log_prob_rows`
         rows at a time."""
-        o = self.config.optim
+        c = self.config
         return forward.batched_log_probs(
-            model, batch, o.log_prob_rows, temperature, shared_prefix=o.shared_prefix
+            model,
+            batch,
+            c.optim.log_prob_rows,
+            temperature,
+            shared_prefix=c.optim.shared_prefix,
+            fused_head=c.model.fused_head,
         )
 
     def log_probs_and_entropy(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:

@@ -76,6 +76,7 @@ class LossSetup:
     """The aggregation's constant: the longest response allowed (algorithms.md §5.1)."""
     temperature: float
     shared_prefix: bool
+    fused_head: bool
     entropy_coef: float
     generator: torch.Generator
     """The selections' random tie-breaks (the same on every rank)."""
@@ -121,7 +122,12 @@ def minibatch_selection(
     elif micro_batches > 1:
         # through the module: a test counts every no-grad pass by patching it there
         log_prob, _ = forward.batched_log_probs(
-            model, mini, rows, setup.temperature, shared_prefix=setup.shared_prefix
+            model,
+            mini,
+            rows,
+            setup.temperature,
+            shared_prefix=setup.shared_prefix,
+            fused_head=setup.fused_head,
         )
     else:
         return None
@@ -178,6 +184,7 @@ def micro_batch_loss(
         temperature=setup.temperature,
         entropy_grad=setup.entropy_coef > 0,
         shared_prefix=setup.shared_prefix,
+        fused_head=setup.fused_head,
     )
     old = log_prob.detach() if mb.old_log_prob is None else mb.old_log_prob
     selection = micro_batch_selection(setup, mb, whole=whole, rows=rows, tokens=tokens)
@@ -431,6 +438,7 @@ def loss_setup(
         norm_constant=config.rollout.max_new_tokens,
         temperature=config.rollout.temperature,
         shared_prefix=config.optim.shared_prefix,
+        fused_head=config.model.fused_head,
         entropy_coef=entropy_coef,
         generator=generator,
     )
