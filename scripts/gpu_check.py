@@ -72,7 +72,12 @@ def run_config(args: argparse.Namespace, model_dir: Path, out_dir: Path) -> dict
     # bfloat16 where it is fast: the trainer refuses it on a CPU without native bfloat16
     compute = "bfloat16" if not cpu or native_bfloat16() else None
     return {
-        "model": {"path": str(model_dir), "dtype": "float32", "compute_dtype": compute},
+        "model": {
+            "path": str(model_dir),
+            "dtype": "float32",
+            "compute_dtype": compute,
+            "fused_head": args.fused_head,
+        },
         "data": {"train_size": 2048, "test_size": 8},
         "rollout": {
             "backend": args.backend,
@@ -135,6 +140,11 @@ def main() -> None:
         help="default: fsdp with vLLM and with --legacy, else ddp (one process: not sharded)",
     )
     parser.add_argument("--micro-batch", type=int, default=None, help="responses per backward")
+    parser.add_argument(
+        "--fused-head",
+        action="store_true",
+        help="model.fused_head: log-probs from the hidden states, no (B, R, V) logits",
+    )
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else QWEN25_05B
@@ -156,7 +166,7 @@ def main() -> None:
     print(f"model: {params / 1e6:.1f}M parameters, built in {time.perf_counter() - start:.1f} s")
     config = config_from_dict(run_config(args, work / "model", work / "run"))
     distributed.init(args.strategy)  # FSDP: a process group of one
-    settings = ("strategy", "micro_batch", "generation_batch", "legacy")
+    settings = ("strategy", "micro_batch", "generation_batch", "legacy", "fused_head")
     print("settings: " + ", ".join(f"{k} {getattr(args, k)}" for k in settings))
     start = time.perf_counter()
     trainer = Trainer(config)

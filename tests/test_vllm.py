@@ -189,7 +189,8 @@ def test_entroprl_train_and_eval_with_the_vllm_backend(model_dir, tmp_path):
 
 def test_gpu_check_runs_on_the_cpu():
     """scripts/gpu_check.sh --tiny: the GPU check's whole path (a Qwen2.5-0.5B-style model with
-    its full vocabulary, FSDP with bf16 compute, vLLM colocated in bf16, the summary) on the CPU."""
+    its full vocabulary, FSDP with bf16 compute, vLLM colocated in bf16, the summary; then again
+    with the fused head) on the CPU."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--tiny"],
@@ -202,12 +203,17 @@ def test_gpu_check_runs_on_the_cpu():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = proc.stdout
     assert "NOT measured" not in out  # vLLM was there
-    summary = out.split("median over steps")[1]
-    values = dict(line.strip().split(": ", 1) for line in summary.splitlines()[1:] if ": " in line)
-    for key in ("gen", "update_actor", "rollout tok/s", "update tok/s", "peak memory"):
-        assert key in values, key
-    # bf16 on both sides: in sync, yet not equal
-    assert 0 < float(values["|dlogp| max"]) < 1.0
+    # two runs: the logits path, then the fused head (model.fused_head)
+    assert "fused_head False" in out and "fused_head True" in out
+    summaries = out.split("median over steps")[1:]
+    assert len(summaries) == 2
+    for summary in summaries:
+        lines = summary.splitlines()[1:]
+        values = dict(line.strip().split(": ", 1) for line in lines if ": " in line)
+        for key in ("gen", "update_actor", "rollout tok/s", "update tok/s", "peak memory"):
+            assert key in values, key
+        # bf16 on both sides: in sync, yet not equal
+        assert 0 < float(values["|dlogp| max"]) < 1.0
 
 
 @pytest.mark.distributed
