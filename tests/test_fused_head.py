@@ -117,9 +117,11 @@ def test_lora_adapters_get_the_same_gradients():
         torch.testing.assert_close(f_grads[name], grad, rtol=1e-9, atol=1e-10, msg=name)
 
 
-def test_training_steps_equal_those_of_the_logits_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_steps_equal_those_of_the_logits_path(tmp_path, monkeypatch, checkpointing):
     """Two whole steps (rollout, old log-probs, the update over micro-batches, the entropy bonus)
-    with the fused head: the same weights and logged values, for updates that move them."""
+    with the fused head: the same weights and logged values, for updates that move them; with the
+    decoder layers' activations recomputed in the backward too (model.gradient_checkpointing)."""
     calls = {"logits": [0, 0], "linear": [0, 0]}  # per run: the passes through each path
     for path in calls:
         name = "logprobs_and_entropy" if path == "logits" else "linear_logprobs_and_entropy"
@@ -140,7 +142,7 @@ def test_training_steps_equal_those_of_the_logits_path(tmp_path, monkeypatch):
                 "loss": SPLIT_TEST_SETTINGS,
                 "entropy_coef": 0.01,
             },
-            model={"fused_head": fused},
+            model={"fused_head": fused, "gradient_checkpointing": checkpointing},
             optim={"mini_batch_size": 8, "micro_batch_size": 4, "epochs": 2},
             trainer={"eval_every": 0, "entropy_change_every": 1},
         )
@@ -171,6 +173,17 @@ def test_a_model_that_transforms_its_logits_is_refused_by_its_config(field, valu
     setattr(model.config, field, value)
     with pytest.raises(ConfigError, match=rf"model\.fused_head: .*{field}={value}"):
         forward.fuse_head(model)
+
+
+def test_the_check_compares_without_dropout():
+    """A model with dropout, in training mode: the check draws none, and leaves the mode."""
+    model, _ = make_tiny_policy()
+    model.config.attention_dropout = 0.9
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.9
+    model.train()
+    forward.fuse_head(model)
+    assert model.training
 
 
 def test_a_model_whose_logits_differ_is_refused_by_the_check():

@@ -226,12 +226,18 @@ def _fused_forward(model, *args, fused_head: HeadRequest | None = None, **kwargs
 @torch.no_grad()
 def _check_fused(model) -> None:
     """Refuse `model`'s fused head unless it gives the log-probs and entropies of the model's own
-    logits on a few tokens (to the float rounding of its dtype)."""
+    logits on a few tokens (to the float rounding of its dtype), both in eval mode (a dropout would
+    draw differently in each)."""
     weight = model.get_output_embeddings().weight
     ids = torch.arange(6, device=weight.device).remainder(weight.shape[0])[None]
-    logits = type(model).forward(model, input_ids=ids, use_cache=False).logits[:, :-1]
-    want = logprobs_and_entropy(logits, ids[:, 1:])
-    got = model(input_ids=ids, use_cache=False, fused_head=HeadRequest(tokens=ids[:, 1:]))
+    training = model.training
+    model.eval()
+    try:
+        logits = type(model).forward(model, input_ids=ids, use_cache=False).logits[:, :-1]
+        want = logprobs_and_entropy(logits, ids[:, 1:])
+        got = model(input_ids=ids, use_cache=False, fused_head=HeadRequest(tokens=ids[:, 1:]))
+    finally:
+        model.train(training)
     tolerance = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 5e-2
     error = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
     if not error <= tolerance:
