@@ -16,13 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
+from _common import in_fresh_process, parse_shape, time_and_peak
 
 from entroprl.algos.entropy import logprobs_and_entropy
 
@@ -60,56 +56,21 @@ def worker(args: argparse.Namespace) -> None:
                 (logp.sum() + entropy.sum()).backward()
                 logits.grad = None
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    run()  # warm-up: first-touch page faults and kernel selection are not what is compared
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    print(json.dumps({"seconds": statistics.median(times), "peak_bytes": peak}))
+    print(json.dumps(time_and_peak(run, args.repeats, device)))
 
 
 def run_case(args: argparse.Namespace, shape, dtype: str, mode: str, impl: str) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        "--impl",
-        impl,
-        "--mode",
-        mode,
-        "--shapes",
-        f"{shape[0]}x{shape[1]}",
-        "--dtypes",
-        dtype,
-        "--vocab",
-        str(args.vocab),
-        "--repeats",
-        str(args.repeats),
-        "--chunk-rows",
-        str(args.chunk_rows),
-        "--device",
-        args.device,
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    b, t = text.lower().split("x")
-    return int(b), int(t)
+    options = {
+        "--impl": impl,
+        "--mode": mode,
+        "--shapes": f"{shape[0]}x{shape[1]}",
+        "--dtypes": dtype,
+        "--vocab": args.vocab,
+        "--repeats": args.repeats,
+        "--chunk-rows": args.chunk_rows,
+        "--device": args.device,
+    }
+    return in_fresh_process(__file__, options)
 
 
 def main() -> None:

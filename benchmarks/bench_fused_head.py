@@ -21,13 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
+from _common import in_fresh_process, parse_shape, time_and_peak
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from entroprl.train import forward
@@ -70,25 +66,7 @@ def worker(args: argparse.Namespace) -> None:
             if grad:
                 (logp * advantages + 0.01 * entropy).sum().backward()
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    run()  # warm-up; it also makes the parameters' gradients, alike in both paths
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    print(json.dumps({"seconds": statistics.median(times), "peak_bytes": peak}))
+    print(json.dumps(time_and_peak(run, args.repeats, device)))
 
 
 def run_case(args: argparse.Namespace, shape, dtype: str, mode: str, impl: str) -> dict:
@@ -104,16 +82,7 @@ def run_case(args: argparse.Namespace, shape, dtype: str, mode: str, impl: str) 
         "--repeats": args.repeats,
         "--device": args.device,
     }
-    cmd = [sys.executable, __file__, "--worker"]
-    for key, value in options.items():
-        cmd += [key, str(value)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    b, t = text.lower().split("x")
-    return int(b), int(t)
+    return in_fresh_process(__file__, options)
 
 
 def main() -> None:

@@ -6,6 +6,10 @@ its output layer's product."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +214,38 @@ def test_a_model_without_a_linear_head_is_refused():
     model.lm_head = torch.nn.Identity()
     with pytest.raises(ConfigError, match=r"model\.fused_head: .*Identity"):
         forward.fuse_head(model)
+
+
+TINY_BENCHMARK = [
+    "--vocab",
+    "500",
+    "--hidden",
+    "64",
+    "--shapes",
+    "2x8",
+    "--dtypes",
+    "float32",
+    "--repeats",
+    "1",
+]
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs():
+    """benchmarks/bench_fused_head.py, tiny: a row per mode, each case in its own process."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_fused_head.py", *TINY_BENCHMARK],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root / "src")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [
+        line
+        for line in proc.stdout.splitlines()
+        if line.startswith("| grad") or line.startswith("| no_grad")
+    ]
+    assert len(rows) == 2

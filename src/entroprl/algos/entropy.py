@@ -125,6 +125,26 @@ def _logit_grad(
     return gz.scatter_add_(-1, tokens[..., None], g_logp)
 
 
+def _keep(ctx, saved: tuple, entropy: Tensor, temperature, chunk_rows, entropy_grad) -> None:
+    """What the backward of a chunked pass needs: `saved` and the entropies, and its settings; the
+    entropies non-differentiable unless `entropy_grad`."""
+    ctx.save_for_backward(*saved, entropy)
+    ctx.temperature, ctx.chunk_rows, ctx.entropy_grad = temperature, chunk_rows, entropy_grad
+    if not entropy_grad:
+        ctx.mark_non_differentiable(entropy)
+
+
+def _upstream(
+    grad_logp: Tensor, grad_entropy: Tensor, dtype: torch.dtype, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """The upstream gradients as (..., 1) columns in `dtype`, with the 1/temperature of
+    dz/dlogits folded in."""
+    return (
+        grad_logp.to(dtype)[..., None] / temperature,
+        grad_entropy.to(dtype)[..., None] / temperature,
+    )
+
+
 class _ChunkedLogpEntropy(torch.autograd.Function):
     """Chunked forward, and a backward that recomputes the log-softmax chunk by chunk.
 
@@ -148,10 +168,7 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
                 log_q, tokens[rows, positions]
             )
             del log_q  # before the next block allocates its own
-        ctx.save_for_backward(logits, tokens, entropy)
-        ctx.temperature, ctx.chunk_rows, ctx.entropy_grad = temperature, chunk_rows, entropy_grad
-        if not entropy_grad:
-            ctx.mark_non_differentiable(entropy)
+        _keep(ctx, (logits, tokens), entropy, temperature, chunk_rows, entropy_grad)
         return logp, entropy
 
     @staticmethod
@@ -159,9 +176,7 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
     def backward(ctx, grad_logp: Tensor, grad_entropy: Tensor):
         logits, tokens, entropy = ctx.saved_tensors
         dtype, temperature = entropy.dtype, ctx.temperature
-        # The 1/temperature of dz/dlogits is folded into the per-token coefficients.
-        g_logp = grad_logp.to(dtype)[..., None] / temperature
-        g_ent = grad_entropy.to(dtype)[..., None] / temperature
+        g_logp, g_ent = _upstream(grad_logp, grad_entropy, dtype, temperature)
         grad = logits.new_empty(logits.shape)
         for rows, positions in blocks(*tokens.shape, ctx.chunk_rows):
             block = rows, positions
@@ -232,10 +247,7 @@ class _LinearLogpEntropy(torch.autograd.Function):
             log_q = _scaled_log_softmax(F.linear(hidden[rows], weight, bias), dtype, temperature)
             logp[rows], entropy[rows] = _logp_entropy(log_q, tokens[rows])
             del log_q
-        ctx.save_for_backward(hidden, weight, bias, tokens, entropy)
-        ctx.temperature, ctx.chunk_rows, ctx.entropy_grad = temperature, chunk_rows, entropy_grad
-        if not entropy_grad:
-            ctx.mark_non_differentiable(entropy)
+        _keep(ctx, (hidden, weight, bias, tokens), entropy, temperature, chunk_rows, entropy_grad)
         return logp, entropy
 
     @staticmethod
@@ -243,8 +255,7 @@ class _LinearLogpEntropy(torch.autograd.Function):
     def backward(ctx, grad_logp: Tensor, grad_entropy: Tensor):
         hidden, weight, bias, tokens, entropy = ctx.saved_tensors
         dtype, temperature = entropy.dtype, ctx.temperature
-        g_logp = grad_logp.to(dtype)[..., None] / temperature
-        g_ent = grad_entropy.to(dtype)[..., None] / temperature
+        g_logp, g_ent = _upstream(grad_logp, grad_entropy, dtype, temperature)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # summed over chunks in float32 (at least), rounded to the weight's dtype once, as the one
