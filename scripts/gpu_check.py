@@ -77,6 +77,7 @@ def run_config(args: argparse.Namespace, model_dir: Path, out_dir: Path) -> dict
             "dtype": "float32",
             "compute_dtype": compute,
             "fused_head": args.fused_head,
+            "compile": args.compile,
         },
         "data": {"train_size": 2048, "test_size": 8},
         "rollout": {
@@ -145,6 +146,9 @@ def main() -> None:
         action="store_true",
         help="model.fused_head: log-probs from the hidden states, no (B, R, V) logits",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="model.compile: torch.compile the decoder layers"
+    )
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else QWEN25_05B
@@ -166,7 +170,7 @@ def main() -> None:
     print(f"model: {params / 1e6:.1f}M parameters, built in {time.perf_counter() - start:.1f} s")
     config = config_from_dict(run_config(args, work / "model", work / "run"))
     distributed.init(args.strategy)  # FSDP: a process group of one
-    settings = ("strategy", "micro_batch", "generation_batch", "legacy", "fused_head")
+    settings = ("strategy", "micro_batch", "generation_batch", "legacy", "fused_head", "compile")
     print("settings: " + ", ".join(f"{k} {getattr(args, k)}" for k in settings))
     start = time.perf_counter()
     trainer = Trainer(config)

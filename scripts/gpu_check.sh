@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The first-GPU check (scripts/gpu_check.py): a few GRPO steps of a Qwen2.5-0.5B-shaped policy with
-# bf16 compute and vLLM colocated, nothing downloaded, then the GPU tests (pytest -m gpu); meant to
-# finish in under 8 minutes on one H100 or H200. Needs torch, transformers and pytest, and vLLM
-# for the engine (entroprl itself is taken from src/); without vLLM it says so and samples with
-# the Hugging Face backend instead, which measures everything but the engine and the mismatch.
-# The check runs twice, the second time with the fused head (model.fused_head), for the two side by
-# side. Extra arguments go to both gpu_check.py runs (--tiny: the CPU-sized run that the vLLM tests
-# make, which skips the GPU tests; --legacy: the first GPU run's settings).
+# bf16 compute and vLLM colocated, nothing downloaded, then the GPU tests (pytest -m gpu). Needs
+# torch, transformers and pytest, and vLLM for the engine (entroprl itself is taken from src/);
+# without vLLM it says so and samples with the Hugging Face backend instead, which measures
+# everything but the engine and the mismatch. The check runs once for each of the update's
+# variants, side by side: as configured, with the fused head (model.fused_head), and with the fused
+# head and compiled decoder layers (model.compile; not with vLLM or --legacy, whose FSDP it is
+# refused with), each limited to 4 minutes. A variant that fails is reported, the next one runs,
+# and the script exits non-zero. Extra arguments go to every gpu_check.py run (--tiny: the
+# CPU-sized run that the vLLM tests make, which skips the GPU tests; --legacy: the first GPU run's
+# settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,8 +23,18 @@ if ! "$PY" -c "import vllm" >/dev/null 2>&1; then
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, '| device:',
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU, CPU')"
-timeout 300 "$PY" scripts/gpu_check.py --backend "$backend" "$@"
-timeout 240 "$PY" scripts/gpu_check.py --backend "$backend" --fused-head "$@"
+failed=0
+variants=("" "--fused-head")
+case " $* " in
+*" --legacy "*) ;; # FSDP, which model.compile is refused with
+*) [ "$backend" = hf ] && variants+=("--fused-head --compile") ;;
+esac
+for variant in "${variants[@]}"; do
+    # shellcheck disable=SC2086  # the variant's flags, split
+    timeout 240 "$PY" scripts/gpu_check.py --backend "$backend" $variant "$@" ||
+        { echo "FAILED: gpu_check.py $variant"; failed=1; }
+done
 if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
 fi
+exit $failed

@@ -2,10 +2,10 @@
 saying why). `scripts/gpu_check.sh` runs these after its throughput check.
 
 Every registered loss, dynamic-sampling refills, the shared prefix, bfloat16 compute, the fused
-head, resume, FSDP with a sharded checkpoint, and the demo's model, each for a few trainer steps on
-the GPU, with a reward that differs within groups so that the steps move the weights; the fused
-head's log-probs and gradients against the logits path; and the sampler's CUDA graph drawing the
-tokens `model.generate` draws."""
+head, compiled layers, resume, FSDP with a sharded checkpoint, and the demo's model, each for a few
+trainer steps on the GPU, with a reward that differs within groups so that the steps move the
+weights; the fused head's log-probs and gradients against the logits path; and the sampler's CUDA
+graph drawing the tokens `model.generate` draws."""
 
 from __future__ import annotations
 
@@ -104,6 +104,21 @@ def test_fused_head_trains_with_bfloat16_compute_and_the_shared_prefix(tmp_path)
         algorithm={"entropy_coef": 0.01},
     )
     _on_the_gpu(trainer)
+    assert _moved(trainer, start)
+
+
+def test_compiled_layers_train_and_the_cuda_graph_sampler_runs_them_eagerly(tmp_path):
+    """model.compile with the fused head and bfloat16 compute: the update runs compiled layers,
+    the CUDA-graph sampler the same layers eagerly."""
+    trainer, start = _train(
+        tmp_path,
+        model={"compute_dtype": "bfloat16", "fused_head": True, "compile": True},
+    )
+    _on_the_gpu(trainer)
+    assert all(
+        layer._compiled_call_impl is not None
+        for layer in parallel.decoder_layers(trainer.actor.forward_model)
+    )
     assert _moved(trainer, start)
 
 

@@ -122,6 +122,10 @@ class ModelConfig:
     """Recompute each decoder layer's activations in the backward instead of keeping them
     (transformers' non-reentrant checkpointing): less memory for about a third more compute.
     Not with optim.shared_prefix."""
+    compile: bool = False
+    """`torch.compile` each decoder layer for the training forwards, their backward and the no-grad
+    log-prob passes (`entroprl.train.compiled`); sampling runs them eagerly. The first steps pay
+    the compilation (tens of seconds). Not with trainer.strategy=fsdp."""
     fused_head: bool = False
     """Compute the training forwards' and no-grad passes' log-probs and entropies from the last
     hidden states through the output layer in chunks (`forward.fuse_head`, verl's
@@ -596,6 +600,11 @@ class Config:
             not (o.shared_prefix and m.gradient_checkpointing),
             "optim.shared_prefix",
             "needs the KV cache, which model.gradient_checkpointing turns off",
+        )
+        _need(
+            not (m.compile and t.strategy == "fsdp"),
+            "model.compile",
+            "not with trainer.strategy=fsdp (its gathers would be traced into the compiled layers)",
         )
         _need(
             m.compute_dtype in (None, "bfloat16", m.dtype) or t.strategy == "fsdp",

@@ -11,7 +11,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from entroprl.errors import InputError
 from entroprl.rollout.batch import RolloutBatch, build_batch, response_mask_from_ids
 from entroprl.rollout.sampler import sample
-from entroprl.train import parallel
+from entroprl.train import compiled, parallel
 from entroprl.train.progress import bars
 
 
@@ -74,7 +74,8 @@ class HFBackend:
             leave=False,
             disable=not bars(self.progress) or len(starts) == 1,
         )
-        with parallel.gathered(self.model):  # a sharded model: gathered once, not every token
+        # a sharded model: gathered once, not every token; compiled layers: run eagerly
+        with parallel.gathered(self.model), compiled.eager():
             for start in bar:
                 # a chunk may begin or end inside a prompt's group: its prompts with their counts
                 rows, counts = owner[start : start + self.batch_size].unique_consecutive(

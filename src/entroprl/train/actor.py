@@ -17,7 +17,7 @@ from torch import Tensor
 from entroprl.algos.advantages import lopti_split
 from entroprl.config import Config
 from entroprl.rollout.batch import RolloutBatch
-from entroprl.train import forward, lora, parallel, precision, schedule, seeds
+from entroprl.train import compiled, forward, lora, parallel, precision, schedule, seeds
 from entroprl.train.update import UpdateBatch, update_policy
 
 COUNTS = ("actor/skipped_updates", "actor/empty_minibatches")
@@ -63,6 +63,10 @@ class Actor:
         )
         self.forward_model = parallel.unwrapped(self.wrapped)
         """The module the no-grad passes run: the policy in the update's precision."""
+        if c.model.compile:
+            for module in (self.forward_model, self.ref_model):
+                if module is not None:
+                    compiled.compile_layers(module)
         self.sampling_model = self.forward_model if device.type == "cuda" else self.model
         """What the rollout backend samples from: on a GPU the policy in the update's precision,
         whose bfloat16 decoding is fast there; on the CPU the weights in model.dtype
