@@ -8,6 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from entroprl.errors import ConfigError
+from entroprl.train import parallel
 from entroprl.train.trainer import Trainer
 from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_trainer import SPLIT_TEST_SETTINGS, small_config
@@ -25,24 +26,32 @@ def _steps(tmp_path, compile_: bool, **model):
     policy, tok = make_tiny_policy()
     trainer = Trainer(config, model=policy, tokenizer=tok)
     trainer.score = alternating_scores
+
+    def weights():
+        return torch.cat([p.detach().flatten() for p in trainer.actor.model.parameters()])
+
+    start = weights()
     metrics = [trainer.train_step(1), trainer.train_step(2)]
-    weights = torch.cat([p.detach().flatten() for p in trainer.actor.model.parameters()])
-    return trainer, metrics, weights
+    assert (weights() - start).abs().max() > 1e-4  # the steps moved the weights
+    return trainer, metrics, weights()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fused_head", [False, True])
-def test_compiled_layers_train_as_the_eager_ones(tmp_path, fused_head):
+@pytest.mark.parametrize(
+    "model", [{}, {"fused_head": True}, {"lora_rank": 4}], ids=["plain", "fused", "lora"]
+)
+def test_compiled_layers_train_as_the_eager_ones(tmp_path, model):
     """Two whole steps (rollout, old log-probs, the update, the entropy change): the weights and
-    logged values of the eager run, to the compiler's float rounding."""
+    logged values of the eager run, to the compiler's float rounding; with the fused head, and
+    with LoRA adapters inside the compiled layers."""
+    if model.get("lora_rank"):
+        pytest.importorskip("peft")
     torch._dynamo.reset()
-    _, eager, w_eager = _steps(tmp_path, False, fused_head=fused_head)
-    trainer, compiled, w_compiled = _steps(tmp_path, True, fused_head=fused_head)
-    layers = trainer.actor.forward_model.model.layers
-    assert all(layer._compiled_call_impl is not None for layer in layers)
+    _, eager, w_eager = _steps(tmp_path, False, **model)
+    trainer, compiled, w_compiled = _steps(tmp_path, True, **model)
+    layers = parallel.decoder_layers(trainer.actor.forward_model)
+    assert layers and all(layer._compiled_call_impl is not None for layer in layers)
     assert counters["stats"]["unique_graphs"] > 0  # the training passes ran compiled code
-    initial = torch.cat([p.detach().flatten() for p in make_tiny_policy()[0].parameters()])
-    assert (w_eager - initial).abs().max() > 1e-4
     torch.testing.assert_close(w_compiled, w_eager, atol=1e-5, rtol=1e-4)
     for step in range(2):
         for key, value in eager[step].items():
