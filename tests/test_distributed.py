@@ -181,6 +181,13 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+def _assert_same_weights(split: dict, single: dict, what: str) -> None:
+    """The weights saved by the two-rank run equal the one-process run's, name by name."""
+    assert split.keys() == single.keys()
+    for name, value in single.items():
+        torch.testing.assert_close(split[name], value, atol=1e-5, rtol=1e-5, msg=f"{what}: {name}")
+
+
 @pytest.mark.distributed
 def test_two_ranks_match_one_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -189,17 +196,9 @@ def test_two_ranks_match_one_process(tmp_path):
         initial, _ = make_tiny_policy()
         for strategy in parallel.STRATEGIES:
             split = load_file(tmp_path / f"{strategy}-{policy_loss}-{mode}.safetensors")
-            assert split.keys() == single.keys()
-            moved = 0.0
-            for name, value in single.items():
-                torch.testing.assert_close(
-                    split[name],
-                    value,
-                    atol=1e-5,
-                    rtol=1e-5,
-                    msg=f"{strategy} {policy_loss}/{mode}: {name}",
-                )
-                moved += (value - dict(initial.named_parameters())[name]).abs().sum().item()
+            _assert_same_weights(split, single, f"{strategy} {policy_loss}/{mode}")
+            start = dict(initial.named_parameters())
+            moved = sum((value - start[name]).abs().sum().item() for name, value in single.items())
             assert moved > 1e-3, f"{policy_loss}/{mode}: the update changed nothing"
     # the prompts computed once per micro-batch (two forwards of the root module each), the
     # output layer used inside the forward (fused head), or both: sharded or not, the update of
@@ -210,15 +209,7 @@ def test_two_ranks_match_one_process(tmp_path):
     for strategy in parallel.STRATEGIES:
         for shared, fused in SHARED_FUSED:
             split = load_file(tmp_path / f"{strategy}-{shared}-{fused}.safetensors")
-            assert split.keys() == single.keys()
-            for name, value in single.items():
-                torch.testing.assert_close(
-                    split[name],
-                    value,
-                    atol=1e-5,
-                    rtol=1e-5,
-                    msg=f"{strategy} shared prefix {shared}, fused head {fused}: {name}",
-                )
+            _assert_same_weights(split, single, f"{strategy} shared prefix {shared}, fused {fused}")
     rewards, groups, mask = _whitening_inputs()
     whole = compute_advantages("reinforce_pp_baseline", rewards, groups, mask)
     halves = [load_file(tmp_path / f"whitening-{rank}.safetensors") for rank in (0, 1)]

@@ -21,8 +21,8 @@ from entroprl.errors import ConfigError
 from entroprl.train import parallel
 
 
-def compile_layers(model: torch.nn.Module) -> int:
-    """Compile `model`'s decoder layers (`parallel.decoder_layers`) in place; returns how many."""
+def compile_layers(model: torch.nn.Module) -> None:
+    """Compile `model`'s decoder layers (`parallel.decoder_layers`) in place."""
     layers = parallel.decoder_layers(model)
     if not layers:
         raise ConfigError(
@@ -31,7 +31,6 @@ def compile_layers(model: torch.nn.Module) -> int:
         )
     for layer in layers:
         layer.compile(dynamic=True)
-    return len(layers)
 
 
 @contextlib.contextmanager

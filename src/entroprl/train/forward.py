@@ -32,34 +32,28 @@ def forward_log_probs(
     never needed. With `fused_head` (a model given `fuse_head`) no logits are returned at all: the
     model's forward computes the log-probs and entropies from its hidden states in chunks.
     """
-    head = None
+    tokens = input_ids[:, -response_len:]
     if fused_head:
-        tokens = input_ids[:, -response_len:]
         head = HeadRequest(tokens=tokens, temperature=temperature, entropy_grad=entropy_grad)
+        if shared_prefix:
+            return shared_prefix_forward(model, input_ids, attention_mask, response_len, head)
+        return model(**_inputs(input_ids, attention_mask), fused_head=head)
     if shared_prefix:
-        out = shared_prefix_forward(model, input_ids, attention_mask, response_len, head)
-        if head is not None:
-            return out
-        logits = out
-    elif head is not None:
-        return model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            use_cache=False,
-            fused_head=head,
-        )
+        logits = shared_prefix_forward(model, input_ids, attention_mask, response_len)
     else:
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            logits_to_keep=response_len + 1,
-            use_cache=False,
-        ).logits[:, :-1]
-    return logprobs_and_entropy(
-        logits, input_ids[:, -response_len:], temperature=temperature, entropy_grad=entropy_grad
-    )
+        inputs = _inputs(input_ids, attention_mask)
+        logits = model(**inputs, logits_to_keep=response_len + 1).logits[:, :-1]
+    return logprobs_and_entropy(logits, tokens, temperature=temperature, entropy_grad=entropy_grad)
+
+
+def _inputs(input_ids: Tensor, attention_mask: Tensor) -> dict:
+    """A full forward's arguments: left padding's positions, no cache kept."""
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids(attention_mask),
+        "use_cache": False,
+    }
 
 
 @torch.no_grad()
@@ -233,7 +227,7 @@ def _check_fused(model) -> None:
     training = model.training
     model.eval()
     try:
-        logits = type(model).forward(model, input_ids=ids, use_cache=False).logits[:, :-1]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
         want = logprobs_and_entropy(logits, ids[:, 1:])
         got = model(input_ids=ids, use_cache=False, fused_head=HeadRequest(tokens=ids[:, 1:]))
     finally:
