@@ -122,36 +122,35 @@ def peak_memory_gb(device: str) -> str:
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The options, with the defaults that depend on one another filled in."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tiny", action="store_true", help="the CPU-sized model and batch")
-    parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
-    parser.add_argument("--steps", type=int, default=None, help="default: 4 (tiny: 2)")
-    parser.add_argument("--device", default=None, help="default: cuda if there is one, else cpu")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="for the MFU")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--tiny", action="store_true", help="the CPU-sized model and batch")
+    add("--backend", choices=("vllm", "hf"), default="vllm")
+    add("--steps", type=int, default=None, help="default: 4 (tiny: 2)")
+    add("--device", default=None, help="default: cuda if there is one, else cpu")
+    add("--peak-tflops", type=float, default=None, help="for the MFU")
+    add(
         "--legacy",
         action="store_true",
         help="the first GPU run's settings: FSDP, eager sampling in chunks of 256, micro-batch 32",
     )
-    parser.add_argument(
+    add(
         "--strategy",
         choices=("ddp", "fsdp"),
         default=None,
         help="default: fsdp with vLLM and with --legacy, else ddp (one process: not sharded)",
     )
-    parser.add_argument("--micro-batch", type=int, default=None, help="responses per backward")
-    parser.add_argument(
+    add("--micro-batch", type=int, default=None, help="responses per backward")
+    add(
         "--fused-head",
         action="store_true",
         help="model.fused_head: log-probs from the hidden states, no (B, R, V) logits",
     )
-    parser.add_argument(
-        "--compile", action="store_true", help="model.compile: torch.compile the decoder layers"
-    )
+    add("--compile", action="store_true", help="model.compile: torch.compile the decoder layers")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    shape = TINY if args.tiny else QWEN25_05B
     args.steps = args.steps or (2 if args.tiny else 4)
     args.prompts, args.n = (4, 2) if args.tiny else (64, 8)
     args.new_tokens = 8 if args.tiny else 256
@@ -159,14 +158,34 @@ def main() -> None:
     if args.micro_batch is None:
         args.micro_batch = 4 if args.tiny else 32 if args.legacy else 128
     args.generation_batch = 256 if args.legacy else args.prompts * args.n
-    peak = args.peak_tflops
-    if peak is None and args.device != "cpu":
+    if args.peak_tflops is None and args.device != "cpu":
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return args
 
+
+def step_figures(m: dict, *, params: int, tokens: float, peak_tflops: float | None) -> dict:
+    """One step's figures from its logged metrics `m`; `tokens`: those through the update."""
+    update_s = m["timing_s/update_actor"]
+    mfu = 6 * params * tokens / update_s / (peak_tflops * 1e12) if peak_tflops else float("nan")
+    keys = ("gen", "reward", "old_log_prob", "update_actor", "step")
+    return {k: m[f"timing_s/{k}"] for k in keys} | {
+        "rollout tok/s": m["perf/rollout_tokens_per_s"],
+        "update tok/s": m["perf/update_tokens_per_s"],
+        "MFU": mfu,
+        "|dlogp| mean": m.get("rollout_corr/log_prob_abs_diff_mean", float("nan")),
+        "|dlogp| max": m.get("rollout_corr/log_prob_abs_diff_max", float("nan")),
+        "ratio outside [1/2, 2]": m.get("rollout_corr/ratio_fraction_low", float("nan"))
+        + m.get("rollout_corr/ratio_fraction_high", float("nan")),
+        "response length": m["response_length/mean"],
+    }
+
+
+def main() -> None:
+    args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="entroprl-gpu-check-"))
     start = time.perf_counter()
-    params = build(shape, work / "model")
+    params = build(TINY if args.tiny else QWEN25_05B, work / "model")
     print(f"model: {params / 1e6:.1f}M parameters, built in {time.perf_counter() - start:.1f} s")
     config = config_from_dict(run_config(args, work / "model", work / "run"))
     distributed.init(args.strategy)  # FSDP: a process group of one
@@ -179,24 +198,11 @@ def main() -> None:
         len(trainer.tokenizer(e.prompt, add_special_tokens=False)["input_ids"])
         for e in trainer.task.train[:256]
     )
-    rows = args.prompts * args.n
-    keys = ("gen", "reward", "old_log_prob", "update_actor", "step")
     results = []
     for step in range(1, args.steps + 1):
         m = trainer.train_step(step)
-        tokens = rows * (prompt_tokens + m["response_length/mean"])  # through the update
-        update_s = m["timing_s/update_actor"]
-        mfu = 6 * params * tokens / update_s / (peak * 1e12) if peak else float("nan")
-        r = {k: m[f"timing_s/{k}"] for k in keys} | {
-            "rollout tok/s": m["perf/rollout_tokens_per_s"],
-            "update tok/s": m["perf/update_tokens_per_s"],
-            "MFU": mfu,
-            "|dlogp| mean": m.get("rollout_corr/log_prob_abs_diff_mean", float("nan")),
-            "|dlogp| max": m.get("rollout_corr/log_prob_abs_diff_max", float("nan")),
-            "ratio outside [1/2, 2]": m.get("rollout_corr/ratio_fraction_low", float("nan"))
-            + m.get("rollout_corr/ratio_fraction_high", float("nan")),
-            "response length": m["response_length/mean"],
-        }
+        tokens = args.prompts * args.n * (prompt_tokens + m["response_length/mean"])
+        r = step_figures(m, params=params, tokens=tokens, peak_tflops=args.peak_tflops)
         results.append(r)
         print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
     measured = results[1:] or results
@@ -204,7 +210,7 @@ def main() -> None:
     for key in results[0]:
         print(f"  {key}: {statistics.median(r[key] for r in measured):.4g}")
     print(f"  peak memory: {peak_memory_gb(args.device)}")
-    if not peak:
+    if not args.peak_tflops:
         print("  (MFU: no dense bf16 peak known for this device; pass --peak-tflops)")
     print(f"total {time.perf_counter() - start:.0f} s after the model was built")
 

@@ -6,13 +6,15 @@
 # everything but the engine and the mismatch. The check runs once for each of the update's
 # variants, side by side: as configured, with the fused head (model.fused_head), and with the fused
 # head and compiled decoder layers (model.compile; not with vLLM or --legacy, whose FSDP it is
-# refused with), each limited to 4 minutes. A variant that fails is reported, the next one runs,
-# and the script exits non-zero. Extra arguments go to every gpu_check.py run (--tiny: the
+# refused with), each limited to GPU_CHECK_LIMIT seconds (default 180: the three variants and the
+# GPU tests fit one 10-minute call). A variant that fails is reported, the next one runs, and the
+# script exits non-zero. Extra arguments go to every gpu_check.py run (--tiny: the
 # CPU-sized run that the vLLM tests make, which skips the GPU tests; --legacy: the first GPU run's
 # settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+limit=${GPU_CHECK_LIMIT:-180}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 backend=vllm
@@ -31,7 +33,7 @@ case " $* " in
 esac
 for variant in "${variants[@]}"; do
     # shellcheck disable=SC2086  # the variant's flags, split
-    timeout 240 "$PY" scripts/gpu_check.py --backend "$backend" $variant "$@" ||
+    timeout "$limit" "$PY" scripts/gpu_check.py --backend "$backend" $variant "$@" ||
         { echo "FAILED: gpu_check.py $variant"; failed=1; }
 done
 if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then

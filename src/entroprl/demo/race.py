@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -355,6 +356,15 @@ def run_demo(
         return _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config)
 
 
+@dataclass(frozen=True)
+class SeedRun:
+    """One seed of one method: its run's configuration values."""
+
+    name: str
+    seed: int
+    values: dict[str, Any]
+
+
 def _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config) -> dict[str, Any]:
     from entroprl.demo.warmstart import WarmStartConfig, default_cache_dir, warm_start
 
@@ -369,56 +379,32 @@ def _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config) ->
     if steps is not None:
         base = _merge(base, {"trainer": {"steps": steps}})
     # Seed-major order: the first results to come in already compare the methods.
-    tasks = [(name, seed) for seed in range(seeds) for name in methods]
+    runs = [
+        SeedRun(name, seed, _run_values(base, name, seed, start, out))
+        for seed in range(seeds)
+        for name in methods
+    ]
     results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in methods}
     todo = []
-    for name, seed in tasks:
-        values = _run_values(base, name, seed, start, out)
-        found = _finished(values)
+    for run in runs:
+        found = _finished(run.values)
         if found is None:
-            todo.append((name, seed, values))
+            todo.append(run)
         else:
-            results[name][seed] = found
+            results[run.name][run.seed] = found
     reused = {name: sorted(results[name]) for name in methods}
-    if len(todo) < len(tasks):
+    if todo != runs:
         print(
-            f"reusing {len(tasks) - len(todo)} runs that finished in {out} with these settings: "
+            f"reusing {len(runs) - len(todo)} runs that finished in {out} with these settings: "
             + ", ".join(f"{n} seed {s}" for n in methods for s in reused[n]),
             flush=True,
         )
     print(
-        f"{len(tasks)} runs ({seeds} seeds x {len(methods)} methods), {len(todo)} to train, "
+        f"{len(runs)} runs ({seeds} seeds x {len(methods)} methods), {len(todo)} to train, "
         f"{jobs} at a time",
         flush=True,
     )
-    # spawn: a fresh interpreter per run (one task per child), so no state of an earlier run or of
-    # the parent's torch threads reaches a run, and its numbers do not depend on the scheduling.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        jobs, mp_context=context, max_tasks_per_child=1, initializer=_ignore_ctrl_c
-    ) as pool:
-        futures = {
-            pool.submit(_train_and_analyze, values, threads): (name, seed)
-            for name, seed, values in todo
-        }
-        try:
-            for done, future in enumerate(as_completed(futures), len(tasks) - len(todo) + 1):
-                name, seed = futures[future]
-                s = results[name][seed] = future.result()
-                print(
-                    f"[{done}/{len(tasks)}] {name} seed {seed}: entropy {s['entropy_end']:.3f}, "
-                    f"acc {s['accuracy_end']:.3f}, {s['pass_at_k']} {s['pass_at_k_end']:.3f} "
-                    f"({time.perf_counter() - t0:.0f} s)",
-                    flush=True,
-                )
-        except KeyboardInterrupt:
-            for child in multiprocessing.active_children():  # the runs still training
-                child.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise Interrupted(
-                f"interrupted; the runs that finished are kept in {out}, and the next demo "
-                "into it with these settings reuses them"
-            ) from None
+    _train(todo, results, jobs=jobs, threads=threads, out=out, total=len(runs), t0=t0)
     summary = {
         "seeds": list(range(seeds)),
         "confidence": 0.95,
@@ -449,6 +435,45 @@ def _run_locked(out, steps, methods, seeds, jobs, threads, warm_start_config) ->
     print(f"\nsummary: {out / 'summary.json'}  (total {summary['wall_s']:.0f} s)")
     print(f"comparison report: {report}  (one per run: {out}/<method>/seed_<k>/analysis/)")
     return summary
+
+
+def _train(
+    todo: list[SeedRun],
+    results: dict[str, dict[int, dict[str, Any]]],
+    *,
+    jobs: int,
+    threads: int,
+    out: Path,
+    total: int,
+    t0: float,
+) -> None:
+    """Train and analyse the runs `todo`, `jobs` at a time, each summary into `results` as it
+    comes in; on Ctrl-C the runs still training are terminated and `Interrupted` is raised."""
+    # spawn: a fresh interpreter per run (one task per child), so no state of an earlier run or of
+    # the parent's torch threads reaches a run, and its numbers do not depend on the scheduling.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, max_tasks_per_child=1, initializer=_ignore_ctrl_c
+    ) as pool:
+        futures = {pool.submit(_train_and_analyze, run.values, threads): run for run in todo}
+        try:
+            for done, future in enumerate(as_completed(futures), total - len(todo) + 1):
+                run = futures[future]
+                s = results[run.name][run.seed] = future.result()
+                print(
+                    f"[{done}/{total}] {run.name} seed {run.seed}: entropy "
+                    f"{s['entropy_end']:.3f}, acc {s['accuracy_end']:.3f}, {s['pass_at_k']} "
+                    f"{s['pass_at_k_end']:.3f} ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+        except KeyboardInterrupt:
+            for child in multiprocessing.active_children():  # the runs still training
+                child.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise Interrupted(
+                f"interrupted; the runs that finished are kept in {out}, and the next demo "
+                "into it with these settings reuses them"
+            ) from None
 
 
 def _run_values(base: dict, name: str, seed: int, start: Path, out: Path) -> dict[str, Any]:

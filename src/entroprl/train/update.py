@@ -1,9 +1,10 @@
 """The actor's update: `epochs x mini-batches` optimizer steps on one rollout batch, each mini-batch
 accumulated over micro-batches whose losses use the whole mini-batch's denominators and token
 selection, so that the update does not depend on how the batch is split over micro-batches and
-ranks (algorithms.md §5). `update_policy` composes the pieces: `token_selection` (the loss's
-selection, in either scope), `minibatch_selection`, `micro_batch_loss`, `accumulate_gradients`
-and `optimizer_step`. The trainer calls it; it names no particular loss.
+ranks (algorithms.md §5). `update_policy` runs `minibatch_step` on each mini-batch, which composes
+the pieces: `token_selection` (the loss's selection, in either scope), `minibatch_selection`,
+`micro_batch_loss`, `accumulate_gradients` and `optimizer_step`. The trainer calls it; it names
+no particular loss.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from entroprl.algos import checks, losses
-from entroprl.config import AlgorithmConfig, Config
+from entroprl.config import AlgorithmConfig, Config, OptimConfig
 from entroprl.errors import NonFiniteError
 from entroprl.train import distributed, forward, parallel
 from entroprl.train.progress import bars
@@ -301,6 +302,60 @@ def minibatch_metrics(
     }
 
 
+@dataclass(kw_only=True)
+class MiniBatchStep:
+    """What one optimizer step on a mini-batch did."""
+
+    metrics: dict[str, float]
+    """The mini-batch's metrics over all ranks (`minibatch_metrics`)."""
+    grad_norm: float | None
+    """The gradient's norm before clipping; None where the step was skipped (not finite)."""
+
+
+def minibatch_step(
+    model,
+    optimizer: torch.optim.Optimizer,
+    mini: UpdateBatch,
+    setup: LossSetup,
+    optim: OptimConfig,
+    *,
+    moved: bool,
+    seen: tuple[Tensor, Tensor, Tensor] | None,
+) -> MiniBatchStep | None:
+    """One optimizer step on mini-batch `mini`: its selection (`minibatch_selection`), the
+    gradients of its micro-batches (`accumulate_gradients`) and the step (`optimizer_step`). None,
+    with nothing done, where no token of the mini-batch enters the loss on any rank."""
+    denominators = losses.loss_denominators(
+        mini.response_mask,
+        norm_constant=setup.norm_constant,
+        across_ranks=True,
+        allow_empty=True,
+    )
+    if denominators is None:
+        return None
+    micro_batches = math.ceil(mini.response_mask.shape[0] / optim.micro_batch_size)
+    whole = minibatch_selection(
+        model, mini, setup, micro_batches=micro_batches, moved=moved, rows=optim.log_prob_rows
+    )
+    optimizer.zero_grad(set_to_none=True)
+    done = accumulate_gradients(
+        model,
+        mini,
+        setup,
+        denominators=denominators,
+        whole=whole,
+        micro_batch_size=optim.micro_batch_size,
+        seen=seen,
+    )
+    summed = setup.spec.summed_metrics | {"kl_loss"}
+    device = mini.response_mask.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    return MiniBatchStep(
+        metrics=minibatch_metrics(done.sums, summed, denominators, device),
+        grad_norm=optimizer_step(optimizer, params, optim.grad_clip, finite=done.finite),
+    )
+
+
 def update_policy(
     model,
     optimizer: torch.optim.Optimizer,
@@ -339,58 +394,38 @@ def update_policy(
     n, R = batch.response_mask.shape
     if batch.old_log_prob is None and (o.epochs > 1 or n > o.mini_batch_size):
         raise ValueError("old_log_prob=None (on-policy) needs one mini-batch and one epoch")
-    params = [p for p in model.parameters() if p.requires_grad]
     device = batch.response_mask.device
     metrics: dict[str, list[float]] = defaultdict(list)
     seen_log_prob = batch.response_mask.new_zeros(n, R)
     seen_entropy = batch.response_mask.new_zeros(n, R)
     skipped = empty = 0
-    per_epoch = math.ceil(n / o.mini_batch_size)
-    bar = tqdm(
-        total=o.epochs * per_epoch,
-        desc="update",
-        unit="step",
-        leave=False,
-        disable=not bars(progress) or o.epochs * per_epoch == 1,
-    )
+    steps = o.epochs * math.ceil(n / o.mini_batch_size)
+    quiet = not bars(progress) or steps == 1
+    bar = tqdm(total=steps, desc="update", unit="step", leave=False, disable=quiet)
     for epoch in range(o.epochs):
         # drawn on the CPU (the generator's device), so the order is the same on every device
         order = torch.randperm(n, generator=generator, device="cpu").to(device)
         for mini_rows in order.split(o.mini_batch_size):
             bar.update()
-            mini = batch.rows(mini_rows)
-            denominators = losses.loss_denominators(
-                mini.response_mask,
-                norm_constant=setup.norm_constant,
-                across_ranks=True,
-                allow_empty=True,
-            )
-            if denominators is None:  # the count is global: every rank skips together
-                empty += 1
-                continue
-            micro_batches = math.ceil(mini_rows.numel() / o.micro_batch_size)
-            whole = minibatch_selection(
-                model, mini, setup, micro_batches=micro_batches, moved=moved, rows=o.log_prob_rows
-            )
-            optimizer.zero_grad(set_to_none=True)
-            done = accumulate_gradients(
+            step = minibatch_step(
                 model,
-                mini,
+                optimizer,
+                batch.rows(mini_rows),
                 setup,
-                denominators=denominators,
-                whole=whole,
-                micro_batch_size=o.micro_batch_size,
+                o,
+                moved=moved,
                 seen=(seen_log_prob, seen_entropy, mini_rows) if epoch == 0 else None,
             )
-            summed = setup.spec.summed_metrics | {"kl_loss"}
-            for key, value in minibatch_metrics(done.sums, summed, denominators, device).items():
+            if step is None:  # the count is global: every rank skips together
+                empty += 1
+                continue
+            for key, value in step.metrics.items():
                 metrics[key].append(value)
-            grad_norm = optimizer_step(optimizer, params, o.grad_clip, finite=done.finite)
-            if grad_norm is None:
+            if step.grad_norm is None:
                 skipped += 1
                 continue
             moved = True
-            metrics["grad_norm"].append(grad_norm)
+            metrics["grad_norm"].append(step.grad_norm)
     bar.close()
     out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
     out["actor/skipped_updates"] = skipped
