@@ -114,6 +114,37 @@ def _diagnostics(old_log_prob: Tensor, advantages: Tensor, mask: Tensor, across:
     return metrics
 
 
+def _apply(
+    name: str,
+    settings,
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    loss_agg_mode: str,
+    config,
+    rollout_is_weights: Tensor | None,
+    **kwargs,
+) -> tuple[Tensor, dict[str, Any]]:
+    """entroprl's policy loss `name` applied as the trainer applies it (`PolicyLossSpec.apply`),
+    aggregated as verl's `agg_loss` (`_aggregation`) and scaled for verl's sum over the ranks;
+    its metrics. The rollout importance weights multiply each token's whole loss (KL-Cov's
+    penalty included), as verl's `pg_losses * rollout_is_weights`."""
+    mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
+    loss, metrics = losses.get_policy_loss(name).apply(
+        log_prob,
+        old_log_prob,
+        advantages,
+        mask,
+        settings,
+        loss_agg_mode=mode,
+        denominators=denominators,
+        weights=rollout_is_weights,
+        **kwargs,
+    )
+    return loss * dp_size, metrics
+
+
 @register_policy_loss("entroprl_clip_cov")
 def compute_policy_loss_entroprl_clip_cov(
     old_log_prob: Tensor,
@@ -132,7 +163,6 @@ def compute_policy_loss_entroprl_clip_cov(
     across = global_scope(config)
     # verl draws with the global RNG, per rank; a draw over all ranks needs a shared generator
     generator = torch.Generator().manual_seed(next(_CALLS)) if across else None
-    spec = losses.get_policy_loss("clip_cov")
     settings = losses.ClipCovSettings(
         ratio=policy.clip_cov_ratio,
         lb=policy.clip_cov_lb,
@@ -140,16 +170,16 @@ def compute_policy_loss_entroprl_clip_cov(
         clip_low=low,
         clip_high=high,
     )
-    mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
-    loss, m = spec.apply(
-        log_prob,
+    loss, m = _apply(
+        "clip_cov",
+        settings,
         old_log_prob,
+        log_prob,
         advantages,
         mask,
-        settings,
-        loss_agg_mode=mode,
-        denominators=denominators,
-        weights=rollout_is_weights,  # verl's pg_losses * rollout_is_weights
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
         generator=generator,
         across_ranks=across,
     )
@@ -159,7 +189,7 @@ def compute_policy_loss_entroprl_clip_cov(
         "actor/ppo_kl": m["ppo_kl"],
         "actor/clip_cov_frac": m["clip_cov_frac"],
     }
-    return loss * dp_size, metrics | _diagnostics(old_log_prob, advantages, mask, across)
+    return loss, metrics | _diagnostics(old_log_prob, advantages, mask, across)
 
 
 @register_policy_loss("entroprl_kl_cov")
@@ -177,16 +207,16 @@ def compute_policy_loss_entroprl_kl_cov(
     mask = response_mask.bool()
     across = global_scope(config)
     settings = losses.KLCovSettings(ratio=policy.kl_cov_ratio, coef=policy.ppo_kl_coef)
-    mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
-    loss, m = losses.get_policy_loss("kl_cov").apply(
-        log_prob,
+    loss, m = _apply(
+        "kl_cov",
+        settings,
         old_log_prob,
+        log_prob,
         advantages,
         mask,
-        settings,
-        loss_agg_mode=mode,
-        denominators=denominators,
-        weights=rollout_is_weights,  # the whole per-token loss, penalty included, as verl
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
         across_ranks=across,
     )
     _ON_POLICY.observe(log_prob, old_log_prob, mask, config, across)
@@ -197,7 +227,7 @@ def compute_policy_loss_entroprl_kl_cov(
         "actor/kl_cov_abs_diff": m["kl_cov_abs_diff"],
         "actor/kl_cov_frac": m["kl_cov_selected"] / max(int(mask.sum()), 1),
     }
-    return loss * dp_size, metrics | _diagnostics(old_log_prob, advantages, mask, across)
+    return loss, metrics | _diagnostics(old_log_prob, advantages, mask, across)
 
 
 @dataclass
@@ -282,19 +312,19 @@ def compute_policy_loss_entroprl_ce_gppo(
         beta2=config.policy_loss.get("ce_gppo_beta2", defaults.beta2),
     )
     mask = response_mask.bool()
-    mode, denominators, dp_size = _aggregation(loss_agg_mode, mask, config)
-    loss, m = losses.get_policy_loss("ce_gppo").apply(
-        log_prob,
+    loss, m = _apply(
+        "ce_gppo",
+        settings,
         old_log_prob,
+        log_prob,
         advantages,
         mask,
-        settings,
-        loss_agg_mode=mode,
-        denominators=denominators,
-        weights=rollout_is_weights,  # verl's pg_losses * rollout_is_weights
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
     )
     keys = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "ce_gppo_low_frac", "ce_gppo_high_frac")
-    return loss * dp_size, {f"actor/{key}": m[key] for key in keys}
+    return loss, {f"actor/{key}": m[key] for key in keys}
 
 
 def _token_advantages(estimator, token_level_rewards: Tensor, response_mask: Tensor, index, **kw):
