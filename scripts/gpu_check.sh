@@ -5,8 +5,8 @@
 # without vLLM it says so and samples with the Hugging Face backend instead, which measures
 # everything but the engine and the mismatch. The check runs once for each of the update's
 # variants, side by side: as configured, with the fused head (model.fused_head), and with the fused
-# head and compiled decoder layers (model.compile; not with vLLM or --legacy, whose FSDP it is
-# refused with), each limited to GPU_CHECK_LIMIT seconds (default 180: the three variants and the
+# head and compiled decoder layers (model.compile; not with --legacy, the first GPU run's
+# settings), each limited to GPU_CHECK_LIMIT seconds (default 180: the three variants and the
 # GPU tests fit one 10-minute call). A variant that fails is reported, the next one runs, and the
 # script exits non-zero. Extra arguments go to every gpu_check.py run (--tiny: the
 # CPU-sized run that the vLLM tests make, which skips the GPU tests; --legacy: the first GPU run's
@@ -28,8 +28,8 @@ fi
 failed=0
 variants=("" "--fused-head")
 case " $* " in
-*" --legacy "*) ;; # FSDP, which model.compile is refused with
-*) [ "$backend" = hf ] && variants+=("--fused-head --compile") ;;
+*" --legacy "*) ;;
+*) variants+=("--fused-head --compile") ;;
 esac
 for variant in "${variants[@]}"; do
     # shellcheck disable=SC2086  # the variant's flags, split

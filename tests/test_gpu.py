@@ -153,16 +153,26 @@ def test_resume_on_the_gpu_continues_the_run(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp_with_a_sharded_checkpoint_on_the_gpu(tmp_path):
-    """FSDP over a process group of one (NCCL), saved sharded and resumed."""
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_fsdp_with_a_sharded_checkpoint_on_the_gpu(tmp_path, compile_):
+    """FSDP over a process group of one (NCCL), saved sharded and resumed; with its sharded
+    layers compiled too."""
     from entroprl.train.distributed import init as init_distributed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     init_distributed("fsdp")
+    fsdp = {"strategy": "fsdp"}
     try:
-        trainer, start = _train(tmp_path, steps=2, trainer={"strategy": "fsdp", "save_every": 1})
+        trainer, start = _train(
+            tmp_path, steps=2, model={"compile": compile_}, trainer=fsdp | {"save_every": 1}
+        )
         assert parallel.is_sharded(trainer.actor.model) and _moved(trainer, start)
-        resumed, _ = _train(tmp_path, steps=3, resume=True, trainer={"strategy": "fsdp"})
+        layers = parallel.decoder_layers(trainer.actor.model)
+        compiled = [layer._compiled_call_impl is not None for layer in layers]
+        assert compiled and all(c == compile_ for c in compiled)
+        resumed, _ = _train(
+            tmp_path, steps=3, resume=True, model={"compile": compile_}, trainer=fsdp
+        )
         assert resumed.step == 3
     finally:
         torch.distributed.destroy_process_group()

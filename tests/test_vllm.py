@@ -190,7 +190,7 @@ def test_entroprl_train_and_eval_with_the_vllm_backend(model_dir, tmp_path):
 def test_gpu_check_runs_on_the_cpu():
     """scripts/gpu_check.sh --tiny: the GPU check's whole path (a Qwen2.5-0.5B-style model with
     its full vocabulary, FSDP with bf16 compute, vLLM colocated in bf16, the summary; then again
-    with the fused head) on the CPU."""
+    with the fused head, and with the fused head and compiled sharded layers) on the CPU."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--tiny"],
@@ -203,10 +203,10 @@ def test_gpu_check_runs_on_the_cpu():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = proc.stdout
     assert "NOT measured" not in out  # vLLM was there
-    # two runs: the logits path, then the fused head (model.fused_head)
-    assert "fused_head False" in out and "fused_head True" in out
+    # three runs: the logits path, the fused head (model.fused_head), both compiled
+    assert "fused_head False" in out and "fused_head True" in out and "compile True" in out
     summaries = out.split("median over steps")[1:]
-    assert len(summaries) == 2
+    assert len(summaries) == 3
     for summary in summaries:
         lines = summary.splitlines()[1:]
         values = dict(line.strip().split(": ", 1) for line in lines if ": " in line)

@@ -125,7 +125,8 @@ class ModelConfig:
     compile: bool = False
     """`torch.compile` each decoder layer for the training forwards, their backward and the no-grad
     log-prob passes (`entroprl.train.compiled`); sampling runs them eagerly. The first steps pay
-    the compilation (tens of seconds). Not with trainer.strategy=fsdp."""
+    the compilation (tens of seconds). With trainer.strategy=fsdp each sharded layer is compiled,
+    FSDP's gathers running outside the compiled code, as torchtitan does."""
     fused_head: bool = False
     """Compute the training forwards' and no-grad passes' log-probs and entropies from the last
     hidden states through the output layer in chunks (`forward.fuse_head`, verl's
@@ -600,11 +601,6 @@ class Config:
             not (o.shared_prefix and m.gradient_checkpointing),
             "optim.shared_prefix",
             "needs the KV cache, which model.gradient_checkpointing turns off",
-        )
-        _need(
-            not (m.compile and t.strategy == "fsdp"),
-            "model.compile",
-            "not with trainer.strategy=fsdp (its gathers would be traced into the compiled layers)",
         )
         _need(
             m.compute_dtype in (None, "bfloat16", m.dtype) or t.strategy == "fsdp",

@@ -1,5 +1,8 @@
 """`model.compile`: each decoder layer compiled with `torch.compile` (as torchtitan compiles each
 transformer block), for the training forwards, their backward and the no-grad log-prob passes.
+Under FSDP2 the layers are the sharded units: their all-gathers and reduce-scatters run in FSDP's
+forward hooks, which FSDP2 keeps out of any compiled code (`torch._dynamo.disable`), so the layer's
+own arithmetic is compiled and the communication is FSDP's, as without compiling.
 
 Compiling fuses the memory-bound elementwise work between the matrix products (RMSNorm's float32
 upcasts, SwiGLU, rotary embeddings), which a GPU profile of the update found to be most of its time

@@ -53,9 +53,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks each sharded as one unit: the classes a Hugging Face model lists in
-    ``_no_split_modules`` (its decoder layers), as accelerate's transformer wrap policy does."""
+    ``_no_split_modules`` (its decoder layers), as accelerate's transformer wrap policy does;
+    sharded too (FSDP2 makes each sharded module's class a subclass of its own)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
 def shard(
