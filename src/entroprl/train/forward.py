@@ -24,14 +24,32 @@ def forward_log_probs(
     entropy_grad: bool = False,
     shared_prefix: bool = False,
     fused_head: bool = False,
+    columns: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of the response tokens and their entropies, from one forward pass (two with
     `shared_prefix`: `shared_prefix_forward`).
 
     Only the last R + 1 positions' logits are computed (`logits_to_keep`): the prompt's logits are
-    never needed. With `fused_head` (a model given `fuse_head`) no logits are returned at all: the
-    model's forward computes the log-probs and entropies from its hidden states in chunks.
+    never needed. `columns` (`response_columns`, read by the caller with its other values): only
+    the first `columns` response columns hold a token in any row, the rest being right padding
+    in every row, so only those are computed; the others' log-probs and entropies are 0, and a
+    causal model's results at the computed positions do not depend on them. With `fused_head` (a
+    model given `fuse_head`) no logits are returned at all: the model's forward computes the
+    log-probs and entropies from its hidden states in chunks.
     """
+    if columns is not None and columns < response_len:
+        cut = input_ids.shape[1] - response_len + columns
+        kept = forward_log_probs(
+            model,
+            input_ids[:, :cut],
+            attention_mask[:, :cut],
+            columns,
+            temperature=temperature,
+            entropy_grad=entropy_grad,
+            shared_prefix=shared_prefix,
+            fused_head=fused_head,
+        )
+        return tuple(torch.nn.functional.pad(t, (0, response_len - columns)) for t in kept)
     tokens = input_ids[:, -response_len:]
     if fused_head:
         head = HeadRequest(tokens=tokens, temperature=temperature, entropy_grad=entropy_grad)
@@ -44,6 +62,15 @@ def forward_log_probs(
         inputs = _inputs(input_ids, attention_mask)
         logits = model(**inputs, logits_to_keep=response_len + 1).logits[:, :-1]
     return logprobs_and_entropy(logits, tokens, temperature=temperature, entropy_grad=entropy_grad)
+
+
+def response_columns(attention_mask: Tensor, response_len: int) -> Tensor:
+    """How many of the last `response_len` columns of `attention_mask` hold a token in some row
+    (at least 1), as a tensor for the caller to read with its other values: responses are
+    right-padded, so the columns after these are padding in every row."""
+    held = attention_mask[:, -response_len:].bool().any(dim=0)
+    position = torch.arange(1, response_len + 1, device=held.device)
+    return (position * held).max().clamp(min=1)
 
 
 def _inputs(input_ids: Tensor, attention_mask: Tensor) -> dict:
@@ -66,21 +93,39 @@ def batched_log_probs(
     shared_prefix: bool = False,
     fused_head: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """`forward_log_probs` over a whole batch in micro-batches, without gradient."""
+    """`forward_log_probs` over a whole batch in micro-batches, without gradient, each computed up
+    to its longest response (`response_columns`, read for all in one transfer). Without
+    `shared_prefix` the rows run longest response first, so that each micro-batch holds rows of
+    similar lengths, and their results return in the batch's order; with it they keep their
+    order, in which the rows that share a prompt are together."""
     R = batch.response_mask.shape[1]
+    ids, masks = batch.input_ids, batch.attention_mask
+    order = None
+    if not shared_prefix:
+        # the responses are right-padded: a row's response mask sums to its length
+        order = torch.argsort(masks[:, -R:].sum(dim=1), descending=True, stable=True)
+        ids, masks = ids[order], masks[order]
+    chunks = masks.split(micro_batch_size)
+    columns = torch.stack([response_columns(mask, R) for mask in chunks]).tolist()
     parts = [
         forward_log_probs(
             model,
-            batch.input_ids[i : i + micro_batch_size],
-            batch.attention_mask[i : i + micro_batch_size],
+            chunk_ids,
+            mask,
             R,
             temperature=temperature,
             shared_prefix=shared_prefix,
             fused_head=fused_head,
+            columns=kept,
         )
-        for i in range(0, batch.input_ids.shape[0], micro_batch_size)
+        for chunk_ids, mask, kept in zip(ids.split(micro_batch_size), chunks, columns, strict=True)
     ]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    log_prob, entropy = (torch.cat([p[i] for p in parts]) for i in (0, 1))
+    if order is None:
+        return log_prob, entropy
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    return log_prob[back], entropy[back]
 
 
 def shared_prefix_forward(

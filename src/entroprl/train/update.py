@@ -145,7 +145,7 @@ class MicroBatchLoss:
 
 
 def micro_batch_selection(
-    setup: LossSetup, mb: UpdateBatch, *, whole: dict[str, Any] | None, rows: slice, tokens: float
+    setup: LossSetup, mb: UpdateBatch, *, whole: dict[str, Any] | None, rows: Tensor, tokens: float
 ) -> dict[str, Any] | None:
     """The selection `micro_batch_loss` gives the loss: rows `rows` of the mini-batch's (`whole`)
     where it was made beforehand; an empty one for a micro-batch with no loss token in the
@@ -168,13 +168,15 @@ def micro_batch_loss(
     *,
     denominators: losses.LossDenominators,
     whole: dict[str, Any] | None,
-    rows: slice,
+    rows: Tensor,
     tokens: float,
+    columns: int | None = None,
 ) -> MicroBatchLoss:
     """The training forward of micro-batch `mb` (rows `rows` of its mini-batch) and its loss: the
     policy loss on the selection (the mini-batch's, `whole`, where it was made before; else this
     one's) plus the entropy bonus and the reference KL, each with the mini-batch's
-    `denominators`. On-policy (no old log-probs) the old log-probs are this forward's, detached."""
+    `denominators`. On-policy (no old log-probs) the old log-probs are this forward's, detached.
+    The forward computes `columns` response columns (`forward.forward_log_probs`; None: all)."""
     a = setup.algorithm
     R = mb.response_mask.shape[1]
     log_prob, entropy = forward.forward_log_probs(
@@ -186,6 +188,7 @@ def micro_batch_loss(
         entropy_grad=setup.entropy_coef > 0,
         shared_prefix=setup.shared_prefix,
         fused_head=setup.fused_head,
+        columns=columns,
     )
     old = log_prob.detach() if mb.old_log_prob is None else mb.old_log_prob
     selection = micro_batch_selection(setup, mb, whole=whole, rows=rows, tokens=tokens)
@@ -233,6 +236,23 @@ class Accumulated:
     """Whether every micro-batch's loss was finite."""
 
 
+def micro_batch_rows(
+    mini: UpdateBatch, setup: LossSetup, *, whole: dict[str, Any] | None, micro_batch_size: int
+) -> list[Tensor]:
+    """The rows of `mini` that each micro-batch takes: consecutive ones in the shuffled order,
+    or, where no selection depends on which rows share a micro-batch (the loss has none, or it
+    was made over the whole mini-batch beforehand, `whole`), the rows longest response first, so
+    that each micro-batch holds rows of similar lengths and its forward stops at their longest
+    (`forward.response_columns`). Each micro-batch's loss has the mini-batch's denominators, so
+    the gradient is the same sum either way."""
+    count, R = mini.response_mask.shape
+    index = torch.arange(count, device=mini.response_mask.device)
+    if setup.spec.select is None or whole is not None:
+        lengths = mini.attention_mask[:, -R:].sum(dim=1)
+        index = torch.argsort(lengths, descending=True, stable=True)
+    return list(index.split(micro_batch_size))
+
+
 def accumulate_gradients(
     model,
     mini: UpdateBatch,
@@ -250,21 +270,29 @@ def accumulate_gradients(
     them) records the training forwards."""
     world = distributed.world_size()
     summed = setup.spec.summed_metrics | {"kl_loss"}
-    device = mini.response_mask.device
-    count = mini.response_mask.shape[0]
-    micro_starts = range(0, count, micro_batch_size)
-    # each micro-batch's token count, read in one transfer
-    counts = torch.stack([m.sum() for m in mini.response_mask.split(micro_batch_size)]).tolist()
+    micro_rows = micro_batch_rows(mini, setup, whole=whole, micro_batch_size=micro_batch_size)
+    # each micro-batch's loss tokens and response columns (`forward.response_columns`), read in
+    # one transfer
+    R = mini.response_mask.shape[1]
+    sizes = [
+        torch.stack(
+            [
+                mini.response_mask[rows].sum().double(),
+                forward.response_columns(mini.attention_mask[rows], R).double(),
+            ]
+        )
+        for rows in micro_rows
+    ]
+    counts, columns = zip(*torch.stack(sizes).tolist(), strict=True)
     sums: dict[str, float] = defaultdict(float)
     finite: list[Tensor] = []
     # the value checks of every micro-batch, read once at the end of the mini-batch
     with checks.deferred() as deferred:
-        for i, (start, tokens) in enumerate(zip(micro_starts, counts, strict=True)):
-            rows = slice(start, start + micro_batch_size)
-            mb = mini.rows(torch.arange(count, device=device)[rows])
+        for i, (rows, tokens, kept) in enumerate(zip(micro_rows, counts, columns, strict=True)):
+            mb = mini.rows(rows)
             # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch (it has
             # no no_sync), which keeps its gradients sharded
-            sync = i == len(micro_starts) - 1 or not hasattr(model, "no_sync")
+            sync = i == len(micro_rows) - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
                 out = micro_batch_loss(
                     model,
@@ -274,6 +302,7 @@ def accumulate_gradients(
                     whole=whole,
                     rows=rows,
                     tokens=tokens,
+                    columns=int(kept),
                 )
                 if seen is not None:
                     seen_log_prob, seen_entropy, mini_rows = seen
