@@ -27,19 +27,12 @@ from _common import time_and_peak, timed
 from torch.profiler import ProfilerActivity, profile
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from entroprl.demo.models import QWEN25_05B
+from entroprl.demo.models import QWEN25_05B, QWEN25_05B_TINY
 from entroprl.rollout.sampler import sample
 from entroprl.train.compiled import compile_layers
 from entroprl.train.forward import forward_log_probs, fuse_head
 from entroprl.train.precision import cast_parameters
 
-TINY = QWEN25_05B | {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-}
 UPDATE_VARIANTS = {
     "logits, eager": (False, False),
     "logits, compiled": (False, True),
@@ -168,7 +161,7 @@ def main() -> None:
         parser.error("the sampler part needs --device cuda (or pass --update-only)")
     torch.manual_seed(0)
     with torch.device(args.device):
-        shape = TINY if args.tiny else QWEN25_05B
+        shape = QWEN25_05B_TINY if args.tiny else QWEN25_05B
         model = cast_parameters(Qwen2ForCausalLM(Qwen2Config(**shape)), torch.bfloat16)
     if not args.update_only:
         bench_sampler(model.eval(), args)

@@ -35,20 +35,12 @@ import torch
 from transformers import Qwen2Config
 
 from entroprl.config import config_from_dict
-from entroprl.demo.models import QWEN25_05B, build_model, save_model
+from entroprl.demo.models import QWEN25_05B, QWEN25_05B_TINY, build_model, save_model
 from entroprl.demo.tokenizer import build_char_tokenizer
 from entroprl.train import distributed
 from entroprl.train.precision import native_bfloat16
 from entroprl.train.trainer import Trainer
 
-TINY = QWEN25_05B | {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 512,
-}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 """Dense bf16 peak of the SXM parts, by the name torch reports."""
 
@@ -185,7 +177,7 @@ def main() -> None:
     args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="entroprl-gpu-check-"))
     start = time.perf_counter()
-    params = build(TINY if args.tiny else QWEN25_05B, work / "model")
+    params = build(QWEN25_05B_TINY if args.tiny else QWEN25_05B, work / "model")
     print(f"model: {params / 1e6:.1f}M parameters, built in {time.perf_counter() - start:.1f} s")
     config = config_from_dict(run_config(args, work / "model", work / "run"))
     distributed.init(args.strategy)  # FSDP: a process group of one

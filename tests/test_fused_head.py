@@ -38,7 +38,11 @@ def _policy(tied: bool = True, seed: int = 1):
     return model.double(), tok
 
 
-def _forward_and_grads(model, ids, attention, R, *, shared: bool, fused: bool):
+def _forward_and_grads(
+    model, ids, attention, R, *, shared: bool, fused: bool, mask=None, columns=None
+):
+    """Log-probs, entropies and the parameters' gradients of a weighted loss over them (over the
+    tokens of `mask` only, where given)."""
     weights = torch.randn(ids.shape[0], R, generator=torch.Generator().manual_seed(3))
     weights = weights.to(ids.device, next(model.parameters()).dtype)
     model.zero_grad()
@@ -51,8 +55,10 @@ def _forward_and_grads(model, ids, attention, R, *, shared: bool, fused: bool):
         entropy_grad=True,
         shared_prefix=shared,
         fused_head=fused,
+        columns=columns,
     )
-    (logp * weights + entropy).sum().backward()
+    loss = logp * weights + entropy
+    (loss if mask is None else loss * mask).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logp.detach(), entropy.detach(), grads
 

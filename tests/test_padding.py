@@ -13,7 +13,7 @@ import torch
 from entroprl.config import config_from_dict
 from entroprl.train import forward
 from entroprl.train.update import update_policy
-from tests.test_fused_head import _policy
+from tests.test_fused_head import _forward_and_grads, _policy
 from tests.test_shared_prefix import grouped_batch
 from tests.test_trainer import _update_batch
 
@@ -38,26 +38,6 @@ def test_response_columns_by_hand():
     assert forward.response_columns(torch.ones(2, 7), 4).item() == 4
 
 
-def _masked_grads(model, ids, attention, mask, *, shared, fused, columns=None):
-    """Log-probs, entropies and the parameters' gradients of a loss over the response tokens."""
-    weights = torch.randn(ids.shape[0], R, generator=torch.Generator().manual_seed(3)).double()
-    model.zero_grad()
-    logp, entropy = forward.forward_log_probs(
-        model,
-        ids,
-        attention,
-        R,
-        temperature=0.8,
-        entropy_grad=True,
-        shared_prefix=shared,
-        fused_head=fused,
-        columns=columns,
-    )
-    ((logp * weights + entropy) * mask).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logp.detach(), entropy.detach(), grads
-
-
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
 def test_trimmed_forward_equals_the_full_one_at_the_tokens(shared, fused, monkeypatch):
@@ -69,7 +49,7 @@ def test_trimmed_forward_equals_the_full_one_at_the_tokens(shared, fused, monkey
     ids, attention, mask = _short_batch(tok, 4)
     columns = int(forward.response_columns(attention, R))
     assert columns == 4
-    full = _masked_grads(model, ids, attention, mask, shared=shared, fused=fused)
+    full = _forward_and_grads(model, ids, attention, R, shared=shared, fused=fused, mask=mask)
     lengths = []
     real = forward.forward_log_probs
 
@@ -78,7 +58,9 @@ def test_trimmed_forward_equals_the_full_one_at_the_tokens(shared, fused, monkey
         return real(*args, **kwargs)
 
     monkeypatch.setattr(forward, "forward_log_probs", spy)
-    got = _masked_grads(model, ids, attention, mask, shared=shared, fused=fused, columns=columns)
+    got = _forward_and_grads(
+        model, ids, attention, R, shared=shared, fused=fused, mask=mask, columns=columns
+    )
     assert lengths == [R, columns]
     held = mask.bool()
     for want, have in zip(full[:2], got[:2], strict=True):

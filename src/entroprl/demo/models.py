@@ -35,6 +35,16 @@ QWEN25_05B = {
 }
 """Qwen2.5-0.5B's architecture (a `Qwen2Config`'s arguments): the GPU checks' policy, built with
 random weights since nothing can be downloaded."""
+QWEN25_05B_TINY = QWEN25_05B | {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 512,
+}
+"""`QWEN25_05B` with 2 small layers (the same vocabulary and head layout): the GPU checks' path
+run on a CPU (`--tiny`)."""
 
 
 def tiny_config(
