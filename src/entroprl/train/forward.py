@@ -73,6 +73,13 @@ def response_columns(attention_mask: Tensor, response_len: int) -> Tensor:
     return (position * held).max().clamp(min=1)
 
 
+def longest_first(attention_mask: Tensor, response_len: int) -> Tensor:
+    """The rows' order by response length, longest first (ties in their order): the responses
+    are right-padded, so a row's response columns of `attention_mask` sum to its length."""
+    lengths = attention_mask[:, -response_len:].sum(dim=1)
+    return torch.argsort(lengths, descending=True, stable=True)
+
+
 def _inputs(input_ids: Tensor, attention_mask: Tensor) -> dict:
     """A full forward's arguments: left padding's positions, no cache kept."""
     return {
@@ -102,8 +109,7 @@ def batched_log_probs(
     ids, masks = batch.input_ids, batch.attention_mask
     order = None
     if not shared_prefix:
-        # the responses are right-padded: a row's response mask sums to its length
-        order = torch.argsort(masks[:, -R:].sum(dim=1), descending=True, stable=True)
+        order = longest_first(masks, R)
         ids, masks = ids[order], masks[order]
     chunks = masks.split(micro_batch_size)
     columns = torch.stack([response_columns(mask, R) for mask in chunks]).tolist()
@@ -123,8 +129,7 @@ def batched_log_probs(
     log_prob, entropy = (torch.cat([p[i] for p in parts]) for i in (0, 1))
     if order is None:
         return log_prob, entropy
-    back = torch.empty_like(order)
-    back[order] = torch.arange(order.numel(), device=order.device)
+    back = order.argsort()  # the inverse permutation
     return log_prob[back], entropy[back]
 
 

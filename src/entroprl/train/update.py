@@ -246,10 +246,10 @@ def micro_batch_rows(
     (`forward.response_columns`). Each micro-batch's loss has the mini-batch's denominators, so
     the gradient is the same sum either way."""
     count, R = mini.response_mask.shape
-    index = torch.arange(count, device=mini.response_mask.device)
     if setup.spec.select is None or whole is not None:
-        lengths = mini.attention_mask[:, -R:].sum(dim=1)
-        index = torch.argsort(lengths, descending=True, stable=True)
+        index = forward.longest_first(mini.attention_mask, R)
+    else:
+        index = torch.arange(count, device=mini.response_mask.device)
     return list(index.split(micro_batch_size))
 
 
@@ -271,25 +271,21 @@ def accumulate_gradients(
     world = distributed.world_size()
     summed = setup.spec.summed_metrics | {"kl_loss"}
     micro_rows = micro_batch_rows(mini, setup, whole=whole, micro_batch_size=micro_batch_size)
+    micro = [mini.rows(rows) for rows in micro_rows]
     # each micro-batch's loss tokens and response columns (`forward.response_columns`), read in
     # one transfer
     R = mini.response_mask.shape[1]
     sizes = [
-        torch.stack(
-            [
-                mini.response_mask[rows].sum().double(),
-                forward.response_columns(mini.attention_mask[rows], R).double(),
-            ]
-        )
-        for rows in micro_rows
+        torch.stack([mb.response_mask.sum(), forward.response_columns(mb.attention_mask, R)])
+        for mb in micro
     ]
-    counts, columns = zip(*torch.stack(sizes).tolist(), strict=True)
+    counts, columns = zip(*torch.stack(sizes).double().tolist(), strict=True)
     sums: dict[str, float] = defaultdict(float)
     finite: list[Tensor] = []
     # the value checks of every micro-batch, read once at the end of the mini-batch
     with checks.deferred() as deferred:
-        for i, (rows, tokens, kept) in enumerate(zip(micro_rows, counts, columns, strict=True)):
-            mb = mini.rows(rows)
+        parts = zip(micro_rows, micro, counts, columns, strict=True)
+        for i, (rows, mb, tokens, kept) in enumerate(parts):
             # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch (it has
             # no no_sync), which keeps its gradients sharded
             sync = i == len(micro_rows) - 1 or not hasattr(model, "no_sync")
