@@ -3,9 +3,6 @@ alone and sharded by FSDP2, and sampling compiles nothing."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from torch._dynamo.utils import counters
 from entroprl.train import checkpoint, parallel
 from entroprl.train.trainer import Trainer
 from tests.policies import alternating_scores, make_tiny_policy
+from tests.test_fused_head import run_benchmark
 from tests.test_trainer import SPLIT_TEST_SETTINGS, small_config
 
 
@@ -140,22 +138,13 @@ def test_compiled_sharded_layers_train_as_the_eager_ones(tmp_path):
 def test_the_gpu_step_benchmark_runs_its_update_part_on_the_cpu():
     """benchmarks/bench_gpu_step.py --update-only, tiny, on the CPU: a row for each of the four
     update variants (logits or fused head, eager or compiled), then the fastest one's profile."""
-    root = Path(__file__).resolve().parents[1]
     tiny = ["--tiny", "--device", "cpu", "--update-only", "--prompt", "8", "--new-tokens", "8"]
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_gpu_step.py", *tiny, "--micro-batch", "4"],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root / "src")},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| logits", "| fused"))]
+    out = run_benchmark("bench_gpu_step.py", *tiny, "--micro-batch", "4", timeout=600)
+    rows = [line for line in out.splitlines() if line.startswith(("| logits", "| fused"))]
     assert [row.split(" | ")[0] for row in rows] == [
         "| logits, eager",
         "| logits, compiled",
         "| fused head, eager",
         "| fused head, compiled",
     ]
-    assert "## the kernels of one micro-batch" in proc.stdout
+    assert "## the kernels of one micro-batch" in out

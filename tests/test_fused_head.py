@@ -236,22 +236,25 @@ TINY_BENCHMARK = [
 ]
 
 
-@pytest.mark.slow
-def test_the_benchmark_runs():
-    """benchmarks/bench_fused_head.py, tiny: a row per mode, each case in its own process."""
+def run_benchmark(script: str, *args: str, timeout: float) -> str:
+    """Run benchmarks/`script` with `args` from the repository root with entroprl from src/;
+    its standard output, once it has exited 0."""
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_fused_head.py", *TINY_BENCHMARK],
+        [sys.executable, f"benchmarks/{script}", *args],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root / "src")},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [
-        line
-        for line in proc.stdout.splitlines()
-        if line.startswith("| grad") or line.startswith("| no_grad")
-    ]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs():
+    """benchmarks/bench_fused_head.py, tiny: a row per mode, each case in its own process."""
+    out = run_benchmark("bench_fused_head.py", *TINY_BENCHMARK, timeout=300)
+    rows = [line for line in out.splitlines() if line.startswith(("| grad", "| no_grad"))]
     assert len(rows) == 2
