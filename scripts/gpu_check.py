@@ -16,10 +16,11 @@ measure the cost of the work (sampling, log-probs, forward and backward, optimiz
 
 Prints per step, then the median over the steps after the first (the warm-up): the step time
 split, rollout and update tokens/s, the update's model FLOPs utilisation (6 x parameters x tokens
-through the update / update time / the GPU's dense bf16 peak), the rollout/training log-prob
-mismatch, and the peak memory. ``--tiny`` shrinks the model (2 layers, hidden 128, the same
-vocabulary and head layout) and the batch so that the whole path runs on a CPU in a minute or
-two: the CPU test of this script.
+through the update / update time / the GPU's dense bf16 peak; and verl's count of it, the
+trainer's `perf/mfu/actor`, which adds attention and counts the tied embedding twice), the
+rollout/training log-prob mismatch, and the peak memory. ``--tiny`` shrinks the model (2 layers,
+hidden 128, the same vocabulary and head layout) and the batch so that the whole path runs on a
+CPU in a minute or two: the CPU test of this script.
 """
 
 from __future__ import annotations
@@ -37,12 +38,9 @@ from transformers import Qwen2Config
 from entroprl.config import config_from_dict
 from entroprl.demo.models import QWEN25_05B, QWEN25_05B_TINY, build_model, save_model
 from entroprl.demo.tokenizer import build_char_tokenizer
-from entroprl.train import distributed
+from entroprl.train import distributed, perf
 from entroprl.train.precision import native_bfloat16
 from entroprl.train.trainer import Trainer
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-"""Dense bf16 peak of the SXM parts, by the name torch reports."""
 
 
 def build(shape: dict, path: Path) -> int:
@@ -97,6 +95,7 @@ def run_config(args: argparse.Namespace, model_dir: Path, out_dir: Path) -> dict
             "rollout_samples": 0,
             "progress": False,
             "report_to": [],
+            "peak_tflops": args.peak_tflops,
         },
     }
 
@@ -150,9 +149,8 @@ def parse_args() -> argparse.Namespace:
     if args.micro_batch is None:
         args.micro_batch = 4 if args.tiny else 32 if args.legacy else 128
     args.generation_batch = 256 if args.legacy else args.prompts * args.n
-    if args.peak_tflops is None and args.device != "cpu":
-        name = torch.cuda.get_device_name()
-        args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    if args.peak_tflops is None:
+        args.peak_tflops = perf.device_peak_tflops(torch.device(args.device))
     return args
 
 
@@ -165,6 +163,7 @@ def step_figures(m: dict, *, params: int, tokens: float, peak_tflops: float | No
         "rollout tok/s": m["perf/rollout_tokens_per_s"],
         "update tok/s": m["perf/update_tokens_per_s"],
         "MFU": mfu,
+        "MFU (verl's count)": m.get("perf/mfu/actor", float("nan")),
         "|dlogp| mean": m.get("rollout_corr/log_prob_abs_diff_mean", float("nan")),
         "|dlogp| max": m.get("rollout_corr/log_prob_abs_diff_max", float("nan")),
         "ratio outside [1/2, 2]": m.get("rollout_corr/ratio_fraction_low", float("nan"))

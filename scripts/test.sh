@@ -66,4 +66,5 @@ integration() {
 integration trl "$trl_job" "trl or trackers" tests/test_trl_integration.py tests/test_trackers.py \
     tests/test_examples.py \
     tests/test_trl_logs.py
-integration verl "$verl_job" verl tests/test_verl_integration.py tests/test_verl_logs.py
+integration verl "$verl_job" verl tests/test_verl_integration.py tests/test_verl_logs.py \
+    tests/test_verl_perf.py

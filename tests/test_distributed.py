@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from transformers import AutoModelForCausalLM
 
 from entroprl import cli
@@ -19,7 +20,7 @@ from entroprl.algos import losses
 from entroprl.algos.advantages import compute_advantages
 from entroprl.config import config_from_dict
 from entroprl.demo.models import save_model
-from entroprl.train import checkpoint, parallel
+from entroprl.train import checkpoint, parallel, perf
 from entroprl.train.forward import forward_log_probs, fuse_head
 from entroprl.train.precision import native_bfloat16
 from entroprl.train.rundir import read_metrics
@@ -177,8 +178,20 @@ def _worker(rank, world, init_file, out_dir):
         _, nothing = _one_update("ppo", "token-mean", rows, 4, 2, "ddp", keep=torch.zeros(8, 5))
         empty = [metrics["actor/empty_minibatches"], nothing["actor/empty_minibatches"]]
         torch.save(empty, f"{out_dir}/empty-{rank}.pt")
+        counts = perf.TokenCounts.over_ranks(torch.tensor(rank + 1), *_count_inputs(rows))
+        torch.save(counts, f"{out_dir}/counts-{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _count_inputs(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows `rows` of a batch of 8 for `perf.TokenCounts.over_ranks`: attention mask, loss tokens
+    and the rows kept."""
+    g = torch.Generator().manual_seed(0)
+    attention_mask = (torch.rand(8, 12, generator=g) > 0.3).long()
+    train_mask = attention_mask[:, 6:].float() * (torch.rand(8, 6, generator=g) > 0.5)
+    kept = torch.rand(8, generator=g) > 0.25
+    return attention_mask[rows], train_mask[rows], kept[rows]
 
 
 def _assert_same_weights(split: dict, single: dict, what: str) -> None:
@@ -220,6 +233,10 @@ def test_two_ranks_match_one_process(tmp_path):
     # rank 1's empty mini-batches are not empty globally; an all-filtered batch is, on both
     # ranks, in both epochs
     assert [torch.load(tmp_path / f"empty-{rank}.pt") for rank in (0, 1)] == [[0, 2], [0, 2]]
+    # the step's token counts over both ranks: those of the whole batch, on each
+    whole = perf.TokenCounts.over_ranks(torch.tensor(3), *_count_inputs(torch.arange(8)))
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"counts-{rank}.pt", weights_only=False) == whole
 
 
 def _run(out_dir, steps, strategy, resume=False, **sections):

@@ -82,6 +82,7 @@ FREE_ON_RESUME = frozenset(
         "trainer.report_to",
         "trainer.project",
         "trainer.progress",
+        "trainer.peak_tflops",
         "trainer.out_dir",
         # where and how it runs, the same updates (to float rounding) either way
         "trainer.device",
@@ -500,6 +501,10 @@ class TrainerConfig:
     after out_dir."""
     progress: bool = True
     """Progress bars on long work (steps, sampling chunks, updates)."""
+    peak_tflops: float | None = None
+    """The dense bfloat16 peak of one of the run's GPUs in TFLOP/s, for `perf/mfu/actor`; null:
+    looked up by the GPU's name (`entroprl.train.perf.DEVICE_PEAK_TFLOPS`). On a CPU, or a GPU
+    the table does not name, no MFU is logged unless it is set."""
 
     def validate(self) -> None:
         low, high = TEMPERATURES
@@ -531,6 +536,11 @@ class TrainerConfig:
             f"unknown device {_show(self.device)}; expected auto, cpu, cuda, cuda:N or mps",
         )
         _need(self.strategy in STRATEGIES, "trainer.strategy", " or ".join(STRATEGIES))
+        _need(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "trainer.peak_tflops",
+            "must be > 0, or null (looked up by the GPU's name)",
+        )
 
 
 @dataclass

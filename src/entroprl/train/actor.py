@@ -101,6 +101,11 @@ class Actor:
         if isinstance(self.wrapped, precision.ComputeCopy):
             self.wrapped.refresh()
 
+    @property
+    def sweeps(self) -> int:
+        """The update's passes over its batch: the epochs, in each of Lopti's two passes."""
+        return self.config.optim.epochs * (1 if self.config.algorithm.lopti_eta is None else 2)
+
     def lr_at(self, step: int) -> float:
         o = self.config.optim
         return schedule.learning_rate(

@@ -46,6 +46,7 @@ from entroprl.train import (
     distributed,
     lora,
     parallel,
+    perf,
     precision,
     progress,
     rundir,
@@ -63,8 +64,8 @@ class Sample:
 
     scored: ScoredRollout
     """This rank's share of the groups, with their scores and rewards."""
-    sampled_tokens: int
-    """Response tokens this rank sampled, kept or not."""
+    sampled_tokens: Tensor
+    """() response tokens this rank sampled, kept or not."""
     metrics: dict[str, float]
     """The rollout metrics of everything sampled, and the time spent sampling and scoring."""
 
@@ -73,8 +74,10 @@ class Sample:
 class Shaped:
     """A step's training batch, shaped for the update (`Trainer.shape`)."""
 
+    kept: Tensor
+    """(B,) bool: the responses of the groups kept (dynamic sampling), verl's training batch."""
     train_mask: Tensor
-    """(B, R) the responses of the groups kept (dynamic sampling), as verl's training batch."""
+    """(B, R) their tokens."""
     old_log_prob: Tensor | None
     """(B, R) the rollout's log-probs under the policy before the update; None until the update
     when it is on-policy (its training forward gives them)."""
@@ -113,6 +116,9 @@ class Trainer:
         """The step at which the plateau stage began, once detected (then kept to the end)."""
         self.nonfinite_in_a_row = 0
         self.run = rundir.RunDir(c.trainer.out_dir) if self.rank == 0 else None
+        self.flops = perf.flops_model(model.config)
+        """verl's count of the policy's training FLOPs, for `perf/mfu/actor`; None: no count."""
+        self.peak_tflops = c.trainer.peak_tflops or perf.device_peak_tflops(self.device)
 
     def _refuse_what_cannot_train(self) -> None:
         c = self.config
@@ -493,7 +499,7 @@ class Trainer:
             "timing_s/gen": time.perf_counter() - begin - scoring,
             "timing_s/reward": scoring,
         }
-        tokens = int(scored.batch.response_mask.sum().item())
+        tokens = scored.batch.response_mask.sum()
         if scored.batch.group_ids.numel() == share * n:  # exactly one batch of the step's size
             return Sample(scored=scored, sampled_tokens=tokens, metrics=metrics)
         informative = self.informative(scored).view(-1, n)[:, 0]
@@ -577,16 +583,26 @@ class Trainer:
             batch, mask, shaped.old_log_prob, shaped.entropy, shaped.advantages, cov, step
         )
         t_end = time.perf_counter()
-        tokens = mask.sum().item() * self.world
-        generation = max(metrics["timing_s/gen"], 1e-9)
+        tokens = perf.TokenCounts.over_ranks(
+            sample.sampled_tokens, batch.attention_mask, mask, shaped.kept
+        )
+        times = perf.StepTimes(
+            step=t_end - t0, generation=metrics["timing_s/gen"], update=t_update - t_old
+        )
         metrics |= {
             "timing_s/old_log_prob": t_old - t_sampled,
             "timing_s/update_actor": t_update - t_old,
             "timing_s/step": t_end - t0,
-            "perf/rollout_tokens_per_s": sample.sampled_tokens * self.world / generation,
-            "perf/update_tokens_per_s": tokens * c.optim.epochs / max(t_update - t_old, 1e-9),
-            "perf/throughput": tokens / max(t_end - t0, 1e-9),
         }
+        metrics |= perf.step_metrics(
+            tokens,
+            times,
+            world=self.world,
+            sweeps=self.actor.sweeps,
+            flops=self.flops,
+            peak_tflops=self.peak_tflops,
+        )
+        metrics |= perf.memory_metrics(self.device)
         if self.run is not None and c.trainer.rollout_samples > 0:
             records = self.rollout_records(
                 batch,
@@ -642,6 +658,7 @@ class Trainer:
             rollout_is_weights=is_weights,
         )
         return Shaped(
+            kept=keep,
             train_mask=train_mask,
             old_log_prob=old_log_prob,
             entropy=entropy,
