@@ -62,7 +62,7 @@ def test_an_uncounted_model_type_has_no_count():
 def test_training_flops_by_hand():
     model = perf.FlopsModel(dense=1000, attention=24)
     tokens = perf.TokenCounts(sampled=0, in_loss=0, total=8, squares=3**2 + 5**2)
-    assert model.training_flops(tokens) == 6 * 1000 * 8 + 12 * 24 * 34
+    assert model.training_flops(tokens) == 6 * 1000 * 8 + 6 * 24 * 34
 
 
 def test_token_counts_of_the_rows_kept():
@@ -83,7 +83,7 @@ def test_step_metrics_by_hand():
     assert m["perf/throughput"] == 500 / (10.0 * 2)
     assert m["perf/rollout_tokens_per_s"] == 300 / 4.0
     assert m["perf/update_tokens_per_s"] == 200 * 3 / 2.0
-    model_flops = 6e9 * 500 + 12 * 1000 * 25_000
+    model_flops = 6e9 * 500 + 6 * 1000 * 25_000
     assert m["perf/mfu/actor"] == pytest.approx(model_flops * 3 / 2.0 / 2 / 100e12, rel=1e-12)
     unknown = perf.step_metrics(tokens, times, world=2, sweeps=3, flops=flops, peak_tflops=None)
     assert "perf/mfu/actor" not in unknown
@@ -160,7 +160,7 @@ def test_a_step_logs_verls_counts_of_its_training_batch(tmp_path, monkeypatch):
     assert record["perf/total_num_tokens"] == sum(lengths)
     assert counts.in_loss == train_mask.sum().item() > 0
     flops = perf.flops_model(model.config)
-    by_hand = 6 * flops.dense * sum(lengths) + 12 * flops.attention * sum(x * x for x in lengths)
+    by_hand = 6 * flops.dense * sum(lengths) + 6 * flops.attention * sum(x * x for x in lengths)
     update = record["timing_s/update_actor"]
     assert record["perf/mfu/actor"] == pytest.approx(by_hand * 2 / update / 0.5e12, rel=1e-9)
     assert record["perf/throughput"] == pytest.approx(sum(lengths) / record["timing_s/step"])

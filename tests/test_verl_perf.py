@@ -40,13 +40,16 @@ def test_training_flops_are_verls(name):
         sampled=0, in_loss=0, total=sum(lengths), squares=sum(x * x for x in lengths)
     )
     ours = perf.flops_model(config).training_flops(tokens)
-    achieved, _ = flops_counter.FlopsCounter(config).estimate_flops(lengths, delta_time=1.0)
+    # FlopsCounter.estimate_flops's count, without its look-up of the peak (CUDA only)
+    estimate = flops_counter.ESTIMATE_FUNC[config.model_type]
+    achieved = estimate(config, sum(lengths), lengths, 1.0)
     assert ours == pytest.approx(achieved * 1e12, rel=1e-12)
 
 
 @pytest.mark.parametrize("name", flops_counter._DEVICE_FLOPS)
 def test_peaks_are_verls(name):
-    if name in ("CPU", "910B", "Ascend910", "RTX 3070 Ti"):  # not a data-centre GPU: no MFU
+    if name in ("CPU", "910B", "A2G3", "Ascend950DT", "Ascend910", "RTX 3070 Ti"):
+        # not a data-centre GPU: no MFU
         assert perf.peak_by_name(f"NVIDIA {name}") is None
         return
     verls = flops_counter.get_device_flops(unit="T", device_name=f"NVIDIA {name}")

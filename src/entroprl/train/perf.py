@@ -30,7 +30,9 @@ from entroprl.train import distributed
 DEVICE_PEAK_TFLOPS = {
     "GB200": 2500.0,
     "B200": 2250.0,
-    "MI300X": 1336.0,
+    "MI355X": 2500.0,
+    "MI350X": 2300.0,
+    "MI300X": 1307.0,
     "H100 NVL": 835.0,
     "H100 PCIe": 756.0,
     "H100": 989.0,
@@ -45,10 +47,10 @@ DEVICE_PEAK_TFLOPS = {
     "L20": 119.5,
 }
 """Dense bfloat16 peaks (TFLOP/s) by a part of the name torch gives the GPU, the longest part that
-matches winning: verl's table (`verl.utils.flops_counter._DEVICE_FLOPS`), plus the H100's PCIe and
-NVL parts, which verl counts as the SXM part's 989."""
+matches winning: verl 0.9's table for GPUs (`verl.utils.flops_counter._DEVICE_FLOPS`), plus the
+H100's PCIe and NVL parts, which verl counts as the SXM part's 989."""
 
-DENSE_MODEL_TYPES = frozenset({"qwen2", "llama", "qwen3", "mistral", "seed_oss"})
+DENSE_MODEL_TYPES = frozenset({"qwen2", "llama", "qwen3", "mistral", "seed_oss", "mimo"})
 """Decoders whose training FLOPs verl counts with its Qwen2 formula (SwiGLU MLP)."""
 MOE_MODEL_TYPES = frozenset({"qwen2_moe", "qwen3_moe"})
 """Mixture-of-experts decoders verl counts with its Qwen2-MoE formula."""
@@ -100,8 +102,8 @@ class FlopsModel:
     """verl's count of a decoder's training FLOPs (forward and backward): 6 N per token for the
     matrix products, N the linear weights of the layers (the active experts' and the router's in a
     mixture of experts) plus the embedding and the output layer counted as two matrices even when
-    they are tied, and 12 x length^2 x head_dim x heads x layers per sequence for the attention
-    scores and their product with the values."""
+    they are tied, and 6 x length^2 x head_dim x heads x layers per sequence for the attention
+    scores and their product with the values (the causal half of 12: verl 0.9)."""
 
     dense: int
     """N."""
@@ -109,7 +111,7 @@ class FlopsModel:
     """head_dim x heads x layers."""
 
     def training_flops(self, tokens: TokenCounts) -> float:
-        return 6 * self.dense * tokens.total + 12 * self.attention * tokens.squares
+        return 6 * self.dense * tokens.total + 6 * self.attention * tokens.squares
 
 
 def flops_model(config) -> FlopsModel | None:
