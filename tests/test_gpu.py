@@ -3,9 +3,9 @@ saying why). `scripts/gpu_check.sh` runs these after its throughput check.
 
 Every registered loss, dynamic-sampling refills, the shared prefix, bfloat16 compute, the fused
 head, compiled layers, resume, FSDP with a sharded checkpoint, and the demo's model, each for a few
-trainer steps on the GPU, with a reward that differs within groups so that the steps move the
-weights; the fused head's log-probs and gradients against the logits path; and the sampler's CUDA
-graph drawing the tokens `model.generate` draws."""
+trainer steps on the GPU (and the memory and MFU they log), with a reward that differs within
+groups so that the steps move the weights; the fused head's log-probs and gradients against the
+logits path; and the sampler's CUDA graph drawing the tokens `model.generate` draws."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import torch
 from entroprl.algos import losses
 from entroprl.rollout.hf import HFBackend
 from entroprl.tasks.base import Example, Task
-from entroprl.train import distributed, parallel
+from entroprl.train import distributed, parallel, perf
+from entroprl.train.rundir import read_metrics
 from entroprl.train.trainer import Trainer
 from tests.policies import make_tiny_policy
 from tests.test_sampler import PROMPTS, generate_reference, grouped_policy
@@ -120,6 +121,18 @@ def test_compiled_layers_train_and_the_cuda_graph_sampler_runs_them_eagerly(tmp_
         for layer in parallel.decoder_layers(trainer.actor.forward_model)
     )
     assert _moved(trainer, start)
+
+
+def test_the_gpus_memory_and_mfu_are_logged(tmp_path):
+    """verl's perf/ figures on a GPU: its peak memory, and the MFU where its peak is known."""
+    trainer, _ = _train(tmp_path)
+    (record,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] == 2]
+    allocated = record["perf/max_memory_allocated_gb"]
+    assert 0 < allocated <= record["perf/max_memory_reserved_gb"]
+    if perf.device_peak_tflops(trainer.device) is None:
+        assert "perf/mfu/actor" not in record
+    else:
+        assert 0 < record["perf/mfu/actor"] < 1
 
 
 def test_fused_head_equals_the_logits_path_on_the_gpu():
