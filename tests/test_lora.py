@@ -77,8 +77,33 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     assert moved and all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_lora_with_fsdp_or_vllm_is_refused(tmp_path):
+def test_lora_with_fsdp_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.lora_rank.*strategy=ddp"):
         small_config(tmp_path, model=LORA, trainer={"strategy": "fsdp"})
-    with pytest.raises(ConfigError, match=r"model\.lora_rank"):
-        small_config(tmp_path, model=LORA | {"path": "x"}, rollout={"backend": "vllm"})
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
+def test_merged_tensors_are_peft_merged_models_and_leave_the_adapters(targets):
+    """What the vLLM backend loads: the names and layout of the base model's state dict, the
+    values of peft's own merge (`merge_and_unload` on a copy), the policy itself unchanged."""
+    import copy
+
+    base, _ = make_tiny_policy(hidden=32, layers=2)
+    original = {n: t.clone() for n, t in base.state_dict().items()}
+    names = list(original)
+    model = lora.attach(base, rank=4, alpha=8.0, targets=targets)  # changes `base` in place
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # adapters that change the weights (peft starts B at 0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merged = dict(lora.merged_tensors(model))
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert list(merged) == names == list(expected)
+    changed = [n for n in names if not torch.equal(merged[n], original[n])]
+    assert changed and all("proj" in n for n in changed)
+    for name in names:
+        torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in before.items())

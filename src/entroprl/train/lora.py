@@ -5,7 +5,8 @@ The entropy diagnostics are unchanged: they read the adapted policy's forwards l
 The reference policy of `algorithm.kl_coef` is the same model with its adapters switched off
 (`reference`), not a second copy. Checkpoints hold the adapter (peft's `adapter_model.safetensors`
 and `adapter_config.json`), which `entroprl eval --model` and Hugging Face load on top of the base
-model. One process or DDP; not with FSDP or the vLLM backend, which load whole weights.
+model. The vLLM backend samples from the adapted policy's merged weights (`merged_tensors`), as
+TRL's GRPO trainer syncs a peft model to vLLM. One process or DDP; not with FSDP.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from entroprl.errors import ConfigError
 
@@ -43,6 +45,32 @@ def attach(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> tor
 
 def is_lora(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def merged_tensors(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) for every weight of the adapted policy `model` under the base model's names,
+    as a checkpoint of the merged model holds them (what an inference engine loads): each adapted
+    layer's weight plus its active adapters' update (peft's `get_delta_weight`, scale x B A),
+    one layer at a time; the adapters' own tensors left out. `model` is not changed: peft's
+    `merge_adapter` / `unmerge_adapter`, which TRL syncs through, would round the base weights on
+    the way back."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    adapted = {
+        f"{name}.base_layer.weight": module
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    with torch.no_grad():
+        for name, tensor in base.state_dict().items():
+            if ".lora_" in name:
+                continue
+            layer = adapted.get(name)
+            if layer is not None:
+                for adapter in layer.active_adapters:
+                    tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+            yield name.replace(".base_layer.", "."), tensor
 
 
 @contextlib.contextmanager
