@@ -59,3 +59,19 @@ def test_the_trainer_door(tmp_path, monkeypatch):
     cli.main(analyze)
     run = tmp_path / analyze[1]
     assert (run / "metrics.jsonl").is_file() and (run / "analysis" / "report.html").is_file()
+
+
+def test_every_train_command_is_a_configuration_the_trainer_accepts(tmp_path, monkeypatch):
+    """Each `entroprl train` line of the README, its configuration file with its overrides,
+    passes the configuration's checks (one once asked for LoRA where it was refused)."""
+    from entroprl.config import load_config
+
+    text = README.read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("entroprl train ")]
+    assert len(commands) >= 2
+    in_a_copy(tmp_path, monkeypatch)
+    for command in commands:
+        args = cli.build_parser().parse_args(command)
+        load_config(args.config, args.overrides)
