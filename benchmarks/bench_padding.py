@@ -87,8 +87,8 @@ def main() -> None:
         optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-6)
         update_policy(trained, optimizer, batch, config, generator=torch.Generator())
 
-    def all_columns(attention_mask, response_len):  # the behaviour before
-        return torch.tensor(response_len)
+    def all_columns(lengths, response_len):  # the behaviour before
+        return response_len
 
     lengths = batch.response_mask.sum(dim=1)
     print(

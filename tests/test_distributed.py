@@ -28,6 +28,7 @@ from entroprl.train.trainer import Trainer
 from entroprl.train.update import UpdateBatch, update_policy
 from tests import toy_loss  # noqa: F401  (registers a plug-in loss: the tests run it too)
 from tests.policies import make_tiny_policy, needs_native_bfloat16
+from tests.test_micro_batches import _varied_batch
 from tests.test_shared_prefix import grouped_batch
 from tests.test_trainer import TIMING, _update_batch, controller_kwargs, small_config
 
@@ -81,6 +82,37 @@ def _one_update(policy_loss, mode, rows, mini, micro, strategy=None, keep=None):
     ).metrics
     state = parallel.model_state(model)  # gathered to rank 0 when sharded
     return {n: state[n].clone() for n in names if n in state}, metrics
+
+
+def _budget_update(rows, strategy=None, tokens=None, policy_loss="clip_cov"):
+    """An update of rows whose responses differ in length (rank 0's short, rank 1's long), in
+    micro-batches within `tokens` (the ranks' counts differ before `micro_batches.same_count`)."""
+    model, tok = make_tiny_policy()
+    batch = _varied_batch(tok, [2, 1, 2, 1, 6, 6, 5, 6]).rows(rows)
+    config = config_from_dict(
+        {
+            "algorithm": {
+                "policy_loss": policy_loss,
+                "loss": {"clip_cov": {"ratio": 1.0, "lb": 0.0, "ub": 10.0}},
+            },
+            "rollout": {"max_new_tokens": 6},
+            "optim": {
+                "mini_batch_size": len(rows),
+                "micro_batch_size": len(rows),
+                "micro_batch_tokens": tokens,
+                "epochs": 2,
+            },
+        }
+    )
+    names = [n for n, _ in model.named_parameters()]
+    wrapped = parallel.wrap(model, strategy) if strategy else model
+    with torch.no_grad():  # as the trainer's old log-probs: FSDP must not keep the root gathered
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    update_policy(wrapped, opt, batch, config, generator=generator)
+    state = parallel.model_state(model)
+    return {n: state[n].clone() for n in names if n in state}
 
 
 def _shared_prefix_policy():
@@ -178,6 +210,10 @@ def _worker(rank, world, init_file, out_dir):
         _, nothing = _one_update("ppo", "token-mean", rows, 4, 2, "ddp", keep=torch.zeros(8, 5))
         empty = [metrics["actor/empty_minibatches"], nothing["actor/empty_minibatches"]]
         torch.save(empty, f"{out_dir}/empty-{rank}.pt")
+        for strategy in parallel.STRATEGIES:  # 40 tokens: one micro-batch on rank 0, two on 1
+            params = _budget_update(rows, strategy, tokens=40)
+            if rank == 0:
+                save_file(params, f"{out_dir}/budget-{strategy}.safetensors")
         counts = perf.TokenCounts.over_ranks(torch.tensor(rank + 1), *_count_inputs(rows))
         torch.save(counts, f"{out_dir}/counts-{rank}.pt")
     finally:
@@ -233,6 +269,11 @@ def test_two_ranks_match_one_process(tmp_path):
     # rank 1's empty mini-batches are not empty globally; an all-filtered batch is, on both
     # ranks, in both epochs
     assert [torch.load(tmp_path / f"empty-{rank}.pt") for rank in (0, 1)] == [[0, 2], [0, 2]]
+    # micro-batches within a token budget, as many on each rank: the update of one process
+    single = _budget_update(torch.arange(8))
+    for strategy in parallel.STRATEGIES:
+        split = load_file(tmp_path / f"budget-{strategy}.safetensors")
+        _assert_same_weights(split, single, f"{strategy} within a token budget")
     # the step's token counts over both ranks: those of the whole batch, on each
     whole = perf.TokenCounts.over_ranks(torch.tensor(3), *_count_inputs(torch.arange(8)))
     for rank in (0, 1):

@@ -31,11 +31,10 @@ def _short_batch(tok, longest: int):
 
 
 def test_response_columns_by_hand():
-    attention = torch.tensor([[0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0]])  # R = 4: 1 and 2
-    assert forward.response_columns(attention, 4).item() == 2
-    assert forward.response_columns(attention[:1], 4).item() == 1
-    assert forward.response_columns(torch.zeros(2, 7), 4).item() == 1  # never 0 columns
-    assert forward.response_columns(torch.ones(2, 7), 4).item() == 4
+    assert forward.response_columns([1, 2], 4) == 2
+    assert forward.response_columns([1], 4) == 1
+    assert forward.response_columns([0, 0], 4) == 1  # never 0 columns
+    assert forward.response_columns([4, 4], 4) == 4
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -47,7 +46,7 @@ def test_trimmed_forward_equals_the_full_one_at_the_tokens(shared, fused, monkey
     if fused:
         forward.fuse_head(model)
     ids, attention, mask = _short_batch(tok, 4)
-    columns = int(forward.response_columns(attention, R))
+    columns = forward.response_columns(attention[:, -R:].sum(dim=1).tolist(), R)
     assert columns == 4
     full = _forward_and_grads(model, ids, attention, R, shared=shared, fused=fused, mask=mask)
     lengths = []
@@ -142,7 +141,7 @@ def test_an_update_with_trimmed_micro_batches_equals_one_without(monkeypatch):
     monkeypatch.setattr(forward, "forward_log_probs", spy)
     trimmed, trimmed_metrics = run()
     assert any(c is not None and c < 6 for c in columns)
-    monkeypatch.setattr(forward, "response_columns", lambda attention, R: torch.tensor(R))
+    monkeypatch.setattr(forward, "response_columns", lambda lengths, R: R)
     full, full_metrics = run()
     for a, b in zip(trimmed.parameters(), full.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
@@ -153,26 +152,29 @@ def test_an_update_with_trimmed_micro_batches_equals_one_without(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "loss, scope, made_before, ordered",
+    "loss, scope, ordered",
     [
-        ("ppo", "minibatch", False, True),  # no selection
-        ("clip_cov", "minibatch", True, True),  # selected over the mini-batch beforehand
-        ("clip_cov", "minibatch", False, False),  # one micro-batch selects over itself
-        ("clip_cov", "micro", False, False),  # the reference scope: each micro-batch's own
+        ("ppo", "minibatch", True),  # no selection
+        ("clip_cov", "minibatch", True),  # selected over the mini-batch, beforehand
+        ("clip_cov", "micro", False),  # the reference scope: each micro-batch's own
     ],
 )
-def test_micro_batches_take_rows_of_similar_lengths_where_no_selection_minds(
-    loss, scope, made_before, ordered
-):
-    from entroprl.train.update import loss_setup, micro_batch_rows
+def test_micro_batches_take_rows_of_similar_lengths_where_no_selection_minds(loss, scope, ordered):
+    from entroprl.train.micro_batches import Budget
+    from entroprl.train.update import loss_setup, micro_batch_plan
 
     config = config_from_dict({"algorithm": {"policy_loss": loss, "cov_scope": scope}})
     setup = loss_setup(config, torch.Generator(), 0.0, None)
     batch = _update_batch(_policy()[1])
     batch.attention_mask[[0, 2, 5], -3:] = 0  # three shorter responses
-    rows = micro_batch_rows(
-        batch, setup, whole={"selected": None} if made_before else None, micro_batch_size=3
-    )
-    index = torch.cat(rows).tolist()
-    assert [len(r) for r in rows] == [3, 3, 2]
+    plan = micro_batch_plan(batch, setup, Budget(rows=3))
+    index = torch.cat([part.rows for part in plan]).tolist()
+    assert [len(part.rows) for part in plan] == [3, 3, 2]
     assert index == ([1, 3, 4, 6, 7, 0, 2, 5] if ordered else list(range(8)))
+    R = batch.response_mask.shape[1]
+    for part in plan:
+        assert part.columns == batch.attention_mask[part.rows, -R:].sum(dim=1).max()
+        assert part.tokens == batch.response_mask[part.rows].sum()
+    # one micro-batch keeps the rows' order: a selection over it draws over them in that order
+    (whole,) = micro_batch_plan(batch, setup, Budget(rows=8))
+    assert whole.rows.tolist() == list(range(8))

@@ -90,6 +90,8 @@ FREE_ON_RESUME = frozenset(
         "model.gradient_checkpointing",
         "optim.micro_batch_size",
         "optim.log_prob_micro_batch_size",
+        "optim.micro_batch_tokens",
+        "optim.log_prob_micro_batch_tokens",
         "optim.shared_prefix",
         "rollout.generation_batch_size",
         "rollout.static_cache",
@@ -413,6 +415,16 @@ class OptimConfig:
     """Responses per forward of the no-grad passes (old, reference and selection log-probs,
     verl's log_prob_micro_batch_size); None: micro_batch_size. They keep no activations for a
     backward, so they can take several times more."""
+    micro_batch_tokens: int | None = None
+    """At most this many tokens per forward/backward besides micro_batch_size responses: the
+    micro-batch's responses x (the prompt width + its longest response), right padding not
+    counted (`entroprl.train.micro_batches`). verl's dynamic batch size (use_dynamic_bsz,
+    ppo_max_token_len_per_gpu): short responses share a micro-batch, long ones take few, so set
+    micro_batch_size high and this to what the memory holds. A response longer than it runs
+    alone. null: responses only."""
+    log_prob_micro_batch_tokens: int | None = None
+    """The same for the no-grad passes (verl's log_prob_max_token_len_per_gpu); null:
+    micro_batch_tokens."""
 
     shared_prefix: bool = False
     """Compute each group's prompt once in the training forwards and the no-grad passes, its
@@ -424,6 +436,10 @@ class OptimConfig:
     @property
     def log_prob_rows(self) -> int:
         return self.log_prob_micro_batch_size or self.micro_batch_size
+
+    @property
+    def log_prob_tokens(self) -> int | None:
+        return self.log_prob_micro_batch_tokens or self.micro_batch_tokens
 
     def validate(self) -> None:
         _need(0 < self.lr <= 1, "optim.lr", "must be in (0, 1]")
@@ -445,6 +461,9 @@ class OptimConfig:
             "optim.log_prob_micro_batch_size",
             "must be >= 1 (or null: optim.micro_batch_size)",
         )
+        for key in ("micro_batch_tokens", "log_prob_micro_batch_tokens"):
+            value = getattr(self, key)
+            _need(value is None or value >= 1, f"optim.{key}", "must be >= 1 (or null)")
         _need(
             self.mini_batch_size >= self.micro_batch_size,
             "optim.mini_batch_size",

@@ -119,8 +119,8 @@ class Actor:
     # -- passes without gradient -----------------------------------------------------------------
 
     def log_probs(self, model, batch: RolloutBatch, temperature: float) -> tuple[Tensor, Tensor]:
-        """`model`'s log-probs and entropies of the rollout's responses, `optim.log_prob_rows`
-        rows at a time."""
+        """`model`'s log-probs and entropies of the rollout's responses, in micro-batches of at
+        most `optim.log_prob_rows` rows and `optim.log_prob_tokens` tokens."""
         c = self.config
         return forward.batched_log_probs(
             model,
@@ -129,6 +129,7 @@ class Actor:
             temperature,
             shared_prefix=c.optim.shared_prefix,
             fused_head=c.model.fused_head,
+            micro_batch_tokens=c.optim.log_prob_tokens,
         )
 
     def log_probs_and_entropy(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from torch import Tensor
 from entroprl.algos.entropy import linear_logprobs_and_entropy, logprobs_and_entropy
 from entroprl.errors import ConfigError
 from entroprl.rollout.sampler import cache_keyword, position_ids
+from entroprl.train import micro_batches
 
 
 def forward_log_probs(
@@ -30,7 +31,7 @@ def forward_log_probs(
     `shared_prefix`: `shared_prefix_forward`).
 
     Only the last R + 1 positions' logits are computed (`logits_to_keep`): the prompt's logits are
-    never needed. `columns` (`response_columns`, read by the caller with its other values): only
+    never needed. `columns` (`response_columns` of the rows' lengths, which the caller reads): only
     the first `columns` response columns hold a token in any row, the rest being right padding
     in every row, so only those are computed; the others' log-probs and entropies are 0, and a
     causal model's results at the computed positions do not depend on them. With `fused_head` (a
@@ -64,20 +65,11 @@ def forward_log_probs(
     return logprobs_and_entropy(logits, tokens, temperature=temperature, entropy_grad=entropy_grad)
 
 
-def response_columns(attention_mask: Tensor, response_len: int) -> Tensor:
-    """How many of the last `response_len` columns of `attention_mask` hold a token in some row
-    (at least 1), as a tensor for the caller to read with its other values: responses are
-    right-padded, so the columns after these are padding in every row."""
-    held = attention_mask[:, -response_len:].bool().any(dim=0)
-    position = torch.arange(1, response_len + 1, device=held.device)
-    return (position * held).max().clamp(min=1)
-
-
-def longest_first(attention_mask: Tensor, response_len: int) -> Tensor:
-    """The rows' order by response length, longest first (ties in their order): the responses
-    are right-padded, so a row's response columns of `attention_mask` sum to its length."""
-    lengths = attention_mask[:, -response_len:].sum(dim=1)
-    return torch.argsort(lengths, descending=True, stable=True)
+def response_columns(lengths: list[int], response_len: int) -> int:
+    """How many of the `response_len` response columns a forward over rows of response `lengths`
+    computes: their longest (at least 1). The responses are right-padded, so the columns after it
+    are padding in every row."""
+    return min(max(1, *lengths), response_len)
 
 
 def _inputs(input_ids: Tensor, attention_mask: Tensor) -> dict:
@@ -99,37 +91,39 @@ def batched_log_probs(
     *,
     shared_prefix: bool = False,
     fused_head: bool = False,
+    micro_batch_tokens: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`forward_log_probs` over a whole batch in micro-batches, without gradient, each computed up
-    to its longest response (`response_columns`, read for all in one transfer). Without
-    `shared_prefix` the rows run longest response first, so that each micro-batch holds rows of
-    similar lengths, and their results return in the batch's order; with it they keep their
-    order, in which the rows that share a prompt are together."""
+    """`forward_log_probs` over a whole batch without gradient, in micro-batches of at most
+    `micro_batch_size` rows and `micro_batch_tokens` tokens (`micro_batches.plan`), each computed
+    up to its longest response (the lengths read in one transfer). Without `shared_prefix` the
+    rows run longest response first, so that each micro-batch holds rows of similar lengths; with
+    it they keep their order, in which the rows that share a prompt are together. The results are
+    in the batch's order."""
     R = batch.response_mask.shape[1]
     ids, masks = batch.input_ids, batch.attention_mask
-    order = None
-    if not shared_prefix:
-        order = longest_first(masks, R)
-        ids, masks = ids[order], masks[order]
-    chunks = masks.split(micro_batch_size)
-    columns = torch.stack([response_columns(mask, R) for mask in chunks]).tolist()
-    parts = [
-        forward_log_probs(
-            model,
-            chunk_ids,
-            mask,
-            R,
-            temperature=temperature,
-            shared_prefix=shared_prefix,
-            fused_head=fused_head,
-            columns=kept,
+    lengths = masks[:, -R:].sum(dim=1).tolist()
+    budget = micro_batches.Budget(micro_batch_size, micro_batch_tokens)
+    groups = micro_batches.plan(lengths, ids.shape[1] - R, budget, sort=not shared_prefix)
+    parts = []
+    for group in groups:
+        rows = torch.tensor(group, device=ids.device)
+        parts.append(
+            forward_log_probs(
+                model,
+                ids[rows],
+                masks[rows],
+                R,
+                temperature=temperature,
+                shared_prefix=shared_prefix,
+                fused_head=fused_head,
+                columns=response_columns([lengths[i] for i in group], R),
+            )
         )
-        for chunk_ids, mask, kept in zip(ids.split(micro_batch_size), chunks, columns, strict=True)
-    ]
     log_prob, entropy = (torch.cat([p[i] for p in parts]) for i in (0, 1))
-    if order is None:
+    order = [i for group in groups for i in group]
+    if order == list(range(len(lengths))):
         return log_prob, entropy
-    back = order.argsort()  # the inverse permutation
+    back = torch.tensor(order, device=ids.device).argsort()  # the inverse permutation
     return log_prob[back], entropy[back]
 
 

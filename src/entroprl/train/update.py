@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from entroprl.algos import checks, losses
 from entroprl.config import AlgorithmConfig, Config, OptimConfig
 from entroprl.errors import NonFiniteError
-from entroprl.train import distributed, forward, parallel
+from entroprl.train import distributed, forward, micro_batches, parallel
 from entroprl.train.progress import bars
 
 
@@ -108,27 +108,34 @@ def token_selection(
 
 
 def minibatch_selection(
-    model, mini: UpdateBatch, setup: LossSetup, *, micro_batches: int, moved: bool, rows: int
+    model,
+    mini: UpdateBatch,
+    setup: LossSetup,
+    *,
+    micro_batch_count: int,
+    moved: bool,
+    budget: micro_batches.Budget,
 ) -> dict[str, Any] | None:
-    """The selection over the whole mini-batch, made before its micro-batches (`cov_scope=
-    minibatch`), from the rollout's log-probs while no update has moved the weights (or with
-    `cov_logp=old`), else from a no-grad pass of `rows` rows at a time; None where there is none
-    to make, or where the single micro-batch's training forward gives the log-probs (it selects
-    then, `micro_batch_loss`)."""
+    """The selection over the whole mini-batch, made before its `micro_batch_count` micro-batches
+    (`cov_scope=minibatch`), from the rollout's log-probs while no update has moved the weights
+    (or with `cov_logp=old`), else from a no-grad pass in micro-batches within `budget`; None
+    where there is none to make, or where the single micro-batch's training forward gives the
+    log-probs (it selects then, `micro_batch_loss`)."""
     if setup.spec.select is None or not setup.across_ranks:
         return None
     on_policy = mini.old_log_prob is None
     if not on_policy and (setup.algorithm.cov_logp == "old" or not moved):
         log_prob = mini.old_log_prob  # exact while no update has moved the weights
-    elif micro_batches > 1:
+    elif micro_batch_count > 1:
         # through the module: a test counts every no-grad pass by patching it there
         log_prob, _ = forward.batched_log_probs(
             model,
             mini,
-            rows,
+            budget.rows,
             setup.temperature,
             shared_prefix=setup.shared_prefix,
             fused_head=setup.fused_head,
+            micro_batch_tokens=budget.tokens,
         )
     else:
         return None
@@ -236,21 +243,43 @@ class Accumulated:
     """Whether every micro-batch's loss was finite."""
 
 
-def micro_batch_rows(
-    mini: UpdateBatch, setup: LossSetup, *, whole: dict[str, Any] | None, micro_batch_size: int
-) -> list[Tensor]:
-    """The rows of `mini` that each micro-batch takes: consecutive ones in the shuffled order,
-    or, where no selection depends on which rows share a micro-batch (the loss has none, or it
-    was made over the whole mini-batch beforehand, `whole`), the rows longest response first, so
-    that each micro-batch holds rows of similar lengths and its forward stops at their longest
-    (`forward.response_columns`). Each micro-batch's loss has the mini-batch's denominators, so
-    the gradient is the same sum either way."""
-    count, R = mini.response_mask.shape
-    if setup.spec.select is None or whole is not None:
-        index = forward.longest_first(mini.attention_mask, R)
-    else:
-        index = torch.arange(count, device=mini.response_mask.device)
-    return list(index.split(micro_batch_size))
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of a mini-batch."""
+
+    rows: Tensor
+    """Its rows' positions in the mini-batch."""
+    tokens: float
+    """Its tokens in the loss."""
+    columns: int
+    """The response columns its forward computes (`forward.response_columns`)."""
+
+
+def micro_batch_plan(
+    mini: UpdateBatch, setup: LossSetup, budget: micro_batches.Budget
+) -> list[MicroBatch]:
+    """The micro-batches of `mini` within `budget` (`micro_batches.plan`; the rows' lengths and
+    loss tokens read in one transfer): the rows longest response first where no selection
+    depends on which rows share a micro-batch (the loss has none, or it selects over the whole
+    mini-batch on every rank: beforehand, `minibatch_selection`, where there is more than one
+    micro-batch), so that each holds rows of similar lengths and its forward stops at their
+    longest; else consecutive rows of the shuffled order. Each micro-batch's loss has the
+    mini-batch's denominators, so the gradient is the same sum either way."""
+    R = mini.response_mask.shape[1]
+    per_row = torch.stack([mini.attention_mask[:, -R:].sum(dim=1), mini.response_mask.sum(dim=1)])
+    lengths, in_loss = per_row.double().tolist()
+    lengths = [int(length) for length in lengths]
+    sort = setup.spec.select is None or setup.across_ranks
+    groups = micro_batches.plan(lengths, mini.input_ids.shape[1] - R, budget, sort=sort)
+    device = mini.response_mask.device
+    return [
+        MicroBatch(
+            rows=torch.tensor(group, device=device),
+            tokens=sum(in_loss[i] for i in group),
+            columns=forward.response_columns([lengths[i] for i in group], R),
+        )
+        for group in groups
+    ]
 
 
 def accumulate_gradients(
@@ -260,54 +289,43 @@ def accumulate_gradients(
     *,
     denominators: losses.LossDenominators,
     whole: dict[str, Any] | None,
-    micro_batch_size: int,
+    plan: list[MicroBatch],
     seen: tuple[Tensor, Tensor, Tensor] | None,
 ) -> Accumulated:
-    """Backward of every micro-batch of `mini`, the gradients summed into the parameters: that of
-    the mini-batch in one piece, since each micro-batch's loss uses the mini-batch's
-    denominators. DDP and FSDP average the gradient over ranks, hence the loss is scaled by the
-    world size to make it the global sum. `seen` (log-probs, entropies, the mini-batch's rows in
-    them) records the training forwards."""
+    """Backward of every micro-batch of `mini` (`plan`), the gradients summed into the
+    parameters: that of the mini-batch in one piece, since each micro-batch's loss uses the
+    mini-batch's denominators. DDP and FSDP average the gradient over ranks, hence the loss is
+    scaled by the world size to make it the global sum. `seen` (log-probs, entropies, the
+    mini-batch's rows in them) records the training forwards."""
     world = distributed.world_size()
     summed = setup.spec.summed_metrics | {"kl_loss"}
-    micro_rows = micro_batch_rows(mini, setup, whole=whole, micro_batch_size=micro_batch_size)
-    micro = [mini.rows(rows) for rows in micro_rows]
-    # each micro-batch's loss tokens and response columns (`forward.response_columns`), read in
-    # one transfer
-    R = mini.response_mask.shape[1]
-    sizes = [
-        torch.stack([mb.response_mask.sum(), forward.response_columns(mb.attention_mask, R)])
-        for mb in micro
-    ]
-    counts, columns = zip(*torch.stack(sizes).double().tolist(), strict=True)
     sums: dict[str, float] = defaultdict(float)
     finite: list[Tensor] = []
     # the value checks of every micro-batch, read once at the end of the mini-batch
     with checks.deferred() as deferred:
-        parts = zip(micro_rows, micro, counts, columns, strict=True)
-        for i, (rows, mb, tokens, kept) in enumerate(parts):
+        for i, part in enumerate(plan):
             # DDP all-reduces once per mini-batch; FSDP reduce-scatters every micro-batch (it has
             # no no_sync), which keeps its gradients sharded
-            sync = i == len(micro_rows) - 1 or not hasattr(model, "no_sync")
+            sync = i == len(plan) - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
                 out = micro_batch_loss(
                     model,
-                    mb,
+                    mini.rows(part.rows),
                     setup,
                     denominators=denominators,
                     whole=whole,
-                    rows=rows,
-                    tokens=tokens,
-                    columns=int(kept),
+                    rows=part.rows,
+                    tokens=part.tokens,
+                    columns=part.columns,
                 )
                 if seen is not None:
                     seen_log_prob, seen_entropy, mini_rows = seen
-                    seen_log_prob[mini_rows[rows]] = out.log_prob.detach()
-                    seen_entropy[mini_rows[rows]] = out.entropy.detach()
+                    seen_log_prob[mini_rows[part.rows]] = out.log_prob.detach()
+                    seen_entropy[mini_rows[part.rows]] = out.entropy.detach()
                 finite.append(torch.isfinite(out.loss.detach()))
                 (out.loss * world).backward()
             for key, value in out.metrics.items():
-                sums[key] += value if key in summed else value * tokens
+                sums[key] += value if key in summed else value * part.tokens
     deferred.raise_first()
     return Accumulated(sums=sums, finite=bool(torch.stack(finite).all()))
 
@@ -358,19 +376,20 @@ def minibatch_step(
     )
     if denominators is None:
         return None
-    micro_batches = math.ceil(mini.response_mask.shape[0] / optim.micro_batch_size)
-    whole = minibatch_selection(
-        model, mini, setup, micro_batches=micro_batches, moved=moved, rows=optim.log_prob_rows
+    plan = micro_batch_plan(
+        mini, setup, micro_batches.Budget(optim.micro_batch_size, optim.micro_batch_tokens)
     )
-    optimizer.zero_grad(set_to_none=True)
-    done = accumulate_gradients(
+    whole = minibatch_selection(
         model,
         mini,
         setup,
-        denominators=denominators,
-        whole=whole,
-        micro_batch_size=optim.micro_batch_size,
-        seen=seen,
+        micro_batch_count=len(plan),
+        moved=moved,
+        budget=micro_batches.Budget(optim.log_prob_rows, optim.log_prob_tokens),
+    )
+    optimizer.zero_grad(set_to_none=True)
+    done = accumulate_gradients(
+        model, mini, setup, denominators=denominators, whole=whole, plan=plan, seen=seen
     )
     summed = setup.spec.summed_metrics | {"kl_loss"}
     device = mini.response_mask.device
