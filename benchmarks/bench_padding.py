@@ -27,6 +27,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from entroprl.config import config_from_dict
 from entroprl.demo.models import QWEN25_05B
 from entroprl.train import forward
+from entroprl.train.micro_batches import Budget
 from entroprl.train.update import UpdateBatch, update_policy
 
 
@@ -80,7 +81,7 @@ def main() -> None:
     )
 
     def no_grad():
-        forward.batched_log_probs(model, rows, args.micro_batch, 1.0)
+        forward.batched_log_probs(model, rows, Budget(args.micro_batch), 1.0)
 
     def update():
         trained = copy.deepcopy(model)

@@ -99,8 +99,8 @@ def test_the_no_grad_pass_within_a_token_budget_equals_the_full_forward(shared, 
     monkeypatch.setattr(forward, "forward_log_probs", spy)
     budget = 30  # the prompt is 6 columns wide
     got = forward.batched_log_probs(
-        model, SimpleNamespace(**vars(batch)), 8, 1.0, shared_prefix=shared,
-        micro_batch_tokens=budget,
+        model, SimpleNamespace(**vars(batch)), Budget(rows=8, tokens=budget), 1.0,
+        shared_prefix=shared,
     )  # fmt: skip
     held = mask.bool()
     for have, full in zip(got, want, strict=True):

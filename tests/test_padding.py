@@ -12,6 +12,7 @@ import torch
 
 from entroprl.config import config_from_dict
 from entroprl.train import forward
+from entroprl.train.micro_batches import Budget
 from entroprl.train.update import update_policy
 from tests.test_fused_head import _forward_and_grads, _policy
 from tests.test_shared_prefix import grouped_batch
@@ -87,7 +88,7 @@ def test_the_no_grad_pass_sorts_by_length_and_returns_the_batch_order(shared, mo
         return real(model, ids, attention, R, **kwargs)
 
     monkeypatch.setattr(forward, "forward_log_probs", spy)
-    got = forward.batched_log_probs(model, batch, 2, 1.0, shared_prefix=shared)
+    got = forward.batched_log_probs(model, batch, Budget(rows=2), 1.0, shared_prefix=shared)
     held = mask.bool()
     for have, full in zip(got, want, strict=True):
         torch.testing.assert_close(have[held], full[held].detach(), rtol=0, atol=1e-12)

@@ -469,9 +469,10 @@ def test_no_grad_passes_use_their_own_micro_batch(tiny_policy, tmp_path, monkeyp
     calls = []
     real = forward.batched_log_probs
 
-    def recording(model, batch, micro_batch_size, temperature, **kwargs):
-        calls.append(micro_batch_size)
-        return real(model, batch, micro_batch_size, temperature, **kwargs)
+    def recording(model, batch, budget, temperature, **kwargs):
+        assert budget.tokens is None  # no token budget configured
+        calls.append(budget.rows)
+        return real(model, batch, budget, temperature, **kwargs)
 
     monkeypatch.setattr(forward, "batched_log_probs", recording)
     model, tok = tiny_policy

@@ -43,6 +43,7 @@ from entroprl.tasks.countdown import (
 )
 from entroprl.train import schedule
 from entroprl.train.forward import batched_log_probs
+from entroprl.train.micro_batches import Budget
 from entroprl.train.progress import bars
 
 INFO_FILE = "warmstart.json"
@@ -164,7 +165,7 @@ def evaluate_accuracy(
         )
     was_training = model.training
     model.eval()
-    _, entropy = batched_log_probs(model, batch, batch_size, temperature=1.0)
+    _, entropy = batched_log_probs(model, batch, Budget(batch_size), temperature=1.0)
     mask = batch.response_mask
     entropy = entropy * mask
     per_response = mask.sum(dim=1)

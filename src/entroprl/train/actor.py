@@ -17,7 +17,16 @@ from torch import Tensor
 from entroprl.algos.advantages import lopti_split
 from entroprl.config import Config
 from entroprl.rollout.batch import RolloutBatch
-from entroprl.train import compiled, forward, lora, parallel, precision, schedule, seeds
+from entroprl.train import (
+    compiled,
+    forward,
+    lora,
+    micro_batches,
+    parallel,
+    precision,
+    schedule,
+    seeds,
+)
 from entroprl.train.update import UpdateBatch, update_policy
 
 COUNTS = ("actor/skipped_updates", "actor/empty_minibatches")
@@ -125,11 +134,10 @@ class Actor:
         return forward.batched_log_probs(
             model,
             batch,
-            c.optim.log_prob_rows,
+            micro_batches.Budget(c.optim.log_prob_rows, c.optim.log_prob_tokens),
             temperature,
             shared_prefix=c.optim.shared_prefix,
             fused_head=c.model.fused_head,
-            micro_batch_tokens=c.optim.log_prob_tokens,
         )
 
     def log_probs_and_entropy(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:

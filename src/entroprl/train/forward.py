@@ -86,15 +86,14 @@ def _inputs(input_ids: Tensor, attention_mask: Tensor) -> dict:
 def batched_log_probs(
     model,
     batch,
-    micro_batch_size: int,
+    budget: micro_batches.Budget,
     temperature: float,
     *,
     shared_prefix: bool = False,
     fused_head: bool = False,
-    micro_batch_tokens: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`forward_log_probs` over a whole batch without gradient, in micro-batches of at most
-    `micro_batch_size` rows and `micro_batch_tokens` tokens (`micro_batches.plan`), each computed
+    """`forward_log_probs` over a whole batch without gradient, in micro-batches within `budget`
+    (`micro_batches.plan`), each computed
     up to its longest response (the lengths read in one transfer). Without `shared_prefix` the
     rows run longest response first, so that each micro-batch holds rows of similar lengths; with
     it they keep their order, in which the rows that share a prompt are together. The results are
@@ -102,7 +101,6 @@ def batched_log_probs(
     R = batch.response_mask.shape[1]
     ids, masks = batch.input_ids, batch.attention_mask
     lengths = masks[:, -R:].sum(dim=1).tolist()
-    budget = micro_batches.Budget(micro_batch_size, micro_batch_tokens)
     groups = micro_batches.plan(lengths, ids.shape[1] - R, budget, sort=not shared_prefix)
     parts = []
     for group in groups:

@@ -14,6 +14,7 @@ until they have as many (`same_count`).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -75,5 +76,5 @@ def plan(lengths: list[int], width: int, budget: Budget, *, sort: bool) -> list[
         sizes = same_count(sizes)
     if len(sizes) == 1:
         return [list(range(len(lengths)))]
-    starts = [sum(sizes[:k]) for k in range(len(sizes))]
-    return [order[start : start + size] for start, size in zip(starts, sizes, strict=True)]
+    ends = list(itertools.accumulate(sizes))
+    return [order[end - size : end] for end, size in zip(ends, sizes, strict=True)]

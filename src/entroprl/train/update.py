@@ -131,11 +131,10 @@ def minibatch_selection(
         log_prob, _ = forward.batched_log_probs(
             model,
             mini,
-            budget.rows,
+            budget,
             setup.temperature,
             shared_prefix=setup.shared_prefix,
             fused_head=setup.fused_head,
-            micro_batch_tokens=budget.tokens,
         )
     else:
         return None
