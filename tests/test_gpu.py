@@ -2,10 +2,11 @@
 saying why). `scripts/gpu_check.sh` runs these after its throughput check.
 
 Every registered loss, dynamic-sampling refills, the shared prefix, bfloat16 compute, the fused
-head, compiled layers, resume, FSDP with a sharded checkpoint, and the demo's model, each for a few
-trainer steps on the GPU (and the memory and MFU they log), with a reward that differs within
-groups so that the steps move the weights; the fused head's log-probs and gradients against the
-logits path; and the sampler's CUDA graph drawing the tokens `model.generate` draws."""
+head, compiled layers, resume, FSDP with a sharded checkpoint (and with LoRA), and the demo's
+model, each for a few trainer steps on the GPU (and the memory and MFU they log), with a reward
+that differs within groups so that the steps move the weights; the fused head's log-probs and
+gradients against the logits path; and the sampler's CUDA graph drawing the tokens
+`model.generate` draws."""
 
 from __future__ import annotations
 
@@ -166,26 +167,28 @@ def test_resume_on_the_gpu_continues_the_run(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
-def test_fsdp_with_a_sharded_checkpoint_on_the_gpu(tmp_path, compile_):
+@pytest.mark.parametrize(
+    "model",
+    [{}, {"compile": True}, {"lora_rank": 4}],
+    ids=["eager", "compiled", "lora"],
+)
+def test_fsdp_with_a_sharded_checkpoint_on_the_gpu(tmp_path, model):
     """FSDP over a process group of one (NCCL), saved sharded and resumed; with its sharded
-    layers compiled too."""
+    layers compiled too; and LoRA adapters sharded with their layers, saved whole."""
     from entroprl.train.distributed import init as init_distributed
 
+    if model.get("lora_rank"):
+        pytest.importorskip("peft")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     init_distributed("fsdp")
     fsdp = {"strategy": "fsdp"}
     try:
-        trainer, start = _train(
-            tmp_path, steps=2, model={"compile": compile_}, trainer=fsdp | {"save_every": 1}
-        )
+        trainer, start = _train(tmp_path, steps=2, model=model, trainer=fsdp | {"save_every": 1})
         assert parallel.is_sharded(trainer.actor.model) and _moved(trainer, start)
         layers = parallel.decoder_layers(trainer.actor.model)
         compiled = [layer._compiled_call_impl is not None for layer in layers]
-        assert compiled and all(c == compile_ for c in compiled)
-        resumed, _ = _train(
-            tmp_path, steps=3, resume=True, model={"compile": compile_}, trainer=fsdp
-        )
+        assert compiled and all(c == bool(model.get("compile")) for c in compiled)
+        resumed, _ = _train(tmp_path, steps=3, resume=True, model=model, trainer=fsdp)
         assert resumed.step == 3
     finally:
         torch.distributed.destroy_process_group()

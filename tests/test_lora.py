@@ -4,28 +4,34 @@ as an adapter resumes exactly."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
-from entroprl.errors import ConfigError
-from entroprl.train import lora
+from entroprl.errors import TrainingError
+from entroprl.train import lora, parallel
 from entroprl.train.forward import forward_log_probs
 from entroprl.train.rundir import read_metrics
 from entroprl.train.trainer import Trainer
 from tests.policies import alternating_scores, make_tiny_policy
-from tests.test_trainer import small_config
+from tests.test_trainer import TIMING, small_config
 
 pytest.importorskip("peft")
 
 LORA = {"lora_rank": 4, "lora_alpha": 8.0}
 
 
-def _train(out, steps, resume=False, **sections):
+def _train(out, steps, resume=False, trainer_overrides=None, **sections):
     model, tok = make_tiny_policy()
     config = small_config(
         out,
         model=LORA,
-        trainer={"steps": steps, "save_every": 1, "eval_every": 0, "report_to": []},
+        trainer={"steps": steps, "save_every": 1, "eval_every": 0, "report_to": []}
+        | (trainer_overrides or {}),
         **sections,
     )
     trainer = Trainer(config, model=model, tokenizer=tok)
@@ -77,17 +83,79 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     assert moved and all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_lora_with_fsdp_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"model\.lora_rank.*strategy=ddp"):
-        small_config(tmp_path, model=LORA, trainer={"strategy": "fsdp"})
+def test_resuming_with_other_adapters_names_them(tmp_path):
+    _train(tmp_path / "run", 1)
+    model, tok = make_tiny_policy()
+    config = small_config(
+        tmp_path / "run",
+        model=LORA | {"lora_target_modules": "q_proj,v_proj"},
+        trainer={"steps": 2, "save_every": 1, "eval_every": 0, "report_to": []},
+    )
+    trainer = Trainer(config, model=model, tokenizer=tok)
+    with pytest.raises(TrainingError, match=r"adapters are not this model's.*lora_target_modules"):
+        trainer.train(resume=True, allow_config_change=True)
+
+
+def _sharded_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        kl = {"algorithm": {"kl_coef": 0.1}}
+        _train(f"{out}/ddp", 3, trainer_overrides={"strategy": "ddp"}, **kl)
+        sharded = _train(f"{out}/fsdp", 3, trainer_overrides={"strategy": "fsdp"}, **kl)
+        assert parallel.is_sharded(sharded.actor.model)
+        _train(f"{out}/resumed", 2, trainer_overrides={"strategy": "fsdp"}, **kl)
+        _train(f"{out}/resumed", 3, resume=True, trainer_overrides={"strategy": "fsdp"}, **kl)
+        # what vLLM loads from a sharded LoRA policy: the merge of its whole tensors (every rank
+        # makes the same adapters, as the trainer's seed makes them)
+        torch.manual_seed(0)
+        model = lora.attach(make_tiny_policy(hidden=32, layers=2)[0], 4, 8.0, "all-linear")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(generator=torch.Generator().manual_seed(len(name)))
+        expected = copy.deepcopy(model).merge_and_unload().state_dict()
+        merged = dict(lora.merged_tensors(parallel.shard(model, device=torch.device("cpu"))))
+        if rank == 0:
+            torch.save({"expected": expected, "merged": merged}, f"{out}/merged.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_lora_sharded_over_two_ranks_trains_as_ddp_and_resumes_exactly(tmp_path):
+    """FSDP over two gloo ranks with the adapters sharded in their layers: every logged value of
+    a replicated (DDP) run, the reference's KL (the adapters off) included; its checkpoint holds
+    the adapters alone, and a run resumed from it ends where the straight one does, bit for bit;
+    the merged weights vLLM would load are peft's own merge."""
+    out = str(tmp_path)
+    mp.spawn(_sharded_worker, args=(2, f"{out}/init", out), nprocs=2, join=True)
+    ddp, fsdp, resumed = (
+        read_metrics(tmp_path / run / "metrics.jsonl") for run in ("ddp", "fsdp", "resumed")
+    )
+    assert all(r["actor/grad_norm"] > 0 and r["actor/kl_loss"] > 0 for r in fsdp[2:])
+    for other in (ddp, resumed):
+        for r1, r2 in zip(fsdp, other, strict=True):
+            for key, value in r1.items():
+                if not key.startswith(TIMING) and not key.startswith("perf/"):
+                    assert r2[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (r1["step"], key)
+    straight, again = (
+        tmp_path / run / "checkpoints" / "step_000003" / "model" for run in ("fsdp", "resumed")
+    )
+    a, b = (load_file(p / lora.ADAPTER_WEIGHTS) for p in (straight, again))
+    assert a.keys() == b.keys() and all("lora_" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (straight / "model.safetensors").exists()
+    saved = torch.load(tmp_path / "merged.pt")
+    assert list(saved["merged"]) == list(saved["expected"])
+    for name, value in saved["expected"].items():
+        torch.testing.assert_close(saved["merged"][name], value, rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
 def test_merged_tensors_are_peft_merged_models_and_leave_the_adapters(targets):
     """What the vLLM backend loads: the names and layout of the base model's state dict, the
     values of peft's own merge (`merge_and_unload` on a copy), the policy itself unchanged."""
-    import copy
-
     base, _ = make_tiny_policy(hidden=32, layers=2)
     original = {n: t.clone() for n, t in base.state_dict().items()}
     names = list(original)

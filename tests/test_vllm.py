@@ -202,16 +202,18 @@ def test_entroprl_train_and_eval_with_the_vllm_backend(model_dir, tmp_path):
     # the policy moved, so a stale engine would have shown in the mismatch
     assert max(r["actor/grad_norm"] for r in steps) > 0
 
-    # LoRA: the engine samples from the adapted policy at every step
-    _run(
-        "train", str(config), *VLLM_CPU, "model.lora_rank=4", "trainer.eval_every=0",
-        f"trainer.out_dir={tmp_path / 'lora'}", cwd=tmp_path,
-    )  # fmt: skip
-    adapted = [r for r in read_metrics(tmp_path / "lora" / "metrics.jsonl") if r["step"] > 0]
-    assert [r["step"] for r in adapted] == [1, 2, 3]
-    for r in adapted:
-        assert r["rollout_corr/log_prob_abs_diff_max"] < SYNC_TOLERANCE, r["step"]
-    assert max(r["actor/grad_norm"] for r in adapted) > 0
+    # LoRA: the engine samples from the adapted policy at every step, whole or sharded (FSDP)
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / f"lora-{strategy}"
+        _run(
+            "train", str(config), *VLLM_CPU, "model.lora_rank=4", "trainer.eval_every=0",
+            f"trainer.strategy={strategy}", f"trainer.out_dir={out}", cwd=tmp_path,
+        )  # fmt: skip
+        adapted = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0]
+        assert [r["step"] for r in adapted] == [1, 2, 3]
+        for r in adapted:
+            assert r["rollout_corr/log_prob_abs_diff_max"] < SYNC_TOLERANCE, (strategy, r["step"])
+        assert max(r["actor/grad_norm"] for r in adapted) > 0
 
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000003" / "model"
     out = _run(

@@ -139,8 +139,8 @@ class ModelConfig:
     scaling)."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank instead of the weights (`entroprl.train.lora`, needs
-    `entroprl[lora]`); 0: full training. One process or DDP; the vLLM backend samples from the
-    merged weights."""
+    `entroprl[lora]`); 0: full training. One process, DDP or FSDP (the adapters sharded with
+    their layers); the vLLM backend samples from the merged weights."""
     lora_alpha: float = 16.0
     """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank."""
     lora_target_modules: str = "all-linear"
@@ -641,11 +641,6 @@ class Config:
             d.task not in math_problems.FORMATS or t.eval_every == 0 or d.test_file is not None,
             "data.test_file",
             f"task {_show(d.task)} evaluates on a file: set it, or trainer.eval_every=0",
-        )
-        _need(
-            not m.lora_rank or t.strategy == "ddp",
-            "model.lora_rank",
-            "LoRA trains with trainer.strategy=ddp (FSDP shards whole weights, not adapters)",
         )
 
     def with_default_settings(self) -> Config:

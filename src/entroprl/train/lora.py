@@ -6,7 +6,8 @@ The reference policy of `algorithm.kl_coef` is the same model with its adapters 
 (`reference`), not a second copy. Checkpoints hold the adapter (peft's `adapter_model.safetensors`
 and `adapter_config.json`), which `entroprl eval --model` and Hugging Face load on top of the base
 model. The vLLM backend samples from the adapted policy's merged weights (`merged_tensors`), as
-TRL's GRPO trainer syncs a peft model to vLLM. One process or DDP; not with FSDP.
+TRL's GRPO trainer syncs a peft model to vLLM. One process, DDP or FSDP (`entroprl.train.parallel`
+shards the adapters with their layers; a checkpoint gathers the adapters alone).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from entroprl.errors import ConfigError
+from entroprl.errors import ConfigError, TrainingError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -70,7 +71,14 @@ def merged_tensors(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
             if layer is not None:
                 for adapter in layer.active_adapters:
                     tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
-            yield name.replace(".base_layer.", "."), tensor
+            # sharded (FSDP): the sum is computed on the shards, then gathered whole
+            yield name.replace(".base_layer.", "."), _whole(tensor)
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 @contextlib.contextmanager
@@ -80,9 +88,25 @@ def reference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
 
 
-def load_adapter(model: torch.nn.Module, folder: Path) -> None:
-    """Load the adapter weights of checkpoint folder `folder` (its `model/`) into `model`."""
-    from peft import set_peft_model_state_dict
+def adapter_state(model: torch.nn.Module, folder: Path) -> dict[str, Tensor]:
+    """The adapter weights saved in checkpoint folder `folder` (its `model/`) under `model`'s own
+    parameter names, ready for `set_model_state_dict` (sharded or not). peft saves them without the
+    adapter's name; which saved name is which parameter is read off peft's own renaming
+    (`get_peft_model_state_dict` passes the tensors through). Raises TrainingError when the
+    checkpoint's adapters are not this model's."""
+    from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(folder / ADAPTER_WEIGHTS))
+    params = dict(model.named_parameters())
+    saved = get_peft_model_state_dict(model, state_dict=params)
+    own = {id(p): name for name, p in params.items()}
+    names = {key: own[id(p)] for key, p in saved.items()}
+    stored = load_file(folder / ADAPTER_WEIGHTS)
+    if stored.keys() != names.keys():
+        missing = sorted(names.keys() - stored.keys()) or sorted(stored.keys() - names.keys())
+        raise TrainingError(
+            f"{folder / ADAPTER_WEIGHTS}: its adapters are not this model's "
+            f"({len(missing)} names differ, e.g. {missing[0]}): resume with the same "
+            "model.lora_rank and model.lora_target_modules"
+        )
+    return {names[key]: tensor for key, tensor in stored.items()}

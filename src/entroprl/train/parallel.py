@@ -13,12 +13,18 @@ gradient reduction and AdamW stay in the model's own dtype (mixed precision).
 
 Checkpoints hold full state dicts keyed by parameter name (not by position in the optimizer), so a
 run saved under one strategy or world size resumes under another.
+
+A LoRA policy (a peft model) is sharded the same way, its adapters in their layers' units beside
+the frozen weights (FSDP2 reduce-scatters the gradients of those that have one). Its root unit is
+the peft model's base model: `generate` runs through the base model, not the peft wrapper, and
+FSDP2 needs every forward to enter through the root.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,7 +44,7 @@ from torch.distributed.tensor import DTensor
 from entroprl.algos.checks import check_choice
 from entroprl.config import STRATEGIES
 from entroprl.errors import ConfigError
-from entroprl.train import distributed
+from entroprl.train import distributed, lora
 from entroprl.train.precision import ComputeCopy
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -48,7 +54,14 @@ _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    return isinstance(_root(model), FSDPModule)
+
+
+def _root(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that is, or would be, FSDP's root unit: a peft model's base model (see the
+    module docstring), any other model itself."""
+    model = unwrapped(model)
+    return model.get_base_model() if lora.is_lora(model) else model
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -87,7 +100,7 @@ def shard(
     # a forward. After a no_grad forward (sampling, old log-probs) the next forward with grad
     # would then reuse them without the hook that reduce-scatters their gradient, and they would
     # get none: an explicit True regathers them each forward.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(_root(model), mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     return model
 
 
@@ -119,12 +132,16 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
 
 
-def model_state(model: torch.nn.Module) -> dict[str, Tensor]:
+def model_state(model: torch.nn.Module, *, trainable_only: bool = False) -> dict[str, Tensor]:
     """The full model state dict on rank 0 (CPU tensors); other ranks of a sharded model get {}.
-    Every rank must call it when the model is sharded (it gathers)."""
+    `trainable_only`: the parameters that train (a LoRA policy's adapters), the frozen ones
+    neither gathered nor copied. Every rank must call it when the model is sharded (it gathers)."""
     model = unwrapped(model)
     if is_sharded(model):
-        return get_model_state_dict(model, options=_GATHER)
+        options = replace(_GATHER, ignore_frozen_params=trainable_only)
+        return get_model_state_dict(model, options=options)
+    if trainable_only:
+        return {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
@@ -139,15 +156,17 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 def load_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    model_sd: dict[str, Tensor] | None,
+    model_sd: dict[str, Tensor],
     optimizer_sd: dict[str, Any],
+    *,
+    trainable_only: bool = False,
 ) -> None:
-    """Load full state dicts (as `model_state` and `optimizer_state` give them). A sharded model
-    reads them from rank 0 only (others may pass {}) and keeps its shard on every rank."""
+    """Load full state dicts (as `model_state` and `optimizer_state` give them; with
+    `trainable_only`, `model_sd` holds the trainable parameters alone). A sharded model reads them
+    from rank 0 only (others may pass {}) and keeps its shard on every rank."""
     model = unwrapped(model)
     options = _SCATTER if is_sharded(model) else StateDictOptions(full_state_dict=True)
-    if model_sd is not None:  # None: the weights are loaded already (a LoRA adapter)
-        set_model_state_dict(model, model_sd, options=options)
+    set_model_state_dict(model, model_sd, options=replace(options, strict=not trainable_only))
     set_optimizer_state_dict(model, optimizer, optimizer_sd, options=options)
 
 

@@ -219,7 +219,8 @@ class Trainer:
         (`checkpoint.save_sharded`); every rank takes part. Raises NonFiniteError, writing
         nothing, if the weights or optimizer state hold NaN or inf."""
         c = self.config.trainer
-        if parallel.is_sharded(self.actor.model):
+        adapters = lora.is_lora(self.actor.model)  # small: gathered whole, not sharded
+        if parallel.is_sharded(self.actor.model) and not adapters:
             checkpoint.save_sharded(
                 Path(c.out_dir) / "checkpoints",
                 self.step,
@@ -232,7 +233,7 @@ class Trainer:
             )
             self.saved_step = self.step
             return
-        model_state = parallel.model_state(self.actor.model)
+        model_state = parallel.model_state(self.actor.model, trainable_only=adapters)
         optimizer_state = parallel.optimizer_state(self.actor.model, self.actor.optimizer)
         if self.run is not None:
             checkpoint.save(
@@ -363,19 +364,21 @@ class Trainer:
     def _load_full(self, path: Path) -> None:
         """Load a checkpoint of full state dicts: read by every rank, or by rank 0 alone and
         scattered when the model is sharded."""
-        if lora.is_lora(self.actor.model):
-            lora.load_adapter(self.actor.model, path / "model")
-            optimizer_state = checkpoint.load_optimizer_state(path)
-            parallel.load_state(self.actor.model, self.actor.optimizer, None, optimizer_state)
-            return
+        model = self.actor.model
+        adapters = lora.is_lora(model)  # the checkpoint holds the adapters alone
         model_state, optimizer_state = {}, {}
-        if self.rank == 0 or not parallel.is_sharded(self.actor.model):
-            dtype = getattr(torch, self.config.model.dtype)
-            loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=dtype)
-            model_state = loaded.state_dict()
+        if self.rank == 0 or not parallel.is_sharded(model):
+            if adapters:
+                model_state = lora.adapter_state(model, path / "model")
+            else:
+                dtype = getattr(torch, self.config.model.dtype)
+                loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=dtype)
+                model_state = loaded.state_dict()
+                del loaded
             optimizer_state = checkpoint.load_optimizer_state(path)
-            del loaded
-        parallel.load_state(self.actor.model, self.actor.optimizer, model_state, optimizer_state)
+        parallel.load_state(
+            model, self.actor.optimizer, model_state, optimizer_state, trainable_only=adapters
+        )
 
     def _start_afresh(self, overwrite: bool) -> None:
         """A new run: refuse a directory that holds a run, unless `overwrite`, which deletes it."""
