@@ -5,6 +5,7 @@ as an adapter resumes exactly."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from entroprl.errors import TrainingError
+from entroprl.errors import ConfigError, TrainingError
 from entroprl.train import lora, parallel
 from entroprl.train.forward import forward_log_probs
 from entroprl.train.rundir import read_metrics
@@ -94,6 +95,60 @@ def test_resuming_with_other_adapters_names_them(tmp_path):
     trainer = Trainer(config, model=model, tokenizer=tok)
     with pytest.raises(TrainingError, match=r"adapters are not this model's.*lora_target_modules"):
         trainer.train(resume=True, allow_config_change=True)
+
+
+def test_a_lora_checkpoint_exports_and_evaluates_as_its_merged_model(tmp_path):
+    """`entroprl export` of a LoRA run writes the base model with the adapters merged in: a plain
+    Hugging Face model whose logits are the trained adapted policy's; `entroprl eval --model`
+    takes the checkpoint's adapter folder itself, with the same results as the exported model."""
+    from transformers import AutoModelForCausalLM
+
+    from entroprl import cli
+    from entroprl.demo.models import save_model
+
+    model, tok = make_tiny_policy()
+    save_model(model, tok, tmp_path / "base")
+    config = small_config(
+        tmp_path / "run",
+        model=LORA,
+        trainer={"steps": 2, "save_every": 2, "eval_every": 0, "report_to": []},
+    )
+    trainer = Trainer(
+        config, model=AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer=tok
+    )
+    trainer.score = alternating_scores
+    trainer.train()
+    cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name in merged.state_dict())
+    ids = torch.randint(3, 20, (3, 12))
+    with torch.no_grad():
+        policy = trainer.actor.forward_model.eval()
+        torch.testing.assert_close(merged(ids).logits, policy(ids).logits, rtol=0, atol=1e-5)
+        untrained = AutoModelForCausalLM.from_pretrained(tmp_path / "base")(ids).logits
+    assert not torch.allclose(merged(ids).logits, untrained, atol=1e-4)  # the adapters moved
+    adapters = tmp_path / "run" / "checkpoints" / "step_000002" / "model"
+    parser = cli.build_parser()
+    common = ["--task", "countdown", "--limit", "3", "--samples", "2", "data.test_size=3"]
+    reports = [
+        cli.cmd_eval(parser.parse_args(["eval", "--model", str(folder), *common]))
+        for folder in (adapters, tmp_path / "merged")
+    ]
+    assert reports[0]["benchmarks"] == reports[1]["benchmarks"]
+
+
+def test_adapters_without_their_base_model_say_so(tmp_path):
+    from entroprl.train import policy
+
+    (tmp_path / "adapters").mkdir()
+    config = {"base_model_name_or_path": str(tmp_path / "gone"), "peft_type": "LORA"}
+    (tmp_path / "adapters" / policy.ADAPTER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"base model .*base_model_name_or_path.*gone"):
+        policy.load_pretrained(tmp_path / "adapters")
+    config["base_model_name_or_path"] = None
+    (tmp_path / "adapters" / policy.ADAPTER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"names no base model"):
+        policy.load_pretrained(tmp_path / "adapters")
 
 
 def _sharded_worker(rank, world, init_file, out):

@@ -163,8 +163,9 @@ VLLM_CPU = [
 def test_entroprl_train_and_eval_with_the_vllm_backend(model_dir, tmp_path):
     """`entroprl train` with rollout.backend=vllm and truncated IS: every step's rollout was
     sampled from the current policy (mismatch within the sync tolerance), evaluation runs on the
-    engine; the same with LoRA adapters; then `entroprl eval --backend vllm` on the checkpoint
-    the full run saved."""
+    engine; the same with LoRA adapters, whole and sharded, and the engine evaluating the
+    adapters' checkpoint; then `entroprl eval --backend vllm` on the checkpoint the full run
+    saved."""
     config = tmp_path / "run.yaml"
     config.write_text(
         json.dumps(
@@ -214,6 +215,13 @@ def test_entroprl_train_and_eval_with_the_vllm_backend(model_dir, tmp_path):
         for r in adapted:
             assert r["rollout_corr/log_prob_abs_diff_max"] < SYNC_TOLERANCE, (strategy, r["step"])
         assert max(r["actor/grad_norm"] for r in adapted) > 0
+    # the engine evaluates a LoRA checkpoint (its adapters merged into the base model)
+    adapters = tmp_path / "lora-fsdp" / "checkpoints" / "step_000003" / "model"
+    out = _run(
+        "eval", "--model", str(adapters), "--backend", "vllm", "--task", "countdown",
+        "--limit", "4", "--samples", "2", "data.test_size=4", *VLLM_CPU[1:], cwd=tmp_path,
+    )  # fmt: skip
+    assert "| countdown | 4 |" in out
 
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000003" / "model"
     out = _run(

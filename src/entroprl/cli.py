@@ -22,8 +22,10 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, NoReturn
@@ -153,22 +155,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     dtype and device, ``rollout.backend`` (hf or vllm), ``rollout.max_new_tokens``,
     ``rollout.top_p``, ``trainer.seed`` and the prompt rendering of ``data``.
     """
-    from transformers import AutoTokenizer
-
     from entroprl.config import load_config
-    from entroprl.rollout.backend import make_backend
-    from entroprl.tasks import math_problems
-    from entroprl.tasks.base import Task
-    from entroprl.tasks.evaluation import (
-        Benchmark,
-        Protocol,
-        format_table,
-        load_benchmark,
-        run_benchmarks,
-        write_report,
-    )
-    from entroprl.tasks.registry import build_task
-    from entroprl.train.policy import load_policy, model_dir, pick_device
+    from entroprl.tasks.evaluation import format_table, write_report
 
     overrides = [
         *([f"model.path={args.model}"] if args.model else []),
@@ -177,14 +165,51 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         *args.overrides,
     ]
     config = load_config(args.config, overrides)
-    if config.rollout.backend == "vllm":
-        if config.model.path is None:
-            raise ConfigError("model.path: rollout.backend=vllm needs a checkpoint directory")
-        model = None
-        tokenizer = AutoTokenizer.from_pretrained(model_dir(config.model.path))
-    else:
-        model, tokenizer = load_policy(config)
-        model = model.to(pick_device(config.trainer.device)).eval()
+    with contextlib.ExitStack() as stack:
+        report, records = _evaluate(args, *_eval_policy(config, stack))
+    report["model"] = config.model.path
+    print(format_table(report))
+    if args.out:
+        print(f"results written to {write_report(report, records, args.out)}")
+    return report
+
+
+def _eval_policy(config, stack: contextlib.ExitStack) -> tuple[Any, Any, Any]:
+    """(config, model, tokenizer) that `entroprl eval` samples with: the policy on its device, or
+    for the vLLM engine, which loads `model.path` itself, no model. LoRA adapters are merged into
+    their base model; for the engine into a temporary folder (removed when `stack` closes) that
+    the returned config's `model.path` names."""
+    from dataclasses import replace
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from entroprl.train import policy
+
+    if config.rollout.backend != "vllm":
+        model, tokenizer = policy.load_policy(config)
+        return config, model.to(policy.pick_device(config.trainer.device)).eval(), tokenizer
+    if config.model.path is None:
+        raise ConfigError("model.path: rollout.backend=vllm needs a checkpoint directory")
+    path = policy.model_dir(config.model.path)
+    if not policy.is_adapter(path):
+        return config, None, AutoTokenizer.from_pretrained(path)
+    merged = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="entroprl-merged-")))
+    model, tokenizer = policy.load_pretrained(path, getattr(torch, config.model.dtype))
+    model.save_pretrained(merged, safe_serialization=True)
+    tokenizer.save_pretrained(merged)
+    return replace(config, model=replace(config.model, path=str(merged))), None, tokenizer
+
+
+def _evaluate(args: argparse.Namespace, config, model, tokenizer) -> tuple[dict, dict]:
+    """The report and per-sample records of `entroprl eval`'s benchmarks (`--bench`, and the
+    task's held-out set with `--task` or without `--bench`)."""
+    from entroprl.rollout.backend import make_backend
+    from entroprl.tasks import math_problems
+    from entroprl.tasks.base import Task
+    from entroprl.tasks.evaluation import Benchmark, Protocol, load_benchmark, run_benchmarks
+    from entroprl.tasks.registry import build_task
+
     d = config.data
     benchmarks = [load_benchmark(spec, d, tokenizer, limit=args.limit) for spec in args.bench]
     if args.task or not args.bench:
@@ -207,13 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         prompts_per_call=config.rollout.generation_batch_size,
         seed=config.trainer.seed,
     )
-    backend = make_backend(config, model, tokenizer)
-    report, records = run_benchmarks(backend, benchmarks, protocol)
-    report["model"] = config.model.path
-    print(format_table(report))
-    if args.out:
-        print(f"results written to {write_report(report, records, args.out)}")
-    return report
+    return run_benchmarks(make_backend(config, model, tokenizer), benchmarks, protocol)
 
 
 def _law_criteria(args: argparse.Namespace):
@@ -257,7 +276,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from entroprl.train import checkpoint
+    from entroprl.train import checkpoint, policy
 
     source, out = Path(args.checkpoint), Path(args.out)
     if out.exists():
@@ -272,7 +291,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         checkpoint.export_hf(source, out)
     except checkpoint.DamagedCheckpoint as e:
         raise InputError(f"{source}: {e}") from None
-    print(f"exported {source} to {out} (Hugging Face format)")
+    merged = " with its LoRA adapters merged in" if policy.is_adapter(source / "model") else ""
+    print(f"exported {source} to {out} (Hugging Face format{merged})")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -219,10 +219,19 @@ def read_sharded(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def export_hf(path: Path, out: Path) -> Path:
     """A Hugging Face model folder at `out` (weights and tokenizer) from checkpoint `path`,
-    verified first; in one process, with no process group, for a sharded checkpoint too."""
+    verified first; in one process, with no process group, for a sharded checkpoint too. A LoRA
+    run's checkpoint gives its base model with the adapters merged in (`policy.load_pretrained`;
+    the adapters alone are the checkpoint's `model/`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from entroprl.train import policy
+
     state = verify(path)
+    if policy.is_adapter(path / "model"):
+        model, tokenizer = policy.load_pretrained(path / "model")
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return out
     if not is_sharded(state):
         shutil.copytree(path / "model", out)
         return out

@@ -1,8 +1,14 @@
 """The policy a run trains or evaluates: its checkpoint (a folder or a Hugging Face hub id, or the
-demo's warm start), its device."""
+demo's warm start), its device.
+
+A folder of LoRA adapters (peft's `adapter_config.json` and weights, as a LoRA run's checkpoint
+holds them) is a checkpoint too: its base model (`base_model_name_or_path`, a folder or a hub id)
+with the adapters merged into its weights (peft's `merge_and_unload`), a plain model that runs as
+fast as the base and that vLLM and `save_pretrained` take as it is."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -30,12 +36,53 @@ def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
         path = warm_start(WarmStartConfig(), default_cache_dir())
     else:
         path = model_dir(config.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model, tokenizer = load_pretrained(path, dtype)
     if config.model.gradient_checkpointing:
         # non-reentrant: the reentrant form breaks FSDP's per-layer parameter gathering
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(path: Path) -> bool:
+    """Whether folder `path` holds LoRA adapters rather than a whole model."""
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def load_pretrained(path: Path, dtype: torch.dtype | str = "auto") -> tuple[PreTrainedModel, Any]:
+    """The model and tokenizer of local folder `path`: a Hugging Face model, or LoRA adapters
+    merged into their base model (the module docstring), whose tokenizer is the adapters' folder's
+    where it has one (a LoRA run saves it there), else the base model's."""
+    if not is_adapter(path):
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype
+        ), AutoTokenizer.from_pretrained(path)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError(
+            f"model.path={path}: LoRA adapters; loading them needs peft: "
+            "pip install 'entroprl[lora]'"
+        ) from None
+    base_name = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise ConfigError(
+            f"model.path={path}: LoRA adapters whose {ADAPTER_CONFIG} names no base model "
+            "(base_model_name_or_path)"
+        )
+    try:
+        base_path = model_dir(base_name)
+    except ConfigError as e:
+        raise ConfigError(
+            f"model.path={path}: LoRA adapters whose base model ({ADAPTER_CONFIG}'s "
+            f"base_model_name_or_path) cannot be loaded: {e}"
+        ) from None
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    model = PeftModel.from_pretrained(base, path).merge_and_unload()
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    return model, AutoTokenizer.from_pretrained(path if has_tokenizer else base_path)
 
 
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -49,9 +96,10 @@ def model_dir(name: str) -> Path:
     through huggingface_hub's cache (downloaded when missing, unless HF_HUB_OFFLINE=1)."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not is_adapter(path):
             raise ConfigError(
-                f"model.path={name}: not a Hugging Face model directory (no config.json)"
+                f"model.path={name}: not a Hugging Face model directory (no config.json) nor "
+                f"LoRA adapters (no {ADAPTER_CONFIG})"
             )
         return path
     if not HUB_ID.fullmatch(name):
