@@ -161,6 +161,8 @@ def _sharded_worker(rank, world, init_file, out):
         assert parallel.is_sharded(sharded.actor.model)
         _train(f"{out}/resumed", 2, trainer_overrides={"strategy": "fsdp"}, **kl)
         _train(f"{out}/resumed", 3, resume=True, trainer_overrides={"strategy": "fsdp"}, **kl)
+        # the replicated run's checkpoint resumes sharded
+        _train(f"{out}/ddp", 4, resume=True, trainer_overrides={"strategy": "fsdp"}, **kl)
         # what vLLM loads from a sharded LoRA policy: the merge of its whole tensors (every rank
         # makes the same adapters, as the trainer's seed makes them)
         torch.manual_seed(0)
@@ -182,6 +184,7 @@ def test_lora_sharded_over_two_ranks_trains_as_ddp_and_resumes_exactly(tmp_path)
     """FSDP over two gloo ranks with the adapters sharded in their layers: every logged value of
     a replicated (DDP) run, the reference's KL (the adapters off) included; its checkpoint holds
     the adapters alone, and a run resumed from it ends where the straight one does, bit for bit;
+    the DDP run's checkpoint resumes sharded;
     the merged weights vLLM would load are peft's own merge."""
     out = str(tmp_path)
     mp.spawn(_sharded_worker, args=(2, f"{out}/init", out), nprocs=2, join=True)
@@ -189,7 +192,8 @@ def test_lora_sharded_over_two_ranks_trains_as_ddp_and_resumes_exactly(tmp_path)
         read_metrics(tmp_path / run / "metrics.jsonl") for run in ("ddp", "fsdp", "resumed")
     )
     assert all(r["actor/grad_norm"] > 0 and r["actor/kl_loss"] > 0 for r in fsdp[2:])
-    for other in (ddp, resumed):
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
+    for other in (ddp[:3], resumed):
         for r1, r2 in zip(fsdp, other, strict=True):
             for key, value in r1.items():
                 if not key.startswith(TIMING) and not key.startswith("perf/"):

@@ -11,8 +11,9 @@ gradients are reduce-scattered (averaged over ranks, as DDP does). With a `compu
 gathered parameters and activations are in that dtype while the sharded master weights, the
 gradient reduction and AdamW stay in the model's own dtype (mixed precision).
 
-Checkpoints hold full state dicts keyed by parameter name (not by position in the optimizer), so a
-run saved under one strategy or world size resumes under another.
+The state functions here give and take full state dicts keyed by parameter name (not by position
+in the optimizer), so a checkpoint written whole under one strategy or world size loads under
+another; a sharded model's checkpoints are written sharded (`checkpoint.save_sharded`).
 
 A LoRA policy (a peft model) is sharded the same way, its adapters in their layers' units beside
 the frozen weights (FSDP2 reduce-scatters the gradients of those that have one). Its root unit is
