@@ -18,7 +18,7 @@ from entroprl.train import lora, parallel
 from entroprl.train.forward import forward_log_probs
 from entroprl.train.rundir import read_metrics
 from entroprl.train.trainer import Trainer
-from tests.policies import alternating_scores, make_tiny_policy
+from tests.policies import alternating_scores, make_tiny_policy, needs_native_bfloat16
 from tests.test_trainer import TIMING, small_config
 
 pytest.importorskip("peft")
@@ -82,6 +82,25 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     a, b = (dict(t.actor.model.named_parameters()) for t in (straight, resumed))
     moved = [n for n in a if "lora_" in n]
     assert moved and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@needs_native_bfloat16
+def test_bfloat16_weights_train_float32_adapters(tmp_path):
+    """model.dtype=bfloat16 with LoRA: the frozen weights held in bfloat16, the adapters that
+    train in float32 (peft's autocast), as TRL's peft runs load them."""
+    model, tok = make_tiny_policy()
+    config = small_config(
+        tmp_path / "run",
+        model=LORA | {"dtype": "bfloat16"},
+        trainer={"steps": 2, "eval_every": 0, "report_to": []},
+    )
+    trainer = Trainer(config, model=model.to(torch.bfloat16), tokenizer=tok)
+    trainer.score = alternating_scores
+    trainer.train()
+    params = dict(trainer.actor.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
+    assert any(p.abs().sum() > 0 for n, p in params.items() if "lora_B" in n)
 
 
 def test_resuming_with_other_adapters_names_them(tmp_path):
