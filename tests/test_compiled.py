@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch._dynamo.utils import counters
 
-from entroprl.train import checkpoint, parallel
+from entroprl.train import checkpoint, distributed, parallel
 from entroprl.train.trainer import Trainer
 from tests.policies import alternating_scores, make_tiny_policy
 from tests.test_fused_head import run_benchmark
@@ -115,8 +115,9 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         for key, value in w_eager.items():
             torch.testing.assert_close(w_compiled[key], value, atol=1e-5, rtol=1e-4, msg=key)
         _assert_same_metrics(compiled, eager)
+        distributed.shutdown()  # every rank at once: see distributed.shutdown
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait_for_all=False)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from entroprl.algos import losses
 from entroprl.algos.advantages import compute_advantages
 from entroprl.config import config_from_dict
 from entroprl.demo.models import save_model
-from entroprl.train import checkpoint, parallel, perf
+from entroprl.train import checkpoint, distributed, parallel, perf
 from entroprl.train.forward import forward_log_probs, fuse_head
 from entroprl.train.precision import native_bfloat16
 from entroprl.train.rundir import read_metrics
@@ -216,8 +216,9 @@ def _worker(rank, world, init_file, out_dir):
                 save_file(params, f"{out_dir}/budget-{strategy}.safetensors")
         counts = perf.TokenCounts.over_ranks(torch.tensor(rank + 1), *_count_inputs(rows))
         torch.save(counts, f"{out_dir}/counts-{rank}.pt")
+        distributed.shutdown()  # every rank at once: see distributed.shutdown
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait_for_all=False)
 
 
 def _count_inputs(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -320,8 +321,9 @@ def _trainer_worker(rank, world, init_file, out):
             if rank == 0:
                 dtypes = {p.dtype for p in mixed.actor.model.parameters()}
                 assert dtypes == {torch.float32}, f"master weights must stay float32: {dtypes}"
+        distributed.shutdown()  # every rank at once: see distributed.shutdown
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait_for_all=False)
 
 
 def _comparable(record):

@@ -19,6 +19,7 @@ from entroprl.algos.dynamics import (
     response_mean_logp,
     token_covariance,
 )
+from entroprl.train import distributed
 
 
 def softmax_np(z: np.ndarray) -> np.ndarray:
@@ -337,8 +338,9 @@ def _across_ranks_worker(rank, init_file, logp, adv, mask, expected_cov, expecte
         torch.testing.assert_close(cov, expected_cov[rows], rtol=1e-12, atol=1e-12)
         summary = covariance_summary(cov, mask[rows], fractions=(0.2, 0.5))
         assert summary == pytest.approx(expected_summary, rel=1e-12)
+        distributed.shutdown()  # every rank at once: see distributed.shutdown
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait_for_all=False)
 
 
 @pytest.mark.distributed

@@ -17,6 +17,7 @@ from entroprl.algos.entropy import (
     linear_logprobs_and_entropy,
     logprobs_and_entropy,
 )
+from entroprl.train import distributed
 
 
 def numpy_reference(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
@@ -307,8 +308,9 @@ def _batch_entropy_worker(rank, init_file, h, mask, expected):
     try:
         rows = slice(0, 1) if rank == 0 else slice(1, None)
         assert batch_entropy(h[rows], mask[rows]) == pytest.approx(expected, rel=1e-12)
+        distributed.shutdown()  # every rank at once: see distributed.shutdown
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait_for_all=False)
 
 
 @pytest.mark.distributed

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from entroprl.errors import ConfigError, TrainingError
-from entroprl.train import lora, parallel
+from entroprl.train import distributed, lora, parallel
 from entroprl.train.forward import forward_log_probs
 from entroprl.train.rundir import read_metrics
 from entroprl.train.trainer import Trainer
@@ -194,8 +194,9 @@ def _sharded_worker(rank, world, init_file, out):
         merged = dict(lora.merged_tensors(parallel.shard(model, device=torch.device("cpu"))))
         if rank == 0:
             torch.save({"expected": expected, "merged": merged}, f"{out}/merged.pt")
+        distributed.shutdown()  # every rank at once: see distributed.shutdown
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait_for_all=False)
 
 
 @pytest.mark.distributed

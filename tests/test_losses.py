@@ -39,6 +39,7 @@ from entroprl.algos.losses import (
     ppo_loss,
     register_policy_loss,
 )
+from entroprl.train import distributed
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 LOSSES = ["ppo", "clip_cov", "kl_cov", "ce_gppo", "entropic"]
@@ -850,8 +851,9 @@ def _across_ranks_worker(rank, init_file, batch, expected):
         for key, value in got.items():
             assert torch.equal(value, expected[key][rows]), key
         assert loss_denominators(mask) == expected["den"]
+        distributed.shutdown()  # every rank at once: see distributed.shutdown
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait_for_all=False)
 
 
 @pytest.mark.distributed

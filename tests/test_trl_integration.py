@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.trl
@@ -29,6 +28,7 @@ from entroprl.integrations.trl import (  # noqa: E402
     loss_mask,
     token_advantages,
 )
+from entroprl.train import distributed  # noqa: E402
 from tests.policies import make_tiny_policy  # noqa: E402
 
 PROMPTS = ["1+2=", "3*4=", "5-1=", "7+7=", "2*2=", "9-3=", "8+1=", "6*0="]
@@ -308,7 +308,7 @@ def _rank_selection(rank, world, port, out_dir):
         selected.append(trainer._step_selection(trainer.model))
         out[loss_type] = {"parts": parts, "selected": selected}
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    distributed.shutdown()  # every rank at once: see distributed.shutdown
 
 
 @pytest.mark.distributed

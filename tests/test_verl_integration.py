@@ -23,6 +23,7 @@ from verl.workers.config import FSDPActorConfig, PolicyLossConfig  # noqa: E402
 
 from entroprl.algos import dynamics, losses  # noqa: E402
 from entroprl.integrations import verl as ours  # noqa: E402
+from entroprl.train import distributed  # noqa: E402
 
 MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum")
 MODES += ("seq-mean-token-sum-norm",)
@@ -232,8 +233,9 @@ def _rank(rank, world, init_file, out_dir, rows_per_rank):
             )
             out[name] = {"loss": loss, "grad": grad, "cov_all": metrics["actor/cov/all"]}
         torch.save(out, f"{out_dir}/rank{rank}.pt")
+        distributed.shutdown()  # every rank at once: see distributed.shutdown
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait_for_all=False)
 
 
 @pytest.mark.distributed

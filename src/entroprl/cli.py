@@ -75,14 +75,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             allow_config_change=args.allow_config_change,
         )
-    finally:
-        # A gloo group still alive at interpreter exit is torn down by C++ static destructors,
-        # which can abort a rank whose work is done (seen once under torchrun in CI: SIGABRT,
-        # "terminate called without an active exception").
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.shutdown()
+    finally:  # after an error no barrier: another rank may never reach it
+        distributed.shutdown(wait_for_all=False)
     print(f"run directory: {out}")
 
 
