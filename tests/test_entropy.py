@@ -435,6 +435,15 @@ def test_linear_saves_nothing_of_the_vocabulary_size():
     assert sum(saved_bytes) <= 32 * 8 * 4 + 32 * 8 + 32 * 4
 
 
+def test_linear_returns_tensors_that_are_not_views():
+    """What the fused head's model forward returns: a view there makes FSDP2 warn that in-place
+    ops on it would skip its backward hook, on every sharded forward."""
+    hidden, weight, bias, tokens = linear_batch(b=2, t=5, h=8, v=50, dtype=torch.float32)
+    logp, entropy = linear_logprobs_and_entropy(hidden, weight.requires_grad_(), tokens)
+    assert logp.shape == entropy.shape == tokens.shape
+    assert not logp._is_view() and not entropy._is_view()
+
+
 @pytest.mark.parametrize(
     ("shapes", "kwargs", "match"),
     [

@@ -239,13 +239,16 @@ class _LinearLogpEntropy(torch.autograd.Function):
     No (N, V) tensor outlives its chunk, in either direction."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_rows, entropy_grad):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_rows, entropy_grad, shape):
+        # made in their final `shape` and filled through flat views: returned as views, they
+        # would trip FSDP2's warning about a root module's outputs that are views
         dtype = compute_dtype(hidden, weight)
-        logp = hidden.new_empty(tokens.shape, dtype=dtype)
+        logp = hidden.new_empty(shape, dtype=dtype)
         entropy = torch.empty_like(logp)
+        flat_logp, flat_entropy = logp.view(-1), entropy.view(-1)
         for rows in row_slices(tokens.shape[0], chunk_rows):
             log_q = _scaled_log_softmax(F.linear(hidden[rows], weight, bias), dtype, temperature)
-            logp[rows], entropy[rows] = _logp_entropy(log_q, tokens[rows])
+            flat_logp[rows], flat_entropy[rows] = _logp_entropy(log_q, tokens[rows])
             del log_q
         _keep(ctx, (hidden, weight, bias, tokens), entropy, temperature, chunk_rows, entropy_grad)
         return logp, entropy
@@ -254,6 +257,9 @@ class _LinearLogpEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logp: Tensor, grad_entropy: Tensor):
         hidden, weight, bias, tokens, entropy = ctx.saved_tensors
+        entropy, grad_logp, grad_entropy = (
+            t.reshape(-1) for t in (entropy, grad_logp, grad_entropy)
+        )
         dtype, temperature = entropy.dtype, ctx.temperature
         g_logp, g_ent = _upstream(grad_logp, grad_entropy, dtype, temperature)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -279,7 +285,7 @@ class _LinearLogpEntropy(torch.autograd.Function):
             del gz
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def linear_logprobs_and_entropy(
@@ -331,8 +337,9 @@ def linear_logprobs_and_entropy(
         float(temperature),
         chunk_rows,
         entropy_grad,
+        tokens.shape,
     )
-    return _checked(logp.view(tokens.shape), entropy.view(tokens.shape))
+    return _checked(logp, entropy)
 
 
 def _check_tokens(tokens: Tensor, vocab: int, temperature: float) -> None:
