@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -65,13 +66,16 @@ def shutdown(*, wait_for_all: bool = True) -> None:
     its last collective can reach interpreter shutdown first; the thread then cannot take the GIL
     and the rank aborts after its work is done (SIGABRT, "terminate called without an active
     exception": seen in the 2-rank tests and once under torchrun). With `wait_for_all`, a barrier
-    first (every rank must call it): waiting releases the GIL for those threads. The group is then
-    destroyed, and the collection frees the FSDP modules that hold it in reference cycles, so its
-    threads are joined while Python still runs."""
+    first (every rank must call it): waiting releases the GIL for those threads. Without (after an
+    error, when another rank may never reach a barrier), a short sleep releases it. The group is
+    then destroyed, and the collection frees the FSDP modules that hold it in reference cycles, so
+    its threads are joined while Python still runs."""
     if not dist.is_initialized():
         return
     if wait_for_all:
         dist.barrier()
+    else:
+        time.sleep(0.05)
     dist.destroy_process_group()
     gc.collect()
 
