@@ -439,7 +439,7 @@ def test_linear_returns_tensors_that_are_not_views():
     """What the fused head's model forward returns: a view there makes FSDP2 warn that in-place
     ops on it would skip its backward hook, on every sharded forward."""
     hidden, weight, bias, tokens = linear_batch(b=2, t=5, h=8, v=50, dtype=torch.float32)
-    logp, entropy = linear_logprobs_and_entropy(hidden, weight.requires_grad_(), tokens)
+    logp, entropy = linear_logprobs_and_entropy(hidden, weight.requires_grad_(), tokens, bias=bias)
     assert logp.shape == entropy.shape == tokens.shape
     assert not logp._is_view() and not entropy._is_view()
 
