@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from entroprl.demo.models import save_model
@@ -60,3 +61,26 @@ def test_an_id_missing_from_the_offline_cache_is_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "model.path=entroprl-tests/absent" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_a_hub_id_of_lora_adapters_evaluates_on_its_hub_base_model(tmp_path):
+    """An adapter repository (peft's files, no config.json) whose base model is a hub id too:
+    both resolved through the cache, the adapters merged into the base."""
+    pytest.importorskip("peft")
+    from entroprl.train import lora
+
+    cache = tmp_path / "hub"
+    hub_cache(cache)
+    model, tok = make_tiny_policy()
+    adapted = lora.attach(model, rank=4, alpha=8.0, targets="all-linear")
+    adapted.peft_config["default"].base_model_name_or_path = REPO
+    repo = cache / "models--entroprl-tests--tiny-lora"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    adapted.save_pretrained(repo / "snapshots" / commit)
+    tok.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    args = ["eval", "--model", "entroprl-tests/tiny-lora", "--task", "countdown", "--limit", "2"]
+    done = _run([*args, "data.test_size=2", "rollout.max_new_tokens=4"], cache, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| countdown | 2 |" in done.stdout

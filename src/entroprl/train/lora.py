@@ -103,10 +103,10 @@ def adapter_state(model: torch.nn.Module, folder: Path) -> dict[str, Tensor]:
     names = {key: own[id(p)] for key, p in saved.items()}
     stored = load_file(folder / ADAPTER_WEIGHTS)
     if stored.keys() != names.keys():
-        missing = sorted(names.keys() - stored.keys()) or sorted(stored.keys() - names.keys())
+        differing = sorted(names.keys() ^ stored.keys())
         raise TrainingError(
             f"{folder / ADAPTER_WEIGHTS}: its adapters are not this model's "
-            f"({len(missing)} names differ, e.g. {missing[0]}): resume with the same "
+            f"({len(differing)} names differ, e.g. {differing[0]}): resume with the same "
             "model.lora_rank and model.lora_target_modules"
         )
     return {names[key]: tensor for key, tensor in stored.items()}

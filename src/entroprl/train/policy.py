@@ -56,9 +56,8 @@ def load_pretrained(path: Path, dtype: torch.dtype | str = "auto") -> tuple[PreT
     merged into their base model (the module docstring), whose tokenizer is the adapters' folder's
     where it has one (a LoRA run saves it there), else the base model's."""
     if not is_adapter(path):
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype
-        ), AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(path)
     try:
         from peft import PeftModel
     except ImportError:
@@ -114,8 +113,10 @@ def model_dir(name: str) -> Path:
             f"model.path={name}: no such directory, and the Hugging Face hub id could not be "
             f"resolved{offline if constants.HF_HUB_OFFLINE else ''}: {type(e).__name__}: {e}"
         ) from None
-    if not (local / "config.json").is_file():
-        raise ConfigError(f"model.path={name}: the hub repository has no config.json")
+    if not (local / "config.json").is_file() and not is_adapter(local):
+        raise ConfigError(
+            f"model.path={name}: the hub repository has no config.json (nor {ADAPTER_CONFIG})"
+        )
     return local
 
 
