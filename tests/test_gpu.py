@@ -49,6 +49,7 @@ def _train(tmp_path, steps=2, resume=False, **sections):
     sections["trainer"] = {"device": "cuda", "steps": steps, "eval_every": 0} | sections["trainer"]
     config = small_config(tmp_path / "run", **sections)
     model, tok = make_tiny_policy()
+    model = model.to(getattr(torch, config.model.dtype))  # as load_policy loads it
     trainer = Trainer(config, task=_task(), model=model, tokenizer=tok)
     start = [p.detach().clone() for p in trainer.actor.model.parameters()]
     trainer.train(resume=resume)
@@ -122,6 +123,18 @@ def test_compiled_layers_train_and_the_cuda_graph_sampler_runs_them_eagerly(tmp_
         for layer in parallel.decoder_layers(trainer.actor.forward_model)
     )
     assert _moved(trainer, start)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_trains_on_the_gpu_and_samples_through_the_cuda_graph(tmp_path, dtype):
+    """LoRA in one process: the CUDA-graph sampler runs the peft model's forward; with bfloat16
+    weights the adapters train in float32."""
+    pytest.importorskip("peft")
+    trainer, start = _train(tmp_path, model={"lora_rank": 4, "lora_alpha": 8.0, "dtype": dtype})
+    _on_the_gpu(trainer)
+    assert _moved(trainer, start)
+    dtypes = {("lora_" in n, p.dtype) for n, p in trainer.actor.model.named_parameters()}
+    assert dtypes == {(True, torch.float32), (False, getattr(torch, dtype))}
 
 
 def test_the_gpus_memory_and_mfu_are_logged(tmp_path):
