@@ -84,6 +84,31 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     assert moved and all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_gradient_checkpointing_trains_the_adapters_as_without(tmp_path):
+    """With gradient checkpointing (load_policy's non-reentrant form) the adapters train exactly
+    as without it, although the frozen embeddings give the checkpointed layers inputs that need
+    no gradient."""
+    adapters = []
+    for checkpointing in (False, True):
+        model, tok = make_tiny_policy()
+        if checkpointing:
+            kwargs = {"use_reentrant": False}  # as load_policy turns it on
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        config = small_config(
+            tmp_path / str(checkpointing),
+            model=LORA | {"gradient_checkpointing": checkpointing},
+            trainer={"steps": 2, "eval_every": 0, "report_to": []},
+        )
+        trainer = Trainer(config, model=model, tokenizer=tok)
+        trainer.score = alternating_scores
+        trainer.train()
+        named = trainer.actor.model.named_parameters()
+        adapters.append({n: p.detach() for n, p in named if "lora_" in n})
+    assert any(p.abs().sum() > 0 for n, p in adapters[1].items() if "lora_B" in n)
+    for name, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], value, rtol=0, atol=1e-7, msg=name)
+
+
 @needs_native_bfloat16
 def test_bfloat16_weights_train_float32_adapters(tmp_path):
     """model.dtype=bfloat16 with LoRA: the frozen weights held in bfloat16, the adapters that
