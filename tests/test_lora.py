@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from entroprl.errors import ConfigError, TrainingError
 from entroprl.train import distributed, lora, parallel
 from entroprl.train.forward import forward_log_probs
+from entroprl.train.precision import native_bfloat16
 from entroprl.train.rundir import read_metrics
 from entroprl.train.trainer import Trainer
 from tests.policies import alternating_scores, make_tiny_policy, needs_native_bfloat16
@@ -24,17 +25,19 @@ from tests.test_trainer import TIMING, small_config
 pytest.importorskip("peft")
 
 LORA = {"lora_rank": 4, "lora_alpha": 8.0}
+BF16 = {"dtype": "bfloat16"}
 
 
 def _train(out, steps, resume=False, trainer_overrides=None, **sections):
     model, tok = make_tiny_policy()
+    sections.setdefault("model", LORA)
     config = small_config(
         out,
-        model=LORA,
         trainer={"steps": steps, "save_every": 1, "eval_every": 0, "report_to": []}
         | (trainer_overrides or {}),
         **sections,
     )
+    model = model.to(getattr(torch, config.model.dtype))  # as load_policy loads it
     trainer = Trainer(config, model=model, tokenizer=tok)
     trainer.score = alternating_scores
     trainer.train(resume=resume)
@@ -113,15 +116,7 @@ def test_gradient_checkpointing_trains_the_adapters_as_without(tmp_path):
 def test_bfloat16_weights_train_float32_adapters(tmp_path):
     """model.dtype=bfloat16 with LoRA: the frozen weights held in bfloat16, the adapters that
     train in float32 (peft's autocast), as TRL's peft runs load them."""
-    model, tok = make_tiny_policy()
-    config = small_config(
-        tmp_path / "run",
-        model=LORA | {"dtype": "bfloat16"},
-        trainer={"steps": 2, "eval_every": 0, "report_to": []},
-    )
-    trainer = Trainer(config, model=model.to(torch.bfloat16), tokenizer=tok)
-    trainer.score = alternating_scores
-    trainer.train()
+    trainer = _train(tmp_path / "run", 2, model=LORA | BF16)
     params = dict(trainer.actor.model.named_parameters())
     assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
     assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
@@ -207,6 +202,12 @@ def _sharded_worker(rank, world, init_file, out):
         _train(f"{out}/resumed", 3, resume=True, trainer_overrides={"strategy": "fsdp"}, **kl)
         # the replicated run's checkpoint resumes sharded
         _train(f"{out}/ddp", 4, resume=True, trainer_overrides={"strategy": "fsdp"}, **kl)
+        if native_bfloat16():  # bfloat16 frozen weights beside float32 adapters in one unit
+            bf16 = _train(
+                f"{out}/bf16", 2, trainer_overrides={"strategy": "fsdp"}, model=LORA | BF16
+            )
+            dtypes = {("lora_" in n, p.dtype) for n, p in bf16.actor.model.named_parameters()}
+            assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
         # what vLLM loads from a sharded LoRA policy: the merge of its whole tensors (every rank
         # makes the same adapters, as the trainer's seed makes them)
         torch.manual_seed(0)
