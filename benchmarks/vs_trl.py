@@ -1,7 +1,7 @@
 """entroprl against TRL's `GRPOTrainer` on the same job, one after the other (issue 13).
 
     .venv-trl/bin/python benchmarks/vs_trl.py [--workloads h128 h256] [--repeats 3] [--steps 20]
-        [--trl-bf16] [--variants "" "model.compute_dtype=bfloat16" ...]
+        [--trl-bf16] [--lora R] [--variants "" "model.compute_dtype=bfloat16" ...]
 
 Run it in an environment with both packages (`pip install -e '.[trl]'`: .venv-trl). The job: a
 random-init tiny Qwen2 (hidden 128 or 256, 4 layers, head_dim 32, the char vocabulary) saved once
@@ -11,7 +11,9 @@ one optimizer step per rollout step (one mini-batch of 128, one forward/backward
 loss (TRL's `dapo`), no KL, lr 1e-6, no gradient checkpointing (TRL's default has it). entroprl
 runs with its defaults otherwise (diagnostics on: entropy, covariances, predicted entropy change,
 the measured change every 10 steps), plus each `--variants` entry. `--trl-bf16` adds a TRL run with
-`bf16=True` (accelerate's autocast); the ratios stay against TRL in float32.
+`bf16=True` (accelerate's autocast); the ratios stay against TRL in float32. `--lora R` adds LoRA
+adapters of rank R on every linear layer of both (alpha 16, no dropout: TRL given peft's
+`LoraConfig`, entroprl `model.lora_rank=R`; needs peft), compared with each other.
 
 Each run is a fresh process with 2 torch threads; the frameworks alternate (which goes first
 alternates by repeat). A step's time is the wall time between the ends of consecutive steps
@@ -81,7 +83,7 @@ class Timer:
         return out
 
 
-def run_trl(model_dir: str, steps: int, seed: int, bf16: bool) -> dict:
+def run_trl(model_dir: str, steps: int, seed: int, bf16: bool, lora_rank: int) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -130,6 +132,7 @@ def run_trl(model_dir: str, steps: int, seed: int, bf16: bool) -> dict:
             train_dataset=Dataset.from_dict({"prompt": [e.prompt for e in task.train]}),
             processing_class=AutoTokenizer.from_pretrained(model_dir),
             callbacks=[StepEnds()],
+            peft_config=lora_config(lora_rank),
         )
         timer.wrap(trainer, "_generate", "generation")
         timer.wrap(trainer, "_generate_and_score_completions", "prepare")
@@ -160,6 +163,16 @@ def run_trl(model_dir: str, steps: int, seed: int, bf16: bool) -> dict:
             }
         )
     return {"steps": rows, "tokens": tokens[1:]}
+
+
+def lora_config(rank: int):
+    """peft's configuration of the adapters entroprl's model.lora_rank makes; None for rank 0."""
+    if not rank:
+        return None
+    from peft import LoraConfig
+
+    settings = {"lora_alpha": 16.0, "target_modules": "all-linear", "lora_dropout": 0.0}
+    return LoraConfig(r=rank, task_type="CAUSAL_LM", **settings)
 
 
 def run_entroprl(model_dir: str, steps: int, seed: int, overrides: list[str]) -> dict:
@@ -223,7 +236,9 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     if args.worker == "trl":
-        result = run_trl(args.model, args.steps, args.seed, bf16="bf16" in args.override)
+        ranks = [int(o.removeprefix("lora=")) for o in args.override if o.startswith("lora=")]
+        bf16 = "bf16" in args.override
+        result = run_trl(args.model, args.steps, args.seed, bf16, lora_rank=sum(ranks))
     else:
         result = run_entroprl(args.model, args.steps, args.seed, args.override)
     print("RESULT " + json.dumps(result))
@@ -279,6 +294,12 @@ def main() -> None:
         action="store_true",
         help="also run TRL with bf16=True (autocast), against entroprl's model.compute_dtype",
     )
+    parser.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="also run both with LoRA adapters of this rank (compared with each other)",
+    )
     parser.add_argument("--worker", choices=("trl", "entroprl"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -294,6 +315,8 @@ def main() -> None:
             build(model, *WORKLOADS[name])
             jobs = [("trl", "")] + [("trl", "bf16")] * args.trl_bf16
             jobs += [("entroprl", v) for v in args.variants]
+            if args.lora:
+                jobs += [("trl", f"lora={args.lora}"), ("entroprl", f"model.lora_rank={args.lora}")]
             runs: dict[tuple[str, str], list[dict]] = {job: [] for job in jobs}
             for repeat in range(args.repeats):
                 order = jobs if repeat % 2 == 0 else jobs[::-1]
@@ -303,10 +326,13 @@ def main() -> None:
                         launch(args, model, framework, overrides, repeat)
                     )
             trl = summarize(runs["trl", ""], 3)
+            trl_lora = summarize(runs["trl", f"lora={args.lora}"], 3) if args.lora else None
             for job in jobs:
                 s = summarize(runs[job], 3)
-                table.append((name, job, s, s["tok_s"] / trl["tok_s"]))
+                against = trl_lora if "lora" in job[1] else trl
+                table.append((name, job, s, s["tok_s"] / against["tok_s"]))
     print(f"\n{args.repeats} repeats, {args.threads} threads, median over steps 3-{args.steps}\n")
+    # a LoRA run's ratio is against TRL's LoRA run
     print("| workload | run | s/step | completion tok/s | vs TRL | phases (s/step) |")
     print("|---|---|---:|---:|---:|---|")
     for name, (framework, variant), s, ratio in table:
