@@ -190,9 +190,8 @@ def _eval_policy(config, stack: contextlib.ExitStack) -> tuple[Any, Any, Any]:
     if not policy.is_adapter(path):
         return config, None, AutoTokenizer.from_pretrained(path)
     merged = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="entroprl-merged-")))
-    model, tokenizer = policy.load_pretrained(path, getattr(torch, config.model.dtype))
-    model.save_pretrained(merged, safe_serialization=True)
-    tokenizer.save_pretrained(merged)
+    policy.write_merged(path, merged, getattr(torch, config.model.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(merged)
     return replace(config, model=replace(config.model, path=str(merged))), None, tokenizer
 
 

@@ -228,10 +228,7 @@ def export_hf(path: Path, out: Path) -> Path:
 
     state = verify(path)
     if policy.is_adapter(path / "model"):
-        model, tokenizer = policy.load_pretrained(path / "model")
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        return out
+        return policy.write_merged(path / "model", out)
     if not is_sharded(state):
         shutil.copytree(path / "model", out)
         return out

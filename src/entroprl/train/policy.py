@@ -84,6 +84,15 @@ def load_pretrained(path: Path, dtype: torch.dtype | str = "auto") -> tuple[PreT
     return model, AutoTokenizer.from_pretrained(path if has_tokenizer else base_path)
 
 
+def write_merged(adapters: Path, out: Path, dtype: torch.dtype | str = "auto") -> Path:
+    """A Hugging Face model folder at `out` (weights and tokenizer): LoRA adapters folder
+    `adapters` merged into their base model (`load_pretrained`), for what loads a whole model."""
+    model, tokenizer = load_pretrained(adapters, dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 """A Hugging Face hub repository id: `org/name` (or a bare `name`)."""
 WEIGHT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
