@@ -257,6 +257,48 @@ def test_lora_sharded_over_two_ranks_trains_as_ddp_and_resumes_exactly(tmp_path)
         torch.testing.assert_close(saved["merged"][name], value, rtol=0, atol=1e-6, msg=name)
 
 
+def _start_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cpu = torch.device("cpu")
+        for name in ("plain-fsdp", "plain-ddp", "lora-fsdp"):
+            model = make_tiny_policy(seed=rank, hidden=32, layers=2)[0]  # other weights per rank
+            if name.startswith("lora"):
+                torch.manual_seed(rank)
+                model = lora.attach(model, 4, 8.0, "all-linear")
+                with torch.no_grad():  # peft starts lora_B at 0: make the adapters differ too
+                    for key, p in model.named_parameters():
+                        if "lora_B" in key:
+                            p.normal_(generator=torch.Generator().manual_seed(rank))
+            made = {k: v.clone() for k, v in model.state_dict().items()}
+            wrapped = parallel.wrap(model, name.split("-")[1], device=cpu)
+            torch.save(
+                {"made": made, "trains": parallel.model_state(wrapped)}, f"{out}/{name}-{rank}.pt"
+            )
+        distributed.shutdown()  # every rank at once: see distributed.shutdown
+    finally:
+        distributed.shutdown(wait_for_all=False)
+
+
+@pytest.mark.distributed
+def test_every_rank_starts_from_rank_0s_weights_and_adapters(tmp_path):
+    """Ranks that made different weights and adapters (other seeds) all train rank 0's, sharded
+    (FSDP) as replicated (DDP, which broadcasts them): without it each FSDP rank would keep its
+    shard of its own."""
+    mp.spawn(_start_worker, args=(2, f"{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    for name in ("plain-fsdp", "plain-ddp", "lora-fsdp"):
+        zero, one = (torch.load(tmp_path / f"{name}-{rank}.pt") for rank in (0, 1))
+        assert zero["made"].keys() == one["made"].keys()
+        differ = {k for k in one["made"] if not torch.equal(zero["made"][k], one["made"][k])}
+        made = {k for k in one["made"] if "embed" in k or "lora_" in k or k.endswith("proj.weight")}
+        assert differ >= made, name
+        trains = zero["trains"]
+        assert len(trains) == len(one["made"])
+        for key, value in trains.items():
+            torch.testing.assert_close(value, zero["made"][key], rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
 def test_merged_tensors_are_peft_merged_models_and_leave_the_adapters(targets):
     """What the vLLM backend loads: the names and layout of the base model's state dict, the

@@ -95,6 +95,10 @@ def shard(
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # Each rank keeps its shard of the tensors it made, so ranks that made different weights (a
+    # random init or adapters under other seeds) would train a mix: every rank starts from rank
+    # 0's, as DDP broadcasts them (held here as references, no copy).
+    rank0 = dict(_root(model).state_dict()) if dist.get_rank() == 0 else {}
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     # By default FSDP2 keeps the root's parameters (embeddings, final norm, head) gathered after
@@ -102,6 +106,7 @@ def shard(
     # would then reuse them without the hook that reduce-scatters their gradient, and they would
     # get none: an explicit True regathers them each forward.
     fully_shard(_root(model), mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    set_model_state_dict(_root(model), rank0, options=_SCATTER)
     return model
 
 
