@@ -190,6 +190,49 @@ def test_adapters_without_their_base_model_say_so(tmp_path):
         policy.load_pretrained(tmp_path / "adapters")
 
 
+def test_adapters_trained_on_adapters_load_as_the_trained_policy(tmp_path):
+    """A LoRA run from a folder of adapters (model.path) trains new adapters on the merged model;
+    its checkpoint names that folder as its base, so it loads as the policy it trained (before,
+    it named the first base model, and the first adapters were lost). A chain of bases that comes
+    back on itself is an error that says so."""
+    from transformers import AutoModelForCausalLM
+
+    from entroprl.demo.models import save_model
+    from entroprl.train import policy
+
+    base, tok = make_tiny_policy()
+    save_model(base, tok, tmp_path / "base")
+    torch.manual_seed(0)
+    sft = lora.attach(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), 4, 8.0, "all-linear")
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    sft.save_pretrained(tmp_path / "sft")
+    model, tok = policy.load_pretrained(tmp_path / "sft")
+    config = small_config(
+        tmp_path / "run",
+        model=LORA,
+        trainer={"steps": 2, "save_every": 2, "eval_every": 0, "report_to": []},
+    )
+    trainer = Trainer(config, model=model, tokenizer=tok)
+    trainer.score = alternating_scores
+    trainer.train()
+    saved = tmp_path / "run" / "checkpoints" / "step_000002" / "model"
+    ids = torch.randint(3, 20, (3, 12))
+    with torch.no_grad():
+        trained = trainer.actor.forward_model.eval()(ids).logits
+        loaded = policy.load_pretrained(saved)[0](ids).logits
+        start = policy.load_pretrained(tmp_path / "sft")[0](ids).logits
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-5)
+    assert not torch.allclose(loaded, start, atol=1e-4)  # the new adapters moved
+    config_file = tmp_path / "sft" / policy.ADAPTER_CONFIG
+    looped = json.loads(config_file.read_text()) | {"base_model_name_or_path": str(saved)}
+    config_file.write_text(json.dumps(looped))
+    with pytest.raises(ConfigError, match=r"chain of base models .* comes back to"):
+        policy.load_pretrained(saved)
+
+
 def _sharded_worker(rank, world, init_file, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

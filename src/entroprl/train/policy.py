@@ -4,7 +4,9 @@ demo's warm start), its device.
 A folder of LoRA adapters (peft's `adapter_config.json` and weights, as a LoRA run's checkpoint
 holds them) is a checkpoint too: its base model (`base_model_name_or_path`, a folder or a hub id)
 with the adapters merged into its weights (peft's `merge_and_unload`), a plain model that runs as
-fast as the base and that vLLM and `save_pretrained` take as it is."""
+fast as the base and that vLLM and `save_pretrained` take as it is. The merged model is named for
+the adapters' folder, so that a LoRA run started from it saves adapters whose base is that folder:
+a base may itself be adapters, merged in the same way first."""
 
 from __future__ import annotations
 
@@ -51,10 +53,17 @@ def is_adapter(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
-def load_pretrained(path: Path, dtype: torch.dtype | str = "auto") -> tuple[PreTrainedModel, Any]:
+def load_pretrained(
+    path: Path, dtype: torch.dtype | str = "auto", _below: tuple[Path, ...] = ()
+) -> tuple[PreTrainedModel, Any]:
     """The model and tokenizer of local folder `path`: a Hugging Face model, or LoRA adapters
     merged into their base model (the module docstring), whose tokenizer is the adapters' folder's
     where it has one (a LoRA run saves it there), else the base model's."""
+    if path.resolve() in _below:
+        raise ConfigError(
+            f"model.path={_below[0]}: LoRA adapters whose chain of base models "
+            f"(base_model_name_or_path) comes back to {path}"
+        )
     if not is_adapter(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model, AutoTokenizer.from_pretrained(path)
@@ -78,10 +87,11 @@ def load_pretrained(path: Path, dtype: torch.dtype | str = "auto") -> tuple[PreT
             f"model.path={path}: LoRA adapters whose base model ({ADAPTER_CONFIG}'s "
             f"base_model_name_or_path) cannot be loaded: {e}"
         ) from None
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    base, base_tokenizer = load_pretrained(base_path, dtype, (*_below, path.resolve()))
     model = PeftModel.from_pretrained(base, path).merge_and_unload()
+    model.name_or_path = model.config.name_or_path = str(path)  # what peft records as the base
     has_tokenizer = (path / "tokenizer_config.json").is_file()
-    return model, AutoTokenizer.from_pretrained(path if has_tokenizer else base_path)
+    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else base_tokenizer
 
 
 def write_merged(adapters: Path, out: Path, dtype: torch.dtype | str = "auto") -> Path:
