@@ -98,7 +98,8 @@ def shard(
     # Each rank keeps its shard of the tensors it made, so ranks that made different weights (a
     # random init or adapters under other seeds) would train a mix: every rank starts from rank
     # 0's, as DDP broadcasts them (held here as references, no copy).
-    rank0 = dict(_root(model).state_dict()) if dist.get_rank() == 0 else {}
+    several = dist.get_world_size() > 1
+    rank0 = dict(_root(model).state_dict()) if several and dist.get_rank() == 0 else {}
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     # By default FSDP2 keeps the root's parameters (embeddings, final norm, head) gathered after
@@ -106,7 +107,8 @@ def shard(
     # would then reuse them without the hook that reduce-scatters their gradient, and they would
     # get none: an explicit True regathers them each forward.
     fully_shard(_root(model), mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    set_model_state_dict(_root(model), rank0, options=_SCATTER)
+    if several:
+        set_model_state_dict(_root(model), rank0, options=_SCATTER)
     return model
 
 
