@@ -489,14 +489,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _too_large(error: BaseException) -> bool:
-    """Whether `error` is an allocation that failed or could not even be sized: Python's
-    MemoryError, torch's on a GPU (OutOfMemoryError), on the CPU (a RuntimeError from its
-    allocator), or a tensor size that overflows 64 bits (a count of 2**62 rows, say)."""
+    """Whether `error` is an allocation that failed (`out_of_memory.allocation_failed`) or could
+    not even be sized: a tensor size that overflows 64 bits (a count of 2**62 rows, say)."""
+    from entroprl.train.out_of_memory import allocation_failed
+
     text = str(error)
     return (
-        isinstance(error, MemoryError)
-        or type(error).__name__ == "OutOfMemoryError"
-        or "can't allocate memory" in text
+        allocation_failed(error)
         or "overflow" in text.lower()
         or "cannot be represented as a SymInt" in text
     )

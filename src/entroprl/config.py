@@ -88,6 +88,8 @@ FREE_ON_RESUME = frozenset(
         "trainer.device",
         "trainer.strategy",
         "model.gradient_checkpointing",
+        "model.fused_head",
+        "model.compile",
         "optim.micro_batch_size",
         "optim.log_prob_micro_batch_size",
         "optim.micro_batch_tokens",

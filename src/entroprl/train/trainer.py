@@ -45,6 +45,7 @@ from entroprl.train import (
     checkpoint,
     distributed,
     lora,
+    out_of_memory,
     parallel,
     perf,
     precision,
@@ -102,7 +103,7 @@ class Trainer:
             model, tokenizer = load_policy(c)
         self.task = task or build_task(c.data, tokenizer)
         self.tokenizer = tokenizer
-        self.actor = Actor(c, model, self.device)
+        self.actor = self._actor(model)
         """The policy with its reference and optimizer, and the passes and update they run."""
         self.backend = make_backend(c, self.actor.model, tokenizer)
         self.entropy_controller, self.loss_controller = self._controllers()
@@ -161,6 +162,10 @@ class Trainer:
             precision.check_native_bfloat16(c.model.compute_dtype or c.model.dtype)
             allocator.keep_freed_memory()
         return device
+
+    @out_of_memory.phase("policy")
+    def _actor(self, model) -> Actor:
+        return Actor(self.config, model, self.device)
 
     def _controllers(self):
         c, a = self.config, self.config.algorithm
@@ -465,6 +470,7 @@ class Trainer:
             )
         return ScoredRollout(batch=batch, scores=correct, rewards=rewards)
 
+    @out_of_memory.phase("rollout")
     def sample(self, step: int) -> Sample:
         """Rollout and reward: one batch of prompts_per_step prompts, or, with dynamic sampling
         (algorithms.md §6), batches of `dynamic_sampling_gen_prompts` prompts until every rank holds
@@ -618,6 +624,7 @@ class Trainer:
             self.run.write_rollouts(step, records)
         return metrics
 
+    @out_of_memory.phase("log_probs")
     def shape(self, scored: ScoredRollout, step: int, metrics: dict[str, Any]) -> Shaped | None:
         """The training batch of a scored rollout (the groups kept, as verl's batch after its
         filter): the old log-probs and entropies, the rollout importance weights, the
@@ -669,6 +676,7 @@ class Trainer:
             update=update_batch,
         )
 
+    @out_of_memory.phase("update")
     def update(self, shaped: Shaped, step: int) -> dict[str, float]:
         """The actor's update of the step, its controllers first told the step's entropy; fills
         in `shaped`'s old log-probs and entropies from the training forwards when on-policy."""
@@ -826,6 +834,7 @@ class Trainer:
             )
         return records
 
+    @out_of_memory.phase("eval")
     def validate(self) -> dict[str, float]:
         """Held-out accuracy, every rank sampling an equal share of the problems (the last share
         padded with repeats, so that sharded models run the same forwards on every rank)."""
