@@ -174,6 +174,26 @@ def test_training_steps_equal_those_of_the_logits_path(tmp_path, monkeypatch, ch
                 assert fused[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
+def test_a_run_resumes_with_the_fused_head_turned_on(tmp_path):
+    """What a run that ran out of memory does (`entroprl.train.out_of_memory`): resume with the
+    fused head on, accepted without --allow-config-change, from the same weights."""
+    for steps, fused in ((2, False), (3, True)):
+        model, tok = make_tiny_policy()
+        config = small_config(
+            tmp_path,
+            model={"fused_head": fused},
+            trainer={"steps": steps, "save_every": 1, "eval_every": 0},
+        )
+        trainer = Trainer(config, model=model, tokenizer=tok)
+        trainer.score = alternating_scores
+        trainer.train(resume=fused)
+        if not fused:
+            saved = [p.detach().clone() for p in trainer.actor.model.parameters()]
+    assert trainer.step == 3
+    moved = [(p.detach() - q).abs().max() for p, q in zip(trainer.actor.model.parameters(), saved)]
+    assert max(moved) > 0  # step 3 trained on from the checkpoint
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625), ("logits_scaling", 8.0)],
