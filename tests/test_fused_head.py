@@ -190,7 +190,8 @@ def test_a_run_resumes_with_the_fused_head_turned_on(tmp_path):
         if not fused:
             saved = [p.detach().clone() for p in trainer.actor.model.parameters()]
     assert trainer.step == 3
-    moved = [(p.detach() - q).abs().max() for p, q in zip(trainer.actor.model.parameters(), saved)]
+    now = trainer.actor.model.parameters()
+    moved = [(p.detach() - q).abs().max() for p, q in zip(now, saved, strict=True)]
     assert max(moved) > 0  # step 3 trained on from the checkpoint
 
 
