@@ -70,7 +70,7 @@ def _trainer(tmp_path, **sections):
             [
                 "in the update",
                 "optim.micro_batch_size=4",
-                "optim.micro_batch_tokens (unset)",
+                "optim.micro_batch_tokens=N (a token budget per micro-batch)",
                 "model.fused_head=true",
                 "model.gradient_checkpointing=true",
             ],
@@ -144,3 +144,29 @@ def test_the_command_line_says_it_in_one_line(tmp_path, monkeypatch, capsys):
     message = str(caught.value.code)
     assert message.startswith("entroprl: out of memory in the update; lower optim.micro_batch_size")
     assert "\n" not in message and CUDA_MESSAGE in message
+
+
+def test_a_phase_inside_another_keeps_its_own_advice(tmp_path):
+    """The CPU allocator's message ("can't allocate memory") names the inner phase's settings;
+    the outer phase passes that error on rather than naming its own."""
+
+    class Run:
+        config = small_config(tmp_path)
+
+        @out_of_memory.phase("update")
+        def update(self):
+            raise RuntimeError(
+                "DefaultCPUAllocator: can't allocate memory: you tried to allocate 9"
+            )
+
+        @out_of_memory.phase("rollout")
+        def step(self):
+            self.update()
+
+    with pytest.raises(OutOfMemory) as caught:
+        Run().step()
+    assert str(caught.value).startswith("out of memory in the update; lower optim.micro_batch_size")
+    assert "rollout" not in str(caught.value)
+    assert str(caught.value).endswith(
+        "(DefaultCPUAllocator: can't allocate memory: you tried to allocate 9)"
+    )

@@ -3,9 +3,9 @@ that bound its memory: loading the policy (its dtype, its layout over ranks), th
 rows sampled together, the vLLM engine's share of the GPU), the no-grad log-prob passes and the
 update (their micro-batches), the evaluation (its samples). An allocation that fails inside a
 phase (`phase`) becomes an `OutOfMemory` error that names that phase's settings with their values
-("lower ..."), and the options that save memory without changing what is computed (the fused
-head, gradient checkpointing, FSDP over several ranks) where they are off ("save memory with
-..."), instead of a CUDA traceback.
+("lower ..."), and the options that save memory without changing what is computed (a token
+budget per micro-batch, the fused head, gradient checkpointing, FSDP over several ranks) where
+they are off ("save memory with ..."), instead of a CUDA traceback.
 """
 
 from __future__ import annotations
@@ -56,14 +56,15 @@ def _log_probs(c: Config) -> tuple[list[str], list[str]]:
 def _update(c: Config) -> tuple[list[str], list[str]]:
     o, m = c.optim, c.model
     lower = [f"optim.micro_batch_size={o.micro_batch_size}"]
-    lower.append(
-        f"optim.micro_batch_tokens={o.micro_batch_tokens}"
-        if o.micro_batch_tokens is not None
-        else "optim.micro_batch_tokens (unset)"
-    )
+    savers = []
+    if o.micro_batch_tokens is None:
+        savers.append("optim.micro_batch_tokens=N (a token budget per micro-batch)")
+    else:
+        lower.append(f"optim.micro_batch_tokens={o.micro_batch_tokens}")
     if c.rollout.backend == "vllm":  # the engine keeps its share while the policy trains
         lower.append(f"rollout.gpu_memory_utilization={c.rollout.gpu_memory_utilization}")
-    savers = [] if m.fused_head else ["model.fused_head=true"]
+    if not m.fused_head:
+        savers.append("model.fused_head=true")
     if not (m.gradient_checkpointing or o.shared_prefix):
         savers.append("model.gradient_checkpointing=true")
     return lower, savers
@@ -109,8 +110,8 @@ def phase(name: str) -> Callable:
             try:
                 return method(self, *args, **kwargs)
             except (MemoryError, RuntimeError) as e:
-                if not allocation_failed(e):
-                    raise
+                if isinstance(e, OutOfMemory) or not allocation_failed(e):
+                    raise  # not memory, or a phase inside this one has named its settings
                 cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise OutOfMemory(f"{advice(name, self.config)} ({cause})") from e
 
