@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +51,12 @@ def test_a_hub_id_trains_from_the_offline_cache(tmp_path):
     done = _run(["train", str(config), f"model.path={REPO}"], cache, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "out" / "checkpoints" / "step_000001").is_dir()
+    if importlib.util.find_spec("peft"):  # LoRA adapters name the hub id, not its cache folder
+        lora = ["model.lora_rank=4", f"trainer.out_dir={tmp_path / 'lora'}"]
+        done = _run(["train", str(config), f"model.path={REPO}", *lora], cache, tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        saved = tmp_path / "lora" / "checkpoints" / "step_000001" / "model" / "adapter_config.json"
+        assert json.loads(saved.read_text())["base_model_name_or_path"] == REPO
 
 
 def test_an_id_missing_from_the_offline_cache_is_one_line(tmp_path):

@@ -233,6 +233,26 @@ def test_adapters_trained_on_adapters_load_as_the_trained_policy(tmp_path):
         policy.load_pretrained(saved)
 
 
+def test_adapters_name_their_base_folder_wherever_they_are_loaded_from(tmp_path, monkeypatch):
+    """`model.path` given relative to the working directory: the adapters record the folder's
+    absolute path, so they load from anywhere."""
+    import yaml
+
+    from entroprl import cli
+    from entroprl.demo.models import save_model
+
+    model, tok = make_tiny_policy()
+    save_model(model, tok, tmp_path / "base")
+    values = small_config(
+        tmp_path / "run", model={"path": "base", **LORA}, trainer={"steps": 1, "eval_every": 0}
+    ).to_dict()
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(values))
+    monkeypatch.chdir(tmp_path)
+    cli.main(["train", "run.yaml"])
+    saved = tmp_path / "run" / "checkpoints" / "step_000001" / "model" / "adapter_config.json"
+    assert json.loads(saved.read_text())["base_model_name_or_path"] == str(tmp_path / "base")
+
+
 def _sharded_worker(rank, world, init_file, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

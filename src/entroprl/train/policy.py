@@ -39,6 +39,12 @@ def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
     else:
         path = model_dir(config.model.path)
     model, tokenizer = load_pretrained(path, dtype)
+    # The name a LoRA run's adapters give their base model (peft reads it off the model): a hub
+    # id as the user gave it rather than its cache folder, a folder as an absolute path.
+    hub_id = config.model.path is not None and not Path(config.model.path).expanduser().is_dir()
+    model.name_or_path = model.config.name_or_path = (
+        config.model.path if hub_id else str(path.resolve())
+    )
     if config.model.gradient_checkpointing:
         # non-reentrant: the reentrant form breaks FSDP's per-layer parameter gathering
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
