@@ -95,7 +95,7 @@ def load_pretrained(
         ) from None
     base, base_tokenizer = load_pretrained(base_path, dtype, (*_below, path.resolve()))
     model = PeftModel.from_pretrained(base, path).merge_and_unload()
-    model.name_or_path = model.config.name_or_path = str(path)  # what peft records as the base
+    model.name_or_path = model.config.name_or_path = str(path.resolve())  # peft: the base
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else base_tokenizer
 
