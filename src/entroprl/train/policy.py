@@ -39,12 +39,8 @@ def load_policy(config: Config) -> tuple[PreTrainedModel, Any]:
     else:
         path = model_dir(config.model.path)
     model, tokenizer = load_pretrained(path, dtype)
-    # The name a LoRA run's adapters give their base model (peft reads it off the model): a hub
-    # id as the user gave it rather than its cache folder, a folder as an absolute path.
-    hub_id = config.model.path is not None and not Path(config.model.path).expanduser().is_dir()
-    model.name_or_path = model.config.name_or_path = (
-        config.model.path if hub_id else str(path.resolve())
-    )
+    if config.model.path is not None and not Path(config.model.path).expanduser().is_dir():
+        _name(model, config.model.path)  # a hub id as the user gave it, not its cache folder
     if config.model.gradient_checkpointing:
         # non-reentrant: the reentrant form breaks FSDP's per-layer parameter gathering
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -59,20 +55,37 @@ def is_adapter(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
-def load_pretrained(
-    path: Path, dtype: torch.dtype | str = "auto", _below: tuple[Path, ...] = ()
-) -> tuple[PreTrainedModel, Any]:
+def load_pretrained(path: Path, dtype: torch.dtype | str = "auto") -> tuple[PreTrainedModel, Any]:
     """The model and tokenizer of local folder `path`: a Hugging Face model, or LoRA adapters
     merged into their base model (the module docstring), whose tokenizer is the adapters' folder's
     where it has one (a LoRA run saves it there), else the base model's."""
-    if path.resolve() in _below:
+    return _load(path, dtype, below=())
+
+
+def _load(path: Path, dtype, below: tuple[Path, ...]) -> tuple[PreTrainedModel, Any]:
+    """`load_pretrained`, `below` the adapter folders whose bases led here (a loop is refused)."""
+    if path.resolve() in below:
         raise ConfigError(
-            f"model.path={_below[0]}: LoRA adapters whose chain of base models "
+            f"model.path={below[0]}: LoRA adapters whose chain of base models "
             f"(base_model_name_or_path) comes back to {path}"
         )
-    if not is_adapter(path):
+    if is_adapter(path):
+        model, tokenizer = _merged(path, dtype, (*below, path.resolve()))
+    else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return _name(model, str(path.resolve())), tokenizer
+
+
+def _name(model: PreTrainedModel, name: str) -> PreTrainedModel:
+    """`model` named `name`: what a LoRA run's adapters record as their base model (peft reads it
+    off the model), so that they load on top of this model wherever they are loaded from."""
+    model.name_or_path = model.config.name_or_path = name
+    return model
+
+
+def _merged(path: Path, dtype, below: tuple[Path, ...]) -> tuple[PreTrainedModel, Any]:
+    """The adapters of folder `path` merged into their base model (itself loaded by `_load`)."""
     try:
         from peft import PeftModel
     except ImportError:
@@ -93,9 +106,8 @@ def load_pretrained(
             f"model.path={path}: LoRA adapters whose base model ({ADAPTER_CONFIG}'s "
             f"base_model_name_or_path) cannot be loaded: {e}"
         ) from None
-    base, base_tokenizer = load_pretrained(base_path, dtype, (*_below, path.resolve()))
+    base, base_tokenizer = _load(base_path, dtype, below)
     model = PeftModel.from_pretrained(base, path).merge_and_unload()
-    model.name_or_path = model.config.name_or_path = str(path.resolve())  # peft: the base
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else base_tokenizer
 
