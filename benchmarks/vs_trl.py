@@ -236,9 +236,9 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     if args.worker == "trl":
-        ranks = [int(o.removeprefix("lora=")) for o in args.override if o.startswith("lora=")]
+        lora = next((int(o[5:]) for o in args.override if o.startswith("lora=")), 0)
         bf16 = "bf16" in args.override
-        result = run_trl(args.model, args.steps, args.seed, bf16, lora_rank=sum(ranks))
+        result = run_trl(args.model, args.steps, args.seed, bf16, lora_rank=lora)
     else:
         result = run_entroprl(args.model, args.steps, args.seed, args.override)
     print("RESULT " + json.dumps(result))
